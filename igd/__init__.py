@@ -1,0 +1,1 @@
+"""igd: an inbound port-mapping gateway (UPnP IGD, NAT-PMP, PCP) and client library."""

@@ -1,0 +1,1 @@
+"""Client library (a later issue builds it out)."""

@@ -1,0 +1,62 @@
+"""Outcomes of policy evaluation and gateway operations, with neutral refusal reasons.
+
+Each protocol adapter maps `Reason` to its own result codes; a test checks that every
+reason has an entry in every protocol's table.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from igd.ports import PortSet
+
+
+class Reason(enum.StrEnum):
+    """Why a request was refused, independent of the protocol that carried it."""
+
+    POLICY_DENIED = "policy-denied"
+    """A deny rule or the default action refused it."""
+    THIRD_PARTY_DENIED = "third-party-denied"
+    """The internal address is not the requester's and the policy does not allow that."""
+    CLIENT_QUOTA = "client-quota"
+    """The requester holds max_mappings_per_client already."""
+    GATEWAY_QUOTA = "gateway-quota"
+    """The gateway holds max_mappings already."""
+    PORT_IN_USE = "port-in-use"
+    """The exact external port asked for belongs to another mapping."""
+    NO_FREE_PORT = "no-free-port"
+    """No external port the policy allows is free."""
+    RESERVED_PORT = "reserved-port"
+    """The exact external port asked for is reserved by the gateway itself."""
+    NOT_OWNER = "not-owner"
+    """The mapping exists but belongs to another client or nonce."""
+    NO_EXTERNAL_ADDRESS = "no-external-address"
+    """The gateway has no usable external address."""
+    BACKEND_FAILURE = "backend-failure"
+    """The kernel or the lease store refused the change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """The policy grants the request, possibly restricted."""
+
+    rule: str
+    lifetime: int
+    """Granted lease in seconds after clamping."""
+    external_ports: PortSet
+    """External ports the gateway may assign."""
+    restrictions: tuple[str, ...] = ()
+    """Human-readable notes on what was narrowed (lease shortened, ports limited)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """The request is refused."""
+
+    reason: Reason
+    rule: str
+    detail: str = ""
+
+
+Decision = Allow | Deny

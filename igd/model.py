@@ -1,0 +1,105 @@
+"""Domain types shared by every mechanism: what a mapping is, who owns it, what was asked."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+
+class Protocol(enum.StrEnum):
+    """Transport protocol of a mapping."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+    @property
+    def number(self) -> int:
+        """IANA protocol number (as carried by PCP and nftables)."""
+        return 6 if self is Protocol.TCP else 17
+
+    @classmethod
+    def from_number(cls, number: int) -> Protocol:
+        """Inverse of `number`; ValueError for anything but 6 and 17."""
+        if number == 6:
+            return cls.TCP
+        if number == 17:
+            return cls.UDP
+        raise ValueError(f"unsupported protocol number {number}")
+
+
+class Mechanism(enum.StrEnum):
+    """How a mapping was requested."""
+
+    UPNP = "upnp"
+    NATPMP = "natpmp"
+    PCP = "pcp"
+
+
+@dataclass(frozen=True, slots=True)
+class MappingKey:
+    """What identifies a mapping on the external side; remote_host None is the wildcard."""
+
+    protocol: Protocol
+    external_port: int
+    remote_host: IPv4Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who holds a mapping: the mechanism, the requesting client and, for PCP, its nonce."""
+
+    mechanism: Mechanism
+    client: IPv4Address
+    nonce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One granted inbound mapping. Times are monotonic seconds (the caller's clock)."""
+
+    key: MappingKey
+    internal_address: IPv4Address
+    internal_port: int
+    owner: Owner
+    created: float
+    expires: float
+    description: str = ""
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.key.protocol
+
+    @property
+    def external_port(self) -> int:
+        return self.key.external_port
+
+    def remaining(self, now: float) -> int:
+        """Whole seconds of lease left (never negative)."""
+        return max(0, int(self.expires - now + 0.5))
+
+
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """A request to create or refresh a mapping, in mechanism-neutral terms."""
+
+    mechanism: Mechanism
+    client: IPv4Address
+    protocol: Protocol
+    internal_address: IPv4Address
+    internal_port: int
+    external_port: int
+    """Suggested external port; 0 lets the gateway choose."""
+    lifetime: int
+    """Requested lease in seconds, > 0 (deletion is a separate operation)."""
+    remote_host: IPv4Address | None = None
+    description: str = ""
+    nonce: bytes | None = None
+    exact_port: bool = False
+    """True when the protocol cannot accept another external port (UPnP AddPortMapping,
+    PCP PREFER_FAILURE); False lets the gateway pick another allowed port."""
+
+    @property
+    def third_party(self) -> bool:
+        """Whether the mapping would point at an address other than the requester's."""
+        return self.internal_address != self.client

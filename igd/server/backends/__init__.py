@@ -1,0 +1,68 @@
+"""Backends execute the mapping table's changes: nftables in the kernel, or memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Protocol as TypingProtocol
+
+from igd.model import Mapping, Protocol
+
+
+class BackendError(RuntimeError):
+    """The backend could not apply a change; nothing of that change took effect."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class KernelEntry:
+    """What the data plane holds for one mapping: the forwarding, without lease bookkeeping."""
+
+    protocol: Protocol
+    external_port: int
+    remote_host: IPv4Address | None
+    internal_address: IPv4Address
+    internal_port: int
+
+    @classmethod
+    def of(cls, mapping: Mapping) -> KernelEntry:
+        """The entry a mapping needs."""
+        return cls(
+            mapping.protocol,
+            mapping.external_port,
+            mapping.key.remote_host,
+            mapping.internal_address,
+            mapping.internal_port,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What reconciling the kernel with the lease store changed."""
+
+    removed: tuple[KernelEntry, ...]
+    """Orphans: entries in the kernel that no mapping wants."""
+    added: tuple[KernelEntry, ...]
+    """Entries mappings want that the kernel lacked."""
+
+
+class Backend(TypingProtocol):
+    """The interface every backend implements; all methods are safe to await on the loop."""
+
+    async def open(self) -> None:
+        """Create what the backend owns (the nftables table and maps); idempotent."""
+
+    async def apply(
+        self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
+    ) -> None:
+        """Remove then add, as one atomic transaction; raise BackendError and change nothing
+        on failure. A renewal is the old mapping in `removed` and the new one in `added`."""
+
+    async def reconcile(self, wanted: Sequence[Mapping], *, now: float) -> ReconcileReport:
+        """Make the kernel hold exactly `wanted`: remove orphans, add what is missing."""
+
+    async def entries(self) -> set[KernelEntry]:
+        """What the data plane holds now."""
+
+    async def close(self, *, flush: bool) -> None:
+        """Release resources; with flush, remove every entry and the table itself."""
