@@ -1,0 +1,183 @@
+"""The igd-server daemon: wires configuration, policy, table, backend, store and adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from igd.gateway import ALWAYS_RESERVED, Gateway
+from igd.model import Protocol
+from igd.policy import Policy, PolicyFileError
+from igd.server.backends import Backend
+from igd.server.backends.memory import MemoryBackend
+from igd.server.backends.nftables import NftablesBackend
+from igd.server.config import Config
+from igd.server.control import ControlServer
+from igd.server.interfaces import ExternalAddress, internal_interface
+from igd.server.natpmp import NatPmpHandler
+from igd.server.pxp import PxpServer, RateLimiter
+from igd.server.service import Service
+from igd.server.store import Clock, LeaseStore
+
+log = logging.getLogger("igd.daemon")
+
+SSDP_PORT = 1900
+ADDRESS_KEY = "external_address"
+
+
+class Daemon:
+    """One running gateway."""
+
+    def __init__(self, config: Config, *, dry_run: bool = False) -> None:
+        self.config = config
+        self.dry_run = dry_run
+        self.policy = Policy.load(config.policy_file)
+        self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
+        self.external = ExternalAddress(
+            config.external_interface,
+            override=config.external_address,
+            allow_private=config.allow_private_external,
+        )
+        if dry_run:
+            self.store = LeaseStore(Path(":memory:"))
+            self.backend: Backend = MemoryBackend()
+        else:
+            self.store = LeaseStore(config.state_directory / "leases.sqlite")
+            self.backend = NftablesBackend(config.nftables_table, config.external_interface)
+        reserved = set(ALWAYS_RESERVED)
+        if config.upnp_enabled:
+            reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
+        self.gateway = Gateway(self.policy, reserved=frozenset(reserved))
+        self.service = Service(self.gateway, self.backend, self.store)
+        handler = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
+        self.pxp = PxpServer(
+            self.interfaces,
+            handler,
+            RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
+        )
+        self.control = ControlServer(
+            config.control_socket, {"list": self.list_mappings, "status": self.status}
+        )
+        self._stop = asyncio.Event()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self.service.run_committer()),
+                group.create_task(self.service.run_expiry()),
+                group.create_task(self._watch_address()),
+                group.create_task(self.pxp.announce()),
+            ]
+            log.info("igd-server ready: %d mappings, epoch %d", len(self.gateway.table),
+                     self.service.epoch())
+            await self._stop.wait()
+            log.info("stopping")
+            self.pxp.close()
+            for task in (*tasks, *self._side_tasks):
+                task.cancel()
+        await self.stop()
+
+    async def start(self) -> None:
+        """Restore leases, reconcile the kernel, open sockets."""
+        self.external.refresh()
+        await self.backend.open()
+        started = time.perf_counter()
+        now = time.monotonic()
+        clock = Clock(mono=now)
+        persisted = self.store.load(clock, now=now)
+        dropped = self.gateway.restore(persisted, now=now)
+        refused = self.gateway.reload(self.policy, now=now)
+        self.store.apply([*dropped, *refused.removed], [], clock)
+        report = await self.backend.reconcile(list(self.gateway.table), now=now)
+        log.info(
+            "restored %d of %d persisted mappings in %.3f s (%d dropped, %d refused by the"
+            " policy); kernel: %d orphans removed, %d entries re-added",
+            len(self.gateway.table), len(persisted), time.perf_counter() - started,
+            len(dropped), len(refused.removed), len(report.removed), len(report.added),
+        )
+        last_address = self.store.get_meta(ADDRESS_KEY)
+        same_address = last_address == str(self.external.current)
+        self.service.restore_epoch(kept_mappings=bool(len(self.gateway.table)) and same_address)
+        self.store.set_meta(ADDRESS_KEY, str(self.external.current))
+        await self.pxp.start()
+        await self.control.start()
+
+    async def stop(self) -> None:
+        """Close sockets; keep or flush kernel entries as configured."""
+        await self.control.close()
+        flush = self.config.flush_on_stop
+        await self.backend.close(flush=flush)
+        if flush:
+            self.store.clear()
+            log.info("flushed all mappings (nftables.on_stop = \"flush\")")
+        else:
+            log.info("kept %d mappings in the kernel and the lease store", len(self.gateway.table))
+        self.store.close()
+
+    async def reload(self) -> None:
+        """SIGHUP: load the policy file again; keep the old policy if the new one is invalid."""
+        try:
+            policy = Policy.load(self.config.policy_file)
+        except PolicyFileError as error:
+            log.error("policy reload failed; keeping the current policy:\n%s", error)
+            return
+        self.policy = policy
+        change = await self.service.reload(policy)
+        log.info(
+            "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
+            self.config.policy_file, len(policy.rules), len(change.removed),
+        )
+
+    def list_mappings(self) -> list[dict[str, Any]]:
+        """The current mappings, for `igd-server list`."""
+        now = time.monotonic()
+        return [
+            {
+                "protocol": str(m.protocol),
+                "external_port": m.external_port,
+                "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
+                "internal_address": str(m.internal_address),
+                "internal_port": m.internal_port,
+                "lease_remaining": m.remaining(now),
+                "mechanism": str(m.owner.mechanism),
+                "client": str(m.owner.client),
+                "description": m.description,
+            }
+            for m in self.gateway.table
+        ]
+
+    def status(self) -> dict[str, Any]:
+        """A summary for scripts and tests."""
+        return {
+            "mappings": len(self.gateway.table),
+            "epoch": self.service.epoch(),
+            "external_address": str(self.external.current) if self.external.current else None,
+            "policy": str(self.config.policy_file),
+            "rules": len(self.policy.rules),
+        }
+
+    async def _watch_address(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.address_poll_interval)
+            if self.external.refresh():
+                # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
+                # announce the new address.
+                self.service.reset_epoch()
+                self.store.set_meta(ADDRESS_KEY, str(self.external.current))
+                self._spawn(self.pxp.announce())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)

@@ -1,0 +1,116 @@
+"""What the daemon learns from the host's interfaces: internal networks, external address."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import netifaces
+
+log = logging.getLogger("igd.interfaces")
+
+
+@dataclass(frozen=True, slots=True)
+class InternalInterface:
+    """A LAN interface the daemon serves: its name, its own address and its networks."""
+
+    name: str
+    address: IPv4Address
+    networks: tuple[IPv4Network, ...]
+
+    def serves(self, client: IPv4Address) -> bool:
+        """Whether a source address belongs on this interface's networks."""
+        return any(client in network for network in self.networks)
+
+
+def ipv4_interfaces(name: str) -> list[IPv4Interface]:
+    """The IPv4 addresses (with prefix) configured on an interface; [] if it has none."""
+    try:
+        entries = netifaces.ifaddresses(name).get(netifaces.AF_INET, [])
+    except ValueError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            found.append(IPv4Interface(f"{entry['addr']}/{entry.get('netmask', '32')}"))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def internal_interface(name: str) -> InternalInterface:
+    """Describe a LAN interface; ValueError if it has no IPv4 address."""
+    addresses = ipv4_interfaces(name)
+    if not addresses:
+        raise ValueError(f"internal interface {name!r} does not exist or has no IPv4 address")
+    return InternalInterface(
+        name, addresses[0].ip, tuple(dict.fromkeys(a.network for a in addresses))
+    )
+
+
+def is_public(address: IPv4Address) -> bool:
+    """Whether an address is globally routable (not private, shared, reserved or special)."""
+    shared = address in ipaddress.IPv4Network("100.64.0.0/10")
+    return address.is_global and not shared
+
+
+class ExternalAddress:
+    """Tracks the address the gateway reports, deciding whether it may serve with it."""
+
+    def __init__(
+        self,
+        interface: str,
+        *,
+        override: IPv4Address | None = None,
+        allow_private: bool = False,
+    ) -> None:
+        self.interface = interface
+        self.override = override
+        self.allow_private = allow_private
+        self.current: IPv4Address | None = None
+        self._warned: IPv4Address | None = None
+
+    def read(self) -> IPv4Address | None:
+        """The interface's address now (or the override), vetted; None when unusable."""
+        if self.override is not None:
+            return self._vet(self.override)
+        addresses = ipv4_interfaces(self.interface)
+        return self._vet(addresses[0].ip) if addresses else None
+
+    def refresh(self) -> bool:
+        """Re-read the address; True when what the gateway reports changed."""
+        address = self.read()
+        if address == self.current:
+            return False
+        log.warning(
+            "external address on %s changed: %s -> %s", self.interface, self.current, address
+        )
+        self.current = address
+        return True
+
+    def _vet(self, address: IPv4Address) -> IPv4Address | None:
+        if is_public(address):
+            return address
+        if self._warned != address:
+            self._warned = address
+            if self.allow_private:
+                log.warning(
+                    "EXTERNAL ADDRESS %s IS NOT PUBLIC: serving anyway (allow_private_external);"
+                    " clients will see a private address (double NAT or lab)",
+                    address,
+                )
+            else:
+                log.error(
+                    "external address %s is not public: refusing mappings. Behind another NAT"
+                    " set network.allow_private_external = true, or network.external_address",
+                    address,
+                )
+        return address if self.allow_private else None
+
+
+def bind_to_device(sock: socket.socket, name: str) -> None:
+    """Receive only what arrives on this interface (SO_BINDTODEVICE)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode() + b"\0")

@@ -1,0 +1,150 @@
+"""The lease store: every granted mapping, persisted in SQLite under the state directory.
+
+A change is committed before the client hears of it, so a mapping whose success reply
+was sent survives `kill -9` of the daemon. WAL mode with synchronous=NORMAL makes each
+commit a write(2) into the WAL without fsync: durable against a crashed process, not
+against power loss (then the kernel table is gone too and clients re-request).
+Times are stored as wall-clock seconds, since monotonic time does not survive a reboot.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mappings (
+    protocol TEXT NOT NULL,
+    external_port INTEGER NOT NULL,
+    remote_host TEXT NOT NULL,
+    internal_address TEXT NOT NULL,
+    internal_port INTEGER NOT NULL,
+    mechanism TEXT NOT NULL,
+    client TEXT NOT NULL,
+    nonce BLOB,
+    description TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (protocol, external_port, remote_host)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+_UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_DELETE = "DELETE FROM mappings WHERE protocol = ? AND external_port = ? AND remote_host = ?"
+
+
+class Clock:
+    """Converts between the core's monotonic seconds and persisted wall-clock seconds."""
+
+    def __init__(self, wall: float | None = None, mono: float | None = None) -> None:
+        self._offset = (time.time() if wall is None else wall) - (
+            time.monotonic() if mono is None else mono
+        )
+
+    def to_wall(self, mono: float) -> float:
+        return mono + self._offset
+
+    def to_mono(self, wall: float) -> float:
+        return wall - self._offset
+
+
+class LeaseStore:
+    """Mappings and a little daemon state (the epoch's start) in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def load(self, clock: Clock, *, now: float) -> list[Mapping]:
+        """Every unexpired mapping, in monotonic time; expired rows are deleted."""
+        wall_now = clock.to_wall(now)
+        with self._transaction():
+            self._db.execute("DELETE FROM mappings WHERE expires <= ?", (wall_now,))
+        rows = self._db.execute("SELECT * FROM mappings ORDER BY created").fetchall()
+        return [_mapping_of(row, clock) for row in rows]
+
+    def apply(self, removed: Iterable[Mapping], added: Iterable[Mapping], clock: Clock) -> None:
+        """Persist one change atomically: delete removed keys, then write added mappings."""
+        with self._transaction():
+            self._db.executemany(_DELETE, [_key_row(m.key) for m in removed])
+            self._db.executemany(_UPSERT, [_row_of(m, clock) for m in added])
+
+    def clear(self) -> None:
+        """Forget every mapping."""
+        with self._transaction():
+            self._db.execute("DELETE FROM mappings")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN … COMMIT, or ROLLBACK on error (the connection runs in autocommit mode)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN")
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+def _key_row(key: MappingKey) -> tuple[str, int, str]:
+    return (str(key.protocol), key.external_port, str(key.remote_host or ""))
+
+
+def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
+    return (
+        *_key_row(mapping.key),
+        str(mapping.internal_address),
+        mapping.internal_port,
+        str(mapping.owner.mechanism),
+        str(mapping.owner.client),
+        mapping.owner.nonce,
+        mapping.description,
+        clock.to_wall(mapping.created),
+        clock.to_wall(mapping.expires),
+    )
+
+
+def _mapping_of(row: tuple[object, ...], clock: Clock) -> Mapping:
+    (protocol, port, remote, internal, internal_port, mechanism, client, nonce,
+     description, created, expires) = row  # fmt: skip
+    return Mapping(
+        key=MappingKey(
+            Protocol(str(protocol)), int(str(port)), IPv4Address(str(remote)) if remote else None
+        ),
+        internal_address=IPv4Address(str(internal)),
+        internal_port=int(str(internal_port)),
+        owner=Owner(
+            Mechanism(str(mechanism)),
+            IPv4Address(str(client)),
+            bytes(nonce) if isinstance(nonce, bytes | bytearray) else None,
+        ),
+        created=clock.to_mono(float(str(created))),
+        expires=clock.to_mono(float(str(expires))),
+        description=str(description),
+    )

@@ -1,0 +1,86 @@
+"""The mapping table: indexes, listing positions, expiry from the deadline heap."""
+
+import random
+from ipaddress import IPv4Address
+
+from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+from igd.table import MappingTable
+
+A = IPv4Address("192.168.1.10")
+B = IPv4Address("192.168.1.11")
+
+
+def mapping(port: int, *, client: IPv4Address = A, expires: float = 100.0,
+            protocol: Protocol = Protocol.TCP, internal_port: int | None = None,
+            mechanism: Mechanism = Mechanism.NATPMP) -> Mapping:
+    return Mapping(
+        key=MappingKey(protocol, port),
+        internal_address=client,
+        internal_port=port if internal_port is None else internal_port,
+        owner=Owner(mechanism, client),
+        created=0.0,
+        expires=expires,
+    )
+
+
+def test_lookups_by_every_index() -> None:
+    table = MappingTable()
+    table.put(mapping(1000))
+    table.put(mapping(2000, client=B, internal_port=80))
+    table.put(mapping(2000, protocol=Protocol.UDP, internal_port=80))
+    assert table.get(MappingKey(Protocol.TCP, 2000)).owner.client == B  # type: ignore[union-attr]
+    assert [m.external_port for m in table.by_internal(B, Protocol.TCP, 80)] == [2000]
+    assert table.by_internal(B, Protocol.TCP, 80, Mechanism.PCP) == []
+    assert table.count_for_client(A) == 2
+    assert table.port_in_use(Protocol.UDP, 2000)
+    assert not table.port_in_use(Protocol.UDP, 1000)
+    assert {m.owner.client for m in table.port_users(Protocol.TCP, 2000)} == {B}
+
+
+def test_replace_keeps_position_and_reindexes() -> None:
+    table = MappingTable()
+    table.put(mapping(1000))
+    table.put(mapping(1001))
+    previous = table.put(mapping(1000, client=B))
+    assert previous is not None and previous.owner.client == A
+    assert len(table) == 2
+    assert table.entry(0).owner.client == B
+    assert table.count_for_client(A) == 1
+
+
+def test_positions_stay_dense_under_random_churn() -> None:
+    table = MappingTable()
+    rng = random.Random(7)
+    live: set[int] = set()
+    for _ in range(3000):
+        port = rng.randrange(1, 400)
+        if port in live and rng.random() < 0.5:
+            assert table.remove(MappingKey(Protocol.TCP, port)) is not None
+            live.discard(port)
+        else:
+            table.put(mapping(port))
+            live.add(port)
+    listed = [table.entry(i).external_port for i in range(len(table))]
+    assert sorted(listed) == sorted(live)
+    assert [m.external_port for m in table] == listed
+
+
+def test_expiry_follows_deadlines_and_renewals() -> None:
+    table = MappingTable()
+    table.put(mapping(1, expires=10))
+    table.put(mapping(2, expires=20))
+    table.put(mapping(3, expires=30))
+    table.put(mapping(1, expires=40))  # renewed: the old deadline must not expire it
+    assert table.next_deadline() == 20
+    assert [m.external_port for m in table.expire(now=25)] == [2]
+    assert table.expire(now=25) == []
+    assert [m.external_port for m in table.expire(now=100)] == [3, 1]
+    assert len(table) == 0 and table.next_deadline() is None
+
+
+def test_heap_stays_bounded_under_many_renewals() -> None:
+    table = MappingTable()
+    for i in range(10_000):
+        table.put(mapping(1, expires=float(i)))
+    assert len(table._deadlines) <= 2 * len(table) + 65
+    assert table.next_deadline() == 9999.0
