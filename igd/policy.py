@@ -1,0 +1,218 @@
+"""The policy engine: a pure function from a map request and the table's counts to a Decision.
+
+Rules are tried in file order and the first that matches decides. Deny rules that restrict
+only external ports are the exception: when the gateway may choose the external port, they
+narrow the ports it may choose instead of refusing the request (see docs/policy.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Protocol
+
+from igd.decision import Allow, Decision, Deny, Reason
+from igd.model import Mapping, MapRequest
+from igd.policy_file import (
+    DEFAULTS_NAME,
+    Action,
+    Defaults,
+    PolicyFileError,
+    PolicyIssue,
+    Rule,
+    read_file,
+    read_text,
+)
+from igd.ports import PortSet
+
+__all__ = [
+    "DEFAULTS_NAME",
+    "Action",
+    "Defaults",
+    "Policy",
+    "PolicyFileError",
+    "PolicyIssue",
+    "Rule",
+    "TableView",
+]
+
+
+class TableView(Protocol):
+    """The counts the policy needs from the mapping table (MappingTable satisfies it)."""
+
+    def __len__(self) -> int: ...
+
+    def count_for_client(self, client: IPv4Address) -> int: ...
+
+
+class _EmptyView:
+    """A table with no mappings, for rechecks and explanations."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def count_for_client(self, client: IPv4Address) -> int:
+        return 0
+
+
+EMPTY_VIEW: TableView = _EmptyView()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy file: the defaults and the ordered rules."""
+
+    defaults: Defaults
+    rules: tuple[Rule, ...]
+    source: str = "<string>"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read a policy file; raise PolicyFileError listing every problem."""
+        defaults, rules = read_file(path)
+        return cls(defaults, rules, os.fspath(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<string>") -> Policy:
+        """Parse policy text; raise PolicyFileError listing every problem."""
+        defaults, rules = read_text(text, source)
+        return cls(defaults, rules, source)
+
+    def rule(self, name: str) -> Rule | None:
+        """The rule with this name, if any."""
+        return next((rule for rule in self.rules if rule.name == name), None)
+
+    def evaluate(
+        self, request: MapRequest, view: TableView, *, now: float, renewal: bool = False
+    ) -> Decision:
+        """Decide a request; a renewal keeps its external port and is exempt from quotas."""
+        # `now` belongs to the core's calling convention; no rule depends on time yet.
+        fixed = request.exact_port or renewal
+        carved = PortSet()
+        carved_by: list[str] = []
+        for rule in self.rules:
+            if not _matches(rule, request):
+                continue
+            if rule.action is Action.ALLOW:
+                return self._grant(rule, request, view, fixed, renewal, carved, carved_by)
+            if rule.external_ports is None:
+                return Deny(Reason.POLICY_DENIED, rule.name, f"{_describe(request)} is denied")
+            if fixed:
+                if request.external_port in rule.external_ports:
+                    detail = f"external port {request.external_port} is denied"
+                    return Deny(Reason.POLICY_DENIED, rule.name, detail)
+                continue
+            # The gateway chooses the port: keep it out of these ports rather than refuse.
+            carved = PortSet.of(carved.intervals + rule.external_ports.intervals)
+            carved_by.append(rule.name)
+        if self.defaults.action is Action.DENY:
+            detail = f"no rule matches {_describe(request)} and the default action is deny"
+            return Deny(Reason.POLICY_DENIED, DEFAULTS_NAME, detail)
+        return self._grant(None, request, view, fixed, renewal, carved, carved_by)
+
+    def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
+        """The Deny this policy gives an existing mapping (after a reload), or None if allowed."""
+        request = MapRequest(
+            mechanism=mapping.owner.mechanism,
+            client=mapping.owner.client,
+            protocol=mapping.protocol,
+            internal_address=mapping.internal_address,
+            internal_port=mapping.internal_port,
+            external_port=mapping.external_port,
+            lifetime=max(1, mapping.remaining(now)),
+            remote_host=mapping.key.remote_host,
+            description=mapping.description,
+            nonce=mapping.owner.nonce,
+            exact_port=True,
+        )
+        decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
+        return decision if isinstance(decision, Deny) else None
+
+    def _grant(
+        self,
+        rule: Rule | None,
+        request: MapRequest,
+        view: TableView,
+        fixed: bool,
+        renewal: bool,
+        carved: PortSet,
+        carved_by: list[str],
+    ) -> Decision:
+        """Apply an allowing rule (None: the default action) to the request."""
+        name = DEFAULTS_NAME if rule is None else rule.name
+        defaults = self.defaults
+        if request.third_party and defaults.secure_mode and not (rule and rule.allow_third_party):
+            detail = (
+                f"internal address {request.internal_address} is not the requester"
+                f" {request.client} (secure mode; set allow_third_party on the rule)"
+            )
+            return Deny(Reason.THIRD_PARTY_DENIED, name, detail)
+
+        granted = rule.external_ports if rule and rule.external_ports is not None else None
+        # Port 0 is never a real mapping, whatever the rule says.
+        allowed = (granted or PortSet.full()).intersect(PortSet.full()).subtract(carved)
+        narrowed_by = [f"rule {name!r}"] if granted is not None else []
+        narrowed_by += [f"deny rule {denier!r}" for denier in carved_by]
+        if not allowed:
+            detail = f"no external port is left to assign ({', '.join(narrowed_by)})"
+            return Deny(Reason.POLICY_DENIED, name, detail)
+        if fixed and request.external_port not in allowed:
+            detail = f"external port {request.external_port} is outside the allowed ports {allowed}"
+            return Deny(Reason.POLICY_DENIED, name, detail)
+
+        if not renewal:
+            limit, limit_by = defaults.max_mappings_per_client, DEFAULTS_NAME
+            if rule and rule.max_mappings_per_client is not None:
+                limit, limit_by = rule.max_mappings_per_client, name
+            held = view.count_for_client(request.client)
+            if held >= limit:
+                detail = f"client {request.client} holds {held} mappings (limit {limit})"
+                return Deny(Reason.CLIENT_QUOTA, limit_by, detail)
+            total = len(view)
+            if total >= defaults.max_mappings:
+                detail = f"the gateway holds {total} mappings (limit {defaults.max_mappings})"
+                return Deny(Reason.GATEWAY_QUOTA, DEFAULTS_NAME, detail)
+
+        lifetime, notes = self._lease(rule, request.lifetime)
+        if allowed != PortSet.full():
+            notes.append(f"external ports limited to {allowed} by {', '.join(narrowed_by)}")
+        if not fixed and request.external_port and request.external_port not in allowed:
+            notes.append(
+                f"suggested external port {request.external_port} is not allowed;"
+                " the gateway assigns another"
+            )
+        return Allow(name, lifetime, allowed, tuple(notes))
+
+    def _lease(self, rule: Rule | None, requested: int) -> tuple[int, list[str]]:
+        """Clamp a requested lease to the rule's and the defaults' bounds."""
+        cap, cap_by = self.defaults.max_lease, "defaults.max_lease"
+        if rule and rule.max_lease is not None and rule.max_lease < cap:
+            cap, cap_by = rule.max_lease, f"max_lease of rule {rule.name!r}"
+        lifetime = min(max(min(requested, cap), self.defaults.min_lease), self.defaults.max_lease)
+        if lifetime < requested:
+            return lifetime, [f"lease shortened from {requested} s to {lifetime} s ({cap_by})"]
+        if lifetime > requested:
+            note = f"lease lengthened from {requested} s to {lifetime} s (defaults.min_lease)"
+            return lifetime, [note]
+        return lifetime, []
+
+
+def _matches(rule: Rule, request: MapRequest) -> bool:
+    """Whether the rule applies to the request, external ports aside."""
+    return (
+        (rule.clients is None or any(request.client in net for net in rule.clients))
+        and (
+            rule.internal_addresses is None
+            or any(request.internal_address in net for net in rule.internal_addresses)
+        )
+        and (rule.protocols is None or request.protocol in rule.protocols)
+        and (rule.via is None or request.mechanism in rule.via)
+        and (rule.internal_ports is None or request.internal_port in rule.internal_ports)
+        and (rule.description is None or rule.description.search(request.description) is not None)
+    )
+
+
+def _describe(request: MapRequest) -> str:
+    target = f"{request.internal_address}:{request.internal_port}"
+    return f"{request.protocol} {target} for {request.client} via {request.mechanism}"

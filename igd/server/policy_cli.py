@@ -1,0 +1,244 @@
+"""`igd-server policy check|explain`: validate a policy file, or show how it decides a request.
+
+`add_policy_commands` adds the commands to a parser; each subcommand stores its handler as
+`args.handler`, which takes the parsed arguments and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address
+from typing import Any
+
+from igd.decision import Allow, Decision
+from igd.model import MapRequest, Mechanism, Protocol
+from igd.policy import DEFAULTS_NAME, EMPTY_VIEW, Policy, PolicyFileError
+
+EXIT_ALLOW = 0
+EXIT_DENY = 1
+EXIT_USAGE = 2
+
+DEFAULT_LIFETIME = 7200
+"""Lease asked for when --lifetime is absent: RFC 6886 §3.3's recommended lifetime."""
+
+
+def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `policy` command and its `check` and `explain` subcommands."""
+    policy = subparsers.add_parser(
+        "policy", help="check a policy file or explain its decisions", description=__doc__
+    )
+    commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser(
+        "check", help="validate policy files", description="Validate policy files."
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="policy file (TOML)")
+    check.set_defaults(handler=run_check)
+
+    explain = commands.add_parser(
+        "explain",
+        help="show how a policy decides one request",
+        description="Show how a policy decides one request, as if the gateway held no mappings.",
+    )
+    explain.add_argument("--policy", required=True, metavar="FILE", help="policy file (TOML)")
+    explain.add_argument(
+        "--client", required=True, type=_address, metavar="ADDRESS", help="requesting address"
+    )
+    explain.add_argument("--protocol", required=True, type=_lower, choices=list(Protocol))
+    explain.add_argument("--via", required=True, type=_lower, choices=list(Mechanism))
+    explain.add_argument("--internal-port", required=True, type=_port(1), metavar="PORT")
+    explain.add_argument(
+        "--external-port",
+        type=_port(0),
+        default=0,
+        metavar="PORT",
+        help="suggested external port; 0 (the default) lets the gateway choose",
+    )
+    explain.add_argument(
+        "--internal-address",
+        type=_address,
+        metavar="ADDRESS",
+        help="address the mapping points at (default: the client; another is third party)",
+    )
+    explain.add_argument(
+        "--lifetime",
+        type=_positive,
+        default=DEFAULT_LIFETIME,
+        metavar="SECONDS",
+        help=f"requested lease (default {DEFAULT_LIFETIME})",
+    )
+    explain.add_argument("--description", default="", help="mapping description")
+    explain.add_argument(
+        "--exact",
+        action="store_true",
+        help="the external port must be honoured or refused (UPnP AddPortMapping)",
+    )
+    explain.add_argument(
+        "--renewal", action="store_true", help="evaluate as a renewal (no quotas, port fixed)"
+    )
+    explain.add_argument("--json", action="store_true", help="print the decision as JSON")
+    explain.set_defaults(handler=run_explain)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `igd-server policy ...` on its own (for tests and scripts); return the exit status."""
+    parser = argparse.ArgumentParser(prog="igd-server")
+    add_policy_commands(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    status: int = args.handler(args)
+    return status
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Load each file; print OK lines to stdout and every issue to stderr."""
+    status = 0
+    for path in args.files:
+        try:
+            policy = Policy.load(path)
+        except PolicyFileError as error:
+            for issue in error.issues:
+                print(issue, file=sys.stderr)
+            status = 1
+            continue
+        count = len(policy.rules)
+        print(f"{path}: OK ({count} rule{'' if count == 1 else 's'})")
+    return status
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Evaluate one request against an empty table and print why it is allowed or denied."""
+    if (args.exact or args.renewal) and not args.external_port:
+        print(
+            "igd-server policy explain: error: --exact and --renewal need --external-port",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        policy = Policy.load(args.policy)
+    except PolicyFileError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    request = MapRequest(
+        mechanism=Mechanism(args.via),
+        client=args.client,
+        protocol=Protocol(args.protocol),
+        internal_address=args.internal_address or args.client,
+        internal_port=args.internal_port,
+        external_port=args.external_port,
+        lifetime=args.lifetime,
+        description=args.description,
+        exact_port=args.exact,
+    )
+    decision = policy.evaluate(request, EMPTY_VIEW, now=0.0, renewal=args.renewal)
+    if args.json:
+        print(json.dumps(explanation(policy, request, decision), indent=2))
+    else:
+        print(render(policy, request, decision))
+    return EXIT_ALLOW if isinstance(decision, Allow) else EXIT_DENY
+
+
+def explanation(policy: Policy, request: MapRequest, decision: Decision) -> dict[str, Any]:
+    """The decision as a JSON-ready dict."""
+    rule = policy.rule(decision.rule)
+    result: dict[str, Any] = {
+        "decision": "allow" if isinstance(decision, Allow) else "deny",
+        "rule": decision.rule,
+        "rule_line": rule.line if rule else None,
+        "policy": policy.source,
+    }
+    if isinstance(decision, Allow):
+        result |= {
+            "lifetime": decision.lifetime,
+            "requested_lifetime": request.lifetime,
+            "external_ports": str(decision.external_ports),
+            "suggested_port": request.external_port or None,
+            "suggested_port_honoured": _honoured(request, decision),
+            "restrictions": list(decision.restrictions),
+        }
+    else:
+        result |= {"reason": str(decision.reason), "detail": decision.detail}
+    return result
+
+
+def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
+    """The decision as text for people: a headline, then one labelled line per fact."""
+    target = f"{request.internal_address}:{request.internal_port}"
+    headline = f"{request.protocol} {target} for {request.client} via {request.mechanism}"
+    if request.external_port:
+        kind = "exact" if request.exact_port else "suggested"
+        headline += f", external port {request.external_port} ({kind})"
+    verdict = "ALLOW" if isinstance(decision, Allow) else "DENY"
+    lines = [f"{verdict:<6} {headline}"]
+    rule = policy.rule(decision.rule)
+    if rule is not None:
+        where = f"{policy.source}:{rule.line}" if rule.line else policy.source
+        lines.append(f"rule:           {rule.name} ({where})")
+    elif decision.rule == DEFAULTS_NAME:
+        lines.append(f"rule:           {DEFAULTS_NAME} ({policy.source} [defaults])")
+    if isinstance(decision, Allow):
+        lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
+        lines.append(f"external ports: {decision.external_ports}")
+        lines.append(f"suggested port: {_suggestion(request, decision)}")
+        for index, note in enumerate(decision.restrictions or ("none",)):
+            lines.append(f"{'restrictions:' if index == 0 else '':<15} {note}")
+    else:
+        lines.append(f"reason:         {decision.reason}")
+        lines.append(f"detail:         {decision.detail}")
+    return "\n".join(lines)
+
+
+def _honoured(request: MapRequest, decision: Allow) -> bool | None:
+    if not request.external_port:
+        return None
+    return request.external_port in decision.external_ports
+
+
+def _suggestion(request: MapRequest, decision: Allow) -> str:
+    if not request.external_port:
+        return "none; the gateway picks a free port from the allowed ports"
+    if request.exact_port:
+        return f"{request.external_port} (exact): used if free, else the request fails"
+    if request.external_port in decision.external_ports:
+        return f"{request.external_port} is honoured if it is free"
+    return f"{request.external_port} is not allowed; the gateway picks another allowed port"
+
+
+def _address(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _lower(text: str) -> str:
+    return text.lower()
+
+
+def _port(minimum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+        if not minimum <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"port {port} is outside {minimum}-65535")
+        return port
+
+    return convert
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("the lifetime must be at least 1 second")
+    return value
