@@ -184,9 +184,7 @@ class Gateway:
                 return None
             if _same_endpoint(holder, request) and holder.owner.client == request.client:
                 return holder
-            return Refused(
-                Deny(Reason.PORT_IN_USE, "table", f"held by {describe(holder)}"), holder
-            )
+            return Refused(Deny(Reason.PORT_IN_USE, "table", f"held by {describe(holder)}"), holder)
         for holder in self.table.by_internal(
             request.internal_address, request.protocol, request.internal_port, request.mechanism
         ):
@@ -271,4 +269,3 @@ def describe(mapping: Mapping) -> str:
         f"{mapping.internal_address}:{mapping.internal_port} "
         f"({mapping.owner.mechanism} {mapping.owner.client})"
     )
-

@@ -40,11 +40,21 @@ def gateway() -> Gateway:
     return Gateway(Policy.parse(POLICY), rng=random.Random(1))
 
 
-def request(client: IPv4Address = A, port: int = 8080, external: int = 8080,
-            mechanism: Mechanism = Mechanism.NATPMP, **kw: object) -> MapRequest:
+def request(
+    client: IPv4Address = A,
+    port: int = 8080,
+    external: int = 8080,
+    mechanism: Mechanism = Mechanism.NATPMP,
+    **kw: object,
+) -> MapRequest:
     fields: dict[str, object] = dict(
-        mechanism=mechanism, client=client, protocol=Protocol.TCP, internal_address=client,
-        internal_port=port, external_port=external, lifetime=600,
+        mechanism=mechanism,
+        client=client,
+        protocol=Protocol.TCP,
+        internal_address=client,
+        internal_port=port,
+        external_port=external,
+        lifetime=600,
     )
     fields.update(kw)
     return MapRequest(**fields)  # type: ignore[arg-type]
@@ -86,8 +96,9 @@ def test_other_client_gets_another_port_where_protocol_allows(gateway: Gateway) 
 
 def test_exact_port_conflict_is_an_error(gateway: Gateway) -> None:
     granted(gateway.map(request(mechanism=Mechanism.PCP), now=0))
-    result = refused(gateway.map(request(client=B, mechanism=Mechanism.UPNP, exact_port=True),
-                                 now=0))
+    result = refused(
+        gateway.map(request(client=B, mechanism=Mechanism.UPNP, exact_port=True), now=0)
+    )
     assert result.deny.reason is Reason.PORT_IN_USE
     assert result.existing is not None and result.existing.owner.client == A
     assert len(gateway.table) == 1
@@ -102,8 +113,7 @@ def test_companion_port_stays_with_its_client(gateway: Gateway) -> None:
 
 
 def test_gateway_chosen_port_never_reserved_or_privileged(gateway: Gateway) -> None:
-    result = granted(gateway.map(request(port=5351, external=5351, protocol=Protocol.UDP),
-                                 now=0))
+    result = granted(gateway.map(request(port=5351, external=5351, protocol=Protocol.UDP), now=0))
     assert result.mapping.external_port not in (5350, 5351)
     low = granted(gateway.map(request(port=2000, external=80), now=0))
     assert low.mapping.external_port == 2000  # falls back to the internal port
@@ -111,8 +121,9 @@ def test_gateway_chosen_port_never_reserved_or_privileged(gateway: Gateway) -> N
 
 def test_exact_reserved_port_is_refused() -> None:
     gateway = Gateway(Policy.parse('[defaults]\naction = "allow"\n'))
-    result = refused(gateway.map(
-        request(protocol=Protocol.UDP, external=5351, exact_port=True), now=0))
+    result = refused(
+        gateway.map(request(protocol=Protocol.UDP, external=5351, exact_port=True), now=0)
+    )
     assert result.deny.reason is Reason.RESERVED_PORT
 
 

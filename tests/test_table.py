@@ -10,9 +10,15 @@ A = IPv4Address("192.168.1.10")
 B = IPv4Address("192.168.1.11")
 
 
-def mapping(port: int, *, client: IPv4Address = A, expires: float = 100.0,
-            protocol: Protocol = Protocol.TCP, internal_port: int | None = None,
-            mechanism: Mechanism = Mechanism.NATPMP) -> Mapping:
+def mapping(
+    port: int,
+    *,
+    client: IPv4Address = A,
+    expires: float = 100.0,
+    protocol: Protocol = Protocol.TCP,
+    internal_port: int | None = None,
+    mechanism: Mechanism = Mechanism.NATPMP,
+) -> Mapping:
     return Mapping(
         key=MappingKey(protocol, port),
         internal_address=client,

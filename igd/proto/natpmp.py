@@ -192,9 +192,7 @@ def decode_response(data: bytes) -> NatPmpResponse:
 
 def encode_unsupported_version(epoch: int) -> bytes:
     """The answer to any version but 0: opcode 128, result 1 (RFC 6886 §3.5, erratum 3618)."""
-    return _SHORT_RESPONSE.pack(
-        VERSION, RESPONSE_BIT, NatPmpResult.UNSUPPORTED_VERSION, epoch
-    )
+    return _SHORT_RESPONSE.pack(VERSION, RESPONSE_BIT, NatPmpResult.UNSUPPORTED_VERSION, epoch)
 
 
 def encode_unsupported_opcode(request: bytes, epoch: int) -> bytes:

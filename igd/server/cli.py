@@ -26,8 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Port-mapping gateway: NAT-PMP, PCP and UPnP IGD over nftables.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="configuration file")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="keep mappings in memory only: no nftables, no lease file")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="keep mappings in memory only: no nftables, no lease file",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run the daemon (the default)")
@@ -97,10 +100,17 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
         external = str(m["external_port"])
         if m["remote_host"]:
             external += f" from {m['remote_host']}"
-        rows.append((
-            m["protocol"], external, f"{m['internal_address']}:{m['internal_port']}",
-            f"{m['lease_remaining']}s", m["mechanism"], m["client"], m["description"],
-        ))
+        rows.append(
+            (
+                m["protocol"],
+                external,
+                f"{m['internal_address']}:{m['internal_port']}",
+                f"{m['lease_remaining']}s",
+                m["mechanism"],
+                m["client"],
+                m["description"],
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

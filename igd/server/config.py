@@ -108,7 +108,9 @@ class Config:
             try:
                 external_address = IPv4Address(net["external_address"])
             except ipaddress.AddressValueError:
-                problems.append(f"network.external_address: not an IPv4 address: {net['external_address']!r}")
+                problems.append(
+                    f"network.external_address: not an IPv4 address: {net['external_address']!r}"
+                )
         internal = net["internal_interfaces"]
         if internal is not ... and (
             not internal or not all(isinstance(name, str) and name for name in internal)
@@ -118,7 +120,7 @@ class Config:
             problems.append("network.internal_interfaces: must not include the external interface")
         on_stop = values["nftables"]["on_stop"]
         if on_stop not in ("keep", "flush"):
-            problems.append(f"nftables.on_stop: want \"keep\" or \"flush\", not {on_stop!r}")
+            problems.append(f'nftables.on_stop: want "keep" or "flush", not {on_stop!r}')
         port = values["upnp"]["http_port"]
         if not 1 <= port <= 65535:
             problems.append(f"upnp.http_port: {port} is not a port")

@@ -79,8 +79,11 @@ class Daemon:
                 group.create_task(self._watch_address()),
                 group.create_task(self.pxp.announce()),
             ]
-            log.info("igd-server ready: %d mappings, epoch %d", len(self.gateway.table),
-                     self.service.epoch())
+            log.info(
+                "igd-server ready: %d mappings, epoch %d",
+                len(self.gateway.table),
+                self.service.epoch(),
+            )
             await self._stop.wait()
             log.info("stopping")
             self.pxp.close()
@@ -103,8 +106,13 @@ class Daemon:
         log.info(
             "restored %d of %d persisted mappings in %.3f s (%d dropped, %d refused by the"
             " policy); kernel: %d orphans removed, %d entries re-added",
-            len(self.gateway.table), len(persisted), time.perf_counter() - started,
-            len(dropped), len(refused.removed), len(report.removed), len(report.added),
+            len(self.gateway.table),
+            len(persisted),
+            time.perf_counter() - started,
+            len(dropped),
+            len(refused.removed),
+            len(report.removed),
+            len(report.added),
         )
         last_address = self.store.get_meta(ADDRESS_KEY)
         same_address = last_address == str(self.external.current)
@@ -120,7 +128,7 @@ class Daemon:
         await self.backend.close(flush=flush)
         if flush:
             self.store.clear()
-            log.info("flushed all mappings (nftables.on_stop = \"flush\")")
+            log.info('flushed all mappings (nftables.on_stop = "flush")')
         else:
             log.info("kept %d mappings in the kernel and the lease store", len(self.gateway.table))
         self.store.close()
@@ -136,7 +144,9 @@ class Daemon:
         change = await self.service.reload(policy)
         log.info(
             "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
-            self.config.policy_file, len(policy.rules), len(change.removed),
+            self.config.policy_file,
+            len(policy.rules),
+            len(change.removed),
         )
 
     def list_mappings(self) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address
 
 from igd.decision import Reason
 from igd.gateway import Refused
-from igd.model import Mechanism, MapRequest
+from igd.model import MapRequest, Mechanism
 from igd.proto import natpmp
 from igd.proto.errors import DecodeError
 from igd.proto.natpmp import (
@@ -120,7 +120,12 @@ class NatPmpHandler:
             return self._refusal(request, NatPmpResult.OUT_OF_RESOURCES)
         # Deleting what does not exist succeeds too (RFC 6886 §3.4), so retransmits are safe.
         return NatPmpMapResponse(
-            request.protocol, NatPmpResult.SUCCESS, self.service.epoch(), request.internal_port, 0, 0
+            request.protocol,
+            NatPmpResult.SUCCESS,
+            self.service.epoch(),
+            request.internal_port,
+            0,
+            0,
         )
 
     def _refusal(self, request: NatPmpMapRequest, result: NatPmpResult) -> NatPmpMapResponse:

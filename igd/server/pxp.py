@@ -72,9 +72,7 @@ class PxpServer:
             # Bound to the device, so a request arriving on the external interface (even one
             # addressed to a LAN address) never reaches us (RFC 6886 §3.3, RFC 6887 §8.2).
             bind_to_device(sock, interface.name)
-            sock.setsockopt(
-                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, interface.address.packed
-            )
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, interface.address.packed)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
             sock.bind(("0.0.0.0", SERVER_PORT))
@@ -83,8 +81,12 @@ class PxpServer:
                 functools.partial(_Receiver, self, interface), sock=sock
             )
             self._transports[interface.name] = transport
-            log.info("NAT-PMP/PCP listening on %s (%s) UDP %d", interface.name,
-                     interface.address, SERVER_PORT)
+            log.info(
+                "NAT-PMP/PCP listening on %s (%s) UDP %d",
+                interface.name,
+                interface.address,
+                SERVER_PORT,
+            )
 
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
@@ -93,9 +95,7 @@ class PxpServer:
         for task in self._tasks:
             task.cancel()
 
-    def received(
-        self, data: bytes, source: tuple[str, int], interface: InternalInterface
-    ) -> None:
+    def received(self, data: bytes, source: tuple[str, int], interface: InternalInterface) -> None:
         """One datagram from a LAN interface."""
         client = IPv4Address(source[0])
         if not interface.serves(client):
@@ -110,9 +110,7 @@ class PxpServer:
         if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or len(self._tasks) >= MAX_IN_FLIGHT:
             return
         self._in_flight[client] = in_flight + 1
-        task = asyncio.get_running_loop().create_task(
-            self._answer(data, source, client, interface)
-        )
+        task = asyncio.get_running_loop().create_task(self._answer(data, source, client, interface))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -173,5 +171,3 @@ class _Receiver(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("socket error on %s: %s", self.interface.name, exc)
-
-

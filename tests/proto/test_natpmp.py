@@ -56,9 +56,7 @@ def test_response_vectors(message: natpmp.NatPmpResponse, wire: bytes) -> None:
 
 def test_failed_address_response_hides_address() -> None:
     wire = natpmp.encode_response(
-        NatPmpExternalAddressResponse(
-            NatPmpResult.NETWORK_FAILURE, 5, IPv4Address("203.0.113.1")
-        )
+        NatPmpExternalAddressResponse(NatPmpResult.NETWORK_FAILURE, 5, IPv4Address("203.0.113.1"))
     )
     assert wire[8:] == bytes(4)
     assert wire[2:4] == b"\x00\x03"

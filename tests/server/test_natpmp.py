@@ -60,8 +60,14 @@ class Rig:
         self.external.refresh()
         self.handler = NatPmpHandler(self.service, self.external)
 
-    async def map(self, protocol: Protocol, internal: int, external: int, lifetime: int,
-                  client: IPv4Address = CLIENT) -> NatPmpMapResponse:
+    async def map(
+        self,
+        protocol: Protocol,
+        internal: int,
+        external: int,
+        lifetime: int,
+        client: IPv4Address = CLIENT,
+    ) -> NatPmpMapResponse:
         wire = natpmp.encode_request(NatPmpMapRequest(protocol, internal, external, lifetime))
         reply = await self.handler.handle(wire, client)
         assert reply is not None
@@ -93,7 +99,10 @@ async def test_external_address(rig: Rig) -> None:
 async def test_map_is_in_kernel_and_store_before_the_reply(rig: Rig) -> None:
     response = await rig.map(Protocol.TCP, 8080, 8080, 7200)
     assert (response.result, response.external_port, response.lifetime) == (
-        NatPmpResult.SUCCESS, 8080, 3600)  # lease clamped to the policy's max_lease
+        NatPmpResult.SUCCESS,
+        8080,
+        3600,
+    )  # lease clamped to the policy's max_lease
     entry = KernelEntry(Protocol.TCP, 8080, None, CLIENT, 8080)
     assert await rig.backend.entries() == {entry}
     assert len(rig.store.load(Clock(), now=rig.service.now())) == 1
@@ -109,7 +118,11 @@ async def test_retransmission_is_idempotent(rig: Rig) -> None:
 async def test_refusals_carry_the_right_codes_and_change_nothing(rig: Rig) -> None:
     denied = await rig.map(Protocol.TCP, 23, 23, 600)
     assert (denied.result, denied.internal_port, denied.external_port, denied.lifetime) == (
-        NatPmpResult.NOT_AUTHORIZED, 23, 0, 0)
+        NatPmpResult.NOT_AUTHORIZED,
+        23,
+        0,
+        0,
+    )
     outsider = await rig.map(Protocol.TCP, 8080, 8080, 600, client=IPv4Address("10.9.9.9"))
     assert outsider.result == NatPmpResult.NOT_AUTHORIZED
     await rig.map(Protocol.TCP, 2001, 2001, 600)
@@ -141,7 +154,11 @@ async def test_delete_one_and_delete_all(rig: Rig) -> None:
     await rig.map(Protocol.TCP, 2003, 2003, 600, client=OTHER)
     gone = await rig.map(Protocol.TCP, 2001, 0, 0)
     assert (gone.result, gone.internal_port, gone.external_port, gone.lifetime) == (
-        NatPmpResult.SUCCESS, 2001, 0, 0)
+        NatPmpResult.SUCCESS,
+        2001,
+        0,
+        0,
+    )
     again = await rig.map(Protocol.TCP, 2001, 0, 0)  # deleting nothing succeeds too
     assert again.result == NatPmpResult.SUCCESS
     everything = await rig.map(Protocol.UDP, 0, 0, 0)

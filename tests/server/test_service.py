@@ -17,8 +17,9 @@ ALLOW = '[defaults]\naction = "allow"\nmin_lease = 1\n'
 
 
 def mapping(port: int, expires: float) -> Mapping:
-    return Mapping(MappingKey(Protocol.TCP, port), CLIENT, port, Owner(Mechanism.PCP, CLIENT),
-                   0.0, expires)
+    return Mapping(
+        MappingKey(Protocol.TCP, port), CLIENT, port, Owner(Mechanism.PCP, CLIENT), 0.0, expires
+    )
 
 
 def request(port: int, lifetime: int = 600) -> MapRequest:
@@ -65,8 +66,10 @@ async def test_expiry_removes_from_kernel_and_store(tmp_path: Path) -> None:
     backend = MemoryBackend()
     store = LeaseStore(tmp_path / "l")
     service = Service(Gateway(Policy.parse(ALLOW)), backend, store)
-    tasks = [asyncio.create_task(service.run_committer()),
-             asyncio.create_task(service.run_expiry())]
+    tasks = [
+        asyncio.create_task(service.run_committer()),
+        asyncio.create_task(service.run_expiry()),
+    ]
     await service.map(request(4001, lifetime=500))
     await service.map(request(4000, lifetime=1))  # an earlier deadline re-arms the timer
     for _ in range(300):

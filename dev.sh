@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Developer entry point. As root on a fresh Debian 12 machine:
+#   ./dev.sh setup   install the system packages and .venv (idempotent, quick when done)
+#   ./dev.sh demo    setup, then map a LAN service through the daemon in the namespace lab
+#   ./dev.sh test    setup, then pytest (lab tests included), ruff and mypy
+#   ./dev.sh bench   setup, then the benchmark against miniupnpd (not yet)
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "$0")")"
+
+# What the lab and its tests run: ip, nft, natpmpc, upnpc, miniupnpd (the reference
+# gateway), conntrack, socat, ping, sysctl/pgrep.
+# miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
+# no service. The service, its debconf questions and its config live in Debian's
+# `miniupnpd` package, which we do not install, so nothing starts behind our back.
+APT_PACKAGES=(
+    iproute2
+    nftables
+    natpmpc
+    miniupnpc
+    miniupnpd-nftables
+    conntrack
+    socat
+    iputils-ping
+    procps
+)
+
+die() {
+    echo "dev.sh: $*" >&2
+    exit 1
+}
+
+missing_packages() {
+    local pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
+            echo "$pkg"
+        fi
+    done
+}
+
+apt_install() {
+    local missing
+    mapfile -t missing < <(missing_packages "$@")
+    if ((${#missing[@]} == 0)); then
+        return 0
+    fi
+    echo "dev.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+setup() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and builds network namespaces)"
+    command -v apt-get >/dev/null || die "needs a Debian machine (apt-get not found)"
+    apt_install "${APT_PACKAGES[@]}"
+
+    # The machine's python3 may not be Debian's (pyenv): use whichever `python3` is first,
+    # and fall back to Debian's venv module only if that one cannot make a venv.
+    if [[ ! -x .venv/bin/python ]]; then
+        if ! command -v python3 >/dev/null; then
+            apt_install python3 python3-venv
+        elif ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+            apt_install python3-venv
+        fi
+        python3 -m venv .venv
+    fi
+    # Reinstall when pyproject.toml changed since the last install.
+    local stamp=.venv/.igd-installed
+    if [[ ! -f $stamp || pyproject.toml -nt $stamp ]] || ! .venv/bin/python -c 'import igd' 2>/dev/null; then
+        .venv/bin/python -m pip install -q -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+run_tests() {
+    local status=0
+    # pytest first, so its results always show; then the linters. Fail if any failed.
+    .venv/bin/pytest -q || status=$?
+    .venv/bin/ruff check igd tests || status=$((status ? status : 1))
+    .venv/bin/mypy || status=$((status ? status : 1))
+    if ((status != 0)); then
+        echo "dev.sh: test FAILED (exit $status)" >&2
+    fi
+    return "$status"
+}
+
+usage() {
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+}
+
+case "${1:-}" in
+setup) setup ;;
+demo)
+    setup
+    .venv/bin/igd-lab demo
+    ;;
+test)
+    setup
+    run_tests
+    ;;
+bench)
+    setup
+    echo "dev.sh bench: not yet (the benchmark against miniupnpd is being written)"
+    ;;
+*) usage ;;
+esac
