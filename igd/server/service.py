@@ -153,7 +153,15 @@ class Service:
 
     async def _apply(self, change: Change) -> None:
         now = self.now()
-        await self.backend.apply(change.removed, change.added, now=now)
+        try:
+            await self.backend.apply(change.removed, change.added, now=now)
+        except BackendError:
+            raise
+        except Exception as error:
+            # Whatever went wrong, it belongs to this change alone: the committer must
+            # outlive it, or every later request would wait forever.
+            log.exception("backend failed unexpectedly")
+            raise BackendError(f"backend: {error}") from error
         try:
             self.store.apply(change.removed, change.added, Clock(mono=now))
         except Exception as error:

@@ -14,7 +14,7 @@ class BackendError(RuntimeError):
     """The backend could not apply a change; nothing of that change took effect."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class KernelEntry:
     """What the data plane holds for one mapping: the forwarding, without lease bookkeeping."""
 
