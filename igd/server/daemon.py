@@ -69,8 +69,8 @@ class Daemon:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
         await self.start()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self.shutdown)
+        loop.add_signal_handler(signal.SIGINT, self.shutdown)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -90,6 +90,10 @@ class Daemon:
             for task in (*tasks, *self._side_tasks):
                 task.cancel()
         await self.stop()
+
+    def shutdown(self) -> None:
+        """Ask a running daemon to stop (what SIGTERM does)."""
+        self._stop.set()
 
     async def start(self) -> None:
         """Restore leases, reconcile the kernel, open sockets."""

@@ -1,0 +1,92 @@
+"""igd-server's command line: refusing to start on bad files, and `list` without a daemon."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from igd.server.cli import format_mappings, main
+
+GOOD_POLICY = '[defaults]\naction = "allow"\n'
+
+
+def write_config(tmp: Path, policy: str, extra: str = "") -> Path:
+    (tmp / "policy.toml").write_text(policy)
+    config = tmp / "config.toml"
+    config.write_text(
+        '[network]\nexternal_interface = "wan0"\ninternal_interfaces = ["lo"]\n'
+        f'[state]\ndirectory = "{tmp / "state"}"\n[policy]\nfile = "policy.toml"\n{extra}'
+    )
+    return config
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "igd.server", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_refuses_to_start_with_the_policy_checkers_message(tmp_path: Path) -> None:
+    bad = (
+        '[defaults]\naction = "allow"\n\n[[rules]]\nname = "x"\naction = "allow"\n'
+        'clients = ["10.0.0.300/8"]\n'
+    )
+    config = write_config(tmp_path, bad)
+    started = run("--config", str(config))
+    checked = run("policy", "check", str(tmp_path / "policy.toml"))
+    assert started.returncode == 2 and checked.returncode == 1
+    line = f"{tmp_path / 'policy.toml'}:7: rules[0].clients"
+    assert line in started.stderr and line in checked.stderr
+    assert "refusing to start" in started.stderr
+    assert not (tmp_path / "state").exists()  # nothing was touched
+
+
+def test_refuses_to_start_with_a_bad_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, GOOD_POLICY, '[nftables]\non_stop = "drop"\ncolour = 1\n')
+    result = run("--config", str(config))
+    assert result.returncode == 2
+    assert 'nftables.on_stop: want "keep" or "flush"' in result.stderr
+    assert "nftables.colour: unknown key" in result.stderr
+
+
+def test_list_without_a_running_daemon(tmp_path: Path, capsys: object) -> None:
+    config = write_config(tmp_path, GOOD_POLICY)
+    assert main(["list", "--config", str(config)]) == 3
+    assert "igd-server is not running" in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
+def test_format_mappings() -> None:
+    rows = [
+        {
+            "protocol": "tcp",
+            "external_port": 8080,
+            "remote_host": "198.51.100.9",
+            "internal_address": "192.168.1.10",
+            "internal_port": 80,
+            "lease_remaining": 42,
+            "mechanism": "natpmp",
+            "client": "192.168.1.10",
+            "description": "web",
+        }
+    ]
+    text = format_mappings(rows).splitlines()
+    assert text[0].split() == [
+        "PROTO",
+        "EXTERNAL",
+        "INTERNAL",
+        "LEASE",
+        "VIA",
+        "CLIENT",
+        "DESCRIPTION",
+    ]
+    assert text[1].split() == [
+        "tcp",
+        "8080",
+        "from",
+        "198.51.100.9",
+        "192.168.1.10:80",
+        "42s",
+        "natpmp",
+        "192.168.1.10",
+        "web",
+    ]
+    assert format_mappings([]) == "no mappings"
