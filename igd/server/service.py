@@ -53,6 +53,8 @@ class Service:
         self._rearm = asyncio.Event()
         self._armed: float | None = None
         self.epoch_start = time.time()
+        self.listeners: list[Callable[[Change], None]] = []
+        """Called with every change once it is committed (eventing, announcements)."""
 
     # -- operations the adapters call -------------------------------------------------------
 
@@ -169,6 +171,11 @@ class Service:
             # two never disagree about what was granted.
             await self.backend.apply(change.added, change.removed, now=now)
             raise BackendError(f"lease store: {error}") from error
+        for listener in self.listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("change listener failed")
 
     async def _commit_or_log(self, change: Change, what: str) -> None:
         try:
