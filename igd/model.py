@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 
 class Protocol(enum.StrEnum):
@@ -54,6 +54,14 @@ class Owner:
     nonce: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class RemoteFilter:
+    """Only traffic from this remote network (and port, 0 = any) may use a mapping (PCP FILTER)."""
+
+    network: IPv4Network
+    port: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Mapping:
     """One granted inbound mapping. Times are monotonic seconds (the caller's clock)."""
@@ -65,6 +73,15 @@ class Mapping:
     created: float
     expires: float
     description: str = ""
+    filters: tuple[RemoteFilter, ...] = ()
+    """Remote peers allowed in; empty admits everyone (RFC 6887 §13.3)."""
+    peer_port: int = 0
+    """Non-zero for an outbound PCP PEER mapping: the remote peer's port; the peer's address
+    is key.remote_host (RFC 6887 §12)."""
+
+    @property
+    def is_peer(self) -> bool:
+        return self.peer_port != 0
 
     @property
     def protocol(self) -> Protocol:
@@ -95,6 +112,8 @@ class MapRequest:
     remote_host: IPv4Address | None = None
     description: str = ""
     nonce: bytes | None = None
+    filters: tuple[RemoteFilter, ...] = ()
+    peer_port: int = 0
     exact_port: bool = False
     """True when the protocol cannot accept another external port (UPnP AddPortMapping,
     PCP PREFER_FAILURE); False lets the gateway pick another allowed port."""

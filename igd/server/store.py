@@ -12,10 +12,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -30,12 +30,14 @@ CREATE TABLE IF NOT EXISTS mappings (
     description TEXT NOT NULL,
     created REAL NOT NULL,
     expires REAL NOT NULL,
+    filters TEXT NOT NULL,
+    peer_port INTEGER NOT NULL,
     PRIMARY KEY (protocol, external_port, remote_host)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
-_UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM mappings WHERE protocol = ? AND external_port = ? AND remote_host = ?"
 
 
@@ -127,12 +129,14 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
         mapping.description,
         clock.to_wall(mapping.created),
         clock.to_wall(mapping.expires),
+        " ".join(f"{f.network}:{f.port}" for f in mapping.filters),
+        mapping.peer_port,
     )
 
 
 def _mapping_of(row: tuple[object, ...], clock: Clock) -> Mapping:
     (protocol, port, remote, internal, internal_port, mechanism, client, nonce,
-     description, created, expires) = row  # fmt: skip
+     description, created, expires, filters, peer_port) = row  # fmt: skip
     return Mapping(
         key=MappingKey(
             Protocol(str(protocol)), int(str(port)), IPv4Address(str(remote)) if remote else None
@@ -147,4 +151,11 @@ def _mapping_of(row: tuple[object, ...], clock: Clock) -> Mapping:
         created=clock.to_mono(float(str(created))),
         expires=clock.to_mono(float(str(expires))),
         description=str(description),
+        filters=tuple(_filter_of(text) for text in str(filters).split()),
+        peer_port=int(str(peer_port)),
     )
+
+
+def _filter_of(text: str) -> RemoteFilter:
+    network, _, port = text.rpartition(":")
+    return RemoteFilter(IPv4Network(network), int(port))

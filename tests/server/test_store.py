@@ -1,15 +1,19 @@
 """The lease store: what is committed comes back after a restart, expired leases do not."""
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
 from igd.server.store import Clock, LeaseStore
 
 CLIENT = IPv4Address("192.168.1.10")
 
 
 def mapping(port: int, expires: float, **kw: object) -> Mapping:
+    filters = (
+        RemoteFilter(IPv4Network("198.51.100.0/24"), 0),
+        RemoteFilter(IPv4Network("192.0.2.7/32"), 443),
+    )
     return Mapping(
         key=MappingKey(Protocol.UDP, port, kw.pop("remote", None)),  # type: ignore[arg-type]
         internal_address=CLIENT,
@@ -18,12 +22,17 @@ def mapping(port: int, expires: float, **kw: object) -> Mapping:
         created=1.0,
         expires=expires,
         description="game server ✓",
+        filters=filters if port % 2 else (),
+        peer_port=int(str(kw.pop("peer_port", 0))),
     )
 
 
 def test_round_trip_across_processes(tmp_path: Path) -> None:
     path = tmp_path / "leases.sqlite"
-    wanted = [mapping(1000, 500.0), mapping(1001, 900.0, remote=IPv4Address("198.51.100.9"))]
+    wanted = [
+        mapping(1000, 500.0),
+        mapping(1001, 900.0, remote=IPv4Address("198.51.100.9"), peer_port=3478),
+    ]
     clock = Clock(wall=10_000.0, mono=0.0)
     store = LeaseStore(path)
     store.apply([], wanted, clock)
@@ -35,6 +44,8 @@ def test_round_trip_across_processes(tmp_path: Path) -> None:
     assert restored[0].expires == 450.0  # 400 s of lease were left, in the new clock
     assert restored[1].owner == wanted[1].owner
     assert restored[1].description == "game server ✓"
+    assert restored[1].filters == wanted[1].filters and restored[0].filters == ()
+    assert restored[1].peer_port == 3478 and restored[1].is_peer
 
 
 def test_expired_leases_are_dropped_on_load(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol as TypingProtocol
 
-from igd.model import Mapping, Protocol
+from igd.model import Mapping, Protocol, RemoteFilter
 
 
 class BackendError(RuntimeError):
@@ -23,6 +23,11 @@ class KernelEntry:
     remote_host: IPv4Address | None
     internal_address: IPv4Address
     internal_port: int
+    filters: tuple[RemoteFilter, ...] = ()
+    """Remote peers allowed in (sorted); empty admits everyone."""
+    peer_port: int = 0
+    """Non-zero for a PCP PEER entry: outbound traffic from the internal endpoint to
+    remote_host:peer_port leaves with external_port (SNAT)."""
 
     @classmethod
     def of(cls, mapping: Mapping) -> KernelEntry:
@@ -33,6 +38,8 @@ class KernelEntry:
             mapping.key.remote_host,
             mapping.internal_address,
             mapping.internal_port,
+            tuple(sorted(mapping.filters)),
+            mapping.peer_port,
         )
 
 
