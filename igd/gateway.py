@@ -78,7 +78,7 @@ class Gateway:
 
     def map(self, request: MapRequest, *, now: float) -> MapResult:
         """Create or renew the mapping a request asks for."""
-        existing = self._own_mapping(request)
+        existing = self.own_mapping(request)
         if isinstance(existing, Refused):
             return self._refuse(request, existing)
         renewal = existing is not None
@@ -102,6 +102,8 @@ class Gateway:
             created=created,
             expires=now + decision.lifetime,
             description=request.description,
+            filters=request.filters,
+            peer_port=request.peer_port,
         )
         previous = self.table.put(mapping)
         change = Change((previous,) if previous else (), (mapping,))
@@ -176,7 +178,7 @@ class Gateway:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _own_mapping(self, request: MapRequest) -> Mapping | Refused | None:
+    def own_mapping(self, request: MapRequest) -> Mapping | Refused | None:
         """The requester's existing mapping this request renews, or what stands in its way."""
         if request.exact_port:
             holder = self.table.get(_key_of(request))
@@ -188,7 +190,10 @@ class Gateway:
         for holder in self.table.by_internal(
             request.internal_address, request.protocol, request.internal_port, request.mechanism
         ):
-            if holder.key.remote_host != request.remote_host:
+            if (holder.key.remote_host, holder.peer_port) != (
+                request.remote_host,
+                request.peer_port,
+            ):
                 continue
             if holder.owner.client != request.client:
                 continue

@@ -21,7 +21,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "state": {"directory": (str, "/var/lib/igd")},
     "policy": {"file": (str, "/etc/igd/policy.toml")},
     "natpmp": {"enabled": (bool, True)},
-    "pcp": {"enabled": (bool, True)},
+    "pcp": {"enabled": (bool, True), "max_filters": (int, 8), "max_description": (int, 128)},
     "upnp": {"enabled": (bool, True), "http_port": (int, 5000)},
     "nftables": {"table": (str, "igd"), "on_stop": (str, "keep")},
     "limits": {
@@ -54,6 +54,8 @@ class Config:
     policy_file: Path
     natpmp_enabled: bool
     pcp_enabled: bool
+    pcp_max_filters: int
+    pcp_max_description: int
     upnp_enabled: bool
     upnp_http_port: int
     nftables_table: str
@@ -124,6 +126,10 @@ class Config:
         port = values["upnp"]["http_port"]
         if not 1 <= port <= 65535:
             problems.append(f"upnp.http_port: {port} is not a port")
+        if not 1 <= values["pcp"]["max_filters"] <= 64:
+            problems.append("pcp.max_filters: want 1 to 64")
+        if not 0 <= values["pcp"]["max_description"] <= 1016:
+            problems.append("pcp.max_description: want 0 to 1016 octets")
         limits = values["limits"]
         if limits["requests_per_second_per_client"] <= 0 or limits["burst_per_client"] < 1:
             problems.append("limits: rates and bursts must be positive")
@@ -143,6 +149,8 @@ class Config:
             policy_file=base / values["policy"]["file"],
             natpmp_enabled=values["natpmp"]["enabled"],
             pcp_enabled=values["pcp"]["enabled"],
+            pcp_max_filters=values["pcp"]["max_filters"],
+            pcp_max_description=values["pcp"]["max_description"],
             upnp_enabled=values["upnp"]["enabled"],
             upnp_http_port=port,
             nftables_table=values["nftables"]["table"],

@@ -19,6 +19,8 @@ from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.interfaces import ExternalAddress, internal_interface
 from igd.server.natpmp import NatPmpHandler
+from igd.server.pcp import Limits as PcpLimits
+from igd.server.pcp import PcpHandler
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import Clock, LeaseStore
@@ -53,11 +55,17 @@ class Daemon:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
         self.gateway = Gateway(self.policy, reserved=frozenset(reserved))
         self.service = Service(self.gateway, self.backend, self.store)
-        handler = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
+        natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
+        pcp = None
+        if config.pcp_enabled:
+            limits = PcpLimits(config.pcp_max_filters, config.pcp_max_description)
+            pcp = PcpHandler(self.service, self.external, limits)
         self.pxp = PxpServer(
             self.interfaces,
-            handler,
+            natpmp,
+            pcp,
             RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
+            self.service.epoch,
         )
         self.control = ControlServer(
             config.control_socket, {"list": self.list_mappings, "status": self.status}
@@ -190,6 +198,7 @@ class Daemon:
                 self.service.reset_epoch()
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
                 self._spawn(self.pxp.announce())
+                self._spawn(self.pxp.send_mapping_updates())
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

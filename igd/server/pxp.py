@@ -8,12 +8,14 @@ import functools
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
-from igd.proto import natpmp
+from igd.proto import natpmp, pcp
+from igd.proto.pcp import PcpResult
 from igd.server.interfaces import InternalInterface, bind_to_device
 from igd.server.natpmp import NatPmpHandler
+from igd.server.pcp import PcpHandler
 
 log = logging.getLogger("igd.pxp")
 
@@ -22,6 +24,7 @@ ANNOUNCE_GROUP = ("224.0.0.1", 5350)
 # RFC 6886 §3.2.1 and RFC 6887 §14.1.3: up to 10 copies, first gap 250 ms, doubling.
 ANNOUNCE_COPIES = 10
 ANNOUNCE_FIRST_GAP = 0.25
+MAPPING_UPDATE_GAPS = (0.25, 0.5)
 # Bounds on what one client, and all clients, can keep the daemon busy with.
 MAX_IN_FLIGHT_PER_CLIENT = 16
 MAX_IN_FLIGHT = 1024
@@ -54,11 +57,15 @@ class PxpServer:
         self,
         interfaces: Sequence[InternalInterface],
         natpmp_handler: NatPmpHandler | None,
+        pcp_handler: PcpHandler | None,
         limiter: RateLimiter,
+        epoch: Callable[[], int],
     ) -> None:
         self.interfaces = interfaces
         self.natpmp = natpmp_handler
+        self.pcp = pcp_handler
         self.limiter = limiter
+        self.epoch = epoch
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[IPv4Address, int] = {}
@@ -122,7 +129,7 @@ class PxpServer:
         interface: InternalInterface,
     ) -> None:
         try:
-            reply = await self._dispatch(data, client)
+            reply = await self._dispatch(data, source)
         except Exception:
             log.exception("unexpected failure answering %s; request dropped", client)
             reply = None
@@ -134,31 +141,67 @@ class PxpServer:
         if reply is not None and transport is not None and not transport.is_closing():
             transport.sendto(reply, source)
 
-    async def _dispatch(self, data: bytes, client: IPv4Address) -> bytes | None:
+    async def _dispatch(self, data: bytes, source: tuple[str, int]) -> bytes | None:
+        if len(data) < 2:
+            return None  # RFC 6887 §8.2; NAT-PMP has no packet this short either
         version = data[0]
         if version == natpmp.VERSION and self.natpmp is not None:
-            return await self.natpmp.handle(data, client)
-        # RFC 6887 §9 / RFC 6886 §3.5: any version we do not serve gets "unsupported version"
-        # naming version 0, the one we speak; a PCP client then falls back to NAT-PMP.
-        if self.natpmp is None:
+            return await self.natpmp.handle(data, IPv4Address(source[0]))
+        if version == pcp.VERSION and self.pcp is not None:
+            return await self.pcp.handle(data, source)
+        # RFC 6887 §9, RFC 6886 §3.5: any other version gets "unsupported version" naming the
+        # closest version served: NAT-PMP's format below 2, PCP's above (App. A: both agree
+        # on the first four octets).
+        if data[1] & natpmp.RESPONSE_BIT:
             return None
-        return natpmp.encode_unsupported_version(self.natpmp.service.epoch())
+        if self.pcp is not None and (version > pcp.VERSION or self.natpmp is None):
+            return pcp.encode_error(
+                data, PcpResult.UNSUPP_VERSION, lifetime=1800, epoch=self.epoch(), parsed=False
+            )
+        if self.natpmp is not None:
+            return natpmp.encode_unsupported_version(self.epoch())
+        return None
 
     async def announce(self) -> None:
-        """Send the restart/address-change announcement 10 times, 250 ms doubling."""
-        if self.natpmp is None:
-            return
+        """Send the restart/address-change announcements 10 times, 250 ms doubling
+        (RFC 6886 §3.2.1, RFC 6887 §14.1.3), each with the current epoch."""
         gap = ANNOUNCE_FIRST_GAP
         for copy in range(ANNOUNCE_COPIES):
-            message = self.natpmp.announcement()
-            if message is None:
-                return
-            for transport in self._transports.values():
-                if not transport.is_closing():
-                    transport.sendto(message, ANNOUNCE_GROUP)
+            messages = []
+            if self.natpmp is not None and (message := self.natpmp.announcement()):
+                messages.append(message)
+            if self.pcp is not None:
+                messages.append(self.pcp.announcement())
+            for message in messages:
+                self._send_all(message, ANNOUNCE_GROUP)
             if copy + 1 < ANNOUNCE_COPIES:
                 await asyncio.sleep(gap)
                 gap *= 2
+
+    async def send_mapping_updates(self) -> None:
+        """RFC 6887 §14.2: tell PCP clients their mappings' new external address, 3 times,
+        250 ms then 500 ms apart."""
+        if self.pcp is None:
+            return
+        for gap in (*MAPPING_UPDATE_GAPS, None):
+            for message, destination in self.pcp.mapping_updates():
+                self._send_to(message, destination)
+            if gap is not None:
+                await asyncio.sleep(gap)
+
+    def _send_all(self, message: bytes, destination: tuple[str, int]) -> None:
+        for transport in self._transports.values():
+            if not transport.is_closing():
+                transport.sendto(message, destination)
+
+    def _send_to(self, message: bytes, destination: tuple[str, int]) -> None:
+        """Unicast through the interface whose networks hold the destination."""
+        address = IPv4Address(destination[0])
+        for interface in self.interfaces:
+            transport = self._transports.get(interface.name)
+            if interface.serves(address) and transport and not transport.is_closing():
+                transport.sendto(message, destination)
+                return
 
 
 class _Receiver(asyncio.DatagramProtocol):

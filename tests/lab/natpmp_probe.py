@@ -7,8 +7,9 @@ import json
 
 from igd.lab import Host, Lab
 from igd.model import Protocol
-from igd.proto import natpmp
+from igd.proto import natpmp, pcp
 from igd.proto.natpmp import NatPmpMapRequest, NatPmpMapResponse, NatPmpResponse
+from igd.proto.pcp import PcpResponse
 
 _EXCHANGE = """
 import socket, sys
@@ -71,11 +72,13 @@ def listen_for_announcements(lab: Lab, host: Host, seconds: float):  # type: ign
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
 
-    def collect() -> list[tuple[str, NatPmpResponse]]:
+    def collect() -> list[tuple[str, NatPmpResponse | PcpResponse]]:
         out, _ = proc.communicate(timeout=seconds + 10)
-        return [
-            (source, natpmp.decode_response(bytes.fromhex(data)))
-            for source, data in json.loads(out)
-        ]
+        seen: list[tuple[str, NatPmpResponse | PcpResponse]] = []
+        for source, data in json.loads(out):
+            wire = bytes.fromhex(data)
+            decode = pcp.decode_response if wire[0] == pcp.VERSION else natpmp.decode_response
+            seen.append((source, decode(wire)))
+        return seen
 
     return collect

@@ -17,6 +17,7 @@ from igd.lab.demo import DemoError, connect, natpmp_map, start_service
 from igd.model import Protocol
 from igd.proto import natpmp
 from igd.proto.natpmp import NatPmpExternalAddressResponse, NatPmpResult
+from igd.proto.pcp import PcpOpcode, PcpResponse
 from igd.server.backends import KernelEntry
 from igd.server.backends.nftables import parse_entries
 from tests.lab.natpmp_probe import exchange, listen_for_announcements, request_map
@@ -194,6 +195,9 @@ def test_announcements_at_start_and_on_address_change(lab: Lab, gateway) -> None
     assert all(source == lab.gateway.address for source, _ in seen)
     assert addresses.count(lab.gateway.external_address) >= 3  # 0, 0.25, 0.75 s ...
     assert "198.51.100.77" in addresses
+    announces = [r for _, r in seen if isinstance(r, PcpResponse)]
+    assert len(announces) == len(addresses)  # a PCP ANNOUNCE beside each NAT-PMP one
+    assert all(r.opcode is PcpOpcode.ANNOUNCE and r.result == 0 for r in announces)
     reply = exchange(lab, lab.lan[0], lab.gateway.address, bytes(2))
     assert reply is not None
     response = natpmp.decode_response(reply)
@@ -212,5 +216,7 @@ def test_malformed_and_unknown_packets_do_not_hurt(lab: Lab, gateway) -> None:  
     version = exchange(lab, lan, target, b"\x01\x00")
     assert version is not None and version[:4] == b"\x00\x80\x00\x01"
     pcp = exchange(lab, lan, target, b"\x02\x01" + bytes(58))
-    assert pcp is not None and pcp[3] == 1  # PCP is answered "use version 0" for now
+    assert pcp is not None and pcp[3] == 12  # PCP: the client address field is not the source
+    future = exchange(lab, lan, target, b"\x03\x01" + bytes(22))
+    assert future is not None and future[:4] == b"\x02\x81\x00\x01"  # UNSUPP_VERSION, use 2
     assert request_map(lab, lan, Protocol.TCP, 8080, 8080, 60).result == 0

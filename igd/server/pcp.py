@@ -1,0 +1,515 @@
+"""PCP (RFC 6887) on top of the gateway core: MAP, PEER and ANNOUNCE with the THIRD_PARTY,
+PREFER_FAILURE, FILTER and DESCRIPTION (RFC 7220) options.
+
+Requests are processed in the RFC 6887 §8.2 order; an error answer is the request copied
+back with the result set (§8.2), and changes nothing (§7.3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+
+from igd.decision import Allow, Reason
+from igd.gateway import Change, Granted, Refused
+from igd.model import Mapping, MapRequest, Mechanism, Protocol, RemoteFilter
+from igd.proto import pcp
+from igd.proto.pcp import (
+    PcpDecodeError,
+    PcpDescription,
+    PcpFilter,
+    PcpMapData,
+    PcpOpcode,
+    PcpOption,
+    PcpPeerData,
+    PcpPreferFailure,
+    PcpRequest,
+    PcpResponse,
+    PcpResult,
+    PcpThirdParty,
+    PcpUnknownOption,
+)
+from igd.server.backends import BackendError
+from igd.server.interfaces import ExternalAddress
+from igd.server.service import Service
+
+log = logging.getLogger("igd.pcp")
+
+# RFC 6887 §7.4: recommended error lifetimes.
+SHORT_ERROR_LIFETIME = 30
+LONG_ERROR_LIFETIME = 1800
+SHORT_ERRORS = frozenset(
+    {PcpResult.NETWORK_FAILURE, PcpResult.NO_RESOURCES, PcpResult.USER_EX_QUOTA,
+     PcpResult.CANNOT_PROVIDE_EXTERNAL}
+)  # fmt: skip
+
+RESULT_FOR: dict[Reason, PcpResult] = {
+    Reason.POLICY_DENIED: PcpResult.NOT_AUTHORIZED,
+    Reason.THIRD_PARTY_DENIED: PcpResult.UNSUPP_OPTION,  # RFC 6887 §13.1
+    Reason.CLIENT_QUOTA: PcpResult.USER_EX_QUOTA,
+    Reason.GATEWAY_QUOTA: PcpResult.NO_RESOURCES,
+    Reason.PORT_IN_USE: PcpResult.CANNOT_PROVIDE_EXTERNAL,
+    Reason.NO_FREE_PORT: PcpResult.NO_RESOURCES,
+    Reason.RESERVED_PORT: PcpResult.CANNOT_PROVIDE_EXTERNAL,
+    Reason.NOT_OWNER: PcpResult.NOT_AUTHORIZED,
+    Reason.NO_EXTERNAL_ADDRESS: PcpResult.NETWORK_FAILURE,
+    Reason.BACKEND_FAILURE: PcpResult.NO_RESOURCES,
+}
+
+# Options that may appear once per request (RFC 6887 §13, RFC 7220 §2).
+_ONCE = (PcpThirdParty, PcpPreferFailure, PcpDescription)
+_VALID_FOR = {
+    PcpOpcode.ANNOUNCE: (),
+    PcpOpcode.MAP: (PcpThirdParty, PcpPreferFailure, PcpFilter, PcpDescription),
+    PcpOpcode.PEER: (PcpThirdParty, PcpDescription),
+}
+_PROTOCOLS = {6: Protocol.TCP, 17: Protocol.UDP}
+
+
+class PcpError(Exception):
+    """A request refused with a PCP result; the request is answered as a copy (§8.2)."""
+
+    def __init__(self, result: PcpResult, why: str, lifetime: int | None = None) -> None:
+        super().__init__(why)
+        self.result = result
+        self.lifetime = lifetime
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """PCP-specific limits from the configuration."""
+
+    max_filters: int = 8
+    """FILTER options kept per mapping; more get EXCESSIVE_REMOTE_PEERS (§13.3)."""
+    max_description: int = 128
+    """Octets of DESCRIPTION stored and echoed (RFC 7220 §3 asks for at least 128)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    third_party: IPv4Address | None = None
+    prefer_failure: bool = False
+    filters: tuple[PcpFilter, ...] = ()
+    description: str | None = None
+    processed: tuple[PcpOption, ...] = ()
+
+
+class PcpHandler:
+    """Answers PCP requests from LAN clients."""
+
+    def __init__(
+        self, service: Service, external: ExternalAddress, limits: Limits = Limits()
+    ) -> None:
+        self.service = service
+        self.external = external
+        self.limits = limits
+        self.endpoints: dict[tuple[IPv4Address, int, Protocol, int, int], tuple[str, int]] = {}
+        """Where each PCP mapping's client last asked from, for Mapping Update (§14.2);
+        one entry per live PCP mapping, dropped when the mapping goes."""
+        service.listeners.append(self._forget)
+
+    async def handle(self, data: bytes, source: tuple[str, int]) -> bytes | None:
+        """The reply to one datagram, or None to stay silent."""
+        client = IPv4Address(source[0])
+        try:
+            request = pcp.decode_request(data)
+        except PcpDecodeError as error:
+            if error.result is None:
+                return None
+            log.info("PCP from %s: %s -> %s", client, error, error.result.name)
+            return self._error(data, error.result, None, parsed=False)
+        try:
+            if pcp.unmapped(request.client_address) != client:
+                # RFC 6887 §8.2: the client's address field must be the packet's source.
+                raise PcpError(PcpResult.ADDRESS_MISMATCH, f"{request.client_address} claimed")
+            options = self._options(request, client)
+            response = await self._dispatch(request, options, client, source)
+        except PcpError as error:
+            log.info(
+                "PCP %s from %s refused: %s (%s)",
+                request.opcode.name,
+                client,
+                error,
+                error.result.name,
+            )
+            return self._error(data, error.result, error.lifetime, parsed=True)
+        return pcp.encode_response(response)
+
+    # -- opcodes --------------------------------------------------------------------------
+
+    async def _dispatch(
+        self, request: PcpRequest, options: _Options, client: IPv4Address, source: tuple[str, int]
+    ) -> PcpResponse:
+        if request.opcode is PcpOpcode.ANNOUNCE:
+            # RFC 6887 §14.1.1: answered with SUCCESS and lifetime 0.
+            return PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, self.service.epoch())
+        data = request.data
+        assert isinstance(data, PcpMapData | PcpPeerData)
+        if self.external.current is None:
+            raise PcpError(PcpResult.NETWORK_FAILURE, "no usable external address")
+        if isinstance(data, PcpPeerData):
+            return await self._peer(request, data, options, client, source)
+        return await self._map(request, data, options, client, source)
+
+    async def _map(
+        self,
+        request: PcpRequest,
+        data: PcpMapData,
+        options: _Options,
+        client: IPv4Address,
+        source: tuple[str, int],
+    ) -> PcpResponse:
+        protocol = _protocol(data.protocol, data.internal_port)
+        internal = options.third_party or client
+        if request.lifetime == 0:
+            if options.filters:
+                raise PcpError(PcpResult.MALFORMED_OPTION, "FILTER with lifetime 0 (§13.3)")
+            if options.prefer_failure:
+                raise PcpError(PcpResult.MALFORMED_OPTION, "PREFER_FAILURE with lifetime 0")
+            return await self._delete(request, data, options, client, protocol, internal)
+        if options.prefer_failure and data.external_port == 0:
+            raise PcpError(PcpResult.MALFORMED_OPTION, "PREFER_FAILURE without a port (§13.2)")
+        ask = MapRequest(
+            mechanism=Mechanism.PCP,
+            client=client,
+            protocol=protocol,
+            internal_address=internal,
+            internal_port=data.internal_port,
+            external_port=data.external_port,
+            lifetime=request.lifetime,
+            nonce=data.nonce,
+            exact_port=options.prefer_failure,
+        )
+        existing = self._existing(ask)
+        ask = replace(
+            ask,
+            description=self._description(options, existing),
+            filters=self._filters(options, existing),
+        )
+        mapping, granted = await self._grant(ask)
+        self._remember(mapping, source)
+        return PcpResponse(
+            PcpOpcode.MAP,
+            PcpResult.SUCCESS,
+            granted,
+            self.service.epoch(),
+            replace(data, external_port=mapping.external_port, external_address=self._external()),
+            self._echo(options, mapping),
+        )
+
+    async def _peer(
+        self,
+        request: PcpRequest,
+        data: PcpPeerData,
+        options: _Options,
+        client: IPv4Address,
+        source: tuple[str, int],
+    ) -> PcpResponse:
+        # RFC 6887 §12.1: protocol, internal port and remote port must not be 0.
+        if data.protocol == 0 or data.internal_port == 0 or data.remote_port == 0:
+            raise PcpError(PcpResult.MALFORMED_REQUEST, "PEER with a zero protocol or port")
+        protocol = _protocol(data.protocol, data.internal_port)
+        remote = pcp.unmapped(data.remote_address)
+        if remote is None or not _valid_peer(remote):
+            raise PcpError(
+                PcpResult.MALFORMED_REQUEST, f"invalid remote peer {data.remote_address}"
+            )
+        ask = MapRequest(
+            mechanism=Mechanism.PCP,
+            client=client,
+            protocol=protocol,
+            internal_address=options.third_party or client,
+            internal_port=data.internal_port,
+            external_port=data.external_port,
+            lifetime=request.lifetime,
+            remote_host=remote,
+            nonce=data.nonce,
+            peer_port=data.remote_port,
+            # §12.3: a suggestion that cannot be honoured fails a new PEER mapping.
+            exact_port=data.external_port != 0,
+        )
+        existing = self._existing(ask)
+        if existing is not None:
+            # PEER can extend a mapping but never shorten or delete it (§12.3, §15).
+            ask = replace(
+                ask, lifetime=max(request.lifetime, existing.remaining(self.service.now()))
+            )
+        elif request.lifetime == 0:
+            return PcpResponse(PcpOpcode.PEER, PcpResult.SUCCESS, 0, self.service.epoch(), data)
+        ask = replace(ask, description=self._description(options, existing))
+        mapping, granted = await self._grant(ask)
+        self._remember(mapping, source)
+        return PcpResponse(
+            PcpOpcode.PEER,
+            PcpResult.SUCCESS,
+            granted,
+            self.service.epoch(),
+            replace(data, external_port=mapping.external_port, external_address=self._external()),
+            self._echo(options, mapping),
+        )
+
+    async def _delete(
+        self,
+        request: PcpRequest,
+        data: PcpMapData,
+        options: _Options,
+        client: IPv4Address,
+        protocol: Protocol,
+        internal: IPv4Address,
+    ) -> PcpResponse:
+        doomed = [
+            m
+            for m in self.service.gateway.table.by_internal(
+                internal, protocol, data.internal_port, Mechanism.PCP
+            )
+            if m.owner.client == client and not m.is_peer
+        ]
+        for mapping in doomed:
+            if mapping.owner.nonce != data.nonce:
+                raise PcpError(
+                    PcpResult.NOT_AUTHORIZED,
+                    "nonce does not match the mapping's",
+                    mapping.remaining(self.service.now()),
+                )
+        try:
+            await self.service.remove(doomed, why=f"deleted by {client} over PCP")
+        except BackendError as error:
+            raise PcpError(PcpResult.NO_RESOURCES, str(error)) from None
+        # RFC 6887 §15.1: deleting what does not exist succeeds, so retransmits are safe.
+        return PcpResponse(
+            PcpOpcode.MAP, PcpResult.SUCCESS, 0, self.service.epoch(), data, options.processed
+        )
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _grant(self, ask: MapRequest) -> tuple[Mapping, int]:
+        result = await self.service.map(ask)
+        if isinstance(result, Granted):
+            return result.mapping, result.decision.lifetime
+        raise self._refusal(ask, result)
+
+    def _refusal(self, ask: MapRequest, refused: Refused) -> PcpError:
+        reason = refused.deny.reason
+        result = RESULT_FOR[reason]
+        lifetime = None
+        if refused.existing is not None:
+            lifetime = refused.existing.remaining(self.service.now())
+        if reason is Reason.POLICY_DENIED and ask.exact_port:
+            # Denied only because of the exact port? Then PREFER_FAILURE's answer applies
+            # (§13.2): the client may retry without it.
+            loose = self.service.gateway.policy.evaluate(
+                replace(ask, exact_port=False), self.service.gateway.table, now=self.service.now()
+            )
+            if isinstance(loose, Allow):
+                result = PcpResult.CANNOT_PROVIDE_EXTERNAL
+        return PcpError(result, f"{reason}: {refused.deny.detail}", lifetime)
+
+    def _existing(self, ask: MapRequest) -> Mapping | None:
+        found = self.service.gateway.own_mapping(replace(ask, exact_port=False))
+        if isinstance(found, Refused):
+            assert found.existing is not None
+            raise PcpError(
+                PcpResult.NOT_AUTHORIZED,
+                "nonce does not match the mapping's",
+                found.existing.remaining(self.service.now()),
+            )
+        return found
+
+    def _options(self, request: PcpRequest, client: IPv4Address) -> _Options:
+        """Check options in order of appearance (RFC 6887 §7.3)."""
+        seen: set[type] = set()
+        third_party = None
+        prefer_failure = False
+        filters: list[PcpFilter] = []
+        description = None
+        processed: list[PcpOption] = []
+        for option in request.options:
+            if isinstance(option, PcpUnknownOption):
+                if option.mandatory:
+                    raise PcpError(PcpResult.UNSUPP_OPTION, f"unsupported option {option.code}")
+                continue  # optional and not understood: ignored, not echoed
+            if isinstance(option, _ONCE):
+                if type(option) in seen:
+                    raise PcpError(PcpResult.MALFORMED_OPTION, f"{type(option).__name__} twice")
+                seen.add(type(option))
+            if not isinstance(option, _VALID_FOR[request.opcode]):
+                if request.opcode is PcpOpcode.PEER and isinstance(option, PcpPreferFailure):
+                    raise PcpError(PcpResult.MALFORMED_REQUEST, "PEER with PREFER_FAILURE (§12.1)")
+                if isinstance(option, PcpDescription):
+                    continue  # optional: ignored
+                raise PcpError(
+                    PcpResult.UNSUPP_OPTION, f"{type(option).__name__} with {request.opcode.name}"
+                )
+            if isinstance(option, PcpThirdParty):
+                address = pcp.unmapped(option.address)
+                if address is None:
+                    raise PcpError(PcpResult.UNSUPP_OPTION, "THIRD_PARTY for an IPv6 address")
+                if address == client:
+                    raise PcpError(PcpResult.MALFORMED_REQUEST, "THIRD_PARTY names the sender")
+                third_party = address
+            elif isinstance(option, PcpPreferFailure):
+                prefer_failure = True
+            elif isinstance(option, PcpFilter):
+                _check_filter(option)
+                filters.append(option)
+            elif isinstance(option, PcpDescription):
+                text = _truncate(option.text, self.limits.max_description)
+                description = text
+                option = PcpDescription(text)
+            processed.append(option)
+        return _Options(third_party, prefer_failure, tuple(filters), description, tuple(processed))
+
+    def _filters(self, options: _Options, existing: Mapping | None) -> tuple[RemoteFilter, ...]:
+        """New FILTERs add to the mapping's; prefix length 0 removes them all (§13.3)."""
+        kept = list(existing.filters) if existing is not None else []
+        for option in options.filters:
+            if option.prefix_length == 0:
+                kept = []
+                continue
+            wanted = _remote_filter(option)
+            if wanted not in kept:
+                kept.append(wanted)
+        if len(kept) > self.limits.max_filters:
+            raise PcpError(
+                PcpResult.EXCESSIVE_REMOTE_PEERS,
+                f"{len(kept)} filters, at most {self.limits.max_filters}",
+            )
+        return tuple(kept)
+
+    def _description(self, options: _Options, existing: Mapping | None) -> str:
+        if options.description is not None:
+            return options.description  # RFC 7220 §3: a new one replaces, "" clears
+        return existing.description if existing is not None else ""
+
+    def _echo(self, options: _Options, mapping: Mapping) -> tuple[PcpOption, ...]:
+        """Only processed options go back (§7.3); DESCRIPTION as stored (RFC 7220 §3)."""
+        return tuple(
+            PcpDescription(mapping.description) if isinstance(o, PcpDescription) else o
+            for o in options.processed
+        )
+
+    def _external(self) -> IPv6Address:
+        address = self.external.current
+        assert address is not None
+        return pcp.mapped(address)
+
+    def _error(
+        self, data: bytes, result: PcpResult, lifetime: int | None, *, parsed: bool
+    ) -> bytes:
+        if lifetime is None:
+            lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
+        return pcp.encode_error(
+            data, result, lifetime=lifetime, epoch=self.service.epoch(), parsed=parsed
+        )
+
+    def _remember(self, mapping: Mapping, source: tuple[str, int]) -> None:
+        self.endpoints[_endpoint_key(mapping)] = source
+
+    def _forget(self, change: Change) -> None:
+        added = {_endpoint_key(m) for m in change.added}
+        for mapping in change.removed:
+            key = _endpoint_key(mapping)
+            if key not in added:
+                self.endpoints.pop(key, None)
+
+    # -- announcements and Mapping Update ---------------------------------------------------
+
+    def announcement(self) -> bytes:
+        """The unsolicited ANNOUNCE response sent after a restart (§14.1.3)."""
+        return pcp.encode_response(
+            PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, self.service.epoch())
+        )
+
+    def mapping_updates(self) -> list[tuple[bytes, tuple[str, int]]]:
+        """Unsolicited responses telling each PCP client its mappings' new external address
+        (§14.2), with where to send them."""
+        address = self.external.current
+        if address is None:
+            return []
+        now = self.service.now()
+        updates = []
+        for mapping in self.service.gateway.table:
+            destination = self.endpoints.get(_endpoint_key(mapping))
+            if mapping.owner.mechanism is not Mechanism.PCP or destination is None:
+                continue
+            updates.append((self._update_for(mapping, address, now), destination))
+        return updates
+
+    def _update_for(self, mapping: Mapping, address: IPv4Address, now: float) -> bytes:
+        nonce = mapping.owner.nonce or bytes(pcp.NONCE_SIZE)
+        base = PcpMapData(
+            nonce, mapping.protocol.number, mapping.internal_port, mapping.external_port,
+            pcp.mapped(address),
+        )  # fmt: skip
+        options: list[PcpOption] = []
+        if mapping.internal_address != mapping.owner.client:
+            options.append(PcpThirdParty(pcp.mapped(mapping.internal_address)))
+        data: pcp.PcpOpcodeData = base
+        opcode = PcpOpcode.MAP
+        if mapping.is_peer and mapping.key.remote_host is not None:
+            opcode = PcpOpcode.PEER
+            data = PcpPeerData(
+                nonce, base.protocol, base.internal_port, base.external_port,
+                base.external_address, mapping.peer_port, pcp.mapped(mapping.key.remote_host),
+            )  # fmt: skip
+        else:
+            options += [
+                PcpFilter(96 + f.network.prefixlen, f.port, pcp.mapped(f.network.network_address))
+                for f in mapping.filters
+            ]
+        response = PcpResponse(
+            opcode, PcpResult.SUCCESS, mapping.remaining(now), self.service.epoch(), data,
+            tuple(options),
+        )  # fmt: skip
+        return pcp.encode_response(response)
+
+
+def _protocol(number: int, internal_port: int) -> Protocol:
+    """The mapping's protocol; §11.3's rules for protocol 0 and port 0."""
+    if number == 0:
+        if internal_port != 0:
+            raise PcpError(PcpResult.MALFORMED_REQUEST, "protocol 0 with a port (§11.3)")
+        raise PcpError(PcpResult.UNSUPP_PROTOCOL, "all-protocol mappings are not offered")
+    protocol = _PROTOCOLS.get(number)
+    if protocol is None:
+        raise PcpError(PcpResult.UNSUPP_PROTOCOL, f"protocol {number} is not offered")
+    if internal_port == 0:
+        raise PcpError(PcpResult.UNSUPP_PROTOCOL, "all-ports mappings are not offered")
+    return protocol
+
+
+def _check_filter(option: PcpFilter) -> None:
+    if option.prefix_length == 0:
+        return
+    address = pcp.unmapped(option.remote_address)
+    # An IPv4 filter is IPv4-mapped, so its prefix counts the 96 mapped bits (§13.3).
+    if address is None or not 96 < option.prefix_length <= 128:
+        raise PcpError(PcpResult.MALFORMED_OPTION, f"bad FILTER prefix {option.prefix_length}")
+
+
+def _remote_filter(option: PcpFilter) -> RemoteFilter:
+    address = pcp.unmapped(option.remote_address)
+    assert address is not None
+    network = IPv4Network((address, option.prefix_length - 96), strict=False)
+    return RemoteFilter(network, option.remote_port)
+
+
+def _valid_peer(address: IPv4Address) -> bool:
+    """§12.3: peers no outbound connection could reach are refused."""
+    return not (
+        address.is_unspecified or address.is_loopback or address.is_multicast
+        or address.is_reserved or address == IPv4Address("255.255.255.255")
+    )  # fmt: skip
+
+
+def _truncate(text: str, limit: int) -> str:
+    """At most `limit` octets of UTF-8, cut on a character boundary."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def _endpoint_key(mapping: Mapping) -> tuple[IPv4Address, int, Protocol, int, int]:
+    return (
+        mapping.internal_address, mapping.internal_port, mapping.protocol,
+        int(mapping.key.remote_host or 0), mapping.peer_port,
+    )  # fmt: skip
