@@ -20,7 +20,7 @@ from igd.proto.natpmp import NatPmpExternalAddressResponse, NatPmpResult
 from igd.proto.pcp import PcpOpcode, PcpResponse
 from igd.server.backends import KernelEntry
 from igd.server.backends.nftables import parse_entries
-from tests.lab.natpmp_probe import exchange, listen_for_announcements, request_map
+from tests.lab.probe import exchange, listen_for_announcements, request_map
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"address_poll_interval": 0.5}

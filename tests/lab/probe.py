@@ -1,4 +1,4 @@
-"""Raw NAT-PMP exchanges from a lab host, for checks natpmpc cannot make (exact result
+"""Raw NAT-PMP and PCP exchanges from a lab host, for checks real clients cannot make (exact
 codes, silence, announcements)."""
 
 from __future__ import annotations
@@ -82,3 +82,47 @@ def listen_for_announcements(lab: Lab, host: Host, seconds: float):  # type: ign
         return seen
 
     return collect
+
+
+_SESSION = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0))
+target = (sys.argv[1], 5351)
+replies = []
+for request in sys.argv[3:]:
+    s.sendto(bytes.fromhex(request), target)
+    s.settimeout(2)
+    replies.append(s.recvfrom(2048)[0].hex())
+print(json.dumps(replies), flush=True)
+end = time.monotonic() + float(sys.argv[2])
+later = []
+while (left := end - time.monotonic()) > 0:
+    s.settimeout(left)
+    try:
+        later.append(s.recvfrom(2048)[0].hex())
+    except socket.timeout:
+        break
+print(json.dumps(later), flush=True)
+"""
+
+
+class Session:
+    """PCP requests sent from one socket of a lab host, which then keeps listening for
+    unsolicited responses (Mapping Update) for a while."""
+
+    def __init__(self, lab: Lab, host: Host, requests: list[bytes], listen: float) -> None:
+        import subprocess
+
+        argv = ["-c", _SESSION, lab.gateway.address, str(listen), *(r.hex() for r in requests)]
+        self._proc = lab.python_popen(host, argv, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        assert line, "the PCP session got no answer"
+        self.replies = [pcp.decode_response(bytes.fromhex(h)) for h in json.loads(line)]
+        self._listen = listen
+
+    def later(self) -> list[PcpResponse]:
+        """What arrived unsolicited after the replies."""
+        out, _ = self._proc.communicate(timeout=self._listen + 10)
+        return [pcp.decode_response(bytes.fromhex(h)) for h in json.loads(out)]
