@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address
 from typing import TypeVar
 
@@ -25,6 +25,9 @@ from igd.model import Mapping, MappingKey, Mechanism, Protocol
 
 InternalEndpoint = tuple[IPv4Address, Protocol, int]
 _Slot = TypeVar("_Slot")
+# Most endpoints and ports have exactly one mapping: such an index slot holds the key itself,
+# and becomes a set only when a second key arrives (half the memory, and faster loads).
+_Keys = MappingKey | set[MappingKey]
 
 
 class MappingTable:
@@ -34,9 +37,9 @@ class MappingTable:
         self._by_key: dict[MappingKey, Mapping] = {}
         self._order: list[MappingKey] = []
         self._position: dict[MappingKey, int] = {}
-        self._by_internal: dict[InternalEndpoint, set[MappingKey]] = {}
+        self._by_internal: dict[InternalEndpoint, _Keys] = {}
         self._by_client: dict[IPv4Address, set[MappingKey]] = {}
-        self._port_users: dict[tuple[Protocol, int], set[MappingKey]] = {}
+        self._port_users: dict[tuple[Protocol, int], _Keys] = {}
         self._deadlines: list[tuple[float, int, MappingKey]] = []
         self._sequence = itertools.count()
 
@@ -69,7 +72,7 @@ class MappingTable:
         mechanism: Mechanism | None = None,
     ) -> list[Mapping]:
         """Mappings that forward to this internal endpoint (optionally of one mechanism)."""
-        keys = self._by_internal.get((address, protocol, port), ())
+        keys = _iter(self._by_internal.get((address, protocol, port)))
         found = [self._by_key[k] for k in keys]
         if mechanism is not None:
             found = [m for m in found if m.owner.mechanism is mechanism]
@@ -85,7 +88,7 @@ class MappingTable:
 
     def port_users(self, protocol: Protocol, port: int) -> list[Mapping]:
         """Mappings on this external port, for any remote host."""
-        return [self._by_key[k] for k in self._port_users.get((protocol, port), ())]
+        return [self._by_key[k] for k in _iter(self._port_users.get((protocol, port)))]
 
     def port_in_use(self, protocol: Protocol, port: int) -> bool:
         """Whether any mapping holds this external port."""
@@ -112,7 +115,7 @@ class MappingTable:
         else:
             self._position[key] = len(self._order)
             self._order.append(key)
-            self._port_users.setdefault((key.protocol, key.external_port), set()).add(key)
+            _add(self._port_users, (key.protocol, key.external_port), key)
         self._by_key[key] = mapping
         self._index(mapping)
         heapq.heappush(self._deadlines, (mapping.expires, next(self._sequence), key))
@@ -130,11 +133,7 @@ class MappingTable:
         if last != key:
             self._order[position] = last
             self._position[last] = position
-        port = (key.protocol, key.external_port)
-        users = self._port_users[port]
-        users.discard(key)
-        if not users:
-            del self._port_users[port]
+        _drop(self._port_users, (key.protocol, key.external_port), key)
         # The heap entry is left behind and discarded lazily.
         return mapping
 
@@ -158,13 +157,16 @@ class MappingTable:
 
     def _index(self, mapping: Mapping) -> None:
         endpoint = (mapping.internal_address, mapping.protocol, mapping.internal_port)
-        self._by_internal.setdefault(endpoint, set()).add(mapping.key)
+        _add(self._by_internal, endpoint, mapping.key)
         self._by_client.setdefault(mapping.owner.client, set()).add(mapping.key)
 
     def _unindex(self, mapping: Mapping) -> None:
         endpoint = (mapping.internal_address, mapping.protocol, mapping.internal_port)
-        _discard(self._by_internal, endpoint, mapping.key)
-        _discard(self._by_client, mapping.owner.client, mapping.key)
+        _drop(self._by_internal, endpoint, mapping.key)
+        keys = self._by_client[mapping.owner.client]
+        keys.discard(mapping.key)
+        if not keys:
+            del self._by_client[mapping.owner.client]
 
     def _compact_heap(self) -> None:
         # Renewals leave stale heap entries; rebuild once they outnumber live ones, so the
@@ -176,9 +178,27 @@ class MappingTable:
             heapq.heapify(self._deadlines)
 
 
-def _discard(index: dict[_Slot, set[MappingKey]], slot: _Slot, key: MappingKey) -> None:
-    keys = index.get(slot)
-    if keys is not None:
-        keys.discard(key)
-        if not keys:
-            del index[slot]
+def _iter(slot: _Keys | None) -> Iterable[MappingKey]:
+    if slot is None:
+        return ()
+    return slot if isinstance(slot, set) else (slot,)
+
+
+def _add(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> None:
+    held = index.get(slot)
+    if held is None:
+        index[slot] = key
+    elif isinstance(held, set):
+        held.add(key)
+    elif held != key:
+        index[slot] = {held, key}
+
+
+def _drop(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> None:
+    held = index.get(slot)
+    if held == key:
+        del index[slot]
+    elif isinstance(held, set):
+        held.discard(key)
+        if len(held) == 1:
+            index[slot] = next(iter(held))

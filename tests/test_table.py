@@ -1,6 +1,7 @@
 """The mapping table: indexes, listing positions, expiry from the deadline heap."""
 
 import random
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
@@ -90,3 +91,22 @@ def test_heap_stays_bounded_under_many_renewals() -> None:
         table.put(mapping(1, expires=float(i)))
     assert len(table._deadlines) <= 2 * len(table) + 65
     assert table.next_deadline() == 9999.0
+
+
+def test_shared_ports_and_endpoints_survive_removals() -> None:
+    table = MappingTable()
+    wildcard = mapping(5000, internal_port=80)
+    remote = replace(wildcard, key=MappingKey(Protocol.TCP, 5000, B))
+    other_port = mapping(6000, internal_port=80)
+    for m in (wildcard, remote, other_port):
+        table.put(m)
+    assert set(table.port_users(Protocol.TCP, 5000)) == {wildcard, remote}
+    assert len(table.by_internal(A, Protocol.TCP, 80)) == 3
+    table.remove(wildcard.key)
+    assert table.port_users(Protocol.TCP, 5000) == [remote]
+    assert set(table.by_internal(A, Protocol.TCP, 80)) == {remote, other_port}
+    table.remove(remote.key)
+    assert not table.port_in_use(Protocol.TCP, 5000)
+    assert table.by_internal(A, Protocol.TCP, 80) == [other_port]
+    table.remove(other_port.key)
+    assert table.by_internal(A, Protocol.TCP, 80) == [] and table.count_for_client(A) == 0

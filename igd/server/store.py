@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
 
@@ -73,7 +74,8 @@ class LeaseStore:
         with self._transaction():
             self._db.execute("DELETE FROM mappings WHERE expires <= ?", (wall_now,))
         rows = self._db.execute("SELECT * FROM mappings ORDER BY created").fetchall()
-        return [_mapping_of(row, clock) for row in rows]
+        loader = _Loader(clock)
+        return [loader.mapping(row) for row in rows]
 
     def apply(self, removed: Iterable[Mapping], added: Iterable[Mapping], clock: Clock) -> None:
         """Persist one change atomically: delete removed keys, then write added mappings."""
@@ -134,26 +136,40 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
     )
 
 
-def _mapping_of(row: tuple[object, ...], clock: Clock) -> Mapping:
-    (protocol, port, remote, internal, internal_port, mechanism, client, nonce,
-     description, created, expires, filters, peer_port) = row  # fmt: skip
-    return Mapping(
-        key=MappingKey(
-            Protocol(str(protocol)), int(str(port)), IPv4Address(str(remote)) if remote else None
-        ),
-        internal_address=IPv4Address(str(internal)),
-        internal_port=int(str(internal_port)),
-        owner=Owner(
-            Mechanism(str(mechanism)),
-            IPv4Address(str(client)),
-            bytes(nonce) if isinstance(nonce, bytes | bytearray) else None,
-        ),
-        created=clock.to_mono(float(str(created))),
-        expires=clock.to_mono(float(str(expires))),
-        description=str(description),
-        filters=tuple(_filter_of(text) for text in str(filters).split()),
-        peer_port=int(str(peer_port)),
-    )
+class _Loader:
+    """Builds mappings from rows, sharing one object per distinct address and owner: a
+    restore of 50,000 leases from a few hundred clients then costs far less time and memory."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.addresses: dict[str, IPv4Address] = {}
+        self.owners: dict[tuple[str, str, bytes | None], Owner] = {}
+
+    def address(self, text: str) -> IPv4Address:
+        found = self.addresses.get(text)
+        if found is None:
+            found = self.addresses[text] = IPv4Address(text)
+        return found
+
+    def mapping(self, row: tuple[Any, ...]) -> Mapping:
+        (protocol, port, remote, internal, internal_port, mechanism, client, nonce,
+         description, created, expires, filters, peer_port) = row  # fmt: skip
+        owner_key = (mechanism, client, nonce)
+        owner = self.owners.get(owner_key)
+        if owner is None:
+            owner = Owner(Mechanism(mechanism), self.address(client), nonce)
+            self.owners[owner_key] = owner
+        return Mapping(
+            key=MappingKey(Protocol(protocol), port, self.address(remote) if remote else None),
+            internal_address=self.address(internal),
+            internal_port=internal_port,
+            owner=owner,
+            created=self.clock.to_mono(created),
+            expires=self.clock.to_mono(expires),
+            description=description,
+            filters=tuple(_filter_of(text) for text in filters.split()) if filters else (),
+            peer_port=peer_port,
+        )
 
 
 def _filter_of(text: str) -> RemoteFilter:
