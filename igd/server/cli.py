@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,10 +53,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    listener = _log_in_background(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _serve(args)
+    finally:
+        listener.stop()
+
+
+def _log_in_background(level: int) -> logging.handlers.QueueListener:
+    """Format and write log lines on a thread of their own: every request is logged, and
+    the event loop then only queues a record (the writing overlaps kernel calls)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.addHandler(logging.handlers.QueueHandler(records))
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    return listener
+
+
+def _serve(args: argparse.Namespace) -> int:
     from igd.server.daemon import Daemon
 
     try:

@@ -1,9 +1,11 @@
 """Runs the gateway core against real effects: commits each change to the backend and the
 lease store before anyone hears of it, and expires leases on one timer.
 
-Changes are committed by one task, in order. When several are waiting they are merged
-into one kernel transaction and one store transaction; if that fails, each is retried on
-its own so only the failing requests are refused (and rolled back in the table).
+Changes are committed strictly in order. A change made while nothing else is being
+committed goes straight in; changes that arrive meanwhile wait for the committer task,
+which merges them into one kernel transaction and one store transaction; if that fails,
+each is retried on its own so only the failing requests are refused (and rolled back in
+the table).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -49,7 +52,9 @@ class Service:
         self.backend = backend
         self.store = store
         self.now = clock
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._waiting: deque[_Pending] = deque()
+        self._busy = False
+        self._wake = asyncio.Event()
         self._rearm = asyncio.Event()
         self._armed: float | None = None
         self.epoch_start = time.time()
@@ -109,27 +114,37 @@ class Service:
     # -- background tasks --------------------------------------------------------------------
 
     async def run_committer(self) -> None:
-        """Commit queued changes in order, merging what is waiting into one transaction."""
+        """Commit what queued up while another commit was under way, in order, merging up to
+        MAX_BATCH waiting changes into one transaction."""
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._apply(merge(p.change for p in batch))
-            except BackendError as error:
-                if len(batch) == 1:
-                    _settle(batch[0], error)
-                    continue
-                for pending in batch:
-                    try:
-                        await self._apply(pending.change)
-                    except BackendError as single:
-                        _settle(pending, single)
-                    else:
-                        _settle(pending, None)
-            else:
-                for pending in batch:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting and not self._busy:
+                batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
+                self._busy = True
+                try:
+                    await self._apply_batch(batch)
+                finally:
+                    self._busy = False
+
+    async def _apply_batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self._apply(merge(p.change for p in batch))
+        except BackendError as error:
+            if len(batch) == 1:
+                _settle(batch[0], error)
+                return
+            # Retry each alone, so only the failing requests are refused.
+            for pending in batch:
+                try:
+                    await self._apply(pending.change)
+                except BackendError as single:
+                    _settle(pending, single)
+                else:
                     _settle(pending, None)
+        else:
+            for pending in batch:
+                _settle(pending, None)
 
     async def run_expiry(self) -> None:
         """Remove mappings as their leases end, sleeping until the next deadline."""
@@ -148,9 +163,23 @@ class Service:
     # -- internals -----------------------------------------------------------------------------
 
     async def commit(self, change: Change) -> None:
-        """Queue a change for the committer and wait until it is in kernel and store."""
+        """Put a change into the kernel and the store; return once both hold it.
+
+        With nothing else under way it is applied at once by the caller; otherwise it waits
+        for the committer, so changes always reach the kernel in the order they were made.
+        """
+        if not self._busy and not self._waiting:
+            self._busy = True
+            try:
+                await self._apply(change)
+            finally:
+                self._busy = False
+                if self._waiting:
+                    self._wake.set()
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(change, done))
+        self._waiting.append(_Pending(change, done))
+        self._wake.set()
         await done
 
     async def _apply(self, change: Change) -> None:

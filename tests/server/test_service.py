@@ -1,6 +1,7 @@
 """The commit pipeline and expiry timer, with the memory backend and a controlled clock."""
 
 import asyncio
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -45,21 +46,42 @@ async def test_concurrent_requests_share_transactions(tmp_path: Path) -> None:
     assert backend.transactions < 50
 
 
-async def test_failed_batch_refuses_only_the_failing_request(tmp_path: Path) -> None:
+class FailsMergedBatchesOnce(MemoryBackend):
+    """Refuses the first transaction that carries more than one new mapping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused_batches = 0
+
+    async def apply(
+        self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
+    ) -> None:
+        if len(added) > 1 and not self.refused_batches:
+            self.refused_batches += 1
+            raise BackendError("one bad element in the batch")
+        await super().apply(removed, added, now=now)
+
+
+async def test_failed_batch_is_retried_change_by_change(tmp_path: Path) -> None:
+    backend = FailsMergedBatchesOnce()
+    service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
+    committer = asyncio.create_task(service.run_committer())
+    # The first goes straight in; the next two wait, are merged, fail together, and are
+    # then retried one by one.
+    results = await asyncio.gather(*(service.map(request(3000 + i)) for i in range(3)))
+    committer.cancel()
+    assert [type(r) for r in results] == [Granted, Granted, Granted]
+    assert backend.refused_batches == 1
+    assert len(await backend.entries()) == 3
+
+
+async def test_a_failing_change_alone_is_refused_and_rolled_back(tmp_path: Path) -> None:
     backend = MemoryBackend()
     service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
-    backend.fail_next = BackendError("one bad element")
-    committer = asyncio.create_task(service.run_committer())
-    results = await asyncio.gather(service.map(request(3000)), service.map(request(3001)))
-    committer.cancel()
-    # The merged transaction failed once; each was then retried alone and both went in.
-    assert [type(r) for r in results] == [Granted, Granted]
-    assert len(await backend.entries()) == 2
-    backend.fail_next = BackendError("again")
-    committer = asyncio.create_task(service.run_committer())
+    backend.fail_next = BackendError("kernel said no")
     lone = await service.map(request(3002))
-    committer.cancel()
-    assert isinstance(lone, Refused) and len(service.gateway.table) == 2
+    assert isinstance(lone, Refused) and len(service.gateway.table) == 0
+    assert await backend.entries() == set()
 
 
 async def test_expiry_removes_from_kernel_and_store(tmp_path: Path) -> None:
