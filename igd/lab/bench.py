@@ -35,6 +35,7 @@ from igd.lab import Lab, LabError
 from igd.lab.demo import log_tail
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
 from igd.server.backends.nftables import parse_entries
+from igd.server.daemon import POLICY_KEY, file_digest
 from igd.server.store import Clock, LeaseStore
 
 PREFIX = "igdbench"  # namespaces of the benchmark's labs start with this
@@ -548,13 +549,16 @@ def run_igd(lab: Lab, size: int, settings: Settings, say: Callable[[str], None])
     state = lab.workdir / f"state-{size}"
     load_ports = range(LOAD_FIRST_PORT, LOAD_FIRST_PORT + settings.requests)
     now = time.monotonic()
+    policy = settings.policy or bench_policy()
     store = LeaseStore(state / "leases.sqlite")
     try:
         store.apply([], preload(size, preload_owners(lab), load_ports, now=now), Clock(mono=now))
+        # As the daemon leaves it: these leases were granted under this policy file.
+        store.set_meta(POLICY_KEY, file_digest(Path(policy)))
     finally:
         store.close()
     config = lab.write_gateway_config(
-        settings.policy or bench_policy(),
+        policy,
         filename=f"gateway-{size}.toml",
         state={"directory": str(state)},
         limits=LIMITS,

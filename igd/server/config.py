@@ -22,7 +22,11 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "policy": {"file": (str, "/etc/igd/policy.toml")},
     "natpmp": {"enabled": (bool, True)},
     "pcp": {"enabled": (bool, True), "max_filters": (int, 8), "max_description": (int, 128)},
-    "upnp": {"enabled": (bool, True), "http_port": (int, 5000)},
+    "upnp": {
+        "enabled": (bool, True),
+        "http_port": (int, 5000),
+        "igd_version": ((int, str), "auto"),
+    },
     "nftables": {"table": (str, "igd"), "on_stop": (str, "keep")},
     "limits": {
         "requests_per_second_per_client": ((int, float), 500),
@@ -58,6 +62,8 @@ class Config:
     pcp_max_description: int
     upnp_enabled: bool
     upnp_http_port: int
+    upnp_igd_version: int | None
+    """1 or 2; None is "auto" (v2, and v1 for v1 searches and known v1-only clients)."""
     nftables_table: str
     flush_on_stop: bool
     requests_per_second_per_client: float
@@ -126,6 +132,9 @@ class Config:
         port = values["upnp"]["http_port"]
         if not 1 <= port <= 65535:
             problems.append(f"upnp.http_port: {port} is not a port")
+        igd_version = values["upnp"]["igd_version"]
+        if igd_version not in (1, 2, "auto"):
+            problems.append(f'upnp.igd_version: want 1, 2 or "auto", not {igd_version!r}')
         if not 1 <= values["pcp"]["max_filters"] <= 64:
             problems.append("pcp.max_filters: want 1 to 64")
         if not 0 <= values["pcp"]["max_description"] <= 1016:
@@ -153,6 +162,7 @@ class Config:
             pcp_max_description=values["pcp"]["max_description"],
             upnp_enabled=values["upnp"]["enabled"],
             upnp_http_port=port,
+            upnp_igd_version=igd_version if isinstance(igd_version, int) else None,
             nftables_table=values["nftables"]["table"],
             flush_on_stop=on_stop == "flush",
             requests_per_second_per_client=float(limits["requests_per_second_per_client"]),

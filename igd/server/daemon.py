@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import hashlib
 import logging
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from igd.gateway import ALWAYS_RESERVED, Gateway
+from igd.gateway import ALWAYS_RESERVED, Change, Gateway
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend
@@ -24,11 +26,27 @@ from igd.server.pcp import PcpHandler
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import Clock, LeaseStore
+from igd.server.upnp import UpnpServer
 
 log = logging.getLogger("igd.daemon")
 
 SSDP_PORT = 1900
 ADDRESS_KEY = "external_address"
+POLICY_KEY = "policy_sha256"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: which policy the persisted leases were granted under."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def release_free_heap() -> None:
+    """Hand the heap that a large libnftables transaction freed back to the system: glibc
+    keeps it otherwise, and a 50,000-element reconcile leaves hundreds of MB behind."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 class Daemon:
@@ -37,6 +55,7 @@ class Daemon:
     def __init__(self, config: Config, *, dry_run: bool = False) -> None:
         self.config = config
         self.dry_run = dry_run
+        self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
         self.external = ExternalAddress(
@@ -70,6 +89,17 @@ class Daemon:
         self.control = ControlServer(
             config.control_socket, {"list": self.list_mappings, "status": self.status}
         )
+        self.upnp: UpnpServer | None = None
+        if config.upnp_enabled:
+            self.upnp = UpnpServer(
+                self.service,
+                self.external,
+                self.interfaces,
+                external_interface=config.external_interface,
+                http_port=config.upnp_http_port,
+                igd_version=config.upnp_igd_version,
+                store=self.store,
+            )
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -87,6 +117,8 @@ class Daemon:
                 group.create_task(self._watch_address()),
                 group.create_task(self.pxp.announce()),
             ]
+            if self.upnp is not None:
+                tasks.append(group.create_task(self.upnp.run()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 len(self.gateway.table),
@@ -112,9 +144,14 @@ class Daemon:
         clock = Clock(mono=now)
         persisted = self.store.load(clock, now=now)
         dropped = self.gateway.restore(persisted, now=now)
-        refused = self.gateway.reload(self.policy, now=now)
+        refused = Change()
+        if self.store.get_meta(POLICY_KEY) != self.policy_digest:
+            # The leases were granted under another policy file: check each against this one.
+            refused = self.gateway.reload(self.policy, now=now)
         self.store.apply([*dropped, *refused.removed], [], clock)
+        self.store.set_meta(POLICY_KEY, self.policy_digest)
         report = await self.backend.reconcile(list(self.gateway.table), now=now)
+        release_free_heap()
         log.info(
             "restored %d of %d persisted mappings in %.3f s (%d dropped, %d refused by the"
             " policy); kernel: %d orphans removed, %d entries re-added",
@@ -131,10 +168,14 @@ class Daemon:
         self.service.restore_epoch(kept_mappings=bool(len(self.gateway.table)) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
         await self.pxp.start()
+        if self.upnp is not None:
+            await self.upnp.start()
         await self.control.start()
 
     async def stop(self) -> None:
         """Close sockets; keep or flush kernel entries as configured."""
+        if self.upnp is not None:
+            await self.upnp.stop()
         await self.control.close()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
@@ -148,12 +189,15 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: load the policy file again; keep the old policy if the new one is invalid."""
         try:
+            digest = file_digest(self.config.policy_file)
             policy = Policy.load(self.config.policy_file)
-        except PolicyFileError as error:
+        except (PolicyFileError, OSError) as error:
             log.error("policy reload failed; keeping the current policy:\n%s", error)
             return
         self.policy = policy
         change = await self.service.reload(policy)
+        self.policy_digest = digest
+        self.store.set_meta(POLICY_KEY, digest)
         log.info(
             "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
             self.config.policy_file,
@@ -199,6 +243,8 @@ class Daemon:
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
                 self._spawn(self.pxp.announce())
                 self._spawn(self.pxp.send_mapping_updates())
+                if self.upnp is not None:
+                    self.upnp.address_changed()
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -1,0 +1,152 @@
+"""UPnP IGD v1/v2 on top of the gateway service: SSDP, descriptions, SOAP control, GENA.
+
+`UpnpServer` wires the pieces: `ssdp.SsdpResponder` (discovery), `http.UpnpHttp`
+(descriptions, control, subscriptions), `actions.Actions` (what each action does),
+`events.Events` (subscribers) and `errors` (refusal reasons to UPnP codes per version).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import secrets
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+
+from igd.gateway import Change
+from igd.proto import description
+from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
+from igd.server.interfaces import ExternalAddress, InternalInterface
+from igd.server.service import Service
+from igd.server.store import LeaseStore
+from igd.server.upnp.actions import Actions
+from igd.server.upnp.events import Events
+from igd.server.upnp.http import Documents, Route, UpnpHttp, wants_v1
+from igd.server.upnp.ssdp import Offer, SsdpResponder
+
+log = logging.getLogger("igd.upnp")
+
+UUID_KEY = "upnp_uuid"
+URL_KEY = "upnp_url_token"
+BOOT_KEY = "upnp_boot_id"
+PRODUCT = "igd-server/0.1"
+WAN_IP = ServiceKind.WAN_IP_CONNECTION
+
+
+def versions_for(igd_version: int | None) -> tuple[int, ...]:
+    """The IGD versions served for a configured `igd_version` (None is "auto")."""
+    return (igd_version,) if igd_version else (1, 2)
+
+
+class UpnpServer:
+    """Everything UPnP for one gateway."""
+
+    def __init__(
+        self,
+        service: Service,
+        external: ExternalAddress,
+        interfaces: Sequence[InternalInterface],
+        *,
+        external_interface: str,
+        http_port: int,
+        igd_version: int | None,
+        store: LeaseStore,
+        bind_device: bool = True,
+        identity: Identity | None = None,
+    ) -> None:
+        self.service = service
+        self.interfaces = interfaces
+        self.bind_device = bind_device
+        self.server = f"Linux/{platform.release()} UPnP/1.1 {PRODUCT}"
+        root_uuid = _meta(store, UUID_KEY, lambda: str(uuid.uuid4()))
+        # An unguessable path prefix, kept across restarts so cached URLs keep working: a web
+        # page cannot aim a request at a control URL it cannot know (Filet-o-Firewall).
+        token = _meta(store, URL_KEY, lambda: secrets.token_hex(8))
+        boot_id = (int(store.get_meta(BOOT_KEY) or 0) + 1) & 0x7FFFFFFF
+        store.set_meta(BOOT_KEY, str(boot_id))
+        versions = versions_for(igd_version)
+        self.trees = {v: DeviceTree.build(root_uuid, v) for v in versions}
+        self.urls = {v: Urls(f"/{token}/igd{v}") for v in versions}
+        identity = identity or Identity()
+        descriptions, scpds, routes, offers = {}, {}, {}, {}
+        for version, tree in self.trees.items():
+            urls = self.urls[version]
+            for kind in ServiceKind:
+                scpds[(version, kind)] = description.scpd(
+                    kind, description.service_version(kind, version)
+                )
+                routes[urls.scpd(kind)] = Route(tree, urls, "scpd", kind)
+                routes[urls.control(kind)] = Route(tree, urls, "control", kind)
+                routes[urls.event(kind)] = Route(tree, urls, "event", kind)
+            # UDA 1.1 §1.2.2: CONFIGID changes whenever the descriptions change.
+            config_id = zlib.crc32(b"".join(scpds[(version, k)] for k in ServiceKind)) & 0xFFFFFF
+            descriptions[version] = description.root_description(tree, urls, identity, config_id)
+            routes[urls.description] = Route(tree, urls, "description")
+            offers[version] = Offer(tree, urls.description, config_id)
+        primary = max(versions)
+        auto = igd_version is None
+        self.actions = Actions(service, external, external_interface)
+        self.events = Events(self._value, self.actions.evented, server=self.server)
+        self.http = UpnpHttp(
+            self.actions,
+            self.events,
+            routes,
+            Documents(descriptions, scpds),
+            port=http_port,
+            server=self.server,
+            auto_v1=auto,
+        )
+        self.ssdp = SsdpResponder(
+            interfaces,
+            offers,
+            primary=primary,
+            auto_v1=auto,
+            wants_v1=wants_v1,
+            http_port=http_port,
+            server=self.server,
+            boot_id=boot_id,
+        )
+        service.listeners.append(self._committed)
+
+    async def start(self) -> None:
+        """Open the HTTP and SSDP sockets."""
+        await self.http.start(self.interfaces, bind_device=self.bind_device)
+        await self.ssdp.start(bind_device=self.bind_device)
+        log.info(
+            "UPnP IGD serving version %s at %s",
+            "/".join(str(v) for v in self.trees),
+            ", ".join(self.urls[v].description for v in self.trees),
+        )
+
+    async def run(self) -> None:
+        """Periodic SSDP announcements (the rest is driven by requests)."""
+        await self.ssdp.run()
+
+    async def stop(self) -> None:
+        """Byebye, then close every socket and subscription."""
+        self.ssdp.close()
+        await self.events.close()
+        await self.http.close()
+
+    def address_changed(self) -> None:
+        """The external address changed (or appeared, or went away): tell subscribers."""
+        self.events.changed(WAN_IP, {"ExternalIPAddress", "ConnectionStatus"})
+
+    def _committed(self, change: Change) -> None:
+        self.actions.table_changed()
+        self.events.changed(WAN_IP, {"PortMappingNumberOfEntries", "SystemUpdateID"})
+
+    def _value(self, tree: DeviceTree, name: str) -> str | None:
+        return self.actions.value(tree, name)
+
+
+def _meta(store: LeaseStore, key: str, make: Callable[[], str]) -> str:
+    value = store.get_meta(key)
+    if value is None:
+        value = make()
+        store.set_meta(key, value)
+    return value
+
+
+__all__ = ["UpnpServer", "Urls", "versions_for"]
