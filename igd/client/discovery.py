@@ -1,0 +1,173 @@
+"""Finding gateways: default routes from the routing table (netifaces), and UPnP IGDs by
+SSDP (async-upnp-client's search listener, sent unicast to the gateway and multicast)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+from urllib.parse import urlsplit
+
+from async_upnp_client.search import SsdpSearchListener
+from async_upnp_client.ssdp import SsdpProtocol, build_ssdp_search_packet
+
+from igd.client.errors import NoGatewayError
+
+log = logging.getLogger("igd.client")
+
+SSDP_GROUP = ("239.255.255.250", 1900)
+IGD1 = "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+IGD2 = "urn:schemas-upnp-org:device:InternetGatewayDevice:2"
+_IGD_MARKERS = ("InternetGatewayDevice:", "WANIPConnection:", "WANPPPConnection:")
+MAX_REPLIES = 10  # Tailscale keeps at most 10; a LAN with more IGDs than that is broken
+SETTLE = 0.05  # after the first IGD reply, how long later replies may still arrive
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCandidate:
+    """A router from the routing table."""
+
+    address: IPv4Address
+    interface: str
+    default: bool
+
+
+def default_gateways() -> list[GatewayCandidate]:
+    """IPv4 gateways from the routing table, the default route's first."""
+    import netifaces  # netifaces-plus: kept behind this function so it can be swapped
+
+    found: list[GatewayCandidate] = []
+    table: Any = netifaces.gateways()
+    default = table.get("default", {}).get(netifaces.AF_INET)
+    if default:
+        found.append(GatewayCandidate(IPv4Address(default[0]), default[1], True))
+    for entry in table.get(netifaces.AF_INET, []):
+        candidate = GatewayCandidate(IPv4Address(entry[0]), entry[1], bool(entry[2]))
+        if all(c.address != candidate.address for c in found):
+            found.append(candidate)
+    return found
+
+
+def default_gateway() -> IPv4Address:
+    """The default IPv4 gateway; NoGatewayError if the routing table has none."""
+    found = default_gateways()
+    if not found:
+        raise NoGatewayError("no IPv4 default route: pass the gateway address explicitly")
+    return found[0].address
+
+
+@dataclass(frozen=True, slots=True)
+class SsdpReply:
+    """One SSDP search answer that names an IGD."""
+
+    location: str
+    st: str
+    usn: str
+    server: str
+    source: tuple[str, int]
+    boot_id: int | None
+    seconds: float
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.location).hostname or ""
+
+    def rank(self, gateway: IPv4Address | None) -> tuple[bool, bool, str]:
+        """Sort key: the gateway's own device first, IGD:2 before IGD:1 (more actions)."""
+        on_gateway = gateway is not None and self.host == str(gateway)
+        v2 = ":2" in self.st or "InternetGatewayDevice:2" in self.usn
+        return (not on_gateway, not v2, self.location)
+
+
+def is_igd_reply(headers: Any) -> bool:
+    """An answer names an IGD by its ST or USN, whatever port it came from (Tailscale #7377)."""
+    text = f"{headers.get_lower('st', '')} {headers.get_lower('usn', '')}"
+    return bool(headers.get_lower("location")) and any(m in text for m in _IGD_MARKERS)
+
+
+async def ssdp_search(
+    gateway: IPv4Address | None,
+    *,
+    local: IPv4Address | None = None,
+    budget: float = 2.0,
+    mx: int = 1,
+    settle: float = SETTLE,
+    cutoff: asyncio.Event | None = None,
+) -> list[SsdpReply]:
+    """Search for IGDs; return the distinct ones (by LOCATION), best first.
+
+    Sends `ssdp:all` unicast to the gateway (some routers answer only that; it also opens
+    stateful host firewalls for the multicast answers), then `ssdp:all` and IGD:1
+    multicast (some answer `ssdp:all` with their first descriptor only, Tailscale #3557).
+    Returns `settle` seconds after the first IGD answer, after `budget` seconds, or when
+    `cutoff` is set with no answer yet (the probe sets it once NAT-PMP or PCP answered).
+    """
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    replies: dict[str, SsdpReply] = {}
+    first = asyncio.Event()
+
+    def on_reply(headers: Any) -> None:
+        if not is_igd_reply(headers) or len(replies) >= MAX_REPLIES:
+            return
+        location = str(headers.get_lower("location"))
+        if location in replies:
+            return
+        boot = headers.get_lower("bootid.upnp.org")
+        replies[location] = SsdpReply(
+            location=location,
+            st=str(headers.get_lower("st", "")),
+            usn=str(headers.get_lower("usn", "")),
+            server=str(headers.get_lower("server", "")),
+            source=_source(headers),
+            boot_id=int(boot) if boot and str(boot).isdigit() else None,
+            seconds=time.monotonic() - started,
+        )
+        first.set()
+
+    listener = SsdpSearchListener(
+        callback=on_reply,
+        loop=loop,
+        source=(str(local or "0.0.0.0"), 0),
+        target=SSDP_GROUP,
+        timeout=mx,
+        search_target=IGD1,
+    )
+    try:
+        await listener.async_start()
+    except OSError as exc:
+        raise NoGatewayError(f"cannot open an SSDP socket: {exc}") from exc
+    try:
+        transport: Any = listener._transport  # the listener keeps no public handle
+        protocol: SsdpProtocol = transport.get_protocol()
+        if gateway is not None:
+            unicast = (str(gateway), SSDP_GROUP[1])
+            protocol.send_ssdp_packet(build_ssdp_search_packet(unicast, mx, "ssdp:all"), unicast)
+        protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, "ssdp:all"), SSDP_GROUP)
+        protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, IGD1), SSDP_GROUP)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget):
+                await _first_of(first, cutoff)
+                if first.is_set():
+                    await asyncio.sleep(settle)
+    finally:
+        listener.async_stop()
+    return sorted(replies.values(), key=lambda r: r.rank(gateway))
+
+
+def _source(headers: Any) -> tuple[str, int]:
+    remote = headers.get_lower("_remote_addr") or ("", 0)
+    return (str(remote[0]), int(remote[1]))
+
+
+async def _first_of(*events: asyncio.Event | None) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,312 @@
+"""PCP client (RFC 6887): ANNOUNCE, MAP and PEER with THIRD_PARTY, PREFER_FAILURE, FILTER
+and DESCRIPTION (RFC 7220); answers checked against the request (nonce included) and
+retransmitted on the RFC's schedule; a NAT-PMP-only server is recognised (§9)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from types import TracebackType
+
+from igd.client.errors import (
+    PortMappingError,
+    PortUnavailable,
+    ProtocolError,
+    UnsupportedVersion,
+    pcp_error,
+)
+from igd.client.timing import PCP_IRT, pcp_waits
+from igd.client.udp import UdpChannel
+from igd.model import Mechanism, Protocol
+from igd.proto import pcp
+from igd.proto.errors import DecodeError
+from igd.proto.pcp import (
+    PcpDescription,
+    PcpFilter,
+    PcpMapData,
+    PcpOpcode,
+    PcpOption,
+    PcpPeerData,
+    PcpPreferFailure,
+    PcpRequest,
+    PcpResponse,
+    PcpResult,
+    PcpThirdParty,
+    mapped,
+    unmapped,
+)
+
+# RFC 7488 §4: give one server address four transmissions (3 + 6 + 12 + 24 s ≈ 45 s).
+MAX_TRANSMISSIONS = 4
+ANY_V4 = mapped(IPv4Address(0))  # ::ffff:0:0, "any IPv4 address" (erratum 3621)
+
+
+def new_nonce() -> bytes:
+    """A random 96-bit mapping nonce (RFC 6887 §11.1)."""
+    return secrets.token_bytes(pcp.NONCE_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class PcpGrant:
+    """A granted MAP or PEER mapping."""
+
+    protocol: Protocol
+    internal_port: int
+    external_address: IPv4Address
+    external_port: int
+    lifetime: int
+    epoch: int
+    nonce: bytes
+    description: str | None = None
+    """The description the server stored and echoed (None if it ignored the option)."""
+
+
+class PcpClient:
+    """Talks PCP to one server. Keep it open: the server sends Mapping Updates and ANNOUNCEs
+    to the address and port the requests came from, and `on_unsolicited` receives them."""
+
+    def __init__(
+        self,
+        gateway: IPv4Address | str,
+        *,
+        transmissions: int = MAX_TRANSMISSIONS,
+        first_wait: float = PCP_IRT,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.gateway = IPv4Address(gateway)
+        self.transmissions = transmissions
+        self.first_wait = first_wait
+        self.rand = rand
+        self.channel = UdpChannel(self.gateway, pcp.SERVER_PORT)
+        self.on_unsolicited: Callable[[PcpResponse], None] | None = None
+        self.channel.on_unsolicited = self._unsolicited
+
+    async def __aenter__(self) -> PcpClient:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def open(self) -> None:
+        """Open the socket."""
+        if self.channel.closed:
+            await self.channel.open()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.channel.close()
+
+    @property
+    def local_address(self) -> IPv4Address:
+        return self.channel.local_address
+
+    def _unsolicited(self, data: bytes) -> None:
+        try:
+            response = pcp.decode_response(data)
+        except DecodeError:
+            return
+        if self.on_unsolicited is not None:
+            self.on_unsolicited(response)
+
+    async def announce(
+        self, *, transmissions: int | None = None, waits: Sequence[float] | None = None
+    ) -> PcpResponse:
+        """Solicited ANNOUNCE (RFC 6887 §14.1.1): is PCP there, and its epoch; `waits`
+        replaces the retransmission schedule (a probe cannot wait 3 s)."""
+        await self.open()
+        request = PcpRequest(PcpOpcode.ANNOUNCE, 0, mapped(self.local_address))
+
+        def match(response: PcpResponse) -> bool:
+            return response.opcode is PcpOpcode.ANNOUNCE
+
+        response = await self._exchange(request, match, transmissions, "ANNOUNCE", waits)
+        if response.result != PcpResult.SUCCESS:
+            raise pcp_error(response.result, response.lifetime, "ANNOUNCE")
+        return response
+
+    async def map(
+        self,
+        protocol: Protocol,
+        internal_port: int,
+        lifetime: int,
+        *,
+        nonce: bytes,
+        external_port: int = 0,
+        external_address: IPv4Address | None = None,
+        third_party: IPv4Address | None = None,
+        prefer_failure: bool = False,
+        filters: Sequence[tuple[IPv4Address, int, int]] = (),
+        description: str | None = None,
+        transmissions: int | None = None,
+    ) -> PcpGrant:
+        """MAP (RFC 6887 §11): create or renew (lifetime > 0) or delete (lifetime 0).
+
+        `filters` are (remote address, prefix length within IPv4, remote port) triples for
+        the FILTER option. Renew with the same nonce and the assigned port as suggestion.
+        """
+        suggested = mapped(external_address) if external_address else ANY_V4
+        data = PcpMapData(nonce, protocol.number, internal_port, external_port, suggested)
+        options = _options(third_party, prefer_failure, filters, description)
+        response = await self._request(PcpOpcode.MAP, lifetime, data, options, transmissions)
+        grant = _grant(response, protocol, internal_port, nonce)
+        # RFC 6887 §13.2: with PREFER_FAILURE, a success must carry what was suggested.
+        if prefer_failure and external_port and grant.external_port != external_port:
+            raise PortUnavailable(
+                f"PCP server gave port {grant.external_port}, not {external_port}",
+                mechanism=Mechanism.PCP,
+            )
+        return grant
+
+    async def unmap(
+        self,
+        protocol: Protocol,
+        internal_port: int,
+        *,
+        nonce: bytes,
+        third_party: IPv4Address | None = None,
+        transmissions: int | None = None,
+    ) -> int:
+        """Delete a MAP mapping: lifetime 0, suggested port 0 and address ::ffff:0:0
+        (erratum 3621); the epoch. Deleting what does not exist succeeds (§15.1)."""
+        data = PcpMapData(nonce, protocol.number, internal_port, 0, ANY_V4)
+        options = _options(third_party, False, (), None)
+        response = await self._request(PcpOpcode.MAP, 0, data, options, transmissions)
+        return response.epoch
+
+    async def peer(
+        self,
+        protocol: Protocol,
+        internal_port: int,
+        remote_address: IPv4Address,
+        remote_port: int,
+        lifetime: int,
+        *,
+        nonce: bytes,
+        external_port: int = 0,
+        third_party: IPv4Address | None = None,
+        description: str | None = None,
+        transmissions: int | None = None,
+    ) -> PcpGrant:
+        """PEER (RFC 6887 §12): create or extend the outbound mapping toward one peer."""
+        data = PcpPeerData(
+            nonce, protocol.number, internal_port, external_port, ANY_V4,
+            remote_port, mapped(remote_address),
+        )  # fmt: skip
+        options = _options(third_party, False, (), description)
+        response = await self._request(PcpOpcode.PEER, lifetime, data, options, transmissions)
+        return _grant(response, protocol, internal_port, nonce)
+
+    async def _request(
+        self,
+        opcode: PcpOpcode,
+        lifetime: int,
+        data: PcpMapData | PcpPeerData,
+        options: tuple[PcpOption, ...],
+        transmissions: int | None,
+    ) -> PcpResponse:
+        await self.open()
+        request = PcpRequest(opcode, lifetime, mapped(self.local_address), data, options)
+
+        def match(response: PcpResponse) -> bool:
+            got = response.data
+            if response.opcode is not opcode or type(got) is not type(data) or got is None:
+                return False
+            same = (got.nonce, got.protocol, got.internal_port) == (
+                data.nonce, data.protocol, data.internal_port,
+            )  # fmt: skip
+            if isinstance(got, PcpPeerData) and isinstance(data, PcpPeerData):
+                same = same and (got.remote_address, got.remote_port) == (
+                    data.remote_address, data.remote_port,
+                )  # fmt: skip
+            return same
+
+        what = f"{opcode.name} {'delete' if not lifetime else 'request'}"
+        response = await self._exchange(request, match, transmissions, what)
+        if response.result != PcpResult.SUCCESS:
+            raise pcp_error(response.result, response.lifetime, what)
+        return response
+
+    async def _exchange(
+        self,
+        request: PcpRequest,
+        match: Callable[[PcpResponse], bool],
+        transmissions: int | None,
+        what: str,
+        waits: Iterable[float] | None = None,
+    ) -> PcpResponse:
+        def matcher(data: bytes) -> PcpResponse | PortMappingError | None:
+            if len(data) >= 4 and data[0] != pcp.VERSION and data[3] == PcpResult.UNSUPP_VERSION:
+                # RFC 6887 §9 and appendix A: a NAT-PMP server's "unsupported version" names
+                # version 0; the caller falls back to NAT-PMP for this request only.
+                return UnsupportedVersion(
+                    f"the gateway does not speak PCP (it offers version {data[0]})",
+                    version=data[0],
+                    mechanism=Mechanism.PCP,
+                    code=int(PcpResult.UNSUPP_VERSION),
+                )
+            try:
+                response = pcp.decode_response(data)
+            except DecodeError:
+                return None
+            return response if match(response) else None
+
+        if waits is None:
+            waits = itertools.islice(
+                pcp_waits(self.rand, irt=self.first_wait), transmissions or self.transmissions
+            )
+        return await self.channel.exchange(
+            pcp.encode_request(request), matcher, waits, f"PCP {what}"
+        )
+
+
+def _options(
+    third_party: IPv4Address | None,
+    prefer_failure: bool,
+    filters: Sequence[tuple[IPv4Address, int, int]],
+    description: str | None,
+) -> tuple[PcpOption, ...]:
+    options: list[PcpOption] = []
+    if third_party is not None:
+        options.append(PcpThirdParty(mapped(third_party)))
+    if prefer_failure:
+        options.append(PcpPreferFailure())
+    for address, prefix, port in filters:
+        # RFC 6887 §13.3: an IPv4 filter's prefix length counts the 96-bit mapped prefix.
+        options.append(PcpFilter(96 + prefix, port, mapped(address)))
+    if description is not None:
+        text = description.encode()[: pcp.DESCRIPTION_MAX].decode(errors="ignore")
+        options.append(PcpDescription(text))
+    return tuple(options)
+
+
+def _grant(response: PcpResponse, protocol: Protocol, internal_port: int, nonce: bytes) -> PcpGrant:
+    data = response.data
+    assert isinstance(data, PcpMapData | PcpPeerData)  # matched on opcode above
+    address = _v4(data.external_address)
+    if response.lifetime and (address is None or data.external_port == 0):
+        raise ProtocolError(
+            f"PCP success without a usable external address or port: {data}",
+            mechanism=Mechanism.PCP,
+        )
+    described = next((o.text for o in response.options if isinstance(o, PcpDescription)), None)
+    return PcpGrant(
+        protocol,
+        internal_port,
+        address or IPv4Address(0),
+        data.external_port,
+        response.lifetime,
+        response.epoch,
+        nonce,
+        described,
+    )
+
+
+def _v4(address: IPv6Address) -> IPv4Address | None:
+    return unmapped(address)

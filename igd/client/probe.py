@@ -1,0 +1,216 @@
+"""Probing PCP, NAT-PMP and UPnP at the same time, and what was found."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
+from typing import Any
+
+from igd.client.discovery import SsdpReply, ssdp_search
+from igd.client.errors import (
+    NoGatewayError,
+    NotAuthorized,
+    PortMappingError,
+    UnsupportedVersion,
+    UpstreamNat,
+)
+from igd.client.natpmp import NatPmpClient
+from igd.client.pcp import PcpClient
+from igd.client.selection import DEFAULT_PREFERENCE, Choice, MechanismReport, choose
+from igd.client.upnp import UpnpIgdClient
+from igd.model import Mechanism
+
+MAX_DESCRIPTIONS = 3  # IGD descriptions fetched per probe, best-ranked first
+# Once NAT-PMP or PCP answered, an IGD on the same LAN gets this long to answer SSDP too
+# (unicast search answers come at once; multicast ones within MX, which we set to 1 s).
+UPNP_GRACE = 0.3
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    """What the gateway speaks, its external address and the mechanism picked."""
+
+    gateway: IPv4Address
+    local_address: IPv4Address
+    reports: tuple[MechanismReport, ...]
+    choice: Choice
+    seconds: float
+    upnp: UpnpIgdClient | None = field(default=None, repr=False)
+    ssdp: tuple[SsdpReply, ...] = ()
+
+    def report(self, mechanism: Mechanism) -> MechanismReport | None:
+        return next((r for r in self.reports if r.mechanism is mechanism), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "gateway": str(self.gateway),
+            "local_address": str(self.local_address),
+            "chosen": self.choice.mechanism.value if self.choice.mechanism else None,
+            "verdict": self.choice.verdict.value,
+            "reason": self.choice.reason,
+            "external_address": _str(self.choice.external_address),
+            "seconds": round(self.seconds, 4),
+            "mechanisms": {
+                r.mechanism.value: {
+                    "available": r.available,
+                    "external_address": _str(r.external_address),
+                    "address_kind": r.address_kind.value if r.address_kind else None,
+                    "epoch": r.epoch,
+                    "error": r.error,
+                    "seconds": None if r.seconds is None else round(r.seconds, 4),
+                    "detail": r.detail,
+                }
+                for r in self.reports
+            },
+            "upnp_devices": [
+                {"location": s.location, "st": s.st, "server": s.server, "source": list(s.source)}
+                for s in self.ssdp
+            ],
+        }
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _attempts_within(budget: float, first: float = 0.25) -> int:
+    """How many NAT-PMP sends fit in `budget` seconds of the RFC 6886 schedule."""
+    attempts, spent, wait = 0, 0.0, first
+    while spent + wait <= budget or attempts == 0:
+        attempts, spent, wait = attempts + 1, spent + wait, wait * 2
+    return attempts
+
+
+async def _timed(
+    mechanism: Mechanism, work: Callable[[], Awaitable[MechanismReport]]
+) -> MechanismReport:
+    started = time.monotonic()
+    try:
+        report = await work()
+    except UpstreamNat as exc:
+        report = MechanismReport(mechanism, False, error=str(exc), upstream_nat=True)
+    except NotAuthorized as exc:
+        report = MechanismReport(mechanism, False, error=str(exc), refuses=True)
+    except PortMappingError as exc:
+        report = MechanismReport(mechanism, False, error=str(exc))
+    return replace(report, seconds=time.monotonic() - started)
+
+
+async def probe_natpmp(client: NatPmpClient, budget: float) -> MechanismReport:
+    """NAT-PMP external address request."""
+    response = await client.external_address(attempts=_attempts_within(budget))
+    return MechanismReport(Mechanism.NATPMP, True, response.address, response.epoch)
+
+
+async def probe_pcp(client: PcpClient, budget: float) -> MechanismReport:
+    """PCP ANNOUNCE, sent twice within the budget (not the 3 s RFC schedule: a probe)."""
+    try:
+        response = await client.announce(waits=(budget / 3, budget * 2 / 3))
+    except UnsupportedVersion as exc:
+        # RFC 6886 §1.1: not cached; every later request tries PCP again.
+        detail = "NAT-PMP only for now (PCP is tried again on every request)"
+        if exc.version != 0:
+            detail = f"server offers PCP version {exc.version}"
+        return MechanismReport(Mechanism.PCP, False, error=str(exc), detail=detail)
+    return MechanismReport(Mechanism.PCP, True, None, response.epoch)
+
+
+async def probe_upnp(
+    gateway: IPv4Address,
+    local: IPv4Address,
+    budget: float,
+    cutoff: asyncio.Event | None = None,
+) -> tuple[MechanismReport, UpnpIgdClient | None, list[SsdpReply]]:
+    """SSDP search, then the best IGD's description and external address."""
+    started = time.monotonic()
+    replies = await ssdp_search(gateway, local=local, budget=budget, cutoff=cutoff)
+    if not replies:
+        return MechanismReport(Mechanism.UPNP, False, error="no IGD answered SSDP"), None, []
+    errors = []
+    for reply in replies[:MAX_DESCRIPTIONS]:
+        left = max(0.5, budget - (time.monotonic() - started))
+        try:
+            client = await UpnpIgdClient.connect(
+                reply.location, http_timeout=left, server=reply.server
+            )
+            address = await client.external_address()
+        except PortMappingError as exc:
+            errors.append(f"{reply.location}: {exc}")
+            continue
+        detail = f"{client.service_type} at {reply.location} ({reply.server})"
+        if reply.host != str(gateway):
+            detail += f"; not on the default gateway {gateway}"
+        return MechanismReport(Mechanism.UPNP, True, address, detail=detail), client, replies
+    return MechanismReport(Mechanism.UPNP, False, error="; ".join(errors)), None, replies
+
+
+async def probe(
+    gateway: IPv4Address,
+    *,
+    natpmp: NatPmpClient,
+    pcp: PcpClient,
+    mechanisms: Sequence[Mechanism] = DEFAULT_PREFERENCE,
+    budget: float = 2.0,
+) -> ProbeResult:
+    """Probe every mechanism in `mechanisms` at once (and only those); rank them."""
+    started = time.monotonic()
+    await pcp.open()
+    local = pcp.local_address
+    upnp: UpnpIgdClient | None = None
+    ssdp: list[SsdpReply] = []
+
+    cutoff = asyncio.Event()
+
+    async def run_upnp() -> MechanismReport:
+        nonlocal upnp, ssdp
+        report, upnp, ssdp = await probe_upnp(gateway, local, budget, cutoff)
+        return report
+
+    async def answered(report: Awaitable[MechanismReport]) -> MechanismReport:
+        done = await report
+        if done.available:
+            asyncio.get_running_loop().call_later(UPNP_GRACE, cutoff.set)
+        return done
+
+    work: dict[Mechanism, Callable[[], Awaitable[MechanismReport]]] = {
+        Mechanism.PCP: lambda: answered(probe_pcp(pcp, budget)),
+        Mechanism.NATPMP: lambda: answered(probe_natpmp(natpmp, budget)),
+        Mechanism.UPNP: run_upnp,
+    }
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(_timed(m, work[m])) for m in mechanisms]
+    reports = [task.result() for task in tasks]
+    reports = _share_address(reports)
+    return ProbeResult(
+        gateway,
+        local,
+        tuple(reports),
+        choose(reports, mechanisms),
+        time.monotonic() - started,
+        upnp,
+        tuple(ssdp),
+    )
+
+
+def _share_address(reports: list[MechanismReport]) -> list[MechanismReport]:
+    """PCP's ANNOUNCE carries no address; NAT-PMP on the same server (port 5351) does."""
+    pmp = next((r for r in reports if r.mechanism is Mechanism.NATPMP and r.available), None)
+    if pmp is None or pmp.external_address is None:
+        return reports
+    return [
+        replace(r, external_address=pmp.external_address, detail="address as told by NAT-PMP")
+        if r.mechanism is Mechanism.PCP and r.available and r.external_address is None
+        else r
+        for r in reports
+    ]
+
+
+def require_gateway(result: ProbeResult) -> Mechanism:
+    """The chosen mechanism, or NoGatewayError saying why there is none."""
+    if result.choice.mechanism is None:
+        raise NoGatewayError(f"{result.choice.reason} (gateway {result.gateway})")
+    return result.choice.mechanism

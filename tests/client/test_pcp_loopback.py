@@ -1,0 +1,76 @@
+"""The PCP client against a scripted server on a loopback address: nonce checking and the
+RFC 6887 §9 answer of a NAT-PMP-only server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+import pytest
+
+from igd.client.errors import UnsupportedVersion
+from igd.client.pcp import PcpClient, new_nonce
+from igd.model import Protocol
+from igd.proto import natpmp, pcp
+from igd.proto.pcp import PcpMapData, PcpResponse, PcpResult, mapped
+
+
+def serve(answer: Callable[[bytes], list[bytes]]) -> tuple[str, socket.socket]:
+    """A UDP server on 127.x.y.z:5351 answering each datagram with `answer(datagram)`."""
+    address = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.1"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, pcp.SERVER_PORT))
+    sock.setblocking(False)
+
+    def ready() -> None:
+        data, peer = sock.recvfrom(2048)
+        for reply in answer(data):
+            sock.sendto(reply, peer)
+
+    asyncio.get_running_loop().add_reader(sock, ready)
+    return address, sock
+
+
+def map_reply(request: bytes, nonce: bytes | None = None) -> bytes:
+    decoded = pcp.decode_request(request)
+    data = decoded.data
+    assert isinstance(data, PcpMapData)
+    body = PcpMapData(
+        nonce or data.nonce,
+        data.protocol,
+        data.internal_port,
+        9000,
+        mapped(IPv4Address("198.51.100.7")),
+    )
+    return pcp.encode_response(PcpResponse(decoded.opcode, PcpResult.SUCCESS, 60, 5, body))
+
+
+async def test_answers_with_another_nonce_are_ignored() -> None:
+    # A spoofed or stale answer (wrong nonce) first, the real one after it.
+    address, sock = serve(lambda d: [map_reply(d, nonce=bytes(12)), map_reply(d)])
+    try:
+        async with PcpClient(address) as client:
+            nonce = new_nonce()
+            grant = await client.map(Protocol.TCP, 8080, 60, nonce=nonce, external_port=8080)
+        assert (grant.external_port, grant.nonce, str(grant.external_address)) == (
+            9000, nonce, "198.51.100.7",
+        )  # fmt: skip
+    finally:
+        asyncio.get_running_loop().remove_reader(sock)
+        sock.close()
+
+
+async def test_natpmp_only_server_is_recognised_at_once() -> None:
+    address, sock = serve(lambda d: [natpmp.encode_unsupported_version(7)])
+    try:
+        async with PcpClient(address) as client:
+            with pytest.raises(UnsupportedVersion) as caught:
+                async with asyncio.timeout(1):  # no retransmission wait: the answer is final
+                    await client.map(Protocol.UDP, 5000, 60, nonce=new_nonce())
+        assert caught.value.version == 0
+    finally:
+        asyncio.get_running_loop().remove_reader(sock)
+        sock.close()

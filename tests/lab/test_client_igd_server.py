@@ -1,0 +1,206 @@
+"""The client library and the `igd` command against this project's igd-server (NAT-PMP and
+PCP) in the namespace lab: mapping, reachability, renewal, restart recovery, release, refusal."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import select
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from igd.lab import Lab
+from igd.lab.bench_client import client_python
+from igd.lab.demo import DemoError, connect, start_service, wait_for_gateway
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "policies" / "lab.toml"
+IGD = str(REPO / ".venv" / "bin" / "igd")
+FLUSH = {"table": "igd", "on_stop": "flush"}
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab(prefix=f"igdclisv{secrets.token_hex(3)}", wan_hosts=1, lan_hosts=1) as built:
+        config = built.write_gateway_config(POLICY, nftables=FLUSH)
+        built.start_gateway(config)
+        wait_for_gateway(built)
+        yield built
+
+
+def kernel_ports(lab: Lab) -> list[int]:
+    out = lab.run(lab.gateway, ["nft", "-j", "list", "map", "ip", "igd", "portmap"], check=False)
+    if out.returncode != 0:
+        return []
+    ports = []
+    for item in json.loads(out.stdout)["nftables"]:
+        for element in item.get("map", {}).get("elem", []):
+            key = element[0]["elem"]["val"] if "elem" in element[0] else element[0]
+            ports.append(int(key["concat"][1]))
+    return sorted(ports)
+
+
+def igd(lab: Lab, *args: str) -> tuple[int, Any]:
+    proc = lab.run("lan1", [IGD, "--json", *args], check=False, timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("{", "["))]
+    return proc.returncode, json.loads(lines[-1]) if lines else proc.stderr
+
+
+_MAP_CHECK_RELEASE = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper() as pm:
+        m = await pm.map(int(sys.argv[1]), "tcp", lifetime=600, via=sys.argv[2] or None,
+                         description="lab test")
+        print(json.dumps(m.to_dict()), flush=True)
+        sys.stdin.readline()  # the test checks reachability, then lets us release
+asyncio.run(main())
+print(json.dumps({"released": True}))
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp", ""])
+def test_map_reaches_the_lan_service_and_release_removes_it(lab: Lab, via: str) -> None:
+    start_service(lab, "lan1", 8080)
+    proc = lab.python_popen(
+        "lan1", ["-c", _MAP_CHECK_RELEASE, "8080", via],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the client did not map in time"
+    mapping = json.loads(proc.stdout.readline())
+    assert mapping["mechanism"] == (via or "pcp")  # PCP is preferred when both work
+    assert mapping["external_address"] == lab.gateway.external_address
+    assert kernel_ports(lab) == [mapping["external_port"]]
+    answer = connect(lab, "wan1", lab.gateway.external_address, mapping["external_port"])
+    assert "hello" in answer
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"released": True}
+    proc.wait(10)
+    assert kernel_ports(lab) == []
+    with pytest.raises(DemoError):
+        connect(lab, "wan1", lab.gateway.external_address, mapping["external_port"])
+
+
+_RENEW = """
+import asyncio, json
+from igd.client import EventKind, PortMapper
+async def main():
+    async with PortMapper() as pm:
+        m = await pm.map(9000, "udp", lifetime=2, via="{via}")
+        kinds = []
+        async with asyncio.timeout(7):
+            async for event in m.events():
+                kinds.append(event.kind.value)
+                if kinds.count("renewed") >= 4:
+                    break
+        print(json.dumps({{"kinds": kinds, "lifetime": m.lifetime, "port": m.external_port}}))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, via: str) -> None:
+    started = time.monotonic()
+    result = client_python(lab, "lan1", _RENEW.format(via=via))
+    assert result["kinds"] == ["renewed"] * 4  # no failure, no loss in between
+    assert result["lifetime"] == 2
+    assert time.monotonic() - started > 4  # four renewals at half of 2 s: past 2 lifetimes
+    assert "expired" not in lab.gateway_log()
+
+
+_WATCH = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper(recovery_delay=0.5) as pm:
+        m = await pm.map(8080, "tcp", lifetime=120, via=sys.argv[1])
+        m.subscribe(lambda e: print(json.dumps({"event": e.kind.value,
+                                                 "port": e.external_port}), flush=True))
+        print(json.dumps({"event": "mapped", "port": m.external_port}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def _next_event(proc: subprocess.Popen[str], kind: str, timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            break
+        event: dict[str, Any] = json.loads(proc.stdout.readline() or "{}")
+        if event.get("event") == kind:
+            return event
+    raise AssertionError(f"no {kind!r} event within {timeout} s")
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+def test_recreates_the_mapping_after_a_restart_that_lost_state(lab: Lab, via: str) -> None:
+    start_service(lab, "lan1", 8080)
+    proc = lab.python_popen(
+        "lan1", ["-c", _WATCH, via], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    port = _next_event(proc, "mapped", 20)["port"]
+    assert kernel_ports(lab) == [port]
+    # RFC 6887 §8.5 tolerates 2 s of clock skew: a restart is visible in the epoch once the
+    # gateway had been up for longer than that.
+    time.sleep(3)
+    assert lab.stop_gateway() == 0
+    assert kernel_ports(lab) == []  # on_stop = "flush": the gateway forgot everything
+    restarted = time.monotonic()
+    lab.start_gateway(lab.gateway_config or "")
+    # The new epoch (announcements at start) tells the client; 0-0.5 s later it re-maps.
+    assert _next_event(proc, "recreated", 10)["port"] == port
+    assert time.monotonic() - restarted < 10
+    assert kernel_ports(lab) == [port]
+    assert "hello" in connect(lab, "wan1", lab.gateway.external_address, port)
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(15)
+    assert kernel_ports(lab) == []
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+def test_policy_refusal_is_a_typed_error_and_exit_code_4(lab: Lab, via: str) -> None:
+    code, error = igd(lab, "map", "23/tcp", "--via", via)  # lab.toml: "no telnet"
+    assert code == 4
+    assert (error["type"], error["advice"], error["mechanism"]) == (
+        "NotAuthorized", "not-authorized", via,
+    )  # fmt: skip
+    assert kernel_ports(lab) == []
+
+
+def test_probe_reports_double_nat_for_the_documentation_address(lab: Lab) -> None:
+    code, report = igd(lab, "probe")
+    assert code == 0
+    assert report["external_address"] == lab.gateway.external_address  # 203.0.113.1
+    assert report["verdict"] == "double-nat"
+    assert report["mechanisms"]["natpmp"]["available"]
+    assert report["mechanisms"]["natpmp"]["address_kind"] == "reserved"
+    assert not report["mechanisms"]["upnp"]["available"]  # igd-server's UPnP comes later
+    assert igd(lab, "ip") == (0, {"external_address": "203.0.113.1", "verdict": "double-nat"})
+
+
+def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
+    code, mapping = igd(lab, "map", "8443/tcp", "--via", "natpmp", "--lifetime", "300")
+    assert code == 0 and mapping["external_port"] == 8443
+    assert kernel_ports(lab) == [8443]
+    assert igd(lab, "unmap", "8443/tcp", "--via", "natpmp")[0] == 0
+    assert kernel_ports(lab) == []
+
+
+def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
+    lab.stop_gateway()
+    proc = lab.run("lan1", [IGD, "--timeout", "0.5", "probe"], check=False, timeout=60)
+    assert proc.returncode == 3
