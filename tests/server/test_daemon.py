@@ -31,7 +31,7 @@ async def test_dry_run_serves_and_lists(tmp_path: Path) -> None:
         '[network]\nexternal_interface = "igd-none0"\ninternal_interfaces = ["lo"]\n'
         'external_address = "192.0.2.44"\nallow_private_external = true\n'
         f'[state]\ndirectory = "{tmp_path / "state"}"\n[policy]\nfile = "policy.toml"\n'
-        '[nftables]\ntable = "igddryrun"\n'
+        '[nftables]\ntable = "igddryrun"\n[upnp]\nenabled = false\n'
     )
     daemon = Daemon(Config.load(config), dry_run=True)
     task = asyncio.create_task(daemon.run())
