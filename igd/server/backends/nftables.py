@@ -1,22 +1,22 @@
-"""The nftables backend: mappings are elements of two maps in a table of our own.
+"""The nftables backend: mappings are elements of hash sets and maps in a table of our own.
 
-Shape (docs/nftables.md explains the choices):
+Shape (docs/nftables.md shows the listing and explains the choices):
 
     table ip igd {
-      map portmap { type inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }
-      map portmap_remote { type ipv4_addr . inet_proto . inet_service
-                           : ipv4_addr . inet_service; flags timeout; }
-      chain prerouting { type nat hook prerouting priority dstnat; policy accept;
-        iifname "wan0" meta l4proto { tcp, udp }
-            dnat ip to ip saddr . meta l4proto . th dport map @portmap_remote
-        iifname "wan0" meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @portmap
-      }
+      map portmap, portmap_remote      (proto, port[, remote]) -> internal address . port
+      set filtered, filtered_remote    mappings with FILTERs (RFC 6887 §13.3)
+      set allowed, allowed_remote      the peers those FILTERs admit
+      map filters_remote               FILTERs of remote-host entries, kept whole to list back
+      map peers                        PEER flows (RFC 6887 §12) -> external port
+      chain prerouting (nat, dstnat)   judge FILTERs, then DNAT: remote-specific map first
+      chain admit, admit_remote        one hash lookup per prefix length; miss = drop
+      chain postrouting (nat, srcnat - 10)  masquerade PEER flows to their external port
     }
 
-A lookup miss ends only its own rule, so remote-host-specific mappings are consulted first and
-the wildcard map second. Two rules in all: per-packet and per-change cost stay O(1) however
-many mappings exist. Payload building is pure (functions below); only `NftablesBackend` talks
-to the kernel, from one worker thread.
+Rules are fixed; only elements change, and each is a hash-set element: per-packet and
+per-change cost stay O(1) however many mappings exist. Payload building and listing parsing
+are pure (`nft_payload`, `nft_listing`); only `NftablesBackend` talks to the kernel, from one
+worker thread.
 """
 
 from __future__ import annotations
@@ -25,62 +25,37 @@ import asyncio
 import ctypes
 import functools
 import logging
-import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from igd.model import Mapping, Protocol
+from igd.model import Mapping
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
-from igd.server.backends.libnft import Nft, NftError
+from igd.server.backends.libnft import Nft
+from igd.server.backends.nft_listing import Listing, parse_entries, parse_listing
+from igd.server.backends.nft_payload import (
+    apply_commands,
+    check_entry,
+    check_ifname,
+    check_table_name,
+    close_commands,
+    list_command,
+    open_commands,
+    reconcile_plan,
+)
+
+# parse_entries stays importable from here: lab tools read the kernel's table with it.
+__all__ = ["NftablesBackend", "check_netns_name", "enter_netns", "parse_entries"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-WILDCARD_MAP = "portmap"
-REMOTE_MAP = "portmap_remote"
-CHAIN = "prerouting"
-
-KERNEL_GRACE = 60
-"""Seconds a kernel element outlives its lease: the daemon deletes on expiry itself; the kernel
-timeout is only the safety net for a daemon that died."""
-
-MAX_ELEMENT_TIMEOUT = 2_147_483
-"""Longest element timeout we send: 2**31 ms, about 24.8 days. nft 1.0.6 refuses 10**8 s, and
-older kernels handled element timeouts as 32-bit milliseconds; we stay below both. A longer
-lease gets no kernel timeout rather than a shorter one: expiring before the daemon's lease
-would break a live mapping."""
-
-# Linux ifnames (dev_valid_name) are at most 15 bytes without '/', ':' or whitespace. We accept
-# a stricter alphabet so the name, quoted in nft syntax, can never close its quotes or carry a
-# wildcard ('*') or a comment ('#').
-_IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
-# nft 1.0.6 does not accept quoted table names, so the name must be a bare identifier.
-_TABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 _NETNS = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 CLONE_NEWNET = 0x40000000
-
-
-# -- pure payload building ------------------------------------------------------------------
-
-
-def check_ifname(name: str) -> str:
-    """Return `name` if it is a safe Linux interface name; ValueError otherwise."""
-    if not _IFNAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"invalid interface name {name!r}")
-    return name
-
-
-def check_table_name(name: str) -> str:
-    """Return `name` if nft accepts it as a bare table identifier; ValueError otherwise."""
-    if not _TABLE.fullmatch(name):
-        raise ValueError(f"invalid nftables table name {name!r}")
-    return name
 
 
 def check_netns_name(name: str) -> str:
@@ -88,202 +63,6 @@ def check_netns_name(name: str) -> str:
     if not _NETNS.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"invalid network namespace name {name!r}")
     return name
-
-
-def check_entry(entry: KernelEntry) -> KernelEntry:
-    """Return `entry` if every field has the type and range nft syntax needs; ValueError else."""
-    if not isinstance(entry.protocol, Protocol):
-        raise ValueError(f"invalid protocol {entry.protocol!r}")
-    for port in (entry.external_port, entry.internal_port):
-        if type(port) is not int or not 1 <= port <= 65535:
-            raise ValueError(f"invalid port {port!r}")
-    if not isinstance(entry.internal_address, IPv4Address):
-        raise ValueError(f"invalid internal address {entry.internal_address!r}")
-    if entry.remote_host is not None and not isinstance(entry.remote_host, IPv4Address):
-        raise ValueError(f"invalid remote host {entry.remote_host!r}")
-    return entry
-
-
-def element_timeout(mapping: Mapping, now: float) -> int | None:
-    """Kernel timeout for a mapping: remaining lease plus grace, rounded up; None = none."""
-    remaining = mapping.expires - now
-    if math.isnan(remaining) or remaining == math.inf:
-        return None
-    seconds = math.ceil(max(0.0, remaining)) + KERNEL_GRACE
-    return None if seconds > MAX_ELEMENT_TIMEOUT else seconds
-
-
-def map_name(entry: KernelEntry) -> str:
-    """The map holding this entry: remote-host-specific or wildcard."""
-    return WILDCARD_MAP if entry.remote_host is None else REMOTE_MAP
-
-
-def _key(entry: KernelEntry) -> str:
-    check_entry(entry)
-    service = f"{entry.protocol.value} . {entry.external_port}"
-    return service if entry.remote_host is None else f"{entry.remote_host} . {service}"
-
-
-def _element(entry: KernelEntry, timeout: int | None) -> str:
-    after = "" if timeout is None else f" timeout {timeout}s"
-    return f"{_key(entry)}{after} : {entry.internal_address} . {entry.internal_port}"
-
-
-def _by_map(verb: str, table: str, items: Iterable[tuple[KernelEntry, str]]) -> list[str]:
-    """One command per map (wildcard first): nft parses one long element list about three
-    times faster than as many single-element commands."""
-    groups: dict[str, list[str]] = {WILDCARD_MAP: [], REMOTE_MAP: []}
-    for entry, text in items:
-        groups[map_name(entry)].append(text)
-    return [
-        f"{verb} element ip {table} {name} {{ {', '.join(texts)} }}"
-        for name, texts in groups.items()
-        if texts
-    ]
-
-
-def add_elements(table: str, items: Iterable[tuple[KernelEntry, int | None]]) -> list[str]:
-    """`add element` commands for (entry, timeout) pairs; adding an identical element is a
-    no-op, adding a key that forwards elsewhere fails (EEXIST)."""
-    return _by_map("add", table, ((e, _element(e, t)) for e, t in items))
-
-
-def delete_elements(table: str, entries: Iterable[KernelEntry]) -> list[str]:
-    """`delete element` commands for the entries' keys; a missing key fails (ENOENT)."""
-    return _by_map("delete", table, ((e, _key(e)) for e in entries))
-
-
-def replace_elements(
-    table: str, removed: Iterable[KernelEntry], added: Iterable[tuple[KernelEntry, int | None]]
-) -> str:
-    """One transaction: delete `removed`, then add `added` (entry, timeout); "" if empty.
-
-    Keys are unique within `removed` and within `added` (the mapping table's key space)."""
-    check_table_name(table)
-    gone = list(removed)
-    lines = [
-        # Add first: a no-op when the element is there, and it makes the delete succeed when
-        # the kernel already timed the element out (or never had it). Without it, a renewal
-        # of an expired element would abort the whole transaction with ENOENT.
-        *add_elements(table, ((e, None) for e in gone)),
-        *delete_elements(table, gone),
-        *add_elements(table, added),
-    ]
-    return "".join(line + "\n" for line in lines)
-
-
-def apply_commands(
-    table: str, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
-) -> str:
-    """The transaction for `Backend.apply`."""
-    return replace_elements(
-        table,
-        (KernelEntry.of(m) for m in removed),
-        ((KernelEntry.of(m), element_timeout(m, now)) for m in added),
-    )
-
-
-def open_commands(table: str, external_interface: str) -> str:
-    """Create table, maps and chain idempotently; rewrite the two rules, keep the elements."""
-    t, ifname = check_table_name(table), check_ifname(external_interface)
-    match = f'iifname "{ifname}" meta l4proto {{ tcp, udp }}'
-    return (
-        f"add table ip {t}\n"
-        f"add map ip {t} {WILDCARD_MAP} {{ type inet_proto . inet_service"
-        " : ipv4_addr . inet_service; flags timeout; }\n"
-        f"add map ip {t} {REMOTE_MAP} {{ type ipv4_addr . inet_proto . inet_service"
-        " : ipv4_addr . inet_service; flags timeout; }\n"
-        f"add chain ip {t} {CHAIN} {{ type nat hook prerouting priority dstnat; policy accept; }}\n"
-        # Flushing a chain drops its rules, never map elements: mappings survive a restart,
-        # and a changed external interface name replaces the old rules in the same commit.
-        f"flush chain ip {t} {CHAIN}\n"
-        f"add rule ip {t} {CHAIN} {match}"
-        f" dnat ip to ip saddr . meta l4proto . th dport map @{REMOTE_MAP}\n"
-        f"add rule ip {t} {CHAIN} {match} dnat ip to meta l4proto . th dport map @{WILDCARD_MAP}\n"
-    )
-
-
-def close_commands(table: str) -> str:
-    """Delete the table; the `add` first makes this succeed when it is already gone."""
-    t = check_table_name(table)
-    return f"add table ip {t}\ndelete table ip {t}\n"
-
-
-def list_command(table: str) -> str:
-    """Listing of the table (one JSON document; nft 1.0.6 fails on two `list map` at once)."""
-    return f"list table ip {check_table_name(table)}"
-
-
-def entry_order(entry: KernelEntry) -> tuple[str, int, int, int, int]:
-    """Sort key for entries (KernelEntry's own order fails comparing None with an address)."""
-    remote = -1 if entry.remote_host is None else int(entry.remote_host)
-    return (
-        entry.protocol.value,
-        entry.external_port,
-        remote,
-        int(entry.internal_address),
-        entry.internal_port,
-    )
-
-
-def reconcile_plan(
-    table: str, kernel: set[KernelEntry], wanted: Sequence[Mapping], *, now: float
-) -> tuple[str, ReconcileReport]:
-    """Transaction making the kernel hold exactly `wanted`, and what it removes and adds."""
-    want = {KernelEntry.of(m): m for m in wanted}
-    orphans = sorted(kernel - want.keys(), key=entry_order)
-    missing = sorted(want.keys() - kernel, key=entry_order)
-    matching = sorted(kernel & want.keys(), key=entry_order)
-    # Matching entries are deleted and re-added too: that is how a timeout is refreshed
-    # on kernels before 6.12, and the daemon's leases may have changed while it was down.
-    commands = replace_elements(
-        table,
-        orphans + matching,
-        ((e, element_timeout(want[e], now)) for e in sorted(want, key=entry_order)),
-    )
-    return commands, ReconcileReport(removed=tuple(orphans), added=tuple(missing))
-
-
-def _protocol(value: Any) -> Protocol:
-    if isinstance(value, int):
-        return Protocol.from_number(value)
-    return Protocol(value)
-
-
-def _port(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    if type(value) is not int:
-        raise ValueError(f"unexpected port {value!r}")
-    return value
-
-
-def _parse_element(name: str, item: Any) -> KernelEntry:
-    key, value = item
-    if isinstance(key, dict) and "elem" in key:  # elements with a timeout wrap their key
-        key = key["elem"]["val"]
-    fields = key["concat"]
-    target = value["concat"]
-    remote = IPv4Address(fields[0]) if name == REMOTE_MAP else None
-    proto, port = fields[-2:]
-    return KernelEntry(
-        _protocol(proto), _port(port), remote, IPv4Address(target[0]), _port(target[1])
-    )
-
-
-def parse_entries(doc: dict[str, Any], table: str) -> set[KernelEntry]:
-    """The entries of both maps in a JSON listing of our table."""
-    found: set[KernelEntry] = set()
-    for obj in doc.get("nftables", []):
-        m = obj.get("map") if isinstance(obj, dict) else None
-        if not m or m.get("table") != table or m.get("name") not in (WILDCARD_MAP, REMOTE_MAP):
-            continue
-        for item in m.get("elem", []):
-            try:
-                found.add(_parse_element(m["name"], item))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise NftError(f"unexpected element in map {m['name']}: {item!r}") from exc
-    return found
 
 
 # -- the executor -------------------------------------------------------------------------
@@ -308,7 +87,7 @@ def enter_netns(name: str) -> None:
 
 
 class NftablesBackend:
-    """Mappings as nftables map elements, applied from one dedicated worker thread."""
+    """Mappings as elements of nftables sets and maps, applied from one worker thread."""
 
     def __init__(self, table: str, external_interface: str, *, netns: str | None = None) -> None:
         self.table = check_table_name(table)
@@ -320,7 +99,7 @@ class NftablesBackend:
         self._closed = False
 
     async def open(self) -> None:
-        """Create table, maps and rules idempotently, keeping existing elements."""
+        """Create table, sets, chains and rules idempotently, keeping existing elements."""
         await self._call(functools.partial(self._run, self._open_commands()))
         log.info("nftables table ip %s ready on %s", self.table, self.external_interface)
 
@@ -345,7 +124,7 @@ class NftablesBackend:
         return await self._call(functools.partial(self._reconcile, list(wanted), now))
 
     async def entries(self) -> set[KernelEntry]:
-        """What both maps hold now."""
+        """What the table holds now, as entries (filters and PEER ports included)."""
         return await self._call(self._entries)
 
     async def close(self, *, flush: bool) -> None:
@@ -378,11 +157,17 @@ class NftablesBackend:
     def _run(self, commands: str) -> None:
         self._context().run(commands)
 
+    def _listing(self) -> Listing:
+        return parse_listing(self._context().run_json(list_command(self.table)), self.table)
+
     def _entries(self) -> set[KernelEntry]:
-        return parse_entries(self._context().run_json(list_command(self.table)), self.table)
+        return set(self._listing().entries)
 
     def _reconcile(self, wanted: list[Mapping], now: float) -> ReconcileReport:
-        commands, report = reconcile_plan(self.table, self._entries(), wanted, now=now)
+        listing = self._listing()
+        commands, report = reconcile_plan(
+            self.table, set(listing.entries), wanted, now=now, held=listing.elements
+        )
         if commands:
             self._context().run(commands)
         return report

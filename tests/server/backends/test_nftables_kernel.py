@@ -2,67 +2,28 @@
 
 from __future__ import annotations
 
-import json
-import re
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from ipaddress import IPv4Address
-from typing import Any
 
 import pytest
 
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+from igd.model import Protocol
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.nftables import NftablesBackend
-from tests.netns import Netns, netns, netns_group
+from tests.netns import Netns, netns
+from tests.server.backends.nftlab import (
+    NOW,
+    PREFIX,
+    mapping,
+    only,
+    rules,
+    ruleset,
+    snapshot,
+    timeouts,
+)
 
 pytestmark = pytest.mark.lab
-
-PREFIX = "igdnft"
-LAN = IPv4Address("192.168.78.10")
-OWNER = Owner(Mechanism.NATPMP, LAN)
-NOW = 1000.0
-
-
-def mapping(
-    port: int,
-    *,
-    protocol: Protocol = Protocol.TCP,
-    remote: str | None = None,
-    internal_port: int = 8080,
-    lease: float = 3600.0,
-) -> Mapping:
-    key = MappingKey(protocol, port, IPv4Address(remote) if remote else None)
-    return Mapping(key, LAN, internal_port, OWNER, NOW, NOW + lease)
-
-
-def ruleset(ns: Netns) -> list[dict[str, Any]]:
-    """`nft -j list ruleset` inside the namespace, as a list of objects."""
-    doc = json.loads(ns.run("nft", "-j", "list", "ruleset").stdout)
-    return list(doc["nftables"])
-
-
-def snapshot(ns: Netns) -> str:
-    """The namespace's whole ruleset without the ever-decreasing `expires` of elements."""
-    return re.sub(r', "expires": \d+', "", ns.run("nft", "-j", "list", "ruleset").stdout)
-
-
-def timeouts(ns: Netns) -> dict[str, int | None]:
-    """Element key (as 'tcp . 1') -> kernel timeout, straight from nft's JSON listing."""
-    found: dict[str, int | None] = {}
-    for obj in ruleset(ns):
-        for key, _ in obj.get("map", {}).get("elem", []):
-            elem = key.get("elem", {"val": key})
-            found[" . ".join(map(str, elem["val"]["concat"]))] = elem.get("timeout")
-    return found
-
-
-def rules(ns: Netns) -> list[str]:
-    """Text of the rules in our prerouting chain."""
-    out = ns.run("nft", "list", "chain", "ip", "igd", "prerouting").stdout
-    return [line.strip() for line in out.splitlines() if "dnat" in line]
 
 
 @pytest.fixture
@@ -186,105 +147,109 @@ async def test_unknown_namespace_is_a_backend_error() -> None:
     await b.close(flush=False)
 
 
-# -- the data path: WAN host -> gateway (our table) -> LAN server -------------------------
+# -- FILTER and PEER entries ----------------------------------------------------------------
 
-SERVER = """
-import socket, sys, threading
-def serve(port):
-    s = socket.create_server(("0.0.0.0", port))
-    while True:
-        c, peer = s.accept()
-        c.sendall(f"{port} {peer[0]}\\n".encode())
-        c.close()
-for p in (8080, 8081):
-    threading.Thread(target=serve, args=(p,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-CLIENT = """
-import socket, sys
-src, dst, port, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-try:
-    s = socket.create_connection((dst, port), timeout=wait, source_address=(src, 0))
-    print(s.makefile().readline().strip())
-except OSError as e:
-    print("error", type(e).__name__)
-"""
-
-FORWARD_DROP = """
-table inet filter {
-    chain forward {
-        type filter hook forward priority filter; policy drop;
-        ct state established,related accept
-        ct state invalid drop
-    }
-}
-"""
+FILTERED = mapping(
+    18080, filters=(only("203.0.113.0/24"), only("198.51.100.7/32", 5000), only("0.0.0.0/0", 7))
+)
+REMOTE_FILTERED = mapping(
+    5000,
+    protocol=Protocol.UDP,
+    remote="203.0.113.3",
+    internal_port=5001,
+    filters=(only("203.0.113.0/24", 9), only("198.51.100.0/24")),
+)
+PEER = mapping(40000, protocol=Protocol.UDP, remote="198.51.100.7", internal_port=4000,
+               peer_port=7000)  # fmt: skip
+PLAIN = mapping(18081)
 
 
-def lab_links(wan: Netns, gw: Netns, lan: Netns) -> None:
-    """WAN 203.0.113.0/24 (gw .1, hosts .2 and .3) and LAN 192.168.78.0/24 (gw .1, host .10)."""
-    gw.run("ip", "link", "add", "ext0", "type", "veth", "peer", "name", "wan0", "netns", wan.name)
-    gw.run("ip", "link", "add", "int0", "type", "veth", "peer", "name", "lan0", "netns", lan.name)
-    gw.run("ip", "addr", "add", "203.0.113.1/24", "dev", "ext0")
-    gw.run("ip", "addr", "add", "192.168.78.1/24", "dev", "int0")
-    wan.run("ip", "addr", "add", "203.0.113.2/24", "dev", "wan0")
-    wan.run("ip", "addr", "add", "203.0.113.3/24", "dev", "wan0")
-    lan.run("ip", "addr", "add", "192.168.78.10/24", "dev", "lan0")
-    for ns, dev in ((gw, "ext0"), (gw, "int0"), (wan, "wan0"), (lan, "lan0")):
-        ns.run("ip", "link", "set", dev, "up")
-    # Replies reach the WAN host through the gateway's conntrack (un-DNAT), so only the LAN
-    # host needs a route: its default route via the gateway.
-    lan.run("ip", "route", "add", "default", "via", "192.168.78.1")
-    gw.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+async def test_filters_and_peer_entries_read_back_exactly(
+    gw: Netns, backend: NftablesBackend
+) -> None:
+    every = [FILTERED, REMOTE_FILTERED, PEER, PLAIN]
+    await backend.apply([], every, now=NOW)
+    assert await backend.entries() == {KernelEntry.of(m) for m in every}
+    # A restarted daemon finds exactly what it wrote: reconcile changes nothing.
+    again = NftablesBackend("igd", "wan0", netns=gw.name)
+    await again.open()
+    assert await again.reconcile(every, now=NOW) == ReconcileReport((), ())
+    assert await again.entries() == {KernelEntry.of(m) for m in every}
+    # Every element carries the mapping's kernel timeout.
+    assert set(timeouts(gw).values()) == {3660}
+    await again.close(flush=False)
+    # Removal takes every element of every set with it.
+    await backend.apply(every, [], now=NOW)
+    assert await backend.entries() == set() and timeouts(gw) == {}
 
 
-async def test_wan_host_reaches_lan_server_through_mapping() -> None:
-    with netns_group(PREFIX, 3) as (wan, gw, lan):
-        lab_links(wan, gw, lan)
-        server = lan.popen(sys.executable, "-c", SERVER)
-        backend = NftablesBackend("igd", "ext0", netns=gw.name)
-        try:
-            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            await backend.open()
+async def test_renewal_with_other_filters_swaps_them_atomically(
+    gw: Netns, backend: NftablesBackend
+) -> None:
+    await backend.apply([], [FILTERED, PLAIN], now=NOW)
+    narrower = replace(FILTERED, filters=(only("203.0.113.2/32"),))
+    await backend.apply([FILTERED], [narrower], now=NOW)
+    assert await backend.entries() == {KernelEntry.of(narrower), KernelEntry.of(PLAIN)}
+    assert [k for k in timeouts(gw) if k.endswith("tcp . 18080") and k.count(".") > 8] == [
+        "203.0.113.2 . 203.0.113.2 . 0 . tcp . 18080"
+    ]
+    # A failing transaction (the add of PLAIN's key with another target) changes nothing,
+    # filters included.
+    before = snapshot(gw)
+    clash = mapping(18081, internal_port=9999)
+    with pytest.raises(BackendError, match="File exists"):
+        await backend.apply([narrower], [FILTERED, clash], now=NOW)
+    assert snapshot(gw) == before
+    # Filters cleared by a renewal: the mapping is no longer marked filtered.
+    cleared = replace(narrower, filters=())
+    await backend.apply([narrower], [cleared], now=NOW)
+    assert await backend.entries() == {KernelEntry.of(cleared), KernelEntry.of(PLAIN)}
+    assert not [k for k in timeouts(gw) if "18080" in k and k != "tcp . 18080"]
 
-            def connect(
-                src: str, port: int, dst: str = "203.0.113.1", ns: Netns = wan, wait: float = 3
-            ) -> str:
-                gw.run("conntrack", "-F", check=False)  # old flows would bypass the NAT chain
-                argv = (sys.executable, "-c", CLIENT, src, dst, str(port), str(wait))
-                return ns.run(*argv).stdout.strip()
 
-            refused = "error ConnectionRefusedError"
-            assert connect("203.0.113.2", 18080) == refused
+async def test_reconcile_rewrites_changed_filters_and_clears_stray_elements(
+    gw: Netns, backend: NftablesBackend
+) -> None:
+    await backend.apply([], [FILTERED, PEER], now=NOW)
+    # Hand edits: a stray allowed peer, a PEER flow with no DNAT entry, a filter mark alone.
+    gw.run("nft", "add element ip igd allowed { 192.0.2.1 . 192.0.2.1 . 0 . udp . 9 }")
+    gw.run("nft", "add element ip igd peers { 192.168.78.10 . tcp . 1 . 192.0.2.1 . 2 : 3 }")
+    gw.run("nft", "add element ip igd filtered { udp . 9 }")
+    assert await backend.entries() == {KernelEntry.of(FILTERED), KernelEntry.of(PEER)}
+    changed = replace(FILTERED, filters=(only("192.0.2.0/24"),))
+    report = await backend.reconcile([changed, PEER], now=NOW)
+    assert report == ReconcileReport(
+        removed=(KernelEntry.of(FILTERED),), added=(KernelEntry.of(changed),)
+    )
+    assert await backend.entries() == {KernelEntry.of(changed), KernelEntry.of(PEER)}
+    assert sorted(timeouts(gw)) == sorted(
+        [
+            "tcp . 18080",
+            "192.0.2.0 . 192.0.2.255 . 0 . tcp . 18080",
+            "198.51.100.7 . udp . 40000",
+            "192.168.78.10 . udp . 4000 . 198.51.100.7 . 7000",
+        ]
+    )
 
-            plain = mapping(18080)
-            await backend.apply([], [plain], now=NOW)
-            assert connect("203.0.113.2", 18080) == "8080 203.0.113.2"
-            # Only traffic arriving on the external interface is translated.
-            assert connect("192.168.78.10", 18080, "192.168.78.1", lan) == refused
-            await backend.apply([plain], [], now=NOW)
-            assert connect("203.0.113.2", 18080) == refused
 
-            # A remote-host-specific mapping admits only that WAN host...
-            only3 = mapping(18081, remote="203.0.113.3", internal_port=8081)
-            await backend.apply([], [only3], now=NOW)
-            assert connect("203.0.113.3", 18081) == "8081 203.0.113.3"
-            assert connect("203.0.113.2", 18081) == refused
-            # ...and wins over a wildcard mapping of the same port, whose lookup a miss in
-            # the remote map falls through to.
-            await backend.apply([], [mapping(18081)], now=NOW)
-            assert connect("203.0.113.3", 18081) == "8081 203.0.113.3"
-            assert connect("203.0.113.2", 18081) == "8080 203.0.113.2"
+async def test_open_upgrades_a_table_of_the_earlier_two_map_shape_keeping_its_mappings(
+    gw: Netns,
+) -> None:
+    gw.run("nft", "-f", "-", input=OLD_SHAPE)
+    backend = NftablesBackend("igd", "wan0", netns=gw.name)
+    await backend.open()
+    assert await backend.entries() == {KernelEntry.of(mapping(18079))}
+    await backend.apply([], [FILTERED, PEER], now=NOW)
+    assert await backend.entries() == {KernelEntry.of(m) for m in (mapping(18079), FILTERED, PEER)}
+    await backend.close(flush=False)
 
-            # docs/nftables.md: an admin's forward chain with policy drop blocks mapped
-            # traffic (our table cannot override it) until it accepts `ct status dnat`.
-            gw.run("nft", "-f", "-", input=FORWARD_DROP)
-            assert connect("203.0.113.2", 18081, wait=0.5) == "error TimeoutError"
-            gw.run("nft", "add rule inet filter forward ct status dnat accept")
-            assert connect("203.0.113.2", 18081) == "8080 203.0.113.2"
-        finally:
-            server.kill()
-            server.communicate()
-            await backend.close(flush=True)
+
+OLD_SHAPE = """
+add table ip igd
+add map ip igd portmap { type inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }
+add map ip igd portmap_remote { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }
+add chain ip igd prerouting { type nat hook prerouting priority dstnat; policy accept; }
+add rule ip igd prerouting iifname "wan0" meta l4proto { tcp, udp } dnat ip to ip saddr . meta l4proto . th dport map @portmap_remote
+add rule ip igd prerouting iifname "wan0" meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @portmap
+add element ip igd portmap { tcp . 18079 : 192.168.78.10 . 8080 }
+"""  # noqa: E501 (the earlier release's exact commands)

@@ -1,0 +1,365 @@
+"""The nft text igd sends: the table's shape, and each mapping as elements of its sets.
+
+Pure: no kernel, no I/O. docs/nftables.md shows the resulting table and explains each part.
+Every set is a hash (no `interval` flag): adding or deleting an element costs the same however
+many the table holds. Interval sets (nft's "pipapo" type for concatenations) were measured and
+refused: with 20,000 elements one delete took ~60 ms and one add ~2 ms, so FILTERs match
+prefixes by hashing the packet's source masked at each prefix length instead (`admit` chain).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from igd.model import Mapping, Protocol, RemoteFilter
+from igd.server.backends import KernelEntry, ReconcileReport
+
+WILDCARD_MAP = "portmap"
+REMOTE_MAP = "portmap_remote"
+FILTERED = "filtered"
+ALLOWED = "allowed"
+FILTERED_REMOTE = "filtered_remote"
+ALLOWED_REMOTE = "allowed_remote"
+FILTERS_REMOTE = "filters_remote"
+PEERS = "peers"
+CONTAINERS = (
+    WILDCARD_MAP, REMOTE_MAP, FILTERED, ALLOWED, FILTERED_REMOTE, ALLOWED_REMOTE,
+    FILTERS_REMOTE, PEERS,
+)  # fmt: skip
+"""Every set and map of the table, in the order commands list them."""
+
+PREROUTING = "prerouting"
+POSTROUTING = "postrouting"
+ADMIT = "admit"
+ADMIT_REMOTE = "admit_remote"
+
+KERNEL_GRACE = 60
+"""Seconds a kernel element outlives its lease: the daemon deletes on expiry itself; the kernel
+timeout is only the safety net for a daemon that died."""
+
+MAX_FILTERS = 1024
+"""FILTERs one entry may carry: bounds the elements of one change (the daemon's own limit,
+`pcp.max_filters`, is at most 64)."""
+
+MAX_ELEMENT_TIMEOUT = 2_147_483
+"""Longest element timeout we send: 2**31 ms, about 24.8 days. nft 1.0.6 refuses 10**8 s, and
+older kernels handled element timeouts as 32-bit milliseconds; we stay below both. A longer
+lease gets no kernel timeout rather than a shorter one: expiring before the daemon's lease
+would break a live mapping."""
+
+_TYPES = {
+    WILDCARD_MAP: "inet_proto . inet_service : ipv4_addr . inet_service",
+    REMOTE_MAP: "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+    FILTERED: "inet_proto . inet_service",
+    ALLOWED: "ipv4_addr . ipv4_addr . inet_service . inet_proto . inet_service",
+    FILTERED_REMOTE: "ipv4_addr . inet_proto . inet_service",
+    ALLOWED_REMOTE: "ipv4_addr . inet_service . inet_proto . inet_service",
+    # nft 1.0.6 lists a `type` of more than five fields wrongly, so the FILTERs of a
+    # remote-host entry are numbered (last key field) rather than spelled out in the key.
+    FILTERS_REMOTE: "ipv4_addr . inet_proto . inet_service . inet_service"
+    " : ipv4_addr . ipv4_addr . inet_service",
+    PEERS: "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service : inet_service",
+}
+"""Key (and data) type of every set and map; each a hash with per-element timeouts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    """One element of one of our sets or maps, in nft syntax (data is None in sets)."""
+
+    container: str
+    key: str
+    data: str | None = None
+
+
+# -- validation -----------------------------------------------------------------------------
+
+# Linux ifnames (dev_valid_name) are at most 15 bytes without '/', ':' or whitespace. We accept
+# a stricter alphabet so the name, quoted in nft syntax, can never close its quotes or carry a
+# wildcard ('*') or a comment ('#').
+_IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+# nft 1.0.6 does not accept quoted table names, so the name must be a bare identifier.
+_TABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def check_ifname(name: str) -> str:
+    """Return `name` if it is a safe Linux interface name; ValueError otherwise."""
+    if not _IFNAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid interface name {name!r}")
+    return name
+
+
+def check_table_name(name: str) -> str:
+    """Return `name` if nft accepts it as a bare table identifier; ValueError otherwise."""
+    if not _TABLE.fullmatch(name):
+        raise ValueError(f"invalid nftables table name {name!r}")
+    return name
+
+
+def _check_port(port: object, low: int = 1) -> None:
+    if type(port) is not int or not low <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+
+
+def check_entry(entry: KernelEntry) -> KernelEntry:
+    """Return `entry` if every field has the type and range nft syntax needs; ValueError else."""
+    if not isinstance(entry.protocol, Protocol):
+        raise ValueError(f"invalid protocol {entry.protocol!r}")
+    for port in (entry.external_port, entry.internal_port):
+        _check_port(port)
+    if not isinstance(entry.internal_address, IPv4Address):
+        raise ValueError(f"invalid internal address {entry.internal_address!r}")
+    if entry.remote_host is not None and not isinstance(entry.remote_host, IPv4Address):
+        raise ValueError(f"invalid remote host {entry.remote_host!r}")
+    _check_port(entry.peer_port, low=0)
+    if entry.peer_port and entry.remote_host is None:
+        raise ValueError("a PEER entry needs its remote host")
+    if not isinstance(entry.filters, tuple) or len(entry.filters) > MAX_FILTERS:
+        raise ValueError(f"invalid filters {entry.filters!r}")
+    for remote in entry.filters:
+        if not isinstance(remote, RemoteFilter) or not isinstance(remote.network, IPv4Network):
+            raise ValueError(f"invalid filter {remote!r}")
+        _check_port(remote.port, low=0)
+    if len(set(entry.filters)) != len(entry.filters):
+        # A set holds each filter once: a duplicate would not read back.
+        raise ValueError(f"duplicate filters in {entry.filters!r}")
+    return entry
+
+
+# -- entries as elements --------------------------------------------------------------------
+
+
+def _span(network: IPv4Network) -> str:
+    """A prefix as its first and last address: what the `admit` rules compute from a packet."""
+    return f"{network.network_address} . {network.broadcast_address}"
+
+
+def elements(entry: KernelEntry) -> list[Element]:
+    """Every element one entry needs, whichever sets they live in."""
+    check_entry(entry)
+    service = f"{entry.protocol.value} . {entry.external_port}"
+    target = f"{entry.internal_address} . {entry.internal_port}"
+    remote = entry.remote_host
+    if remote is None:
+        found = [Element(WILDCARD_MAP, service, target)]
+        if entry.filters:
+            # RFC 6887 §13.3: only these peers may use the mapping; port 0 = any port.
+            found.append(Element(FILTERED, service))
+            found += [
+                Element(ALLOWED, f"{_span(f.network)} . {f.port} . {service}")
+                for f in entry.filters
+            ]
+        return found
+    key = f"{remote} . {service}"
+    found = [Element(REMOTE_MAP, key, target)]
+    if entry.filters:
+        # Only `remote` can reach this entry: the filters reduce to the source ports they
+        # allow it (none if no filter covers it). The filters themselves are kept whole in
+        # FILTERS_REMOTE, which no rule reads, so that they list back exactly.
+        found.append(Element(FILTERED_REMOTE, key))
+        ports = sorted({f.port for f in entry.filters if remote in f.network})
+        found += [Element(ALLOWED_REMOTE, f"{remote} . {p} . {service}") for p in ports]
+        found += [
+            Element(FILTERS_REMOTE, f"{key} . {i}", f"{_span(f.network)} . {f.port}")
+            for i, f in enumerate(entry.filters)
+        ]
+    if entry.peer_port:
+        # RFC 6887 §12: the internal endpoint's flows to the peer leave with external_port.
+        flow = (
+            f"{entry.internal_address} . {entry.protocol.value} . {entry.internal_port}"
+            f" . {remote} . {entry.peer_port}"
+        )
+        found.append(Element(PEERS, flow, str(entry.external_port)))
+    return found
+
+
+def element_timeout(mapping: Mapping, now: float) -> int | None:
+    """Kernel timeout for a mapping: remaining lease plus grace, rounded up; None = none."""
+    remaining = mapping.expires - now
+    if math.isnan(remaining) or remaining == math.inf:
+        return None
+    seconds = math.ceil(max(0.0, remaining)) + KERNEL_GRACE
+    return None if seconds > MAX_ELEMENT_TIMEOUT else seconds
+
+
+def _commands(verb: str, table: str, items: Iterable[tuple[Element, int | None]]) -> list[str]:
+    """One command per set, in CONTAINERS order: nft parses one long element list about three
+    times faster than as many single-element commands."""
+    groups: dict[str, list[str]] = {name: [] for name in CONTAINERS}
+    for element, timeout in items:
+        text = element.key
+        if verb == "add":
+            text += "" if timeout is None else f" timeout {timeout}s"
+            text += "" if element.data is None else f" : {element.data}"
+        groups[element.container].append(text)
+    return [
+        f"{verb} element ip {table} {name} {{ {', '.join(texts)} }}"
+        for name, texts in groups.items()
+        if texts
+    ]
+
+
+def _expand(
+    entries: Iterable[tuple[KernelEntry, int | None]],
+) -> list[tuple[Element, int | None]]:
+    return [(element, timeout) for entry, timeout in entries for element in elements(entry)]
+
+
+def replace_elements(
+    table: str, removed: Iterable[KernelEntry], added: Iterable[tuple[KernelEntry, int | None]]
+) -> str:
+    """One transaction: delete `removed`, then add `added` (entry, timeout); "" if empty.
+
+    Keys are unique within `removed` and within `added` (the mapping table's key space)."""
+    check_table_name(table)
+    gone = _expand((e, None) for e in removed)
+    lines = [
+        # Add first: a no-op when the element is there, and it makes the delete succeed when
+        # the kernel already timed the element out (or never had it). Without it, a renewal
+        # of an expired element would abort the whole transaction with ENOENT.
+        *_commands("add", table, gone),
+        *_commands("delete", table, gone),
+        *_commands("add", table, _expand(added)),
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
+def apply_commands(
+    table: str, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
+) -> str:
+    """The transaction for `Backend.apply`."""
+    return replace_elements(
+        table,
+        (KernelEntry.of(m) for m in removed),
+        ((KernelEntry.of(m), element_timeout(m, now)) for m in added),
+    )
+
+
+def entry_order(
+    entry: KernelEntry,
+) -> tuple[str, int, int, int, int, int, tuple[RemoteFilter, ...]]:
+    """Sort key for entries (KernelEntry's own order fails comparing None with an address)."""
+    remote = -1 if entry.remote_host is None else int(entry.remote_host)
+    return (
+        entry.protocol.value,
+        entry.external_port,
+        remote,
+        int(entry.internal_address),
+        entry.internal_port,
+        entry.peer_port,
+        entry.filters,
+    )
+
+
+def reconcile_plan(
+    table: str, kernel: set[KernelEntry], wanted: Sequence[Mapping], *, now: float, held: int
+) -> tuple[str, ReconcileReport]:
+    """Transaction making the kernel hold exactly `wanted`, and what it removes and adds.
+
+    `kernel` is what the table's elements amount to, `held` how many elements it has."""
+    check_table_name(table)
+    want = {KernelEntry.of(m): m for m in wanted}
+    report = ReconcileReport(
+        removed=tuple(sorted(kernel - want.keys(), key=entry_order)),
+        added=tuple(sorted(want.keys() - kernel, key=entry_order)),
+    )
+    if not held and not want:
+        return "", report
+    # Flush and refill in one transaction: packets see the old table or the new one, never a
+    # gap. Refilling refreshes every timeout (kernels before 6.12 cannot update one in place;
+    # leases may have changed while the daemon was down), and flushing also clears elements
+    # that belong to no entry (a hand edit, a half-deleted mapping).
+    lines = [f"flush {kind} ip {table} {name}" for name, kind in _kinds()]
+    ordered = sorted(want, key=entry_order)
+    lines += _commands("add", table, _expand((e, element_timeout(want[e], now)) for e in ordered))
+    return "".join(line + "\n" for line in lines), report
+
+
+def _kinds() -> list[tuple[str, str]]:
+    return [(name, "map" if ":" in _TYPES[name] else "set") for name in CONTAINERS]
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def admit_rules() -> list[str]:
+    """The `admit` chain: return if a filter of the packet's mapping covers its source, else
+    drop. A filter is held as (first address, last address, port) of its prefix; masking the
+    source at each prefix length in turn makes every test one hash lookup. Longest first."""
+    rules = []
+    tail = "meta l4proto . th dport @" + ALLOWED + " return"
+    for length in range(32, -1, -1):
+        net = IPv4Network((0, length))
+        if length == 32:
+            span = "ip saddr . ip saddr"
+        else:
+            span = f"ip saddr & {net.netmask} . ip saddr | {net.hostmask}"
+        # `th sport & 0` is 0 for every packet: the lookup of filters for any port.
+        rules += [f"{span} . th sport . {tail}", f"{span} . th sport & 0 . {tail}"]
+    return [*rules, "drop"]
+
+
+def admit_remote_rules() -> list[str]:
+    """The `admit_remote` chain: the same test for remote-host-specific entries."""
+    tail = "meta l4proto . th dport @" + ALLOWED_REMOTE + " return"
+    return [f"ip saddr . th sport . {tail}", f"ip saddr . th sport & 0 . {tail}", "drop"]
+
+
+def open_commands(table: str, external_interface: str) -> str:
+    """Create table, sets and chains idempotently; rewrite every rule, keep the elements."""
+    t, ifname = check_table_name(table), check_ifname(external_interface)
+    inbound = f'iifname "{ifname}" meta l4proto {{ tcp, udp }}'
+    lines = [f"add table ip {t}"]
+    lines += [
+        f"add {kind} ip {t} {name} {{ type {_TYPES[name]}; flags timeout; }}"
+        for name, kind in _kinds()
+    ]
+    lines += [
+        f"add chain ip {t} {PREROUTING} {{ type nat hook prerouting priority dstnat;"
+        " policy accept; }",
+        f"add chain ip {t} {ADMIT}",
+        f"add chain ip {t} {ADMIT_REMOTE}",
+        # Before srcnat: the first NAT chain to bind a flow wins, and a PEER flow must get
+        # its external port here, not whatever port the admin's masquerade would pick.
+        f"add chain ip {t} {POSTROUTING} {{ type nat hook postrouting priority srcnat - 10;"
+        " policy accept; }",
+    ]
+    # Flushing a chain drops its rules, never set elements: mappings survive a restart, and
+    # a changed external interface name replaces the old rules in the same commit.
+    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING)
+    lines += [f"flush chain ip {t} {chain}" for chain in chains]
+    # A NAT chain sees only the first packet of each flow: exactly the packets a FILTER must
+    # judge. Dropping here refuses the flow; replies of flows already admitted (or started
+    # from inside) never come this way. A DNAT lookup that hits ends the chain, so a packet
+    # that a remote-host-specific entry takes is never judged by the wildcard's filters.
+    prerouting = [
+        f"ip saddr . meta l4proto . th dport @{FILTERED_REMOTE} jump {ADMIT_REMOTE}",
+        f"dnat ip to ip saddr . meta l4proto . th dport map @{REMOTE_MAP}",
+        f"meta l4proto . th dport @{FILTERED} jump {ADMIT}",
+        f"dnat ip to meta l4proto . th dport map @{WILDCARD_MAP}",
+    ]
+    lines += [f"add rule ip {t} {PREROUTING} {inbound} {rule}" for rule in prerouting]
+    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules()]
+    lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
+    # masquerade, not snat: the kernel takes the interface's current address for each new
+    # flow, so an address change needs no rewrite. Only the port comes from the map.
+    lines.append(
+        f'add rule ip {t} {POSTROUTING} oifname "{ifname}" meta l4proto {{ tcp, udp }}'
+        f" masquerade to : ip saddr . meta l4proto . th sport . ip daddr . th dport map @{PEERS}"
+    )
+    return "".join(line + "\n" for line in lines)
+
+
+def close_commands(table: str) -> str:
+    """Delete the table; the `add` first makes this succeed when it is already gone."""
+    t = check_table_name(table)
+    return f"add table ip {t}\ndelete table ip {t}\n"
+
+
+def list_command(table: str) -> str:
+    """Listing of the table (one JSON document; nft 1.0.6 fails on two `list map` at once)."""
+    return f"list table ip {check_table_name(table)}"

@@ -1,0 +1,163 @@
+"""Packets through the gateway's kernel: WAN hosts -> our table -> LAN host, and back (root)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from igd.model import Protocol
+from igd.server.backends.nftables import NftablesBackend
+from tests.server.backends.nftlab import (
+    ADMIN_MASQUERADE,
+    FORWARD_DROP,
+    GATEWAY_WAN,
+    NOW,
+    WAN2,
+    WAN3,
+    Lab,
+    lab,
+    mapping,
+    only,
+)
+
+pytestmark = pytest.mark.lab
+
+REFUSED = "error ConnectionRefusedError"  # nothing mapped: the gateway itself answers RST
+DROPPED = "error TimeoutError"  # a FILTER dropped the SYN: no answer at all
+LAN_HOST = "192.168.78.10"
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[tuple[Lab, NftablesBackend]]:
+    with lab() as the_lab:
+        backend = NftablesBackend("igd", "ext0", netns=the_lab.gw.name)
+        try:
+            await backend.open()
+            yield the_lab, backend
+        finally:
+            await backend.close(flush=True)
+
+
+async def test_wan_host_reaches_lan_server_through_mapping(
+    net: tuple[Lab, NftablesBackend],
+) -> None:
+    the_lab, backend = net
+    connect = the_lab.connect
+    assert connect(WAN2, 18080) == REFUSED
+
+    plain = mapping(18080)
+    await backend.apply([], [plain], now=NOW)
+    assert connect(WAN2, 18080) == "8080 203.0.113.2"
+    # Only traffic arriving on the external interface is translated.
+    assert connect(LAN_HOST, 18080, dst="192.168.78.1", ns=the_lab.lan) == REFUSED
+    await backend.apply([plain], [], now=NOW)
+    assert connect(WAN2, 18080) == REFUSED
+
+    # A remote-host-specific mapping admits only that WAN host...
+    only3 = mapping(18081, remote=WAN3, internal_port=8081)
+    await backend.apply([], [only3], now=NOW)
+    assert connect(WAN3, 18081) == "8081 203.0.113.3"
+    assert connect(WAN2, 18081) == REFUSED
+    # ...and wins over a wildcard mapping of the same port, whose lookup a miss in the remote
+    # map falls through to.
+    await backend.apply([], [mapping(18081)], now=NOW)
+    assert connect(WAN3, 18081) == "8081 203.0.113.3"
+    assert connect(WAN2, 18081) == "8080 203.0.113.2"
+
+    # docs/nftables.md: an admin's forward chain with policy drop blocks mapped traffic (our
+    # table cannot override it) until it accepts `ct status dnat`.
+    the_lab.gw.run("nft", "-f", "-", input=FORWARD_DROP)
+    assert connect(WAN2, 18081, wait=0.5) == DROPPED
+    the_lab.gw.run("nft", "add rule inet filter forward ct status dnat accept")
+    assert connect(WAN2, 18081) == "8080 203.0.113.2"
+
+
+async def test_filter_admits_only_the_peers_it_names(net: tuple[Lab, NftablesBackend]) -> None:
+    the_lab, backend = net
+
+    def connect(src: str, sport: int = 0) -> str:
+        return the_lab.connect(src, 18080, sport=sport, wait=0.7)
+
+    # RFC 6887 §13.3: a FILTER for the first WAN host's /32 admits it, drops the second.
+    first_only = mapping(18080, filters=(only(f"{WAN2}/32"),))
+    await backend.apply([], [first_only], now=NOW)
+    assert connect(WAN2) == "8080 203.0.113.2"
+    assert connect(WAN3) == DROPPED
+    # A filter with a port admits that source port only.
+    with_port = replace(first_only, filters=(only(f"{WAN2}/32", 40123),))
+    await backend.apply([first_only], [with_port], now=NOW)
+    assert connect(WAN2, 40123) == "8080 203.0.113.2"
+    assert connect(WAN2, 40124) == DROPPED
+    assert connect(WAN3, 40123) == DROPPED
+    # A prefix admits every host in it (alongside the port filter).
+    wider = replace(with_port, filters=(only("203.0.113.0/30"), only(f"{WAN2}/32", 40123)))
+    await backend.apply([with_port], [wider], now=NOW)
+    assert connect(WAN3, 40124) == "8080 203.0.113.3"
+    # A renewal without filters admits everyone again.
+    cleared = replace(wider, filters=())
+    await backend.apply([wider], [cleared], now=NOW)
+    assert connect(WAN3) == "8080 203.0.113.3"
+    assert connect(WAN2, 40124) == "8080 203.0.113.2"
+
+
+async def test_filters_and_remote_host_mappings_coexist(
+    net: tuple[Lab, NftablesBackend],
+) -> None:
+    the_lab, backend = net
+
+    def connect(src: str, sport: int = 0) -> str:
+        return the_lab.connect(src, 18081, sport=sport, wait=0.7)
+
+    # The wildcard mapping admits only the first WAN host; the second one has a mapping of
+    # its own on the same port, which the wildcard's filter must not block.
+    wildcard = mapping(18081, filters=(only(f"{WAN2}/32"),))
+    for_wan3 = mapping(18081, remote=WAN3, internal_port=8081)
+    await backend.apply([], [wildcard, for_wan3], now=NOW)
+    assert connect(WAN2) == "8080 203.0.113.2"
+    assert connect(WAN3) == "8081 203.0.113.3"
+    # Filters on the remote-host mapping itself restrict its host further.
+    strict = replace(for_wan3, filters=(only("203.0.113.0/24", 40125),))
+    await backend.apply([for_wan3], [strict], now=NOW)
+    assert connect(WAN3, 40125) == "8081 203.0.113.3"
+    assert connect(WAN3, 40126) == DROPPED
+    assert connect(WAN2) == "8080 203.0.113.2"
+
+
+async def test_peer_flow_leaves_with_its_external_port_and_its_peer_gets_in(
+    net: tuple[Lab, NftablesBackend],
+) -> None:
+    the_lab, backend = net
+    wan, lan = the_lab.wan, the_lab.lan
+    # The admin's own masquerade for the LAN: PEER flows must get our port, not its choice.
+    the_lab.gw.run("nft", "-f", "-", input=ADMIN_MASQUERADE)
+    peer = mapping(40000, protocol=Protocol.UDP, remote=WAN2, internal_port=4000, peer_port=7000)
+    await backend.apply([], [peer], now=NOW)
+
+    # RFC 6887 §12: LAN 4000 -> WAN2:7000 arrives from the gateway's address, port 40000;
+    # the answer comes back through conntrack.
+    the_lab.flush_conntrack()
+    seen, answer = the_lab.udp(lan, (LAN_HOST, 4000), wan, (WAN2, 7000), to=(WAN2, 7000))
+    assert seen == f"{GATEWAY_WAN} 40000 ping"
+    assert answer == f"{WAN2} 7000 pong"
+    # Another flow of the same host is not a PEER flow: the admin's masquerade takes it.
+    the_lab.flush_conntrack()
+    seen, _ = the_lab.udp(lan, (LAN_HOST, 4001), wan, (WAN2, 7000), to=(WAN2, 7000))
+    assert seen.startswith(f"{GATEWAY_WAN} ") and " 40000 " not in seen
+
+    # The peer may also start a flow to port 40000, from any of its ports...
+    the_lab.flush_conntrack()
+    seen, answer = the_lab.udp(wan, (WAN2, 7001), lan, (LAN_HOST, 4000), to=(GATEWAY_WAN, 40000))
+    assert seen == f"{WAN2} 7001 ping"
+    assert answer == f"{GATEWAY_WAN} 40000 pong"
+    # ...but no other host may.
+    the_lab.flush_conntrack()
+    seen, _ = the_lab.udp(wan, (WAN3, 7001), lan, (LAN_HOST, 4000), (GATEWAY_WAN, 40000), 0.7)
+    assert seen == "timeout"
+
+    # Once the entry is gone, the flow leaves like any other.
+    await backend.apply([peer], [], now=NOW)
+    the_lab.flush_conntrack()
+    seen, _ = the_lab.udp(lan, (LAN_HOST, 4000), wan, (WAN2, 7000), to=(WAN2, 7000))
+    assert seen == f"{GATEWAY_WAN} 4000 ping"
