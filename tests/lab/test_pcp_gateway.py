@@ -195,3 +195,50 @@ def test_pcp_from_the_wan_side_gets_no_answer(
     target = lab.gateway.external_address if request_from_wan == "external" else lab.gateway.address
     assert exchange(lab, wan, target, map_wire(wan, 8080, 8080, 600)) is None
     assert kernel(lab) == set()
+
+
+_UDP_SEEN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+try:
+    data, source = s.recvfrom(100)
+    print(f"{source[0]}:{source[1]}", flush=True)
+    s.sendto(b"pong", source)
+except socket.timeout:
+    print("nothing", flush=True)
+"""
+
+_UDP_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(3)
+s.sendto(b"ping", (sys.argv[2], int(sys.argv[3])))
+print(s.recvfrom(100)[0].decode())
+"""
+
+
+def test_peer_gives_outbound_traffic_the_reported_port(lab: Lab, gateway: Any) -> None:
+    import subprocess
+
+    gateway()
+    lan, wan = lab.lan[0], lab.wan[0]
+    data = pcp.PcpPeerData(NONCE, 17, 5000, 40000, ZERO, 3478, pcp.mapped(IPv4Address(wan.address)))
+    request = PcpRequest(PcpOpcode.PEER, 600, pcp.mapped(IPv4Address(lan.address)), data)
+    granted = ask(lab, lan, pcp.encode_request(request))
+    assert granted.result is PcpResult.SUCCESS
+    assert isinstance(granted.data, pcp.PcpPeerData) and granted.data.external_port == 40000
+    listener = lab.python_popen(
+        wan, ["-c", _UDP_SEEN, "3478", "5"], stdout=subprocess.PIPE, text=True
+    )
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    lab.run(lab.gateway, ["conntrack", "-F"], check=False)
+    reply = lab.python(lan, ["-c", _UDP_SEND, "5000", wan.address, "3478"])
+    seen = listener.stdout.readline().strip()
+    listener.wait(timeout=10)
+    assert seen == f"{lab.gateway.external_address}:40000"  # the port PCP reported
+    assert reply.stdout.strip() == "pong"
+    assert {(e.external_port, e.peer_port) for e in kernel(lab)} == {(40000, 3478)}
