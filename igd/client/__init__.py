@@ -18,7 +18,8 @@ from igd.client.errors import (
     UnsupportedVersion,
     UpstreamNat,
 )
-from igd.client.mapper import EventKind, Mapping, MappingEvent, PortMapper
+from igd.client.mapper import PortMapper
+from igd.client.mapping import EventKind, Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult

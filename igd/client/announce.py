@@ -1,5 +1,6 @@
-"""Listening for the gateway's unsolicited announcements on 224.0.0.1:5350: NAT-PMP address
-announcements (RFC 6886 §3.2.1) and PCP ANNOUNCE or Mapping Updates (RFC 6887 §14)."""
+"""Listening for the gateway's unsolicited announcements: NAT-PMP address announcements
+(RFC 6886 §3.2.1) and PCP ANNOUNCE or Mapping Updates (RFC 6887 §14) on 224.0.0.1:5350, and
+SSDP NOTIFY on 239.255.255.250:1900, whose BOOTID.UPNP.ORG tells of a UPnP device restart."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from igd.model import Mechanism
-from igd.proto import natpmp, pcp
+from igd.proto import natpmp, pcp, ssdp
 from igd.proto.errors import DecodeError
 
 log = logging.getLogger("igd.client")
 
 GROUP = IPv4Address("224.0.0.1")
 PORT = 5350
+SSDP_GROUP = IPv4Address(ssdp.GROUP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,47 @@ def parse_announcement(data: bytes) -> Announcement | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class SsdpNotify:
+    """One SSDP NOTIFY (alive or byebye) that carries a BOOTID.UPNP.ORG."""
+
+    nts: str
+    usn: str
+    boot_id: int
+    location: str = ""
+
+
+def parse_notify(data: bytes) -> SsdpNotify | None:
+    """Decode an SSDP NOTIFY with a BOOTID (UDA 1.1 §1.2.2); None for anything else."""
+    try:
+        start, headers = ssdp.decode_message(data)
+    except DecodeError:
+        return None
+    boot = headers.get("BOOTID.UPNP.ORG", "")
+    if start.split() != ["NOTIFY", "*", "HTTP/1.1"] or not boot.isdigit():
+        return None
+    nts = headers.get("NTS", "")
+    if nts not in (ssdp.ALIVE, ssdp.BYEBYE):
+        return None  # ssdp:update announces the *next* BOOTID: no restart yet
+    return SsdpNotify(nts, headers.get("USN", ""), int(boot), headers.get("LOCATION", ""))
+
+
+def _multicast_socket(group: IPv4Address, port: int, local: IPv4Address) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # RFC 6886 §3.2.1: bind the group address, not 0.0.0.0, so only the group's traffic
+        # arrives (and other listeners on the port, an SSDP stack for one, keep theirs).
+        sock.bind((str(group), port))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group.packed + local.packed)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class AnnouncementListener(asyncio.DatagramProtocol):
     """Receives announcements from one gateway (others are ignored: RFC 6886 §3.2.1 and
     RFC 6887 §14.1.3 require checking the source address)."""
@@ -61,22 +104,13 @@ class AnnouncementListener(asyncio.DatagramProtocol):
 
     async def start(self) -> bool:
         """Bind 224.0.0.1:5350 (shared with other listeners); False if impossible."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            # RFC 6886 §3.2.1: bind the group address, not 0.0.0.0, so only announcements arrive.
-            sock.bind((str(GROUP), PORT))
-            membership = GROUP.packed + self.local.packed
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            sock = _multicast_socket(GROUP, PORT, self.local)
         except OSError as exc:
-            sock.close()
             log.warning("cannot listen for gateway announcements on %s:%d: %s", GROUP, PORT, exc)
             return False
-        self._transport = transport
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
         return True
 
     def close(self) -> None:
@@ -90,3 +124,39 @@ class AnnouncementListener(asyncio.DatagramProtocol):
         announcement = parse_announcement(data)
         if announcement is not None:
             self.callback(announcement)
+
+
+class SsdpNotifyListener(asyncio.DatagramProtocol):
+    """Receives SSDP NOTIFY from one UPnP device's host (by source address: a NOTIFY from
+    elsewhere could otherwise make us re-create mappings at will) and reports a BOOTID."""
+
+    def __init__(
+        self, host: IPv4Address, local: IPv4Address, callback: Callable[[SsdpNotify], None]
+    ) -> None:
+        self.host = host
+        self.local = local
+        self.callback = callback
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def start(self) -> bool:
+        """Bind 239.255.255.250:1900 (shared with other SSDP listeners); False if impossible."""
+        try:
+            sock = _multicast_socket(SSDP_GROUP, ssdp.PORT, self.local)
+        except OSError as exc:
+            log.warning("cannot listen for SSDP NOTIFY on %s:%d: %s", SSDP_GROUP, ssdp.PORT, exc)
+            return False
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        return True
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if str(addr[0]) != str(self.host):
+            return
+        notify = parse_notify(data)
+        if notify is not None:
+            self.callback(notify)

@@ -22,7 +22,8 @@ from igd.client.errors import (
     PortMappingError,
     ProtocolError,
 )
-from igd.client.mapper import Mapping, MappingEvent, PortMapper
+from igd.client.mapper import PortMapper
+from igd.client.mapping import Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult

@@ -1,23 +1,28 @@
 """`PortMapper`: one call gets a working mapping over PCP, NAT-PMP or UPnP, and a `Mapping`
-that keeps working: renewed on its own timer, re-created when the gateway loses its state
-(epoch rule, announcements on 224.0.0.1:5350, the UPnP entry gone), released on close."""
+(mapping.py) that keeps working. The mapper owns what is shared by every mapping on one
+gateway: the sockets, the drivers, and the restart detection that re-creates them all (the
+PCP/NAT-PMP epoch rule, announcements on 224.0.0.1:5350, the UPnP BOOTID in SSDP NOTIFY)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+from collections.abc import Callable, Sequence
+from ipaddress import AddressValueError, IPv4Address
 from types import TracebackType
-from typing import Any
+from urllib.parse import urlsplit
 
-from igd.client.announce import Announcement, AnnouncementListener
+from igd.client.announce import (
+    Announcement,
+    AnnouncementListener,
+    SsdpNotify,
+    SsdpNotifyListener,
+)
 from igd.client.discovery import default_gateway, ssdp_search
 from igd.client.errors import GatewayTimeout, MappingRefused, NoGatewayError, PortMappingError
+from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping
 from igd.client.mechanisms import (
     Driver,
     Grant,
@@ -31,267 +36,16 @@ from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult, probe, require_gateway
 from igd.client.selection import DEFAULT_PREFERENCE
-from igd.client.timing import EpochRule, EpochTracker, clamp_lifetime, renew_at
+from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
 from igd.proto.pcp import PcpResponse
 
 log = logging.getLogger("igd.client")
 
-_rng = random.SystemRandom()  # timer jitter; the OS source needs no seeding
+_rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
-MAX_QUEUED_EVENTS = 64  # per subscriber; the oldest are dropped beyond it
-RELEASE_TIMEOUT = 5.0
-REQUEST_TIMEOUT = 30.0  # one create or renew, retransmissions included
-
-
-class EventKind(enum.StrEnum):
-    """What happened to a mapping."""
-
-    CREATED = "created"
-    RENEWED = "renewed"
-    CHANGED = "changed"
-    """The external address, port or mechanism is different now."""
-    RECREATED = "recreated"
-    """Re-made after the gateway lost it (restart, state loss, entry gone)."""
-    FAILED = "failed"
-    """A renewal failed; the keeper retries while the lease lasts."""
-    LOST = "lost"
-    """The lease ran out without a successful renewal; the keeper keeps trying."""
-    RELEASED = "released"
-
-
-@dataclass(frozen=True, slots=True)
-class MappingEvent:
-    """One change, with the mapping as it is after it."""
-
-    kind: EventKind
-    mechanism: Mechanism
-    external_address: IPv4Address
-    external_port: int
-    lifetime: int
-    error: PortMappingError | None = None
-
-
-class Mapping:
-    """A mapping the gateway granted, kept alive until `release()`."""
-
-    def __init__(self, mapper: PortMapper, driver: Driver, spec: MapSpec, grant: Grant) -> None:
-        self._mapper = mapper
-        self._driver = driver
-        self.spec = spec
-        self.grant = grant
-        self.granted_at = mapper.clock()
-        self.released = False
-        self._wake = asyncio.Event()
-        self._recover_after: float | None = None
-        self._subscribers: list[Callable[[MappingEvent], None]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    # -- what the application reads --------------------------------------------------------
-
-    @property
-    def protocol(self) -> Protocol:
-        return self.spec.protocol
-
-    @property
-    def internal_port(self) -> int:
-        return self.spec.internal_port
-
-    @property
-    def internal_address(self) -> IPv4Address:
-        return self.spec.internal_address
-
-    @property
-    def external_address(self) -> IPv4Address:
-        return self.grant.external_address
-
-    @property
-    def external_port(self) -> int:
-        return self.grant.external_port
-
-    @property
-    def mechanism(self) -> Mechanism:
-        return self.grant.mechanism
-
-    @property
-    def lifetime(self) -> int:
-        """Seconds granted at the last renewal; 0 for a permanent UPnP lease."""
-        return self.grant.lifetime
-
-    @property
-    def expires(self) -> float | None:
-        """When the lease ends (the mapper's clock, monotonic); None if permanent."""
-        return self.granted_at + self.grant.lifetime if self.grant.lifetime else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view."""
-        return {
-            "mechanism": self.mechanism.value,
-            "protocol": self.protocol.value,
-            "internal_address": str(self.internal_address),
-            "internal_port": self.internal_port,
-            "external_address": str(self.external_address),
-            "external_port": self.external_port,
-            "lifetime": self.lifetime,
-            "description": self.spec.description,
-            "nonce": self.grant.nonce.hex() if self.grant.nonce else None,
-            "notes": list(self.grant.notes),
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"<Mapping {self.mechanism.value} {self.external_address}:{self.external_port}"
-            f" -> {self.internal_address}:{self.internal_port}/{self.protocol.value}>"
-        )
-
-    # -- events ----------------------------------------------------------------------------
-
-    def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
-        """Call `callback` on every event; returns the function that unsubscribes."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
-
-    async def events(self) -> AsyncIterator[MappingEvent]:
-        """Every event from now on, until the mapping is released."""
-        queue: asyncio.Queue[MappingEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
-
-        def put(event: MappingEvent) -> None:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(event)
-
-        unsubscribe = self.subscribe(put)
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if event.kind is EventKind.RELEASED:
-                    return
-        finally:
-            unsubscribe()
-
-    async def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
-        """The next event of one of `kinds` (any kind if none given)."""
-        async with asyncio.timeout(within):
-            async for event in self.events():
-                if not kinds or event.kind in kinds:
-                    return event
-        raise NoGatewayError("the mapping was released")
-
-    def _emit(self, kind: EventKind, error: PortMappingError | None = None) -> None:
-        g = self.grant
-        event = MappingEvent(
-            kind, g.mechanism, g.external_address, g.external_port, g.lifetime, error
-        )
-        log.info("mapping %s: %s%s", self, kind.value, f" ({error})" if error else "")
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("a mapping event subscriber failed")
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._keep(), name=repr(self))
-
-    def recover(self, delay: float = 0.0) -> None:
-        """Re-create the mapping `delay` seconds from now (the gateway lost its state)."""
-        if not self.released:
-            self._recover_after = delay
-            self._wake.set()
-
-    async def renew(self) -> None:
-        """Renew now, outside the schedule."""
-        await self._apply(await self._request(self.grant), EventKind.RENEWED)
-
-    async def release(self) -> None:
-        """Stop renewing and delete the mapping on the gateway (best effort, bounded)."""
-        if self.released:
-            return
-        self.released = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        try:
-            async with asyncio.timeout(RELEASE_TIMEOUT):
-                await self._driver.delete(self.spec, self.grant)
-        except (PortMappingError, TimeoutError) as exc:
-            log.warning("could not delete %s on the gateway: %s", self, exc)
-        self._mapper._forget(self)
-        self._emit(EventKind.RELEASED)
-
-    async def detach(self) -> None:
-        """Stop renewing and forget the mapping, leaving it on the gateway until its lease
-        ends (what `igd map` without --keep does)."""
-        self.released = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._mapper._forget(self)
-
-    async def _request(self, previous: Grant | None) -> Grant:
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                grant = await self._driver.create(self.spec, previous)
-        except TimeoutError:
-            raise GatewayTimeout(f"no answer to the renewal of {self}") from None
-        self._mapper._note_epoch(grant)
-        return grant
-
-    async def _apply(self, grant: Grant, kind: EventKind) -> None:
-        before = (self.grant.mechanism, self.grant.external_address, self.grant.external_port)
-        self.grant, self.granted_at = grant, self._mapper.clock()
-        self._emit(kind)
-        if before != (grant.mechanism, grant.external_address, grant.external_port):
-            self._emit(EventKind.CHANGED)
-
-    def _lease_for_schedule(self) -> int:
-        # A permanent UPnP lease is still refreshed and checked on our own timer.
-        return clamp_lifetime(self.grant.lifetime or self.spec.lifetime)
-
-    async def _keep(self) -> None:
-        attempt, lost = 0, False
-        while not self.released:
-            now = self._mapper.clock()
-            when = renew_at(
-                self.granted_at, self._lease_for_schedule(), attempt, now=now,
-                jitter=_rng.random(),
-            )  # fmt: skip
-            if when is None:
-                if not lost:
-                    lost = True
-                    self._emit(EventKind.LOST)
-                when = now + min(2.0**attempt, 60.0)  # keep trying, backing off
-            recovering = await self._sleep_until(when)
-            try:
-                if recovering:
-                    await asyncio.sleep(self._recover_after or 0.0)
-                    grant = await self._request(self.grant)
-                    await self._apply(grant, EventKind.RECREATED)
-                else:
-                    alive = await self._driver.verify(self.spec, self.grant)
-                    grant = await self._request(self.grant)
-                    kind = EventKind.RENEWED if alive and not lost else EventKind.RECREATED
-                    await self._apply(grant, kind)
-                attempt, lost = 0, False
-            except PortMappingError as exc:
-                attempt += 1
-                self._emit(EventKind.FAILED, exc)
-
-    async def _sleep_until(self, when: float) -> bool:
-        """Sleep until `when`; True if woken early to recover."""
-        self._wake.clear()
-        delay = max(0.0, when - self._mapper.clock())
-        try:
-            async with asyncio.timeout(delay):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 
 
 class PortMapper:
@@ -322,7 +76,12 @@ class PortMapper:
         self._natpmp: NatPmpClient | None = None
         self._pcp: PcpClient | None = None
         self._upnp: UpnpIgdClient | None = None
+        self._upnp_driver: UpnpDriver | None = None
+        self._upnp_boot: int | None = None
+        self._upnp_seen_at = ""  # the LOCATION of the last ssdp:alive, if it moved
         self._listener: AnnouncementListener | None = None
+        self._ssdp_listener: SsdpNotifyListener | None = None
+        self._recoveries: set[asyncio.Task[None]] = set()
         self._epochs = {
             Mechanism.PCP: EpochTracker(EpochRule.PCP),
             Mechanism.NATPMP: EpochTracker(EpochRule.NATPMP),
@@ -371,7 +130,9 @@ class PortMapper:
                 for report in result.reports:
                     if report.epoch is not None and report.mechanism in self._epochs:
                         self._epochs[report.mechanism].observe(report.epoch, now=self.clock())
-                self._upnp = result.upnp or self._upnp
+                if result.upnp is not None and self._upnp is None:
+                    boot = (r.boot_id for r in result.ssdp if r.location == result.upnp.location)
+                    self._use_upnp(result.upnp, next(boot, None))
                 self.last_probe = result
             return self.last_probe
 
@@ -397,14 +158,24 @@ class PortMapper:
             )
             if not replies:
                 raise NoGatewayError(f"no UPnP IGD answered SSDP (gateway {self.gateway})")
-            self._upnp = await UpnpIgdClient.connect(replies[0].location, server=replies[0].server)
+            client = await UpnpIgdClient.connect(replies[0].location, server=replies[0].server)
+            self._use_upnp(client, replies[0].boot_id)
+        assert self._upnp is not None
         return self._upnp
+
+    def _use_upnp(self, client: UpnpIgdClient, boot_id: int | None) -> None:
+        self._upnp, self._upnp_boot = client, boot_id
+        if self._upnp_driver is not None:
+            self._upnp_driver.client = client  # mappings made before keep working
 
     async def driver(self, mechanism: Mechanism, *, fallback: bool = True) -> Driver:
         """The driver for `mechanism`; PCP falls back to NAT-PMP per request if `fallback`."""
         natpmp, pcp = await self._clients()
         if mechanism is Mechanism.UPNP:
-            return UpnpDriver(await self.upnp())
+            client = await self.upnp()
+            if self._upnp_driver is None:
+                self._upnp_driver = UpnpDriver(client)
+            return self._upnp_driver
         if mechanism is Mechanism.NATPMP and not fallback:
             return NatPmpDriver(natpmp)
         if mechanism is Mechanism.PCP and not fallback:
@@ -459,7 +230,9 @@ class PortMapper:
             except PortMappingError as exc:
                 error = exc
                 continue
-            self._note_epoch(grant)
+            self.note_epoch(grant)
+            if grant.mechanism is Mechanism.UPNP:
+                await self._watch_upnp()
             mapping = Mapping(self, driver, spec, grant)
             self.mappings.append(mapping)
             mapping._start()
@@ -471,11 +244,11 @@ class PortMapper:
         """The router's UPnP mapping list (all hosts)."""
         return await (await self.upnp()).list_mappings()
 
-    def _forget(self, mapping: Mapping) -> None:
+    def forget(self, mapping: Mapping) -> None:
         with contextlib.suppress(ValueError):
             self.mappings.remove(mapping)
 
-    def _note_epoch(self, grant: Grant) -> None:
+    def note_epoch(self, grant: Grant) -> None:
         if grant.epoch is not None and grant.mechanism in self._epochs:
             self._epoch(grant.mechanism, grant.epoch)
 
@@ -495,6 +268,51 @@ class PortMapper:
             if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP):
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
 
+    async def _watch_upnp(self) -> None:
+        """Listen for the IGD's SSDP NOTIFY once a UPnP mapping exists."""
+        if not self.listen or self._ssdp_listener is not None or self._upnp is None:
+            return
+        try:
+            host = IPv4Address(urlsplit(self._upnp.location).hostname or "")
+        except AddressValueError:
+            return  # a host name in LOCATION: sources cannot be checked, so do not listen
+        _, pcp = await self._clients()
+        listener = SsdpNotifyListener(host, pcp.local_address, self._ssdp_notified)
+        if await listener.start():
+            self._ssdp_listener = listener
+
+    def _ssdp_notified(self, notify: SsdpNotify) -> None:
+        client = self._upnp
+        if client is None or notify.usn.split("::", 1)[0] not in client.udns:
+            return  # another device on the same host (a media server on the router)
+        if notify.nts == "ssdp:alive" and notify.location != client.location:
+            self._upnp_seen_at = notify.location
+        previous, self._upnp_boot = self._upnp_boot, notify.boot_id
+        if previous is None or previous == notify.boot_id:
+            return
+        # UDA 1.1 §1.2.2: a new BOOTID means the device restarted, and an IGD that restarts
+        # may have lost its mappings; the entry check at renewal would find out too late.
+        log.warning("UPnP BOOTID %d -> %d: the gateway restarted; re-creating mappings",
+                    previous, notify.boot_id)  # fmt: skip
+        if len(self._recoveries) < MAX_RECOVERIES:
+            task = asyncio.get_running_loop().create_task(self._recover_upnp())
+            self._recoveries.add(task)
+            task.add_done_callback(self._recoveries.discard)
+
+    async def _recover_upnp(self) -> None:
+        # The same random wait as for PCP (RFC 6887 §14.1.3): every client on the LAN heard
+        # the same NOTIFY. The alive that follows a byebye arrives meanwhile, with LOCATION.
+        await asyncio.sleep(_rng.uniform(0, self.recovery_delay))
+        moved, self._upnp_seen_at = self._upnp_seen_at, ""
+        if moved:
+            try:  # the control URL changed with the restart (miniupnpd picks a new port)
+                self._use_upnp(await UpnpIgdClient.connect(moved), self._upnp_boot)
+            except PortMappingError as exc:
+                log.warning("cannot read the restarted IGD at %s: %s", moved, exc)
+        for mapping in self.mappings:
+            if mapping.mechanism is Mechanism.UPNP:
+                mapping.recover()
+
     def _announced(self, announcement: Announcement) -> None:
         log.debug("announcement from %s: %s", self.gateway, announcement)
         self._epoch(announcement.mechanism, announcement.epoch)
@@ -510,7 +328,10 @@ class PortMapper:
         for client in (self._natpmp, self._pcp):
             if client is not None:
                 client.close()
-        if self._listener is not None:
-            self._listener.close()
+        for task in list(self._recoveries):
+            task.cancel()
+        for listener in (self._listener, self._ssdp_listener):
+            if listener is not None:
+                listener.close()
         self._natpmp = self._pcp = None
-        self._listener = None
+        self._listener = self._ssdp_listener = None

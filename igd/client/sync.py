@@ -10,7 +10,8 @@ from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, TypeVar
 
-from igd.client.mapper import EventKind, Mapping, MappingEvent, PortMapper
+from igd.client.mapper import PortMapper
+from igd.client.mapping import EventKind, Mapping, MappingEvent
 from igd.client.probe import ProbeResult
 from igd.model import Mechanism, Protocol
 

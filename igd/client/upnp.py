@@ -25,6 +25,7 @@ from igd.client.errors import (
     InvalidRequest,
     MappingRefused,
     NoSuchMapping,
+    OutOfResources,
     PortMappingError,
     PortUnavailable,
     ProtocolError,
@@ -93,6 +94,13 @@ class UpnpIgdClient:
     @property
     def version(self) -> int:
         return 2 if self.service_type == WANIP2 else 1
+
+    @property
+    def udns(self) -> frozenset[str]:
+        """The UDNs ("uuid:...") of the device tree holding the service, root included:
+        what the USN of this device's SSDP messages starts with."""
+        root = self.service.device.root_device
+        return frozenset(str(d.udn) for d in (root, *root.all_devices))
 
     def has(self, action: str) -> bool:
         """Whether the service description lists `action`."""
@@ -316,7 +324,9 @@ class UpnpIgdClient:
                     lease=lease, description=description,
                 )  # fmt: skip
                 return UpnpGrant(got, self._lease(lease), ("AddAnyPortMapping",))
-            except (InvalidRequest, Unsupported) as exc:
+            except (InvalidRequest, Unsupported, OutOfResources) as exc:
+                # miniupnpd answers 728 NoPortMapsAvailable when its permission rules deny
+                # the internal port; AddPortMapping below then tells the real reason (606).
                 if lease and exc.code in (402, 725):
                     return await self._add_permanent(
                         protocol, internal_port, internal_client, exact, port, description, exc

@@ -1,5 +1,6 @@
-"""The client library and the `igd` command against this project's igd-server (NAT-PMP and
-PCP) in the namespace lab: mapping, reachability, renewal, restart recovery, release, refusal."""
+"""The client library and the `igd` command against this project's igd-server (NAT-PMP, PCP
+and UPnP IGD) in the namespace lab: mapping, reachability, renewal, restart recovery,
+release, refusal, and the synchronous wrapper."""
 
 from __future__ import annotations
 
@@ -22,14 +23,40 @@ REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "lab.toml"
 IGD = str(REPO / ".venv" / "bin" / "igd")
 FLUSH = {"table": "igd", "on_stop": "flush"}
+UPNP = {"enabled": True}  # igd_version "auto": IGD:2, and IGD:1 to v1-only control points
+# miniupnpc and most control points take a reserved external address (the lab's default
+# documentation range) for "not connected"; this range looks public and exists only in labs.
+PUBLIC_LOOKING_WAN = "100.128.7.0/24"
+
+
+def start_gateway(lab: Lab, **upnp: object) -> None:
+    """igd-server with NAT-PMP, PCP and UPnP; waits until NAT-PMP and UPnP HTTP answer."""
+    config = lab.write_gateway_config(POLICY, nftables=FLUSH, upnp={**UPNP, **upnp})
+    lab.start_gateway(config)
+    wait_for_gateway(lab)
+    deadline = time.monotonic() + 10
+    while lab.gateway_log().count("UPnP HTTP listening") < lab.gateway_log().count("--- "):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"UPnP did not start:\n{lab.gateway_log()}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    with Lab(prefix=f"igdclisv{secrets.token_hex(3)}", wan_hosts=1, lan_hosts=1) as built:
-        config = built.write_gateway_config(POLICY, nftables=FLUSH)
-        built.start_gateway(config)
-        wait_for_gateway(built)
+    with Lab(prefix=f"igdcli2{secrets.token_hex(3)}", wan_hosts=1, lan_hosts=1) as built:
+        start_gateway(built)
+        yield built
+
+
+@pytest.fixture
+def public_lab() -> Iterator[Lab]:
+    with Lab(
+        prefix=f"igdcli2{secrets.token_hex(3)}",
+        wan_hosts=1,
+        lan_hosts=1,
+        wan_network=PUBLIC_LOOKING_WAN,
+    ) as built:
+        start_gateway(built)
         yield built
 
 
@@ -65,7 +92,7 @@ print(json.dumps({"released": True}))
 """
 
 
-@pytest.mark.parametrize("via", ["pcp", "natpmp", ""])
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp", ""])
 def test_map_reaches_the_lan_service_and_release_removes_it(lab: Lab, via: str) -> None:
     start_service(lab, "lan1", 8080)
     proc = lab.python_popen(
@@ -107,7 +134,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
 def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, via: str) -> None:
     started = time.monotonic()
     result = client_python(lab, "lan1", _RENEW.format(via=via))
@@ -144,7 +171,7 @@ def _next_event(proc: subprocess.Popen[str], kind: str, timeout: float) -> dict[
     raise AssertionError(f"no {kind!r} event within {timeout} s")
 
 
-@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
 def test_recreates_the_mapping_after_a_restart_that_lost_state(lab: Lab, via: str) -> None:
     start_service(lab, "lan1", 8080)
     proc = lab.python_popen(
@@ -159,9 +186,11 @@ def test_recreates_the_mapping_after_a_restart_that_lost_state(lab: Lab, via: st
     assert kernel_ports(lab) == []  # on_stop = "flush": the gateway forgot everything
     restarted = time.monotonic()
     lab.start_gateway(lab.gateway_config or "")
-    # The new epoch (announcements at start) tells the client; 0-0.5 s later it re-maps.
+    # The new epoch (announcements at start) or the new BOOTID (SSDP NOTIFY at start) tells
+    # the client; 0-0.5 s later it re-maps.
     assert _next_event(proc, "recreated", 10)["port"] == port
     assert time.monotonic() - restarted < 10
+    assert "restored 0 of 0 persisted mappings" in lab.gateway_log().rsplit("--- ", 1)[-1]
     assert kernel_ports(lab) == [port]
     assert "hello" in connect(lab, "wan1", lab.gateway.external_address, port)
     assert proc.stdin is not None
@@ -171,13 +200,28 @@ def test_recreates_the_mapping_after_a_restart_that_lost_state(lab: Lab, via: st
     assert kernel_ports(lab) == []
 
 
-@pytest.mark.parametrize("via", ["pcp", "natpmp"])
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
 def test_policy_refusal_is_a_typed_error_and_exit_code_4(lab: Lab, via: str) -> None:
     code, error = igd(lab, "map", "23/tcp", "--via", via)  # lab.toml: "no telnet"
     assert code == 4
     assert (error["type"], error["advice"], error["mechanism"]) == (
         "NotAuthorized", "not-authorized", via,
     )  # fmt: skip
+    if via == "upnp":
+        assert error["code"] == 606  # IGD:2 Action Not Authorized
+    assert kernel_ports(lab) == []
+    assert "refused" in lab.gateway_log()
+
+
+def test_igd1_policy_refusal_is_718_and_no_port_is_taken(lab: Lab) -> None:
+    # IGD:1 has no 606: a refusal is 718 ConflictInMappingEntry, which the client cannot
+    # tell from a taken port. It tries other ports (the policy refuses those too), then
+    # says so with the typed error for 718, still exit code 4.
+    lab.stop_gateway()
+    start_gateway(lab, igd_version=1)
+    code, error = igd(lab, "map", "23/tcp", "--via", "upnp")
+    assert code == 4
+    assert (error["type"], error["advice"], error["code"]) == ("PortUnavailable", "other-port", 718)
     assert kernel_ports(lab) == []
 
 
@@ -186,10 +230,27 @@ def test_probe_reports_double_nat_for_the_documentation_address(lab: Lab) -> Non
     assert code == 0
     assert report["external_address"] == lab.gateway.external_address  # 203.0.113.1
     assert report["verdict"] == "double-nat"
-    assert report["mechanisms"]["natpmp"]["available"]
-    assert report["mechanisms"]["natpmp"]["address_kind"] == "reserved"
-    assert not report["mechanisms"]["upnp"]["available"]  # igd-server's UPnP comes later
+    for mechanism in ("pcp", "natpmp", "upnp"):
+        assert report["mechanisms"][mechanism]["available"], report["mechanisms"][mechanism]
+        assert report["mechanisms"][mechanism]["address_kind"] == "reserved"
     assert igd(lab, "ip") == (0, {"external_address": "203.0.113.1", "verdict": "double-nat"})
+
+
+def test_probe_sees_all_three_mechanisms_and_a_public_address(public_lab: Lab) -> None:
+    lab = public_lab
+    code, report = igd(lab, "probe")
+    assert code == 0
+    assert (report["verdict"], report["chosen"]) == ("public", "pcp")
+    assert report["external_address"] == lab.gateway.external_address
+    for mechanism in ("pcp", "natpmp", "upnp"):
+        assert report["mechanisms"][mechanism]["available"], report["mechanisms"][mechanism]
+        assert report["mechanisms"][mechanism]["external_address"] == lab.gateway.external_address
+        assert report["mechanisms"][mechanism]["address_kind"] == "public"
+    upnp = report["mechanisms"]["upnp"]["detail"]
+    assert "WANIPConnection:2" in upnp and f"http://{lab.gateway.address}:5000/" in upnp
+    assert "igd-server" in upnp
+    [device] = {d["location"]: d for d in report["upnp_devices"]}.values()
+    assert device["source"] == [lab.gateway.address, 1900]
 
 
 def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
@@ -204,3 +265,55 @@ def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
     lab.stop_gateway()
     proc = lab.run("lan1", [IGD, "--timeout", "0.5", "probe"], check=False, timeout=60)
     assert proc.returncode == 3
+
+
+# A program without asyncio: it blocks in input() and sleeps while the wrapper's own thread
+# renews the mapping (lifetime 2 s), then releases it by hand and closes.
+_SYNC = """
+import json, sys, time
+from igd.client import EventKind, SyncPortMapper
+with SyncPortMapper() as pm:
+    m = pm.map(8080, "tcp", lifetime=2, via=sys.argv[1], description="sync")
+    print(json.dumps({"mapped": m.to_dict(), "lifetime": m.lifetime,
+                      "expires": m.expires is not None}), flush=True)
+    sys.stdin.readline()
+    time.sleep(3)  # past the first lifetime: the background thread renews
+    renewed = m.wait_for(EventKind.RENEWED, within=5)
+    print(json.dumps({"renewed": renewed.kind.value, "port": m.external_port}), flush=True)
+    sys.stdin.readline()
+    m.release()
+    print(json.dumps({"released": m.released}), flush=True)
+print(json.dumps({"closed": True}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "upnp"])
+def test_sync_wrapper_maps_reads_renews_and_releases(lab: Lab, via: str) -> None:
+    start_service(lab, "lan1", 8080)
+    proc = lab.python_popen(
+        "lan1", ["-c", _SYNC, via], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the client did not map in time"
+    first = json.loads(proc.stdout.readline())
+    mapping = first["mapped"]
+    assert (mapping["mechanism"], mapping["internal_port"]) == (via, 8080)
+    assert mapping["external_address"] == lab.gateway.external_address
+    assert (first["lifetime"], first["expires"]) == (2, True)
+    assert kernel_ports(lab) == [mapping["external_port"]]
+    assert "hello" in connect(lab, "wan1", lab.gateway.external_address, mapping["external_port"])
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    assert ready, "no renewal reported"
+    assert json.loads(proc.stdout.readline()) == {
+        "renewed": "renewed", "port": mapping["external_port"],
+    }  # fmt: skip
+    assert kernel_ports(lab) == [mapping["external_port"]]  # still there after 2 lifetimes
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"released": True}
+    assert kernel_ports(lab) == []
+    assert json.loads(proc.stdout.readline()) == {"closed": True}
+    assert proc.wait(15) == 0
