@@ -1,23 +1,21 @@
-"""`python -m igd.lab.bench`: NAT-PMP mapping rate of igd-server as its table grows, side by
-side with Debian's miniupnpd in the same lab. Method and results: docs/performance.md.
+"""`python -m igd.lab.bench`: NAT-PMP and PCP mapping rate of igd-server as its table grows,
+side by side with Debian's miniupnpd in the same lab. Method and results: docs/performance.md.
 
 A LAN host asks for mappings one at a time (send, wait for the answer, next), each for a new
 internal port, so every request makes a new mapping. For each table size a fresh daemon starts
 from a lease store preloaded with that many mappings: the cold start (empty kernel table) and a
 warm restart (kernel still holding them) are timed, the kernel is checked to hold every entry,
-then the load runs. miniupnpd starts empty and the load runs against it for a time budget; its
-results are grouped by the table size each request met.
+then the NAT-PMP load and the PCP load run, each on its own ports. miniupnpd starts empty for
+each protocol's load and runs for a time budget; its results are grouped by the table size
+each request met. The report and its statistics: igd/lab/bench_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import math
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -32,6 +30,19 @@ from pathlib import Path
 
 import igd
 from igd.lab import Lab, LabError
+from igd.lab.bench_report import (
+    LOAD_MECHANISMS,
+    NAMES,
+    IgdRun,
+    Load,
+    Machine,
+    MiniupnpdRun,
+    Report,
+    Sample,
+    Start,
+    buckets,
+    summarize,
+)
 from igd.lab.demo import log_tail
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
 from igd.server.backends.nftables import parse_entries
@@ -47,25 +58,19 @@ LIMITS = {"requests_per_second_per_client": 100000, "burst_per_client": 100000}
 
 DEFAULT_SIZES = (0, 1_000, 10_000, 50_000)
 DEFAULT_REQUESTS = 3000
-DEFAULT_SECONDS = 60.0  # time limit of the load at one table size
-DEFAULT_MINIUPNPD_SECONDS = 180.0
+DEFAULT_SECONDS = 60.0  # time limit of one load at one table size
+DEFAULT_MINIUPNPD_SECONDS = 180.0  # for each protocol's load
 DEFAULT_BUCKET = 500
 DEFAULT_TIMEOUT = 1.0  # first retransmit after this; the wait doubles, 4 sends in all
 TRIES = 4
 LIFETIME = 3600  # what the load asks for
 PRELOAD_LEASE = 7200.0  # preloaded leases outlast any run
 START_TIMEOUT = 180.0  # for the daemon to restore and say it is ready
-READY_TIMEOUT = 10.0  # for a gateway to answer its first NAT-PMP request
-LOAD_FIRST_PORT = 10000  # igd: the load's internal (and suggested external) ports start here
+READY_TIMEOUT = 10.0  # for a gateway to answer its first request
+LOAD_FIRST_PORT = 10000  # igd: the loads' internal (and suggested external) ports start here
 MINIUPNPD_FIRST_PORT = 1024
 FIRST_PORT, LAST_PORT = 1024, 65535
 MAX_MINIUPNPD_REQUESTS = LAST_PORT - MINIUPNPD_FIRST_PORT + 1  # one new port each
-
-# Targets from the issue, for this 2-core machine.
-TARGET_RATE, TARGET_RATE_SIZE = 2000.0, 10_000
-TARGET_COST_RATIO, TARGET_COST_SIZE = 1.5, 50_000
-TARGET_RESTORE_S, TARGET_RESTORE_SIZE = 2.0, 50_000
-TARGET_RSS_MB, TARGET_RSS_SIZE = 150.0, 50_000
 
 _READY = "igd-server ready"
 _RESTORED = re.compile(r"restored (\d+) of (\d+) persisted mappings in ([0-9.]+) s")
@@ -82,19 +87,62 @@ table inet filter {
 }
 """
 
-# The load generator, run in a LAN host. It prints one JSON object: the retransmit count and
-# per request [start s, latency s, NAT-PMP result code or -1 for no answer].
+# The load generator, run in a LAN host with the arguments `run_load` gives: TCP map requests
+# of one protocol ("natpmp" or "pcp"), one outstanding at a time, each for a new internal port
+# and suggesting the same external port. It prints one JSON object: the retransmit count and
+# per request [start s, latency s, result code or -1 for no answer]. It builds its messages
+# itself (the LAN host needs no igd package); tests exec it as a module and check its bytes
+# with igd.proto's codecs.
 _LOAD = r"""
-import json, socket, struct, sys, time
-gateway, proto, first, count, seconds, lifetime, timeout, tries, ready = sys.argv[1:]
-first, count, lifetime, tries = int(first), int(count), int(lifetime), int(tries)
-seconds, timeout, ready = float(seconds), float(timeout), float(ready)
-opcode = 2 if proto == "tcp" else 1
-clock = time.perf_counter
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((gateway, 5351))
+import json, os, socket, struct, sys, time
 
-def ask(request, reply_opcode, port, wait, attempts):
+clock = time.perf_counter
+IPV4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def natpmp_probe():
+    # RFC 6886 §3.2: external address request; its answer says the gateway is up.
+    return b"\x00\x00", lambda data: len(data) >= 12 and data[:2] == b"\x00\x80"
+
+
+def natpmp_map(port, lifetime):
+    # RFC 6886 §3.3: map TCP (opcode 2); the answer is 130 for the same internal port.
+    wire = struct.pack("!BBHHHI", 0, 2, 0, port, port, lifetime)
+
+    def answer(data):
+        return len(data) >= 16 and data[:2] == b"\x00\x82" and data[8:10] == wire[4:6]
+    return wire, answer
+
+
+def natpmp_result(data):
+    return struct.unpack("!H", data[2:4])[0]
+
+
+def pcp_probe(client):
+    # RFC 6887 §14.1: ANNOUNCE; every PCP server answers it.
+    wire = struct.pack("!BBHI16s", 2, 0, 0, 0, IPV4_MAPPED + socket.inet_aton(client))
+    return wire, lambda data: len(data) >= 24 and data[:2] == b"\x02\x80"
+
+
+def pcp_map(client, port, lifetime, nonce):
+    # RFC 6887 §11.1: MAP for TCP; client address = this host's (IPv4-mapped), as §8.2 checks;
+    # suggested external address ::ffff:0.0.0.0, any IPv4 address (§11.1).
+    wire = struct.pack(
+        "!BBHI16s12sB3xHH16s", 2, 1, 0, lifetime, IPV4_MAPPED + socket.inet_aton(client),
+        nonce, 6, port, port, IPV4_MAPPED + bytes(4),
+    )
+
+    def answer(data):  # MAP response (0x81) with this request's nonce and internal port
+        return (len(data) >= 60 and data[:2] == b"\x02\x81" and data[24:36] == nonce
+                and data[40:42] == wire[40:42])
+    return wire, answer
+
+
+def pcp_result(data):
+    return data[3]
+
+
+def ask(s, request, match, wait, attempts):
     started = clock()
     for attempt in range(attempts):
         s.send(request)
@@ -102,34 +150,57 @@ def ask(request, reply_opcode, port, wait, attempts):
         while (left := until - clock()) > 0:
             s.settimeout(left)
             try:
-                data = s.recv(64)
+                data = s.recv(1100)
             except TimeoutError:
                 break
             except ConnectionRefusedError:  # nothing bound to 5351 yet
                 time.sleep(left)
                 break
-            if len(data) >= 12 and data[1] == reply_opcode and (port is None or data[8:10] == port):
+            if match(data):
                 return data, clock() - started, attempt
         wait *= 2
     return None, clock() - started, attempts
 
-up = time.monotonic() + ready
-while ask(b"\x00\x00", 128, None, 0.2, 1)[0] is None:
-    if time.monotonic() > up:
-        sys.exit(f"no NAT-PMP answer from {gateway} within {ready} s")
-samples, timeouts = [], 0
-t0 = clock()
-deadline = t0 + seconds
-for port in range(first, first + count):
-    begin = clock()
-    if begin >= deadline:
-        break
-    request = struct.pack("!BBHHHI", 0, opcode, 0, port, port, lifetime)
-    data, latency, again = ask(request, 128 + opcode, struct.pack("!H", port), timeout, tries)
-    timeouts += again
-    code = -1 if data is None else struct.unpack("!H", data[2:4])[0]
-    samples.append([round(begin - t0, 7), round(latency, 7), code])
-print(json.dumps({"timeouts": timeouts, "samples": samples}))
+
+def main(gateway, mechanism, first, count, seconds, lifetime, timeout, tries, ready):
+    first, count, lifetime, tries = int(first), int(count), int(lifetime), int(tries)
+    seconds, timeout, ready = float(seconds), float(timeout), float(ready)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((gateway, 5351))
+    client = s.getsockname()[0]  # the source address the gateway sees
+    if mechanism == "pcp":
+        probe, probed = pcp_probe(client)
+        result = pcp_result
+
+        def build(port):  # a new random nonce for each mapping (RFC 6887 §11.1)
+            return pcp_map(client, port, lifetime, os.urandom(12))
+    else:
+        probe, probed = natpmp_probe()
+        result = natpmp_result
+
+        def build(port):
+            return natpmp_map(port, lifetime)
+    up = time.monotonic() + ready
+    while ask(s, probe, probed, 0.2, 1)[0] is None:
+        if time.monotonic() > up:
+            sys.exit(f"no {mechanism} answer from {gateway} within {ready} s")
+    samples, timeouts = [], 0
+    t0 = clock()
+    deadline = t0 + seconds
+    for port in range(first, first + count):
+        begin = clock()
+        if begin >= deadline:
+            break
+        request, answer = build(port)
+        data, latency, again = ask(s, request, answer, timeout, tries)
+        timeouts += again
+        code = -1 if data is None else result(data)
+        samples.append([round(begin - t0, 7), round(latency, 7), code])
+    print(json.dumps({"timeouts": timeouts, "samples": samples}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
 """
 
 
@@ -137,297 +208,13 @@ class BenchError(RuntimeError):
     """A benchmark step did not do what it should; the message says what happened."""
 
 
-# -- statistics (pure) ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One request: when it was first sent (s from the load's start), its latency, its result."""
-
-    start: float
-    latency: float
-    result: int  # NAT-PMP result code; -1 when no answer came after every retransmit
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """A run of consecutive requests, one outstanding at a time."""
-
-    count: int
-    ok: int
-    failed: int  # answered with a non-zero result code
-    lost: int  # never answered
-    seconds: float
-    rps: float  # answered requests per second
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """Requests that met a table of `low` to `high` mappings (high exclusive unless last)."""
-
-    low: int
-    high: int
-    stats: Stats
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of ascending values (q in 0..1); nan when empty."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
-def summarize(samples: Sequence[Sample]) -> Stats:
-    """Counts, rate and latency percentiles of consecutive samples."""
-    if not samples:
-        return Stats(0, 0, 0, 0, 0.0, 0.0, math.nan, math.nan, math.nan)
-    answered = sorted(s.latency for s in samples if s.result >= 0)
-    seconds = samples[-1].start + samples[-1].latency - samples[0].start
-    return Stats(
-        count=len(samples),
-        ok=sum(1 for s in samples if s.result == 0),
-        failed=sum(1 for s in samples if s.result > 0),
-        lost=sum(1 for s in samples if s.result < 0),
-        seconds=seconds,
-        rps=len(answered) / seconds if seconds > 0 else math.nan,
-        p50_ms=percentile(answered, 0.50) * 1000,
-        p99_ms=percentile(answered, 0.99) * 1000,
-        mean_ms=sum(answered) / len(answered) * 1000 if answered else math.nan,
-    )
-
-
-def buckets(samples: Sequence[Sample], width: int, base: int = 0) -> list[Bucket]:
-    """Samples grouped by the table size each met: `base` plus the mappings made before it."""
-    groups: dict[int, list[Sample]] = {}
-    size = base
-    for sample in samples:
-        groups.setdefault(size // width, []).append(sample)
-        size += sample.result == 0
-    return [
-        Bucket(index * width, min((index + 1) * width, size), summarize(group))
-        for index, group in sorted(groups.items())
-    ]
-
-
-# -- results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """One start of igd-server: what it restored, how long that took, what the kernel held."""
-
-    restored: int
-    persisted: int
-    restore_s: float  # as the daemon logs it: store, table, policy and kernel reconcile
-    ready_s: float  # from launching the process to its "ready" line
-    kernel: int  # entries in the kernel's maps once ready
-    rss_mb: float  # the daemon's resident memory once ready
-
-
-@dataclass(frozen=True, slots=True)
-class IgdRun:
-    """igd-server at one preloaded table size."""
-
-    size: int
-    cold: Start  # empty kernel table (after a reboot)
-    warm: Start  # kernel still holding the mappings (daemon restarted)
-    load: Stats
-    timeouts: int
-    kernel_after: int
-    rss_mb: float  # after the run
-
-
-@dataclass(frozen=True, slots=True)
-class MiniupnpdRun:
-    """miniupnpd, from an empty table, for a time budget."""
-
-    version: str
-    budget_s: float
-    load: Stats
-    timeouts: int
-    buckets: tuple[Bucket, ...]
-    kernel_rules: int  # DNAT rules in its chain at the end
-
-    def bucket_for(self, size: int) -> Bucket | None:
-        """The bucket holding table size `size`, if the run got there."""
-        for bucket in self.buckets:
-            if bucket.low <= size < bucket.high or size == bucket.low:
-                return bucket
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Machine:
-    """What the results were measured on, and when."""
-
-    cpu: str
-    cores: int
-    kernel: str
-    python: str
-    nft: str
-    date: str
-
-    @classmethod
-    def here(cls) -> Machine:
-        """This machine, now."""
-        cpu = "unknown CPU"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        nft = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False)
-        return cls(
-            cpu=cpu,
-            cores=os.cpu_count() or 0,
-            kernel=platform.release(),
-            python=platform.python_version(),
-            nft=nft.stdout.strip() or "nft not found",
-            date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """Everything one benchmark run measured."""
-
-    machine: Machine
-    requests: int
-    igd: tuple[IgdRun, ...]
-    miniupnpd: MiniupnpdRun | None
-    miniupnpd_note: str = ""
-
-    def verdicts(self) -> list[tuple[str, str, bool]]:
-        """(target, what was measured, met) for each target the measured sizes cover."""
-        runs = {run.size: run for run in self.igd}
-        out: list[tuple[str, str, bool]] = []
-        if (run := runs.get(TARGET_RATE_SIZE)) is not None:
-            out.append(
-                (
-                    f"≥ {TARGET_RATE:,.0f} mappings/s with {TARGET_RATE_SIZE:,} existing",
-                    f"{run.load.rps:,.0f}/s",
-                    run.load.rps >= TARGET_RATE,
-                )
-            )
-        base, big = runs.get(0), runs.get(TARGET_COST_SIZE)
-        if base is not None and big is not None:
-            ratio = big.load.mean_ms / base.load.mean_ms
-            out.append(
-                (
-                    f"cost per request at {TARGET_COST_SIZE:,} ≤ {TARGET_COST_RATIO}x cost at 0",
-                    f"{ratio:.2f}x ({big.load.mean_ms:.3f} vs {base.load.mean_ms:.3f} ms mean;"
-                    f" p50 {big.load.p50_ms / base.load.p50_ms:.2f}x)",
-                    ratio <= TARGET_COST_RATIO,
-                )
-            )
-        if (run := runs.get(TARGET_RESTORE_SIZE)) is not None:
-            for label, start in (("cold start", run.cold), ("warm restart", run.warm)):
-                out.append(
-                    (
-                        f"restore {TARGET_RESTORE_SIZE:,} leases ≤ {TARGET_RESTORE_S:.0f} s"
-                        f" ({label})",
-                        f"{start.restore_s:.2f} s (ready {start.ready_s:.2f} s after launch)",
-                        start.restore_s <= TARGET_RESTORE_S,
-                    )
-                )
-        if (run := runs.get(TARGET_RSS_SIZE)) is not None:
-            out.append(
-                (
-                    f"RSS ≤ {TARGET_RSS_MB:.0f} MB at {TARGET_RSS_SIZE:,}",
-                    f"{run.rss_mb:.0f} MB after the run ({run.kernel_after:,} mappings);"
-                    f" {run.cold.rss_mb:.0f} MB after a cold start",
-                    run.rss_mb <= TARGET_RSS_MB,
-                )
-            )
-        return out
-
-    def markdown(self) -> str:
-        """The results as markdown: main table, miniupnpd by size, starts, targets, machine."""
-        m, mini = self.machine, self.miniupnpd
-        lines = [
-            f"NAT-PMP map requests, one outstanding, {self.requests:,} new mappings per igd run"
-            + (f"; miniupnpd for {mini.budget_s:.0f} s from empty" if mini else "")
-            + ".",
-            "",
-            "| table size | igd req/s | igd p50 ms | igd p99 ms"
-            " | miniupnpd req/s | miniupnpd p50 ms |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for run in self.igd:
-            bucket = mini.bucket_for(run.size) if mini else None
-            if bucket is not None:
-                theirs = f"{bucket.stats.rps:,.0f} ({bucket.low:,}-{bucket.high:,})"
-                their_p50 = _ms(bucket.stats.p50_ms)
-            else:
-                reached = f" (reached {mini.load.ok:,})" if mini else ""
-                theirs, their_p50 = ("not reached" + reached if mini else "—"), "—"
-            lines.append(
-                f"| {run.size:,} | {run.load.rps:,.0f} | {_ms(run.load.p50_ms)}"
-                f" | {_ms(run.load.p99_ms)} | {theirs} | {their_p50} |"
-            )
-        problems = [
-            f"{run.size:,}: {run.load.failed} refused, {run.load.lost} unanswered,"
-            f" {run.timeouts} retransmits"
-            for run in self.igd
-            if run.load.failed or run.load.lost or run.timeouts
-        ]
-        lines += [
-            "",
-            "igd requests that were refused, unanswered or retransmitted: " + "; ".join(problems)
-            if problems
-            else "igd: every request was granted at its first send.",
-        ]
-        if mini is not None:
-            lines += [
-                "",
-                f"miniupnpd {mini.version}, by the table size each request met"
-                f" ({mini.load.count:,} requests, {mini.load.ok:,} mappings, {mini.timeouts}"
-                f" retransmits; {mini.kernel_rules:,} DNAT rules in its chain at the end):",
-                "",
-                "| mappings | req/s | p50 ms | p99 ms |",
-                "| ---: | ---: | ---: | ---: |",
-                *(
-                    f"| {b.low:,}-{b.high:,} | {b.stats.rps:,.0f} | {_ms(b.stats.p50_ms)}"
-                    f" | {_ms(b.stats.p99_ms)} |"
-                    for b in mini.buckets
-                ),
-            ]
-        elif self.miniupnpd_note:
-            lines += ["", f"miniupnpd: {self.miniupnpd_note}."]
-        lines += [
-            "",
-            "igd-server starts and memory (restore: as the daemon logs it, lease store to kernel):",
-            "",
-            "| table size | cold start restore s | warm restart restore s | ready after launch s"
-            " (cold / warm) | RSS MB when ready (cold / warm) | RSS MB after the run |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-            *(
-                f"| {r.size:,} | {r.cold.restore_s:.3f} | {r.warm.restore_s:.3f}"
-                f" | {r.cold.ready_s:.2f} / {r.warm.ready_s:.2f}"
-                f" | {r.cold.rss_mb:.0f} / {r.warm.rss_mb:.0f} | {r.rss_mb:.0f} |"
-                for r in self.igd
-            ),
-        ]
-        if verdicts := self.verdicts():
-            lines += ["", "| target | measured | verdict |", "| --- | --- | --- |"]
-            lines += [f"| {t} | {v} | {'met' if ok else 'NOT met'} |" for t, v, ok in verdicts]
-        lines += [
-            "",
-            f"Machine: {m.cpu}, {m.cores} cores, Linux {m.kernel}, Python {m.python},"
-            f" {m.nft}; {m.date}.",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-def _ms(value: float) -> str:
-    if math.isnan(value):
-        return "—"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
-
-
 # -- preloading the lease store ---------------------------------------------------------------
+
+
+def load_ports(mechanism: Mechanism, requests: int) -> range:
+    """igd: the internal ports one protocol's load asks for at each size (one range each)."""
+    first = LOAD_FIRST_PORT + LOAD_MECHANISMS.index(mechanism) * requests
+    return range(first, first + requests)
 
 
 def preload(size: int, owners: Sequence[IPv4Address], avoid: range, *, now: float) -> list[Mapping]:
@@ -471,24 +258,34 @@ class Settings:
     sizes: tuple[int, ...] = DEFAULT_SIZES
     requests: int = DEFAULT_REQUESTS
     seconds: float = DEFAULT_SECONDS
+    mechanisms: tuple[Mechanism, ...] = LOAD_MECHANISMS
     miniupnpd_seconds: float = DEFAULT_MINIUPNPD_SECONDS
+    miniupnpd_pcp_seconds: float | None = None  # None: as long as miniupnpd_seconds
     bucket: int = DEFAULT_BUCKET
     timeout: float = DEFAULT_TIMEOUT
     policy: Path | None = None
     prefix: str | None = None
 
+    def miniupnpd_budget(self, mechanism: Mechanism) -> float:
+        """Seconds of `mechanism`'s load against miniupnpd; 0 skips it."""
+        if mechanism is Mechanism.PCP and self.miniupnpd_pcp_seconds is not None:
+            return self.miniupnpd_pcp_seconds
+        return self.miniupnpd_seconds
+
 
 def run_load(
-    lab: Lab, first_port: int, count: int, seconds: float, timeout: float
+    lab: Lab, mechanism: Mechanism, first_port: int, count: int, seconds: float, timeout: float
 ) -> tuple[list[Sample], int]:
-    """The load from lan1 against whichever gateway runs; (samples, retransmits)."""
-    argv = [lab.gateway.address, "tcp", first_port, count, seconds, LIFETIME, timeout, TRIES]
-    limit = seconds + READY_TIMEOUT + timeout * 2**TRIES + 30
-    proc = lab.python(
-        lab.lan[0], ["-c", _LOAD, *map(str, argv), str(READY_TIMEOUT)], check=False, timeout=limit
-    )
+    """One protocol's load from lan1 against whichever gateway runs; (samples, retransmits)."""
+    argv = [lab.gateway.address, mechanism.value, first_port, count, seconds, LIFETIME, timeout]
+    argv += [TRIES, READY_TIMEOUT]
+    # The script keeps to `seconds` itself (plus one request's retransmits); this limit is a
+    # backstop, generous because on a busy machine (the kernel tearing down other namespaces)
+    # a process started in a namespace was seen to run minutes late.
+    limit = seconds + READY_TIMEOUT + timeout * 2**TRIES + 300
+    proc = lab.python(lab.lan[0], ["-c", _LOAD, *map(str, argv)], check=False, timeout=limit)
     if proc.returncode != 0:
-        raise BenchError(f"the load generator failed: {proc.stderr.strip()}")
+        raise BenchError(f"the {NAMES[mechanism]} load generator failed: {proc.stderr.strip()}")
     out = json.loads(proc.stdout)
     samples = [Sample(float(a), float(b), int(c)) for a, b, c in out["samples"]]
     return samples, int(out["timeouts"])
@@ -545,14 +342,15 @@ def drop_table(lab: Lab, family: str, name: str) -> None:
 
 
 def run_igd(lab: Lab, size: int, settings: Settings, say: Callable[[str], None]) -> IgdRun:
-    """A fresh igd-server over a store preloaded with `size` leases, then the load."""
+    """A fresh igd-server over a store preloaded with `size` leases, then each protocol's load."""
     state = lab.workdir / f"state-{size}"
-    load_ports = range(LOAD_FIRST_PORT, LOAD_FIRST_PORT + settings.requests)
+    # The preload keeps off every protocol's ports, whichever loads run.
+    avoid = range(LOAD_FIRST_PORT, LOAD_FIRST_PORT + len(LOAD_MECHANISMS) * settings.requests)
     now = time.monotonic()
     policy = settings.policy or bench_policy()
     store = LeaseStore(state / "leases.sqlite")
     try:
-        store.apply([], preload(size, preload_owners(lab), load_ports, now=now), Clock(mono=now))
+        store.apply([], preload(size, preload_owners(lab), avoid, now=now), Clock(mono=now))
         # As the daemon leaves it: these leases were granted under this policy file.
         store.set_meta(POLICY_KEY, file_digest(Path(policy)))
     finally:
@@ -575,21 +373,32 @@ def run_igd(lab: Lab, size: int, settings: Settings, say: Callable[[str], None])
             raise BenchError(f"preloaded {size}, but {start}")
     proc = lab.gateway_process
     assert proc is not None
-    samples, timeouts = run_load(
-        lab, load_ports.start, settings.requests, settings.seconds, settings.timeout
-    )
-    load = summarize(samples)
-    kernel_after = kernel_entries(lab)
+    loads: list[Load] = []
+    held = size
+    for mechanism in settings.mechanisms:
+        ports = load_ports(mechanism, settings.requests)
+        samples, timeouts = run_load(
+            lab, mechanism, ports.start, len(ports), settings.seconds, settings.timeout
+        )
+        stats = summarize(samples)
+        kernel = kernel_entries(lab)
+        # A request never answered may still have been granted; every other one is exact.
+        if not held + stats.ok <= kernel <= held + stats.ok + stats.lost:
+            raise BenchError(
+                f"{held} held + {stats.ok} {NAMES[mechanism]} granted ({stats.lost} unanswered),"
+                f" but the kernel holds {kernel}"
+            )
+        loads.append(Load(mechanism, held, stats, timeouts, kernel))
+        held = kernel
+        say(
+            f"igd {size:,} {NAMES[mechanism]}: {stats.rps:,.0f} req/s, p50 {stats.p50_ms:.2f} ms,"
+            f" p99 {stats.p99_ms:.2f} ms, {stats.ok}/{stats.count} ok"
+        )
     rss = memory_mb(proc.pid)
-    if kernel_after != size + load.ok:
-        raise BenchError(f"{size} + {load.ok} granted, but the kernel holds {kernel_after}")
-    say(
-        f"igd {size:,}: {load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms,"
-        f" p99 {load.p99_ms:.2f} ms, {load.ok}/{load.count} ok; RSS {rss:.0f} MB"
-    )
+    say(f"igd {size:,}: RSS {rss:.0f} MB with {held:,} mappings")
     lab.stop_gateway()
     drop_table(lab, "ip", TABLE)
-    return IgdRun(size, cold, warm, load, timeouts, kernel_after, rss)
+    return IgdRun(size, cold, warm, tuple(loads), rss)
 
 
 def miniupnpd_version() -> str | None:
@@ -602,11 +411,17 @@ def miniupnpd_version() -> str | None:
 
 
 def run_miniupnpd(
-    lab: Lab, settings: Settings, version: str, say: Callable[[str], None]
+    lab: Lab,
+    mechanism: Mechanism,
+    settings: Settings,
+    version: str,
+    say: Callable[[str], None],
 ) -> MiniupnpdRun:
-    """Debian's miniupnpd in the gateway and the same load, for the time budget."""
+    """A fresh miniupnpd in the gateway and one protocol's load, for its time budget."""
     gw = lab.gateway
-    conf = lab.workdir / "miniupnpd.conf"
+    budget = settings.miniupnpd_budget(mechanism)
+    # enable_natpmp turns on its PCP server too (Debian builds it with PCP).
+    conf = lab.workdir / f"miniupnpd-{mechanism.value}.conf"
     conf.write_text(
         f"ext_ifname={gw.external_interface}\nlistening_ip={gw.interface}\n"
         "enable_natpmp=yes\nenable_upnp=no\nsecure_mode=yes\n"
@@ -618,13 +433,9 @@ def run_miniupnpd(
     lab.run(gw, ["nft", "-f", "-"], input=MINIUPNPD_RULESET)
     pid = start_miniupnpd(lab, conf)
     try:
-        say(f"miniupnpd {version} (pid {pid}): load for {settings.miniupnpd_seconds:.0f} s")
+        say(f"miniupnpd {version} (pid {pid}): {NAMES[mechanism]} load for {budget:.0f} s")
         samples, timeouts = run_load(
-            lab,
-            MINIUPNPD_FIRST_PORT,
-            MAX_MINIUPNPD_REQUESTS,
-            settings.miniupnpd_seconds,
-            settings.timeout,
+            lab, mechanism, MINIUPNPD_FIRST_PORT, MAX_MINIUPNPD_REQUESTS, budget, settings.timeout
         )
         listing = lab.run(gw, ["nft", "-j", "list", "chain", "inet", "filter",
                                "prerouting_miniupnpd"], timeout=120).stdout  # fmt: skip
@@ -634,16 +445,12 @@ def run_miniupnpd(
         # each, which takes minutes at a few thousand mappings.
         kill_miniupnpd(pid)
         drop_table(lab, "inet", "filter")
-    load = summarize(samples)
-    say(f"miniupnpd: {load.ok:,} mappings in {load.seconds:.0f} s, {rules:,} rules in its chain")
-    return MiniupnpdRun(
-        version,
-        settings.miniupnpd_seconds,
-        load,
-        timeouts,
-        tuple(buckets(samples, settings.bucket)),
-        rules,
+    load = Load(mechanism, 0, summarize(samples), timeouts, rules)
+    say(
+        f"miniupnpd {NAMES[mechanism]}: {load.stats.ok:,} mappings in {load.stats.seconds:.0f} s,"
+        f" {rules:,} rules in its chain"
     )
+    return MiniupnpdRun(version, budget, load, tuple(buckets(samples, settings.bucket)))
 
 
 def start_miniupnpd(lab: Lab, conf: Path) -> int:
@@ -653,9 +460,10 @@ def start_miniupnpd(lab: Lab, conf: Path) -> int:
     this lab) glibc writes every line to /dev/console, which then costs more than the
     mapping itself. As a daemon it logs only notices and above.
     """
-    pidfile = lab.workdir / "miniupnpd.pid"
+    pidfile, logfile = conf.with_suffix(".pid"), conf.with_suffix(".log")
+    pidfile.unlink(missing_ok=True)  # no earlier run's pid, which may belong to a zombie
     argv = ["miniupnpd", "-f", str(conf), "-P", str(pidfile)]
-    with (lab.workdir / "miniupnpd.log").open("wb") as log:
+    with logfile.open("wb") as log:
         proc = lab.popen(lab.gateway, argv, stdout=log, stderr=subprocess.STDOUT)
     proc.wait(timeout=READY_TIMEOUT)  # the parent exits once the daemon has forked
     deadline = time.monotonic() + READY_TIMEOUT
@@ -664,7 +472,7 @@ def start_miniupnpd(lab: Lab, conf: Path) -> int:
         if text.isdigit() and _is_miniupnpd(int(text)):
             return int(text)
         time.sleep(0.05)
-    log_text = (lab.workdir / "miniupnpd.log").read_text(errors="replace")
+    log_text = logfile.read_text(errors="replace")
     raise BenchError(f"miniupnpd did not start (exit {proc.returncode}): {log_text.strip()}")
 
 
@@ -708,18 +516,28 @@ def run_bench(settings: Settings, say: Callable[[str], None]) -> Report:
     """Build a lab, measure igd at each size and miniupnpd, tear down; the report."""
     if os.geteuid() != 0:
         raise BenchError("the benchmark builds network namespaces: run it as root")
-    free = 2 * (LAST_PORT - FIRST_PORT + 1 - 2 - settings.requests)
-    if max(settings.sizes, default=0) > free or LOAD_FIRST_PORT + settings.requests > LAST_PORT:
+    ports = len(LOAD_MECHANISMS) * settings.requests
+    free = 2 * (LAST_PORT - FIRST_PORT + 1 - 2 - ports)
+    if max(settings.sizes, default=0) > free or LOAD_FIRST_PORT + ports - 1 > LAST_PORT:
         raise BenchError(f"{settings.requests} requests leave room for a preload of {free}")
-    version = miniupnpd_version() if settings.miniupnpd_seconds > 0 else None
-    note = "" if version else ("not installed" if settings.miniupnpd_seconds > 0 else "skipped")
+    wanted = [m for m in settings.mechanisms if settings.miniupnpd_budget(m) > 0]
+    version = miniupnpd_version() if wanted else None
+    note = "" if version else ("not installed" if wanted else "skipped")
     machine = Machine.here()
     prefix = settings.prefix or f"{PREFIX}{secrets.token_hex(3)}"
     with Lab(prefix, wan_hosts=1, lan_hosts=1, wan_network=PUBLIC_LOOKING_WAN) as lab:
         say(f"lab {lab.prefix} built (files in {lab.workdir})")
         runs = tuple(run_igd(lab, size, settings, say) for size in settings.sizes)
-        mini = run_miniupnpd(lab, settings, version, say) if version else None
-    return Report(machine, settings.requests, runs, mini, note)
+        mini = tuple(run_miniupnpd(lab, m, settings, version, say) for m in wanted if version)
+    return Report(machine, settings.requests, settings.mechanisms, runs, mini, note)
+
+
+def parse_mechanisms(text: str) -> tuple[Mechanism, ...]:
+    """`natpmp,pcp` → the load's mechanisms, in the order they run; ValueError if unknown."""
+    chosen = {Mechanism(word.strip()) for word in text.split(",")}
+    if not chosen <= set(LOAD_MECHANISMS):
+        raise ValueError(f"the load speaks {', '.join(LOAD_MECHANISMS)}")
+    return tuple(m for m in LOAD_MECHANISMS if m in chosen)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -734,19 +552,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--requests",
         type=int,
         default=DEFAULT_REQUESTS,
-        help="new mappings asked for at each size (default %(default)s)",
+        help="new mappings each load asks for at each size (default %(default)s)",
     )
     parser.add_argument(
         "--seconds",
         type=float,
         default=DEFAULT_SECONDS,
-        help="time limit of the load at each size (default %(default)s)",
+        help="time limit of each load at each size (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mechanisms",
+        default=",".join(LOAD_MECHANISMS),
+        help="the loads to run at each size, NAT-PMP first (default %(default)s)",
     )
     parser.add_argument(
         "--miniupnpd-seconds",
         type=float,
         default=DEFAULT_MINIUPNPD_SECONDS,
-        help="load time against miniupnpd, 0 skips it (default %(default)s)",
+        help="NAT-PMP load time against miniupnpd, 0 skips it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--miniupnpd-pcp-seconds",
+        type=float,
+        help="PCP load time against miniupnpd, 0 skips it (default: --miniupnpd-seconds)",
     )
     parser.add_argument(
         "--bucket",
@@ -768,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = tuple(int(word.replace("_", "")) for word in args.sizes.split(","))
     except ValueError:
         parser.error(f"--sizes: want comma-separated integers, not {args.sizes!r}")
+    try:
+        mechanisms = parse_mechanisms(args.mechanisms)
+    except ValueError:
+        parser.error(f"--mechanisms: want some of {','.join(LOAD_MECHANISMS)}")
     if any(s < 0 for s in sizes) or args.requests < 1 or args.bucket < 1:
         parser.error("sizes must be >= 0, --requests and --bucket >= 1")
     if args.prefix is not None and not args.prefix.startswith(PREFIX):
@@ -776,7 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes=sizes,
         requests=args.requests,
         seconds=args.seconds,
+        mechanisms=mechanisms,
         miniupnpd_seconds=args.miniupnpd_seconds,
+        miniupnpd_pcp_seconds=args.miniupnpd_pcp_seconds,
         bucket=args.bucket,
         timeout=args.timeout,
         policy=args.policy,
