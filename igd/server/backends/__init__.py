@@ -51,6 +51,9 @@ class ReconcileReport:
     """Orphans: entries in the kernel that no mapping wants."""
     added: tuple[KernelEntry, ...]
     """Entries mappings want that the kernel lacked."""
+    audited: bool = True
+    """False when the kernel was not read first (a large table is replaced without listing
+    it): the two tuples are then empty, not a claim that nothing changed."""
 
 
 class Backend(TypingProtocol):
@@ -65,8 +68,12 @@ class Backend(TypingProtocol):
         """Remove then add, as one atomic transaction; raise BackendError and change nothing
         on failure. A renewal is the old mapping in `removed` and the new one in `added`."""
 
-    async def reconcile(self, wanted: Sequence[Mapping], *, now: float) -> ReconcileReport:
-        """Make the kernel hold exactly `wanted`: remove orphans, add what is missing."""
+    async def reconcile(
+        self, wanted: Sequence[Mapping], *, now: float, audit: bool = True
+    ) -> ReconcileReport:
+        """Make the kernel hold exactly `wanted`: remove orphans, add what is missing. Without
+        `audit` the kernel is not read first (reading 50,000 elements costs seconds) and the
+        report says nothing about what differed."""
 
     async def entries(self) -> set[KernelEntry]:
         """What the data plane holds now."""

@@ -114,14 +114,16 @@ class NftablesBackend:
         if commands:
             await self._call(functools.partial(self._run, commands))
 
-    async def reconcile(self, wanted: Sequence[Mapping], *, now: float) -> ReconcileReport:
+    async def reconcile(
+        self, wanted: Sequence[Mapping], *, now: float, audit: bool = True
+    ) -> ReconcileReport:
         """Make the kernel hold exactly `wanted` (one listing, one transaction)."""
         for mapping in wanted:  # fail before touching the kernel
             try:
                 check_entry(KernelEntry.of(mapping))
             except ValueError as exc:
                 raise BackendError(f"invalid mapping: {exc}") from exc
-        return await self._call(functools.partial(self._reconcile, list(wanted), now))
+        return await self._call(functools.partial(self._reconcile, list(wanted), now, audit))
 
     async def entries(self) -> set[KernelEntry]:
         """What the table holds now, as entries (filters and PEER ports included)."""
@@ -163,11 +165,17 @@ class NftablesBackend:
     def _entries(self) -> set[KernelEntry]:
         return set(self._listing().entries)
 
-    def _reconcile(self, wanted: list[Mapping], now: float) -> ReconcileReport:
-        listing = self._listing()
-        commands, report = reconcile_plan(
-            self.table, set(listing.entries), wanted, now=now, held=listing.elements
-        )
+    def _reconcile(self, wanted: list[Mapping], now: float, audit: bool) -> ReconcileReport:
+        if audit:
+            listing = self._listing()
+            commands, report = reconcile_plan(
+                self.table, set(listing.entries), wanted, now=now, held=listing.elements
+            )
+        else:
+            # The plan flushes and refills whatever the kernel holds; only the report needs
+            # the listing.
+            commands, _ = reconcile_plan(self.table, set(), wanted, now=now, held=1)
+            report = ReconcileReport((), (), audited=False)
         if commands:
             self._context().run(commands)
         return report

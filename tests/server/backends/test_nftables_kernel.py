@@ -127,6 +127,17 @@ async def test_reconcile_removes_orphans_adds_missing_and_refreshes(
     assert await backend.entries() == set()
 
 
+async def test_reconcile_without_audit_still_replaces_the_table(
+    gw: Netns, backend: NftablesBackend
+) -> None:
+    keep, orphan = mapping(1), mapping(2)
+    await backend.apply([], [keep, orphan], now=NOW)
+    missing = mapping(4, protocol=Protocol.UDP, remote="203.0.113.9")
+    report = await backend.reconcile([keep, missing], now=NOW, audit=False)
+    assert report == ReconcileReport((), (), audited=False)
+    assert await backend.entries() == {KernelEntry.of(keep), KernelEntry.of(missing)}
+
+
 async def test_close_keeps_or_flushes_the_table(gw: Netns, backend: NftablesBackend) -> None:
     await backend.apply([], [mapping(1)], now=NOW)
     await backend.close(flush=False)
