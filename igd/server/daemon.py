@@ -21,8 +21,8 @@ from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.interfaces import ExternalAddress, internal_interface
 from igd.server.natpmp import NatPmpHandler
-from igd.server.pcp import Limits as PcpLimits
 from igd.server.pcp import PcpHandler
+from igd.server.pcp_options import Limits as PcpLimits
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import Clock, LeaseStore

@@ -8,30 +8,28 @@ back with the result set (§8.2), and changes nothing (§7.3).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
 
 from igd.decision import Allow, Reason
 from igd.gateway import Change, Granted, Refused
-from igd.model import Mapping, MapRequest, Mechanism, Protocol, RemoteFilter
+from igd.model import Mapping, MapRequest, Mechanism, Protocol
 from igd.proto import pcp
 from igd.proto.pcp import (
     PcpDecodeError,
-    PcpDescription,
     PcpFilter,
     PcpMapData,
     PcpOpcode,
     PcpOption,
     PcpPeerData,
-    PcpPreferFailure,
     PcpRequest,
     PcpResponse,
     PcpResult,
     PcpThirdParty,
-    PcpUnknownOption,
 )
 from igd.server.backends import BackendError
 from igd.server.interfaces import ExternalAddress
+from igd.server.pcp_options import DEFAULT_LIMITS, Limits, OptionRules, Options, PcpError
 from igd.server.service import Service
 
 log = logging.getLogger("igd.pcp")
@@ -57,53 +55,18 @@ RESULT_FOR: dict[Reason, PcpResult] = {
     Reason.BACKEND_FAILURE: PcpResult.NO_RESOURCES,
 }
 
-# Options that may appear once per request (RFC 6887 §13, RFC 7220 §2).
-_ONCE = (PcpThirdParty, PcpPreferFailure, PcpDescription)
-_VALID_FOR = {
-    PcpOpcode.ANNOUNCE: (),
-    PcpOpcode.MAP: (PcpThirdParty, PcpPreferFailure, PcpFilter, PcpDescription),
-    PcpOpcode.PEER: (PcpThirdParty, PcpDescription),
-}
 _PROTOCOLS = {6: Protocol.TCP, 17: Protocol.UDP}
-
-
-class PcpError(Exception):
-    """A request refused with a PCP result; the request is answered as a copy (§8.2)."""
-
-    def __init__(self, result: PcpResult, why: str, lifetime: int | None = None) -> None:
-        super().__init__(why)
-        self.result = result
-        self.lifetime = lifetime
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """PCP-specific limits from the configuration."""
-
-    max_filters: int = 8
-    """FILTER options kept per mapping; more get EXCESSIVE_REMOTE_PEERS (§13.3)."""
-    max_description: int = 128
-    """Octets of DESCRIPTION stored and echoed (RFC 7220 §3 asks for at least 128)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Options:
-    third_party: IPv4Address | None = None
-    prefer_failure: bool = False
-    filters: tuple[PcpFilter, ...] = ()
-    description: str | None = None
-    processed: tuple[PcpOption, ...] = ()
 
 
 class PcpHandler:
     """Answers PCP requests from LAN clients."""
 
     def __init__(
-        self, service: Service, external: ExternalAddress, limits: Limits = Limits()
+        self, service: Service, external: ExternalAddress, limits: Limits = DEFAULT_LIMITS
     ) -> None:
         self.service = service
         self.external = external
-        self.limits = limits
+        self.options = OptionRules(limits)
         self.endpoints: dict[tuple[IPv4Address, int, Protocol, int, int], tuple[str, int]] = {}
         """Where each PCP mapping's client last asked from, for Mapping Update (§14.2);
         one entry per live PCP mapping, dropped when the mapping goes."""
@@ -123,7 +86,7 @@ class PcpHandler:
             if pcp.unmapped(request.client_address) != client:
                 # RFC 6887 §8.2: the client's address field must be the packet's source.
                 raise PcpError(PcpResult.ADDRESS_MISMATCH, f"{request.client_address} claimed")
-            options = self._options(request, client)
+            options = self.options.read(request, client)
             response = await self._dispatch(request, options, client, source)
         except PcpError as error:
             log.info(
@@ -139,7 +102,7 @@ class PcpHandler:
     # -- opcodes --------------------------------------------------------------------------
 
     async def _dispatch(
-        self, request: PcpRequest, options: _Options, client: IPv4Address, source: tuple[str, int]
+        self, request: PcpRequest, options: Options, client: IPv4Address, source: tuple[str, int]
     ) -> PcpResponse:
         if request.opcode is PcpOpcode.ANNOUNCE:
             # RFC 6887 §14.1.1: answered with SUCCESS and lifetime 0.
@@ -156,7 +119,7 @@ class PcpHandler:
         self,
         request: PcpRequest,
         data: PcpMapData,
-        options: _Options,
+        options: Options,
         client: IPv4Address,
         source: tuple[str, int],
     ) -> PcpResponse:
@@ -184,8 +147,8 @@ class PcpHandler:
         existing = self._existing(ask)
         ask = replace(
             ask,
-            description=self._description(options, existing),
-            filters=self._filters(options, existing),
+            description=self.options.description(options, existing),
+            filters=self.options.filters(options, existing),
         )
         mapping, granted = await self._grant(ask)
         self._remember(mapping, source)
@@ -195,14 +158,14 @@ class PcpHandler:
             granted,
             self.service.epoch(),
             replace(data, external_port=mapping.external_port, external_address=self._external()),
-            self._echo(options, mapping),
+            self.options.echo(options, mapping),
         )
 
     async def _peer(
         self,
         request: PcpRequest,
         data: PcpPeerData,
-        options: _Options,
+        options: Options,
         client: IPv4Address,
         source: tuple[str, int],
     ) -> PcpResponse:
@@ -237,7 +200,7 @@ class PcpHandler:
             )
         elif request.lifetime == 0:
             return PcpResponse(PcpOpcode.PEER, PcpResult.SUCCESS, 0, self.service.epoch(), data)
-        ask = replace(ask, description=self._description(options, existing))
+        ask = replace(ask, description=self.options.description(options, existing))
         mapping, granted = await self._grant(ask)
         self._remember(mapping, source)
         return PcpResponse(
@@ -246,14 +209,14 @@ class PcpHandler:
             granted,
             self.service.epoch(),
             replace(data, external_port=mapping.external_port, external_address=self._external()),
-            self._echo(options, mapping),
+            self.options.echo(options, mapping),
         )
 
     async def _delete(
         self,
         request: PcpRequest,
         data: PcpMapData,
-        options: _Options,
+        options: Options,
         client: IPv4Address,
         protocol: Protocol,
         internal: IPv4Address,
@@ -315,79 +278,6 @@ class PcpHandler:
                 found.existing.remaining(self.service.now()),
             )
         return found
-
-    def _options(self, request: PcpRequest, client: IPv4Address) -> _Options:
-        """Check options in order of appearance (RFC 6887 §7.3)."""
-        seen: set[type] = set()
-        third_party = None
-        prefer_failure = False
-        filters: list[PcpFilter] = []
-        description = None
-        processed: list[PcpOption] = []
-        for option in request.options:
-            if isinstance(option, PcpUnknownOption):
-                if option.mandatory:
-                    raise PcpError(PcpResult.UNSUPP_OPTION, f"unsupported option {option.code}")
-                continue  # optional and not understood: ignored, not echoed
-            if isinstance(option, _ONCE):
-                if type(option) in seen:
-                    raise PcpError(PcpResult.MALFORMED_OPTION, f"{type(option).__name__} twice")
-                seen.add(type(option))
-            if not isinstance(option, _VALID_FOR[request.opcode]):
-                if request.opcode is PcpOpcode.PEER and isinstance(option, PcpPreferFailure):
-                    raise PcpError(PcpResult.MALFORMED_REQUEST, "PEER with PREFER_FAILURE (§12.1)")
-                if isinstance(option, PcpDescription):
-                    continue  # optional: ignored
-                raise PcpError(
-                    PcpResult.UNSUPP_OPTION, f"{type(option).__name__} with {request.opcode.name}"
-                )
-            if isinstance(option, PcpThirdParty):
-                address = pcp.unmapped(option.address)
-                if address is None:
-                    raise PcpError(PcpResult.UNSUPP_OPTION, "THIRD_PARTY for an IPv6 address")
-                if address == client:
-                    raise PcpError(PcpResult.MALFORMED_REQUEST, "THIRD_PARTY names the sender")
-                third_party = address
-            elif isinstance(option, PcpPreferFailure):
-                prefer_failure = True
-            elif isinstance(option, PcpFilter):
-                _check_filter(option)
-                filters.append(option)
-            elif isinstance(option, PcpDescription):
-                text = _truncate(option.text, self.limits.max_description)
-                description = text
-                option = PcpDescription(text)
-            processed.append(option)
-        return _Options(third_party, prefer_failure, tuple(filters), description, tuple(processed))
-
-    def _filters(self, options: _Options, existing: Mapping | None) -> tuple[RemoteFilter, ...]:
-        """New FILTERs add to the mapping's; prefix length 0 removes them all (§13.3)."""
-        kept = list(existing.filters) if existing is not None else []
-        for option in options.filters:
-            if option.prefix_length == 0:
-                kept = []
-                continue
-            wanted = _remote_filter(option)
-            if wanted not in kept:
-                kept.append(wanted)
-        if len(kept) > self.limits.max_filters:
-            raise PcpError(
-                PcpResult.EXCESSIVE_REMOTE_PEERS,
-                f"{len(kept)} filters, at most {self.limits.max_filters}",
-            )
-        return tuple(kept)
-
-    def _description(self, options: _Options, existing: Mapping | None) -> str:
-        if options.description is not None:
-            return options.description  # RFC 7220 §3: a new one replaces, "" clears
-        return existing.description if existing is not None else ""
-
-    def _echo(self, options: _Options, mapping: Mapping) -> tuple[PcpOption, ...]:
-        """Only processed options go back (§7.3); DESCRIPTION as stored (RFC 7220 §3)."""
-        return tuple(
-            PcpDescription(mapping.description) if isinstance(o, PcpDescription) else o
-            for o in options.processed
-        )
 
     def _external(self) -> IPv6Address:
         address = self.external.current
@@ -479,33 +369,12 @@ def _protocol(number: int, internal_port: int) -> Protocol:
     return protocol
 
 
-def _check_filter(option: PcpFilter) -> None:
-    if option.prefix_length == 0:
-        return
-    address = pcp.unmapped(option.remote_address)
-    # An IPv4 filter is IPv4-mapped, so its prefix counts the 96 mapped bits (§13.3).
-    if address is None or not 96 < option.prefix_length <= 128:
-        raise PcpError(PcpResult.MALFORMED_OPTION, f"bad FILTER prefix {option.prefix_length}")
-
-
-def _remote_filter(option: PcpFilter) -> RemoteFilter:
-    address = pcp.unmapped(option.remote_address)
-    assert address is not None
-    network = IPv4Network((address, option.prefix_length - 96), strict=False)
-    return RemoteFilter(network, option.remote_port)
-
-
 def _valid_peer(address: IPv4Address) -> bool:
     """§12.3: peers no outbound connection could reach are refused."""
     return not (
         address.is_unspecified or address.is_loopback or address.is_multicast
         or address.is_reserved or address == IPv4Address("255.255.255.255")
     )  # fmt: skip
-
-
-def _truncate(text: str, limit: int) -> str:
-    """At most `limit` octets of UTF-8, cut on a character boundary."""
-    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def _endpoint_key(mapping: Mapping) -> tuple[IPv4Address, int, Protocol, int, int]:

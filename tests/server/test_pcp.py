@@ -35,7 +35,8 @@ from igd.proto.pcp import (
 from igd.server.backends import BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.interfaces import ExternalAddress
-from igd.server.pcp import RESULT_FOR, Limits, PcpHandler
+from igd.server.pcp import RESULT_FOR, PcpHandler
+from igd.server.pcp_options import Limits
 from igd.server.service import Service
 from igd.server.store import LeaseStore
 
