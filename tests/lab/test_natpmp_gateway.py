@@ -220,3 +220,25 @@ def test_malformed_and_unknown_packets_do_not_hurt(lab: Lab, gateway) -> None:  
     future = exchange(lab, lan, target, b"\x03\x01" + bytes(22))
     assert future is not None and future[:4] == b"\x02\x81\x00\x01"  # UNSUPP_VERSION, use 2
     assert request_map(lab, lan, Protocol.TCP, 8080, 8080, 60).result == 0
+
+
+def test_restart_with_a_changed_policy_drops_what_it_refuses(
+    lab: Lab,
+    gateway,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.toml"
+    original = (REPO / "policies" / "lab.toml").read_text()
+    policy.write_text(original)
+    gateway(policy)
+    request_map(lab, lab.lan[0], Protocol.TCP, 8080, 8080, 600)
+    request_map(lab, lab.lan[0], Protocol.TCP, 9090, 9090, 600)
+    assert lab.stop_gateway() == 0
+    policy.write_text(original.replace('internal_ports = "23"', 'internal_ports = "23,9090"'))
+    gateway(policy)
+    assert kernel(lab) == {entry(lab, 0, 8080, 8080)}
+    assert "1 refused by the policy" in lab.gateway_log()
+    assert lab.stop_gateway() == 0
+    gateway(policy)  # same policy again: nothing more to recheck or drop
+    assert kernel(lab) == {entry(lab, 0, 8080, 8080)}
+    assert lab.gateway_log().count("0 refused by the policy") >= 2
