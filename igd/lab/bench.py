@@ -13,13 +13,10 @@ each request met. The report and its statistics: igd/lab/bench_report.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +26,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import igd
-from igd.lab import Lab, LabError
+from igd.lab import Lab, LabError, miniupnpd
 from igd.lab.bench_report import (
     LOAD_MECHANISMS,
     NAMES,
@@ -44,15 +41,13 @@ from igd.lab.bench_report import (
     summarize,
 )
 from igd.lab.demo import log_tail
+from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
 from igd.server.backends.nftables import parse_entries
 from igd.server.daemon import POLICY_KEY, file_digest
 from igd.server.store import Clock, LeaseStore
 
 PREFIX = "igdbench"  # namespaces of the benchmark's labs start with this
-# miniupnpd refuses private and reserved WAN addresses; this one is just past RFC 6598's
-# 100.64.0.0/10. It exists only inside the lab, and both gateways run behind it.
-PUBLIC_LOOKING_WAN = "100.128.7.0/24"
 TABLE = "igd"
 LIMITS = {"requests_per_second_per_client": 100000, "burst_per_client": 100000}
 
@@ -74,18 +69,6 @@ MAX_MINIUPNPD_REQUESTS = LAST_PORT - MINIUPNPD_FIRST_PORT + 1  # one new port ea
 
 _READY = "igd-server ready"
 _RESTORED = re.compile(r"restored (\d+) of (\d+) persisted mappings in ([0-9.]+) s")
-
-# The same rules miniupnpd's nft_init.sh makes, in one table (its names set in the config).
-MINIUPNPD_RULESET = """
-table inet filter {
-  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
-  chain miniupnpd { }
-  chain prerouting { type nat hook prerouting priority -100; jump prerouting_miniupnpd; }
-  chain postrouting { type nat hook postrouting priority 100; jump postrouting_miniupnpd; }
-  chain prerouting_miniupnpd { }
-  chain postrouting_miniupnpd { }
-}
-"""
 
 # The load generator, run in a LAN host with the arguments `run_load` gives: TCP map requests
 # of one protocol ("natpmp" or "pcp"), one outstanding at a time, each for a new internal port
@@ -401,15 +384,6 @@ def run_igd(lab: Lab, size: int, settings: Settings, say: Callable[[str], None])
     return IgdRun(size, cold, warm, tuple(loads), rss)
 
 
-def miniupnpd_version() -> str | None:
-    """The installed miniupnpd-nftables version, or None if it is missing."""
-    if shutil.which("miniupnpd") is None:
-        return None
-    argv = ["dpkg-query", "-W", "-f", "${Version}", "miniupnpd-nftables"]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "(version unknown)"
-
-
 def run_miniupnpd(
     lab: Lab,
     mechanism: Mechanism,
@@ -418,89 +392,20 @@ def run_miniupnpd(
     say: Callable[[str], None],
 ) -> MiniupnpdRun:
     """A fresh miniupnpd in the gateway and one protocol's load, for its time budget."""
-    gw = lab.gateway
     budget = settings.miniupnpd_budget(mechanism)
-    # enable_natpmp turns on its PCP server too (Debian builds it with PCP).
-    conf = lab.workdir / f"miniupnpd-{mechanism.value}.conf"
-    conf.write_text(
-        f"ext_ifname={gw.external_interface}\nlistening_ip={gw.interface}\n"
-        "enable_natpmp=yes\nenable_upnp=no\nsecure_mode=yes\n"
-        "uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n"
-        f"allow 1024-65535 {lab.lan_network} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
-        "upnp_table_name=filter\nupnp_nat_table_name=filter\nupnp_forward_chain=miniupnpd\n"
-        "upnp_nat_chain=prerouting_miniupnpd\nupnp_nat_postrouting_chain=postrouting_miniupnpd\n"
-    )
-    lab.run(gw, ["nft", "-f", "-"], input=MINIUPNPD_RULESET)
-    pid = start_miniupnpd(lab, conf)
-    try:
-        say(f"miniupnpd {version} (pid {pid}): {NAMES[mechanism]} load for {budget:.0f} s")
+    # NAT-PMP on turns on its PCP server too (Debian builds it with PCP).
+    with Miniupnpd(lab, MiniupnpdOptions(), name=f"miniupnpd-{mechanism.value}") as mini:
+        say(f"miniupnpd {version} (pid {mini.pid}): {NAMES[mechanism]} load for {budget:.0f} s")
         samples, timeouts = run_load(
             lab, mechanism, MINIUPNPD_FIRST_PORT, MAX_MINIUPNPD_REQUESTS, budget, settings.timeout
         )
-        listing = lab.run(gw, ["nft", "-j", "list", "chain", "inet", "filter",
-                               "prerouting_miniupnpd"], timeout=120).stdout  # fmt: skip
-        rules = sum(1 for obj in json.loads(listing)["nftables"] if "rule" in obj)
-    finally:
-        # SIGKILL: on SIGTERM it would delete its rules one by one, re-reading its chain for
-        # each, which takes minutes at a few thousand mappings.
-        kill_miniupnpd(pid)
-        drop_table(lab, "inet", "filter")
+        rules = mini.rule_count()
     load = Load(mechanism, 0, summarize(samples), timeouts, rules)
     say(
         f"miniupnpd {NAMES[mechanism]}: {load.stats.ok:,} mappings in {load.stats.seconds:.0f} s,"
         f" {rules:,} rules in its chain"
     )
     return MiniupnpdRun(version, budget, load, tuple(buckets(samples, settings.bucket)))
-
-
-def start_miniupnpd(lab: Lab, conf: Path) -> int:
-    """Start miniupnpd as a router runs it (a daemon); its pid, from its pid file.
-
-    Not `-d`: that turns on debug logging through syslog, and with no syslog socket (as in
-    this lab) glibc writes every line to /dev/console, which then costs more than the
-    mapping itself. As a daemon it logs only notices and above.
-    """
-    pidfile, logfile = conf.with_suffix(".pid"), conf.with_suffix(".log")
-    pidfile.unlink(missing_ok=True)  # no earlier run's pid, which may belong to a zombie
-    argv = ["miniupnpd", "-f", str(conf), "-P", str(pidfile)]
-    with logfile.open("wb") as log:
-        proc = lab.popen(lab.gateway, argv, stdout=log, stderr=subprocess.STDOUT)
-    proc.wait(timeout=READY_TIMEOUT)  # the parent exits once the daemon has forked
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        text = pidfile.read_text().strip() if pidfile.exists() else ""
-        if text.isdigit() and _is_miniupnpd(int(text)):
-            return int(text)
-        time.sleep(0.05)
-    log_text = logfile.read_text(errors="replace")
-    raise BenchError(f"miniupnpd did not start (exit {proc.returncode}): {log_text.strip()}")
-
-
-def _is_miniupnpd(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "miniupnpd"
-    except OSError:
-        return False
-
-
-def kill_miniupnpd(pid: int) -> None:
-    """SIGKILL the miniupnpd we started and wait (bounded) until it is gone."""
-    if not _is_miniupnpd(pid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline and _running(pid):
-        time.sleep(0.02)
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` is alive and not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def bench_policy() -> Path:
@@ -521,10 +426,11 @@ def run_bench(settings: Settings, say: Callable[[str], None]) -> Report:
     if max(settings.sizes, default=0) > free or LOAD_FIRST_PORT + ports - 1 > LAST_PORT:
         raise BenchError(f"{settings.requests} requests leave room for a preload of {free}")
     wanted = [m for m in settings.mechanisms if settings.miniupnpd_budget(m) > 0]
-    version = miniupnpd_version() if wanted else None
+    version = miniupnpd.version() if wanted else None
     note = "" if version else ("not installed" if wanted else "skipped")
     machine = Machine.here()
     prefix = settings.prefix or f"{PREFIX}{secrets.token_hex(3)}"
+    # Both gateways run behind the public-looking WAN miniupnpd needs.
     with Lab(prefix, wan_hosts=1, lan_hosts=1, wan_network=PUBLIC_LOOKING_WAN) as lab:
         say(f"lab {lab.prefix} built (files in {lab.workdir})")
         runs = tuple(run_igd(lab, size, settings, say) for size in settings.sizes)

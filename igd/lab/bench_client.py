@@ -3,7 +3,7 @@ per mechanism and for the automatic choice, next to `upnpc -a` and `natpmpc -a` 
 mapping, against Debian's miniupnpd (UPnP, NAT-PMP, PCP) and against igd-server.
 
 `.venv/bin/python -m igd.lab.bench_client [--rounds N]` (root: it builds namespace labs).
-Also holds the lab helpers the client's lab tests share: start miniupnpd, run client code.
+Also holds what the client's lab tests share: miniupnpd's options for them, running client code.
 """
 
 from __future__ import annotations
@@ -19,58 +19,13 @@ from collections.abc import Callable
 
 from igd.lab import Lab
 from igd.lab.demo import connect, default_policy, start_service, wait_for_gateway
+from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
 
-# miniupnpd refuses private and reserved WAN addresses, so its lab gets one just past
-# RFC 6598's 100.64.0.0/10; it exists only inside the lab.
-PUBLIC_LOOKING_WAN = "100.128.7.0/24"
-MINIUPNPD_UUID = "3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b"
-MINIUPNPD_HTTP_PORT = 2189
-MINIUPNPD_RULESET = """
-table inet filter {
-  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
-  chain miniupnpd { }
-  chain prerouting { type nat hook prerouting priority -100; jump prerouting_miniupnpd; }
-  chain postrouting { type nat hook postrouting priority 100; jump postrouting_miniupnpd; }
-  chain prerouting_miniupnpd { }
-  chain postrouting_miniupnpd { }
-}
-"""
-
-
-def start_miniupnpd(lab: Lab, *, upnp: bool = True, natpmp: bool = True) -> subprocess.Popen[bytes]:
-    """Start Debian's miniupnpd in the lab gateway (UPnP IGD, NAT-PMP and PCP); waits for it."""
-    gw = lab.gateway
-    conf = lab.workdir / "miniupnpd.conf"
-    conf.write_text(
-        f"ext_ifname={gw.external_interface}\nlistening_ip={gw.interface}\n"
-        f"http_port={MINIUPNPD_HTTP_PORT}\n"
-        f"enable_natpmp={'yes' if natpmp else 'no'}\nenable_upnp={'yes' if upnp else 'no'}\n"
-        "secure_mode=yes\nsystem_uptime=yes\nclean_ruleset_interval=0\n"
-        f"uuid={MINIUPNPD_UUID}\nmin_lifetime=2\n"
-        f"allow 1024-65535 {lab.lan_network} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
-        "upnp_table_name=filter\nupnp_nat_table_name=filter\nupnp_forward_chain=miniupnpd\n"
-        "upnp_nat_chain=prerouting_miniupnpd\nupnp_nat_postrouting_chain=postrouting_miniupnpd\n"
-    )
-    lab.run(gw, ["nft", "-f", "-"], input=MINIUPNPD_RULESET)
-    proc = lab.popen(gw, ["miniupnpd", "-d", "-f", str(conf)], stderr=subprocess.DEVNULL)
-    if natpmp:
-        wait_for_gateway(lab)
-    else:
-        deadline = time.monotonic() + 10
-        while (
-            lab.run(gw, ["ss", "-ltn", f"sport = {MINIUPNPD_HTTP_PORT}"]).stdout.count("LISTEN")
-            == 0
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError("miniupnpd did not open its HTTP port")
-            time.sleep(0.1)
-    return proc
-
-
-def miniupnpd_rules(lab: Lab) -> str:
-    """miniupnpd's DNAT chain as text (empty when it holds no mapping)."""
-    out = lab.run(lab.gateway, ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"])
-    return "\n".join(line for line in out.stdout.splitlines() if "dnat" in line)
+# What the client's lab tests and this benchmark run miniupnpd with: UPnP IGD, NAT-PMP and
+# PCP; the 2 s minimum lifetime lets the renewal tests see several renewals.
+CLIENT_OPTIONS = MiniupnpdOptions(
+    upnp=True, http_port=2189, system_uptime=True, clean_ruleset_interval=0, min_lifetime=2
+)
 
 
 def client_python(lab: Lab, host: str, code: str, *, timeout: float = 60.0) -> dict[str, object]:
@@ -192,13 +147,15 @@ def _cases(lab: Lab, vias: list[str], tools: list[str]) -> dict[str, Callable[[i
 def run(rounds: int, write: Callable[[str], None] = print) -> None:
     """Run the benchmark against miniupnpd and against igd-server; print two tables."""
     title = "map() until it returns (the tools: start until a WAN host gets through)"
-    with Lab(
-        prefix=f"igdclibm{secrets.token_hex(2)}",
-        wan_network=PUBLIC_LOOKING_WAN,
-        wan_hosts=1,
-        lan_hosts=1,
-    ) as lab:
-        start_miniupnpd(lab)
+    with (
+        Lab(
+            prefix=f"igdclibm{secrets.token_hex(2)}",
+            wan_network=PUBLIC_LOOKING_WAN,
+            wan_hosts=1,
+            lan_hosts=1,
+        ) as lab,
+        Miniupnpd(lab, CLIENT_OPTIONS),
+    ):
         cases = _cases(lab, ["auto", "pcp", "natpmp", "upnp"], ["upnpc -a", "natpmpc -a"])
         write(f"miniupnpd 2.3.1 (Debian), {title}, {rounds} rounds:")
         for name, line in _bench(rounds, cases).items():

@@ -14,28 +14,31 @@ from typing import Any
 import pytest
 
 from igd.lab import Lab
-from igd.lab.bench_client import (
-    PUBLIC_LOOKING_WAN,
-    client_python,
-    miniupnpd_rules,
-    start_miniupnpd,
-)
+from igd.lab.bench_client import CLIENT_OPTIONS, client_python
 from igd.lab.demo import DemoError, connect, start_service
+from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
 
 IGD = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "igd")
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(
-        prefix=f"igdcli2{secrets.token_hex(3)}",
-        wan_network=PUBLIC_LOOKING_WAN,
-        wan_hosts=1,
-        lan_hosts=1,
-    ) as built:
-        start_miniupnpd(built)
+def mini() -> Iterator[Miniupnpd]:
+    with (
+        Lab(
+            prefix=f"igdcli2{secrets.token_hex(3)}",
+            wan_network=PUBLIC_LOOKING_WAN,
+            wan_hosts=1,
+            lan_hosts=1,
+        ) as built,
+        Miniupnpd(built, CLIENT_OPTIONS) as running,
+    ):
         start_service(built, "lan1", 8080)
-        yield built
+        yield running
+
+
+@pytest.fixture(scope="module")
+def lab(mini: Miniupnpd) -> Lab:
+    return mini.lab
 
 
 def igd(lab: Lab, *args: str, stdin: str | None = None) -> tuple[int, Any]:
@@ -56,7 +59,9 @@ def test_probe_finds_all_three_and_a_public_address(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("via", ["upnp", "natpmp", "pcp"])
-def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(lab: Lab, via: str) -> None:
+def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(
+    lab: Lab, mini: Miniupnpd, via: str
+) -> None:
     proc = lab.popen(
         "lan1",
         [IGD, "--json", "map", "8080/tcp", "--via", via, "--lifetime", "300", "--keep"],
@@ -67,12 +72,12 @@ def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(lab: Lab, vi
     mapping = json.loads(proc.stdout.readline())
     assert mapping["mechanism"] == via
     port = mapping["external_port"]
-    assert f"dport {port} dnat ip to {lab.lan[0].address}:8080" in miniupnpd_rules(lab)
+    assert f"dport {port} dnat ip to {lab.lan[0].address}:8080" in mini.dnat_rules()
     answer = connect(lab, "wan1", lab.gateway.external_address, port)
     assert "hello" in answer
     proc.terminate()  # --keep releases on SIGTERM
     assert proc.wait(15) == 0
-    assert miniupnpd_rules(lab) == ""
+    assert mini.dnat_rules() == ""
     with pytest.raises(DemoError):
         connect(lab, "wan1", lab.gateway.external_address, port)
 
@@ -88,12 +93,14 @@ def test_upnp_list_and_unmap(lab: Lab) -> None:
     assert igd(lab, "list") == (0, [])
 
 
-def test_pcp_description_is_stored_despite_miniupnpds_padding_bug(lab: Lab) -> None:
+def test_pcp_description_is_stored_despite_miniupnpds_padding_bug(
+    lab: Lab, mini: Miniupnpd
+) -> None:
     # miniupnpd 2.3.1 answers MALFORMED_OPTION to a 3-octet DESCRIPTION; the client pads it.
     code, mapping = igd(lab, "map", "8081/tcp", "--via", "pcp", "--description", "abc")
     assert code == 0, mapping
     assert igd(lab, "unmap", "8081/tcp", "--via", "pcp", "--nonce", mapping["nonce"])[0] == 0
-    assert miniupnpd_rules(lab) == ""
+    assert mini.dnat_rules() == ""
 
 
 _RENEW = """
@@ -114,7 +121,7 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("via", ["upnp", "natpmp", "pcp"])
-def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, via: str) -> None:
+def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, mini: Miniupnpd, via: str) -> None:
     started = time.monotonic()
     result = client_python(lab, "lan1", _RENEW.format(via=via))
     kinds = result["kinds"]
@@ -127,10 +134,10 @@ def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, via: str) -> None:
         assert set(kinds) == {"renewed"}, kinds  # no failure, no loss, no re-creation
     assert result["lifetime"] == 2  # miniupnpd's min_lifetime=2 in the lab config
     assert time.monotonic() - started > 4
-    assert miniupnpd_rules(lab) == ""  # released on close
+    assert mini.dnat_rules() == ""  # released on close
 
 
-def test_upnp_refusal_is_the_typed_error_and_exit_code_4(lab: Lab) -> None:
+def test_upnp_refusal_is_the_typed_error_and_exit_code_4(lab: Lab, mini: Miniupnpd) -> None:
     # The lab's miniupnpd allows internal ports 1024-65535 only. Its AddAnyPortMapping says
     # 728 NoPortMapsAvailable for a denied internal port; the client asks AddPortMapping,
     # which says 606. (Its NAT-PMP and PCP do not answer such a request at all: natpmpc
@@ -140,4 +147,4 @@ def test_upnp_refusal_is_the_typed_error_and_exit_code_4(lab: Lab) -> None:
     assert (error["type"], error["advice"], error["mechanism"], error["code"]) == (
         "NotAuthorized", "not-authorized", "upnp", 606,
     )  # fmt: skip
-    assert miniupnpd_rules(lab) == ""
+    assert mini.dnat_rules() == ""

@@ -24,12 +24,10 @@ from igd.lab.demo import (
     start_service,
     wait_for_gateway,
 )
+from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
 
 pytestmark = pytest.mark.lab
 
-# miniupnpd refuses private and reserved WAN addresses (documentation ranges too), so the
-# reference gateway gets one just past RFC 6598's 100.64.0.0/10. It exists only in the lab.
-PUBLIC_LOOKING_WAN = "100.128.7.0/24"
 LAB_POLICY = Path(__file__).resolve().parents[2] / "policies" / "lab.toml"
 
 _LISTENER = """
@@ -198,36 +196,15 @@ def test_cli_up_exec_down(capsys: pytest.CaptureFixture[str]) -> None:
         cleanup_stale(f"{prefix}-")
 
 
-MINIUPNPD_RULESET = """
-table inet filter {
-  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
-  chain miniupnpd { }
-  chain prerouting { type nat hook prerouting priority -100; jump prerouting_miniupnpd; }
-  chain postrouting { type nat hook postrouting priority 100; jump postrouting_miniupnpd; }
-  chain prerouting_miniupnpd { }
-  chain postrouting_miniupnpd { }
-}
-"""
-
-
 def test_demo_steps_against_the_reference_gateway() -> None:
     # The demo's steps, run against Debian's miniupnpd: proves the lab's data path (DNAT
     # from the WAN to a LAN service) and that the steps read natpmpc's output right.
-    with Lab(wan_network=PUBLIC_LOOKING_WAN, wan_hosts=1, lan_hosts=1) as lab:
+    # Its defaults: NAT-PMP (and PCP), secure mode, the LAN's ports 1024-65535 allowed.
+    with (
+        Lab(wan_network=PUBLIC_LOOKING_WAN, wan_hosts=1, lan_hosts=1) as lab,
+        Miniupnpd(lab),
+    ):
         gw, lan = lab.gateway, lab.lan[0]
-        conf = lab.workdir / "miniupnpd.conf"
-        conf.write_text(
-            f"ext_ifname={gw.external_interface}\nlistening_ip={gw.interface}\n"
-            "enable_natpmp=yes\nenable_upnp=no\nsecure_mode=yes\n"
-            "uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n"
-            f"allow 1024-65535 {lab.lan_network} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
-            "upnp_table_name=filter\nupnp_nat_table_name=filter\nupnp_forward_chain=miniupnpd\n"
-            "upnp_nat_chain=prerouting_miniupnpd\n"
-            "upnp_nat_postrouting_chain=postrouting_miniupnpd\n"
-        )
-        lab.run("gw", ["nft", "-f", "-"], input=MINIUPNPD_RULESET)
-        lab.popen("gw", ["miniupnpd", "-d", "-f", str(conf)], stderr=subprocess.DEVNULL)
-
         assert wait_for_gateway(lab) == gw.external_address
         start_service(lab, lan, 8080)
         mapping = natpmp_map(lab, lan, 8080, 8080, "tcp", 3600)
