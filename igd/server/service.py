@@ -184,30 +184,22 @@ class Service:
 
     async def _apply(self, change: Change) -> None:
         now = self.now()
-        # The kernel transaction runs on the backend's worker thread while the lease store
-        # commits here; each side undoes its part if the other fails, so the two never
-        # disagree about what was granted.
-        kernel = asyncio.ensure_future(self.backend.apply(change.removed, change.added, now=now))
-        await asyncio.sleep(0)  # let the kernel job start before the store blocks the loop
-        stored: Exception | None = None
         try:
-            self.store.apply(change.removed, change.added, Clock(mono=now))
+            await self.backend.apply(change.removed, change.added, now=now)
+        except BackendError:
+            raise
         except Exception as error:
-            stored = error
-        try:
-            await kernel
-        except Exception as error:
-            if stored is None:
-                self.store.apply(change.added, change.removed, Clock(mono=now))
-            if isinstance(error, BackendError):
-                raise
             # Whatever went wrong belongs to this change alone: the committer must outlive
             # it, or every later request would wait forever.
             log.exception("backend failed unexpectedly")
             raise BackendError(f"backend: {error}") from error
-        if stored is not None:
+        try:
+            self.store.apply(change.removed, change.added, Clock(mono=now))
+        except Exception as error:
+            # The kernel took the change but the store did not: undo the kernel side so the
+            # two never disagree about what was granted.
             await self.backend.apply(change.added, change.removed, now=now)
-            raise BackendError(f"lease store: {stored}") from stored
+            raise BackendError(f"lease store: {error}") from error
         for listener in self.listeners:
             try:
                 listener(change)

@@ -35,8 +35,18 @@ def test_merge_nets_out_changes_in_order() -> None:
     assert renewal == Change((a1,), (a2,))
 
 
+class SlowBackend(MemoryBackend):
+    """Takes a moment per transaction, as a kernel call on another thread does."""
+
+    async def apply(
+        self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
+    ) -> None:
+        await asyncio.sleep(0.001)
+        await super().apply(removed, added, now=now)
+
+
 async def test_concurrent_requests_share_transactions(tmp_path: Path) -> None:
-    backend = MemoryBackend()
+    backend = SlowBackend()
     service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
     committer = asyncio.create_task(service.run_committer())
     results = await asyncio.gather(*(service.map(request(2000 + i)) for i in range(50)))
@@ -46,7 +56,7 @@ async def test_concurrent_requests_share_transactions(tmp_path: Path) -> None:
     assert backend.transactions < 50
 
 
-class FailsMergedBatchesOnce(MemoryBackend):
+class FailsMergedBatchesOnce(SlowBackend):
     """Refuses the first transaction that carries more than one new mapping."""
 
     def __init__(self) -> None:
