@@ -160,10 +160,15 @@ def run(rounds: int, write: Callable[[str], None] = print) -> None:
         write(f"miniupnpd 2.3.1 (Debian), {title}, {rounds} rounds:")
         for name, line in _bench(rounds, cases).items():
             write(f"  {name:<22} {line}")
-    with Lab(prefix=f"igdclibs{secrets.token_hex(2)}", wan_hosts=1, lan_hosts=1) as lab:
-        lab.start_gateway(lab.write_gateway_config(default_policy()))
+    with Lab(
+        prefix=f"igdclibs{secrets.token_hex(2)}",
+        wan_hosts=1,
+        lan_hosts=1,
+        wan_network=PUBLIC_LOOKING_WAN,  # clients refuse UPnP with a reserved external address
+    ) as lab:
+        lab.start_gateway(lab.write_gateway_config(default_policy(), upnp={"enabled": True}))
         wait_for_gateway(lab)
-        cases = _cases(lab, ["auto", "pcp", "natpmp"], ["natpmpc -a"])
+        cases = _cases(lab, ["auto", "pcp", "natpmp", "upnp"], ["upnpc -a", "natpmpc -a"])
         write(f"igd-server, {title}, {rounds} rounds:")
         for name, line in _bench(rounds, cases).items():
             write(f"  {name:<22} {line}")
