@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Generic, TypeVar
 
 from igd.model import Mechanism
 from igd.proto import natpmp, pcp, ssdp
@@ -20,6 +21,7 @@ log = logging.getLogger("igd.client")
 GROUP = IPv4Address("224.0.0.1")
 PORT = 5350
 SSDP_GROUP = IPv4Address(ssdp.GROUP)
+_Message = TypeVar("_Message")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,27 +89,33 @@ def _multicast_socket(group: IPv4Address, port: int, local: IPv4Address) -> sock
     return sock
 
 
-class AnnouncementListener(asyncio.DatagramProtocol):
-    """Receives announcements from one gateway (others are ignored: RFC 6886 §3.2.1 and
-    RFC 6887 §14.1.3 require checking the source address)."""
+class _MulticastListener(asyncio.DatagramProtocol, Generic[_Message]):
+    """Receives one multicast group's datagrams from one source host only (anything else
+    could make us re-create mappings at will), parses them and reports what parsed."""
+
+    group: IPv4Address
+    port: int
 
     def __init__(
         self,
-        gateway: IPv4Address,
+        source: IPv4Address,
         local: IPv4Address,
-        callback: Callable[[Announcement], None],
+        callback: Callable[[_Message], None],
     ) -> None:
-        self.gateway = gateway
+        self.source = source
         self.local = local
         self.callback = callback
         self._transport: asyncio.DatagramTransport | None = None
 
+    def parse(self, data: bytes) -> _Message | None:
+        raise NotImplementedError
+
     async def start(self) -> bool:
-        """Bind 224.0.0.1:5350 (shared with other listeners); False if impossible."""
+        """Bind the group's port (shared with other listeners); False if impossible."""
         try:
-            sock = _multicast_socket(GROUP, PORT, self.local)
+            sock = _multicast_socket(self.group, self.port, self.local)
         except OSError as exc:
-            log.warning("cannot listen for gateway announcements on %s:%d: %s", GROUP, PORT, exc)
+            log.warning("cannot listen on %s:%d: %s", self.group, self.port, exc)
             return False
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
@@ -119,44 +127,29 @@ class AnnouncementListener(asyncio.DatagramProtocol):
             self._transport = None
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if str(addr[0]) != str(self.gateway):
+        if str(addr[0]) != str(self.source):
             return
-        announcement = parse_announcement(data)
-        if announcement is not None:
-            self.callback(announcement)
+        message = self.parse(data)
+        if message is not None:
+            self.callback(message)
 
 
-class SsdpNotifyListener(asyncio.DatagramProtocol):
-    """Receives SSDP NOTIFY from one UPnP device's host (by source address: a NOTIFY from
-    elsewhere could otherwise make us re-create mappings at will) and reports a BOOTID."""
+class AnnouncementListener(_MulticastListener[Announcement]):
+    """Receives NAT-PMP/PCP announcements from one gateway on 224.0.0.1:5350 (RFC 6886
+    §3.2.1 and RFC 6887 §14.1.3 require checking the source address)."""
 
-    def __init__(
-        self, host: IPv4Address, local: IPv4Address, callback: Callable[[SsdpNotify], None]
-    ) -> None:
-        self.host = host
-        self.local = local
-        self.callback = callback
-        self._transport: asyncio.DatagramTransport | None = None
+    group = GROUP
+    port = PORT
 
-    async def start(self) -> bool:
-        """Bind 239.255.255.250:1900 (shared with other SSDP listeners); False if impossible."""
-        try:
-            sock = _multicast_socket(SSDP_GROUP, ssdp.PORT, self.local)
-        except OSError as exc:
-            log.warning("cannot listen for SSDP NOTIFY on %s:%d: %s", SSDP_GROUP, ssdp.PORT, exc)
-            return False
-        loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        return True
+    def parse(self, data: bytes) -> Announcement | None:
+        return parse_announcement(data)
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if str(addr[0]) != str(self.host):
-            return
-        notify = parse_notify(data)
-        if notify is not None:
-            self.callback(notify)
+class SsdpNotifyListener(_MulticastListener[SsdpNotify]):
+    """Receives SSDP NOTIFY from one UPnP device's host and reports its BOOTID."""
+
+    group = SSDP_GROUP
+    port = ssdp.PORT
+
+    def parse(self, data: bytes) -> SsdpNotify | None:
+        return parse_notify(data)
