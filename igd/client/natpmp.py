@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from types import TracebackType
 
 from igd.client.errors import (
     PortMappingError,
@@ -14,7 +13,7 @@ from igd.client.errors import (
     natpmp_error,
 )
 from igd.client.timing import NATPMP_ATTEMPTS, NATPMP_FIRST_WAIT, natpmp_waits
-from igd.client.udp import Matcher, T, UdpChannel
+from igd.client.udp import ChannelClient, Matcher, T, UdpChannel
 from igd.model import Mechanism, Protocol
 from igd.proto import natpmp
 from igd.proto.errors import DecodeError
@@ -38,7 +37,7 @@ class NatPmpGrant:
     epoch: int
 
 
-class NatPmpClient:
+class NatPmpClient(ChannelClient):
     """Talks NAT-PMP to one gateway; requests go out one at a time (RFC 6886 §3.1)."""
 
     def __init__(
@@ -53,24 +52,6 @@ class NatPmpClient:
         self.first_wait = first_wait
         self.channel = UdpChannel(self.gateway, natpmp.SERVER_PORT)
         self._lock = asyncio.Lock()
-
-    async def __aenter__(self) -> NatPmpClient:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def open(self) -> None:
-        """Open the socket."""
-        if self.channel.closed:
-            await self.channel.open()
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.channel.close()
 
     async def external_address(
         self, *, attempts: int | None = None

@@ -10,7 +10,6 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from types import TracebackType
 
 from igd.client.errors import (
     PortMappingError,
@@ -20,7 +19,7 @@ from igd.client.errors import (
     pcp_error,
 )
 from igd.client.timing import PCP_IRT, pcp_waits
-from igd.client.udp import UdpChannel
+from igd.client.udp import ChannelClient, UdpChannel
 from igd.model import Mechanism, Protocol
 from igd.proto import pcp
 from igd.proto.errors import DecodeError
@@ -65,7 +64,7 @@ class PcpGrant:
     """The description the server stored and echoed (None if it ignored the option)."""
 
 
-class PcpClient:
+class PcpClient(ChannelClient):
     """Talks PCP to one server. Keep it open: the server sends Mapping Updates and ANNOUNCEs
     to the address and port the requests came from, and `on_unsolicited` receives them."""
 
@@ -84,24 +83,6 @@ class PcpClient:
         self.channel = UdpChannel(self.gateway, pcp.SERVER_PORT)
         self.on_unsolicited: Callable[[PcpResponse], None] | None = None
         self.channel.on_unsolicited = self._unsolicited
-
-    async def __aenter__(self) -> PcpClient:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def open(self) -> None:
-        """Open the socket."""
-        if self.channel.closed:
-            await self.channel.open()
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.channel.close()
 
     @property
     def local_address(self) -> IPv4Address:

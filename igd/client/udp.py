@@ -9,7 +9,8 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Generic, TypeVar
+from types import TracebackType
+from typing import Generic, Self, TypeVar
 
 from igd.client.errors import GatewayTimeout, NoGatewayError, PortMappingError
 
@@ -130,3 +131,28 @@ class UdpChannel(asyncio.DatagramProtocol):
             self._pending.remove(pending)  # type: ignore[arg-type]
             if not pending.future.done():
                 pending.future.cancel()
+
+
+class ChannelClient:
+    """A protocol client over one UdpChannel: opened by `async with` or `open()`, closed on
+    leaving it or by `close()`."""
+
+    channel: UdpChannel
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def open(self) -> None:
+        """Open the socket."""
+        if self.channel.closed:
+            await self.channel.open()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.channel.close()
