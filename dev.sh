@@ -104,7 +104,7 @@ test)
 bench)
     setup
     shift
-    # About 6 minutes with the defaults; docs/performance.md explains the method. The report
+    # About 8 minutes with the defaults; docs/performance.md explains the method. The report
     # is printed and written to build/ (ignored by git); a later --output wins.
     .venv/bin/python -m igd.lab.bench --output build/bench-results.md "$@"
     ;;
