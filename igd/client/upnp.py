@@ -177,6 +177,28 @@ class UpnpIgdClient:
     def _lease(self, lease: int) -> int:
         return min(lease, IGD2_MAX_LEASE) if self.version == 2 else lease
 
+    def _mapping_args(
+        self,
+        external_port: int,
+        protocol: Protocol,
+        internal_port: int,
+        internal_client: IPv4Address,
+        lease: int,
+        description: str,
+        remote_host: str,
+    ) -> dict[str, object]:
+        """The arguments AddPortMapping and AddAnyPortMapping share."""
+        return {
+            "NewRemoteHost": remote_host,
+            "NewExternalPort": external_port,
+            "NewProtocol": protocol.value.upper(),  # some routers reject "udp" (Tailscale #7377)
+            "NewInternalPort": internal_port,
+            "NewInternalClient": str(internal_client),
+            "NewEnabled": True,
+            "NewPortMappingDescription": description,
+            "NewLeaseDuration": self._lease(lease),
+        }
+
     async def add_port_mapping(
         self,
         external_port: int,
@@ -191,15 +213,11 @@ class UpnpIgdClient:
         """AddPortMapping, the lease sent as whole seconds (no timedelta.seconds day loss)."""
         await self.call(
             "AddPortMapping",
-            NewRemoteHost=remote_host,
-            NewExternalPort=external_port,
-            NewProtocol=protocol.value.upper(),  # some routers reject "udp" (Tailscale #7377)
-            NewInternalPort=internal_port,
-            NewInternalClient=str(internal_client),
-            NewEnabled=True,
-            NewPortMappingDescription=description,
-            NewLeaseDuration=self._lease(lease),
-        )
+            **self._mapping_args(
+                external_port, protocol, internal_port, internal_client, lease, description,
+                remote_host,
+            ),
+        )  # fmt: skip
 
     async def add_any_port_mapping(
         self,
@@ -215,15 +233,11 @@ class UpnpIgdClient:
         """AddAnyPortMapping (IGD2): the router picks another port on conflict; the port."""
         result = await self.call(
             "AddAnyPortMapping",
-            NewRemoteHost=remote_host,
-            NewExternalPort=external_port,
-            NewProtocol=protocol.value.upper(),
-            NewInternalPort=internal_port,
-            NewInternalClient=str(internal_client),
-            NewEnabled=True,
-            NewPortMappingDescription=description,
-            NewLeaseDuration=self._lease(lease),
-        )
+            **self._mapping_args(
+                external_port, protocol, internal_port, internal_client, lease, description,
+                remote_host,
+            ),
+        )  # fmt: skip
         return int(result.get("NewReservedPort") or external_port)
 
     async def delete_port_mapping(
