@@ -18,10 +18,10 @@ import pytest
 from igd.lab import Lab
 from igd.lab.bench_client import client_python
 from igd.lab.demo import DemoError, connect, start_service, wait_for_gateway
+from tests.lab.client_run import IGD, igd, renew_script
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "lab.toml"
-IGD = str(REPO / ".venv" / "bin" / "igd")
 FLUSH = {"table": "igd", "on_stop": "flush"}
 UPNP = {"enabled": True}  # igd_version "auto": IGD:2, and IGD:1 to v1-only control points
 # miniupnpc and most control points take a reserved external address (the lab's default
@@ -72,12 +72,6 @@ def kernel_ports(lab: Lab) -> list[int]:
     return sorted(ports)
 
 
-def igd(lab: Lab, *args: str) -> tuple[int, Any]:
-    proc = lab.run("lan1", [IGD, "--json", *args], check=False, timeout=60)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("{", "["))]
-    return proc.returncode, json.loads(lines[-1]) if lines else proc.stderr
-
-
 _MAP_CHECK_RELEASE = """
 import asyncio, json, sys
 from igd.client import PortMapper
@@ -117,27 +111,10 @@ def test_map_reaches_the_lan_service_and_release_removes_it(lab: Lab, via: str) 
         connect(lab, "wan1", lab.gateway.external_address, mapping["external_port"])
 
 
-_RENEW = """
-import asyncio, json
-from igd.client import EventKind, PortMapper
-async def main():
-    async with PortMapper() as pm:
-        m = await pm.map(9000, "udp", lifetime=2, via="{via}")
-        kinds = []
-        async with asyncio.timeout(7):
-            async for event in m.events():
-                kinds.append(event.kind.value)
-                if kinds.count("renewed") >= 4:
-                    break
-        print(json.dumps({{"kinds": kinds, "lifetime": m.lifetime, "port": m.external_port}}))
-asyncio.run(main())
-"""
-
-
 @pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
 def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, via: str) -> None:
     started = time.monotonic()
-    result = client_python(lab, "lan1", _RENEW.format(via=via))
+    result = client_python(lab, "lan1", renew_script(via, 7))
     assert result["kinds"] == ["renewed"] * 4  # no failure, no loss in between
     assert result["lifetime"] == 2
     assert time.monotonic() - started > 4  # four renewals at half of 2 s: past 2 lifetimes

@@ -8,8 +8,6 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,8 +15,7 @@ from igd.lab import Lab
 from igd.lab.bench_client import CLIENT_OPTIONS, client_python
 from igd.lab.demo import DemoError, connect, start_service
 from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
-
-IGD = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "igd")
+from tests.lab.client_run import IGD, igd, renew_script
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +36,6 @@ def mini() -> Iterator[Miniupnpd]:
 @pytest.fixture(scope="module")
 def lab(mini: Miniupnpd) -> Lab:
     return mini.lab
-
-
-def igd(lab: Lab, *args: str, stdin: str | None = None) -> tuple[int, Any]:
-    proc = lab.run("lan1", [IGD, "--json", *args], check=False, timeout=60, input=stdin)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("{", "["))]
-    return proc.returncode, json.loads(lines[-1]) if lines else proc.stderr
 
 
 def test_probe_finds_all_three_and_a_public_address(lab: Lab) -> None:
@@ -103,27 +94,10 @@ def test_pcp_description_is_stored_despite_miniupnpds_padding_bug(
     assert mini.dnat_rules() == ""
 
 
-_RENEW = """
-import asyncio, json
-from igd.client import EventKind, PortMapper
-async def main():
-    async with PortMapper() as pm:
-        m = await pm.map(9000, "udp", lifetime=2, via="{via}")
-        kinds = []
-        async with asyncio.timeout(8):
-            async for event in m.events():
-                kinds.append(event.kind.value)
-                if kinds.count("renewed") >= 4:
-                    break
-        print(json.dumps({{"kinds": kinds, "lifetime": m.lifetime, "port": m.external_port}}))
-asyncio.run(main())
-"""
-
-
 @pytest.mark.parametrize("via", ["upnp", "natpmp", "pcp"])
 def test_renews_on_its_own_past_the_first_lifetime(lab: Lab, mini: Miniupnpd, via: str) -> None:
     started = time.monotonic()
-    result = client_python(lab, "lan1", _RENEW.format(via=via))
+    result = client_python(lab, "lan1", renew_script(via, 8))
     kinds = result["kinds"]
     assert isinstance(kinds, list) and kinds.count("renewed") == 4
     if via == "upnp":
