@@ -37,8 +37,7 @@ from igd.lab.bench_report import (
     summarize,
 )
 from igd.model import MapRequest, Mechanism, Protocol
-from igd.policy import Policy
-from igd.policy_file import DEFAULTS_NAME
+from igd.policy import DEFAULTS_NAME, Policy
 from igd.proto import natpmp, pcp
 from igd.proto.pcp import PcpMapData, PcpOpcode, PcpRequest, PcpResponse, PcpResult
 from igd.table import MappingTable

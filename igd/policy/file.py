@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from igd.model import Mechanism, Protocol
-from igd.policy_locate import KeyPath, locate
+from igd.policy.locate import KeyPath, locate
 from igd.ports import PortRangeError, PortSet
 
 _T = TypeVar("_T")

@@ -16,7 +16,7 @@ from igd.policy import EMPTY_VIEW, Policy, TableView
 from igd.ports import PortSet
 from igd.table import MappingTable
 
-POLICIES = Path(__file__).parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 HOST = IPv4Address("192.168.1.20")
 OTHER = IPv4Address("192.168.1.30")
 

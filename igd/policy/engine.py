@@ -14,7 +14,7 @@ from typing import Protocol
 
 from igd.decision import Allow, Decision, Deny, Reason
 from igd.model import Mapping, MapRequest
-from igd.policy_file import (
+from igd.policy.file import (
     DEFAULTS_NAME,
     Action,
     Defaults,

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from igd.model import Mechanism, Protocol
 from igd.policy import Action, Defaults, Policy, PolicyFileError, PolicyIssue
-from igd.policy_locate import locate
+from igd.policy.locate import locate
 from igd.ports import PortSet
 
-POLICIES = Path(__file__).parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def issues(text: str) -> list[PolicyIssue]:
