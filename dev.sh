@@ -4,6 +4,7 @@
 #   ./dev.sh demo    setup, then map a LAN service through the daemon in the namespace lab
 #   ./dev.sh test    setup, then pytest (lab tests included), ruff and mypy
 #   ./dev.sh bench   setup, then the benchmark against miniupnpd (options: ./dev.sh bench --help)
+#   ./dev.sh lab     the namespace lab's command line: up, exec, down, demo (./dev.sh lab --help)
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "$0")")"
@@ -78,7 +79,7 @@ run_tests() {
     local status=0
     # pytest first, so its results always show; then the linters. Fail if any failed.
     .venv/bin/pytest -q || status=$?
-    .venv/bin/ruff check igd tests || status=$((status ? status : 1))
+    .venv/bin/ruff check igd lab tests || status=$((status ? status : 1))
     .venv/bin/mypy || status=$((status ? status : 1))
     if ((status != 0)); then
         echo "dev.sh: test FAILED (exit $status)" >&2
@@ -87,7 +88,7 @@ run_tests() {
 }
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -95,7 +96,13 @@ case "${1:-}" in
 setup) setup ;;
 demo)
     setup
-    .venv/bin/igd-lab demo
+    .venv/bin/python -m lab demo
+    ;;
+lab)
+    # The lab is not installed with igd: it runs from this checkout (the cd above).
+    [[ -x .venv/bin/python ]] || setup
+    shift
+    exec .venv/bin/python -m lab "$@"
     ;;
 test)
     setup
@@ -106,7 +113,7 @@ bench)
     shift
     # About 8 minutes with the defaults; docs/performance.md explains the method. The report
     # is printed and written to build/ (ignored by git); a later --output wins.
-    .venv/bin/python -m igd.lab.bench --output build/bench-results.md "$@"
+    .venv/bin/python -m lab.bench --output build/bench-results.md "$@"
     ;;
 *) usage ;;
 esac

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from igd.lab import Lab
+from lab import Lab
 
 IGD = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "igd")
 

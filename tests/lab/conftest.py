@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from igd.lab import Lab
-from igd.lab.demo import wait_for_gateway
+from lab import Lab
+from lab.demo import wait_for_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_POLICY = REPO / "policies" / "lab.toml"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from igd.lab import Host, Lab
 from igd.model import Protocol
 from igd.proto import natpmp, pcp
 from igd.proto.natpmp import NatPmpMapRequest, NatPmpMapResponse, NatPmpResponse
 from igd.proto.pcp import PcpResponse
+from lab import Host, Lab
 
 _EXCHANGE = """
 import socket, sys

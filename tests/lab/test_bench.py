@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 
 from igd.decision import Allow, Deny
-from igd.lab import list_netns
-from igd.lab.bench import (
+from igd.model import MapRequest, Mechanism, Protocol
+from igd.policy import DEFAULTS_NAME, Policy
+from igd.proto import natpmp, pcp
+from igd.proto.pcp import PcpMapData, PcpOpcode, PcpRequest, PcpResponse, PcpResult
+from igd.table import MappingTable
+from lab import list_netns
+from lab.bench import (
     _LOAD,
     LOAD_FIRST_PORT,
     PREFIX,
@@ -25,7 +30,7 @@ from igd.lab.bench import (
     preload,
     run_bench,
 )
-from igd.lab.bench_report import (
+from lab.bench_report import (
     LOAD_MECHANISMS,
     IgdRun,
     Load,
@@ -36,11 +41,6 @@ from igd.lab.bench_report import (
     buckets,
     summarize,
 )
-from igd.model import MapRequest, Mechanism, Protocol
-from igd.policy import DEFAULTS_NAME, Policy
-from igd.proto import natpmp, pcp
-from igd.proto.pcp import PcpMapData, PcpOpcode, PcpRequest, PcpResponse, PcpResult
-from igd.table import MappingTable
 
 LAN_HOST = IPv4Address("192.168.77.10")
 

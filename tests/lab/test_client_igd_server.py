@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from igd.lab import Lab
-from igd.lab.bench_client import client_python
-from igd.lab.demo import DemoError, connect, start_service, wait_for_gateway
+from lab import Lab
+from lab.bench_client import client_python
+from lab.demo import DemoError, connect, start_service, wait_for_gateway
 from tests.lab.client_run import IGD, igd, renew_script
 
 REPO = Path(__file__).resolve().parents[2]

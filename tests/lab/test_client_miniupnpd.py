@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from igd.lab import Lab
-from igd.lab.bench_client import CLIENT_OPTIONS, client_python
-from igd.lab.demo import DemoError, connect, start_service
-from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
+from lab import Lab
+from lab.bench_client import CLIENT_OPTIONS, client_python
+from lab.demo import DemoError, connect, start_service
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
 from tests.lab.client_run import IGD, igd, renew_script
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from igd.lab import LAB_PREFIX, Lab, LabError, cleanup_stale, list_netns
-from igd.lab.cli import main as lab_cli
-from igd.lab.demo import (
+from lab import LAB_PREFIX, Lab, LabError, cleanup_stale, list_netns
+from lab.cli import main as lab_cli
+from lab.demo import (
     GREETING,
     DemoError,
     connect,
@@ -24,11 +24,12 @@ from igd.lab.demo import (
     start_service,
     wait_for_gateway,
 )
-from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
 
 pytestmark = pytest.mark.lab
 
-LAB_POLICY = Path(__file__).resolve().parents[2] / "policies" / "lab.toml"
+REPO = Path(__file__).resolve().parents[2]
+LAB_POLICY = REPO / "policies" / "lab.toml"
 
 _LISTENER = """
 import socket, sys
@@ -121,7 +122,7 @@ def test_sigterm_tears_the_lab_down() -> None:
     script = textwrap.dedent(
         """
         import sys, time
-        from igd.lab import Lab
+        from lab import Lab
         with Lab(sys.argv[1]) as lab:
             print(lab.popen("gw", ["sleep", "60"]).pid, flush=True)
             print("ready", flush=True)
@@ -129,7 +130,7 @@ def test_sigterm_tears_the_lab_down() -> None:
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, prefix], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, prefix], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     try:
         assert proc.stdout is not None
@@ -184,9 +185,8 @@ def test_cli_up_exec_down(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         assert lab_cli(["up", "--prefix", prefix, "--lan-hosts", "1"]) == 0
         assert f"{prefix}-lan1" in capsys.readouterr().out
-        igd_lab = Path(sys.executable).parent / "igd-lab"
         out = subprocess.run(
-            [igd_lab, "exec", "--prefix", prefix, "lan1", "--", "ip", "-br", "addr"],
+            [REPO / "dev.sh", "lab", "exec", "--prefix", prefix, "lan1", "--", "ip", "-br", "addr"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert "192.168.77.10/24" in out

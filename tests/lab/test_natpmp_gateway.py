@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from igd.lab import Lab
-from igd.lab.demo import DemoError, connect, natpmp_map, start_service
 from igd.model import Protocol
 from igd.proto import natpmp
 from igd.proto.natpmp import NatPmpExternalAddressResponse, NatPmpResult
 from igd.proto.pcp import PcpOpcode, PcpResponse
 from igd.server.backends import KernelEntry
 from igd.server.backends.nftables import parse_entries
+from lab import Lab
+from lab.demo import DemoError, connect, natpmp_map, start_service
 from tests.lab.probe import exchange, listen_for_announcements, request_map
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 
-from igd.lab import Host, Lab
-from igd.lab.demo import DemoError, connect, start_service
 from igd.proto import pcp
 from igd.proto.pcp import (
     PcpFilter,
@@ -27,6 +25,8 @@ from igd.proto.pcp import (
 )
 from igd.server.backends import KernelEntry
 from igd.server.backends.nftables import parse_entries
+from lab import Host, Lab
+from lab.demo import DemoError, connect, start_service
 from tests.lab.probe import Session, exchange, listen_for_announcements
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from igd.lab import Lab
-from igd.lab.demo import DemoError, connect, start_service
+from lab import Lab
+from lab.demo import DemoError, connect, start_service
 from tests.lab.test_natpmp_gateway import kernel, listed
 from tests.lab.upnp_probe import ASYNC_UPNP_CLIENT, http, run_json, search
 

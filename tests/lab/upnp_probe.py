@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from igd.lab import Host, Lab
+from lab import Host, Lab
 
 ASYNC_UPNP_CLIENT = r"""
 import asyncio, json, sys

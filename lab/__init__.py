@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from igd.lab.netns import (
+from lab.netns import (
     KILL_GRACE,
     LAB_PREFIX,
     LabCommandError,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import igd
-from igd.lab import Host, Lab, LabError
+from lab import Host, Lab, LabError
 
 SERVICE_PORT = 8080
 GREETING = "hello from the LAN service"

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from igd.lab import LAB_PREFIX, Lab, LabError, cleanup_stale, list_netns
-from igd.lab.demo import DemoError, default_policy, run_demo
-from igd.lab.netns import check_name, netns_exec
+from lab import LAB_PREFIX, Lab, LabError, cleanup_stale, list_netns
+from lab.demo import DemoError, default_policy, run_demo
+from lab.netns import check_name, netns_exec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from igd.lab import Lab
-from igd.lab.demo import connect, default_policy, start_service, wait_for_gateway
-from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
+from lab import Lab
+from lab.demo import connect, default_policy, start_service, wait_for_gateway
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
 
 # What the client's lab tests and this benchmark run miniupnpd with: UPnP IGD, NAT-PMP and
 # PCP; the 2 s minimum lifetime lets the renewal tests see several renewals.

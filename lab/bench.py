@@ -26,8 +26,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import igd
-from igd.lab import Lab, LabError, miniupnpd
-from igd.lab.bench_report import (
+from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
+from igd.server.backends.nftables import parse_entries
+from igd.server.daemon import POLICY_KEY, file_digest
+from igd.server.store import Clock, LeaseStore
+from lab import Lab, LabError, miniupnpd
+from lab.bench_report import (
     LOAD_MECHANISMS,
     NAMES,
     IgdRun,
@@ -40,12 +44,8 @@ from igd.lab.bench_report import (
     buckets,
     summarize,
 )
-from igd.lab.demo import log_tail
-from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
-from igd.server.backends.nftables import parse_entries
-from igd.server.daemon import POLICY_KEY, file_digest
-from igd.server.store import Clock, LeaseStore
+from lab.demo import log_tail
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
 
 PREFIX = "igdbench"  # namespaces of the benchmark's labs start with this
 TABLE = "igd"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from igd.lab import Lab
-from igd.lab.demo import DemoError, public_address
-from igd.lab.netns import LabError
+from lab import Lab
+from lab.demo import DemoError, public_address
+from lab.netns import LabError
 
 # miniupnpd refuses private and reserved WAN addresses (documentation ranges too), so its lab
 # gets one just past RFC 6598's 100.64.0.0/10. It exists only inside the lab.

@@ -17,8 +17,8 @@ import secrets
 import sys
 import time
 
-from igd.lab import Lab
-from igd.lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions, version
+from lab import Lab
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions, version
 
 HTTP_PORT = 5000
 POLICY = """
