@@ -176,7 +176,7 @@ class Lab:
             option = f" --prefix {self.prefix}" if self.prefix != LAB_PREFIX else ""
             raise LabError(
                 f"a lab named {self.prefix} already exists ({', '.join(taken) or self.workdir}):"
-                f" remove it with `igd-lab down{option}`"
+                f" remove it with `./dev.sh lab down{option}`"
             )
         self._built = True
         atexit.register(self.teardown)
@@ -241,7 +241,7 @@ class Lab:
                 _stop_group(proc)
             self._procs.clear()
             # Only what this object built: a lab with the same prefix may belong to someone
-            # else (`igd-lab up`, or a build that stopped at "already exists").
+            # else (`./dev.sh lab up`, or a build that stopped at "already exists").
             if self._built:
                 for ns in reversed(self.namespaces()):
                     try:
@@ -257,7 +257,7 @@ class Lab:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
 
     def detach(self) -> None:
-        """Leave the lab running after this process exits (`igd-lab up`); forget it here."""
+        """Leave the lab running after this process exits (`./dev.sh lab up`); forget it here."""
         atexit.unregister(self.teardown)
         self._built = False
         self._gateway = None

@@ -1,4 +1,4 @@
-"""`python -m igd.lab.bench`: NAT-PMP and PCP mapping rate of igd-server as its table grows,
+"""`python -m lab.bench`: NAT-PMP and PCP mapping rate of igd-server as its table grows,
 side by side with Debian's miniupnpd in the same lab. Method and results: docs/performance.md.
 
 A LAN host asks for mappings one at a time (send, wait for the answer, next), each for a new
@@ -7,7 +7,7 @@ from a lease store preloaded with that many mappings: the cold start (empty kern
 warm restart (kernel still holding them) are timed, the kernel is checked to hold every entry,
 then the NAT-PMP load and the PCP load run, each on its own ports. miniupnpd starts empty for
 each protocol's load and runs for a time budget; its results are grouped by the table size
-each request met. The report and its statistics: igd/lab/bench_report.py.
+each request met. The report and its statistics: lab/bench_report.py.
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def parse_mechanisms(text: str) -> tuple[Mechanism, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the benchmark, print the report, write it to --output."""
-    parser = argparse.ArgumentParser(prog="python -m igd.lab.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
     parser.add_argument(
         "--sizes",
         default=",".join(map(str, DEFAULT_SIZES)),

@@ -2,7 +2,7 @@
 per mechanism and for the automatic choice, next to `upnpc -a` and `natpmpc -a` for the same
 mapping, against Debian's miniupnpd (UPnP, NAT-PMP, PCP) and against igd-server.
 
-`.venv/bin/python -m igd.lab.bench_client [--rounds N]` (root: it builds namespace labs).
+`.venv/bin/python -m lab.bench_client [--rounds N]` (root: it builds namespace labs).
 Also holds what the client's lab tests share: miniupnpd's options for them, running client code.
 """
 
@@ -175,8 +175,8 @@ def run(rounds: int, write: Callable[[str], None] = print) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m igd.lab.bench_client`."""
-    parser = argparse.ArgumentParser(prog="python -m igd.lab.bench_client")
+    """Entry point of `python -m lab.bench_client`."""
+    parser = argparse.ArgumentParser(prog="python -m lab.bench_client")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     run(args.rounds)

@@ -1,4 +1,4 @@
-"""What `python -m igd.lab.bench` measured: statistics of the load's requests, the results of
+"""What `python -m lab.bench` measured: statistics of the load's requests, the results of
 each gateway run, the target verdicts and the markdown report (docs/performance.md)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UPnP control-plane benchmark in the namespace lab: `python -m igd.lab.bench_upnp`.
+"""UPnP control-plane benchmark in the namespace lab: `python -m lab.bench_upnp`.
 
 Measures, through real SOAP over HTTP from a LAN host: AddPortMapping per second (one
 request at a time) with 0, 10,000 and 50,000 mappings already held; the time to list
@@ -219,7 +219,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one run against igd-server (or miniupnpd), its numbers as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m igd.lab.bench_upnp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.bench_upnp", description=__doc__)
     parser.add_argument(
         "--levels", default="0,10000,50000", help="mappings held before each sample"
     )

@@ -1,4 +1,4 @@
-"""`igd-lab`: build, enter and remove the namespace lab, or run the demo in it."""
+"""`./dev.sh lab`: build, enter and remove the namespace lab, or run the demo in it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from lab.netns import check_name, netns_exec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `igd-lab` console script."""
-    parser = argparse.ArgumentParser(prog="igd-lab", description=__doc__)
+    """Entry point of `python -m lab` (`./dev.sh lab`)."""
+    parser = argparse.ArgumentParser(prog="./dev.sh lab", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="build a lab and leave it running")
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        parser.exit(2, "igd-lab: network namespaces need root: run it as root\n")
+        parser.exit(2, "lab: network namespaces need root: run it as root\n")
     try:
         if args.command == "up":
             return _up(args)
@@ -54,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exec(args)
         return run_demo(Path(args.policy).resolve() if args.policy else None)
     except (LabError, DemoError, ValueError) as exc:
-        print(f"igd-lab: {exc}", file=sys.stderr)
+        print(f"lab: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("igd-lab: interrupted", file=sys.stderr)
+        print("lab: interrupted", file=sys.stderr)
         return 130
 
 
@@ -87,14 +87,14 @@ def _up(args: argparse.Namespace) -> int:
     print(lab.describe())
     opt = f" --prefix {lab.prefix}" if lab.prefix != LAB_PREFIX else ""
     print()
-    print("Enter a host:        igd-lab exec" + opt + " lan1 -- bash")
+    print("Enter a host:        ./dev.sh lab exec" + opt + " lan1 -- bash")
     print(f"                 or  ip netns exec {lab.lan[0].ns} bash")
     if config is not None:
         server = os.path.join(os.path.dirname(sys.executable), "igd-server")
-        print(f"Start the gateway:   igd-lab exec{opt} gw -- {server} --config {config}")
-        print(f"Ask for a mapping:   igd-lab exec{opt} lan1 -- natpmpc -g "
+        print(f"Start the gateway:   ./dev.sh lab exec{opt} gw -- {server} --config {config}")
+        print(f"Ask for a mapping:   ./dev.sh lab exec{opt} lan1 -- natpmpc -g "
               f"{lab.gateway.address} -a 8080 8080 tcp 3600")  # fmt: skip
-    print(f"Remove it all:       igd-lab down{opt}")
+    print(f"Remove it all:       ./dev.sh lab down{opt}")
     return 0
 
 
@@ -113,9 +113,9 @@ def _exec(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise LabError("no command given: igd-lab exec HOST -- CMD...")
+        raise LabError("no command given: ./dev.sh lab exec HOST -- CMD...")
     ns = f"{args.prefix}-{args.host}"
     if ns not in list_netns():
-        raise LabError(f"no namespace {ns}: start a lab with `igd-lab up` first")
+        raise LabError(f"no namespace {ns}: start a lab with `./dev.sh lab up` first")
     argv = netns_exec(ns, cmd)
     os.execvp(argv[0], argv)  # noqa: S606 - replaces this process, as intended

@@ -1,4 +1,4 @@
-"""`igd-lab demo`: a LAN service made reachable from the WAN through the daemon, and back.
+"""`./dev.sh lab demo`: a LAN service made reachable from the WAN through the daemon, and back.
 
 The steps are plain functions of a built `Lab`, so tests drive the same code the demo shows.
 """
@@ -323,5 +323,5 @@ def _run_steps(lab: Lab, policy: Path, steps: _Steps) -> None:
 
 
 def main() -> int:
-    """Entry point for `igd-lab demo` without arguments."""
+    """Entry point for `./dev.sh lab demo` without arguments."""
     return run_demo()

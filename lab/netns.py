@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-# Every namespace the lab makes starts with this, so that `igd-lab down --all` finds them.
+# Every namespace the lab makes starts with this, so that `./dev.sh lab down --all` finds them.
 LAB_PREFIX = "igdlab"
 # Suffix of a lab's work directory in the temporary directory: `<prefix>-work`.
 WORKDIR_SUFFIX = "-work"

@@ -1,4 +1,4 @@
-"""The benchmark's machinery (igd/lab/bench.py), small and fast: that it measures what it says,
+"""The benchmark's machinery (lab/bench.py), small and fast: that it measures what it says,
 not how fast anything is (speed targets are checked by running the benchmark itself)."""
 
 from __future__ import annotations
