@@ -27,9 +27,8 @@ from pathlib import Path
 
 import igd
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol
-from igd.server.backends.nftables import parse_entries
-from igd.server.daemon import POLICY_KEY, file_digest
-from igd.server.store import Clock, LeaseStore
+from igd.server.backends.nft_listing import parse_entries
+from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
 from lab import Lab, LabError, miniupnpd
 from lab.bench_report import (
     LOAD_MECHANISMS,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import logging
 import signal
 import time
@@ -25,23 +24,17 @@ from igd.server.pcp import PcpHandler
 from igd.server.pcp_options import Limits as PcpLimits
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
-from igd.server.store import Clock, LeaseStore
+from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
 from igd.server.upnp import UpnpServer
 
 log = logging.getLogger("igd.daemon")
 
 SSDP_PORT = 1900
 ADDRESS_KEY = "external_address"
-POLICY_KEY = "policy_sha256"
 # Up to this many mappings, start-up reads the kernel table first to log what differed from
 # the lease store; beyond it, reading costs more than the replacement itself (1.5 s for
 # 50,000 elements) and the table is replaced unread.
 AUDIT_LIMIT = 10_000
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes: which policy the persisted leases were granted under."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def release_free_heap() -> None:

@@ -9,6 +9,7 @@ Times are stored as wall-clock seconds, since monotonic time does not survive a 
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -38,8 +39,16 @@ CREATE TABLE IF NOT EXISTS mappings (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
+POLICY_KEY = "policy_sha256"
+"""Meta key: `file_digest` of the policy file the stored leases were granted under."""
+
 _UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM mappings WHERE protocol = ? AND external_port = ? AND remote_host = ?"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: which policy the persisted leases were granted under."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Clock:

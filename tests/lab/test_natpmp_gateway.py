@@ -17,7 +17,7 @@ from igd.proto import natpmp
 from igd.proto.natpmp import NatPmpExternalAddressResponse, NatPmpResult
 from igd.proto.pcp import PcpOpcode, PcpResponse
 from igd.server.backends import KernelEntry
-from igd.server.backends.nftables import parse_entries
+from igd.server.backends.nft_listing import parse_entries
 from lab import Lab
 from lab.demo import DemoError, connect, natpmp_map, start_service
 from tests.lab.probe import exchange, listen_for_announcements, request_map

@@ -24,7 +24,7 @@ from igd.proto.pcp import (
     PcpThirdParty,
 )
 from igd.server.backends import KernelEntry
-from igd.server.backends.nftables import parse_entries
+from igd.server.backends.nft_listing import parse_entries
 from lab import Host, Lab
 from lab.demo import DemoError, connect, start_service
 from tests.lab.probe import Session, exchange, listen_for_announcements

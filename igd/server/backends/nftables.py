@@ -37,7 +37,7 @@ from igd.model import Mapping
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.libnft import Nft
 from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops
-from igd.server.backends.nft_listing import Listing, parse_entries, parse_listing
+from igd.server.backends.nft_listing import Listing, parse_listing
 from igd.server.backends.nft_payload import (
     apply_commands,
     check_entry,
@@ -50,8 +50,7 @@ from igd.server.backends.nft_payload import (
     reconcile_plan,
 )
 
-# parse_entries stays importable from here: lab tools read the kernel's table with it.
-__all__ = ["NftablesBackend", "check_netns_name", "enter_netns", "parse_entries"]
+__all__ = ["NftablesBackend", "check_netns_name", "enter_netns"]
 
 log = logging.getLogger(__name__)
 
