@@ -1,4 +1,10 @@
-"""Namespace plumbing for the lab: namespaces, veth links, bridges and the processes in them.
+"""Namespace plumbing for the lab, the tests and the benchmarks: namespaces, veth links,
+bridges and the processes in them.
+
+Two ways in, one implementation: the functions (`add_netns`, `run_in`, `delete_netns`, ...)
+that `lab.Lab` builds its topology with, and `Netns`/`create`/`netns`/`netns_group`, a
+namespace as an object, for kernel tests that build their own small topology
+(tests/netns.py re-exports those for the test suite).
 
 Every veth pair is created directly inside its two namespaces (`ip -n A link add ... peer
 ... netns B`), so interface names only have to be unique within one namespace: parallel labs
@@ -9,13 +15,15 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 # Every namespace the lab makes starts with this, so that `./dev.sh lab down --all` finds them.
@@ -218,3 +226,79 @@ def cleanup_stale(prefix: str) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
+
+
+# -- a namespace as an object ------------------------------------------------------------
+
+
+def unique_name(prefix: str) -> str:
+    """A fresh namespace name: prefix plus random hex, so parallel runs never collide."""
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+class Netns:
+    """One network namespace under /run/netns, created by `ip netns add`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 10, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the namespace and capture its output.
+
+        With `check`, a non-zero exit raises LabCommandError (a CalledProcessError that
+        carries the output); a timeout raises LabError.
+        """
+        return run_in(self.name, argv, check=check, timeout=timeout, input=input)
+
+    def popen(self, *argv: str) -> subprocess.Popen[str]:
+        """Start a long-running command inside the namespace (caller stops it)."""
+        return subprocess.Popen(
+            netns_exec(self.name, argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def delete(self) -> None:
+        """Stop what still runs inside, then delete the namespace (fine if already gone)."""
+        delete_netns(self.name)
+
+    def __repr__(self) -> str:
+        return f"Netns({self.name!r})"
+
+
+def create(prefix: str) -> Netns:
+    """Create a namespace named prefix + random hex, with loopback up."""
+    ns = Netns(unique_name(prefix))
+    try:
+        add_netns(ns.name)
+    except BaseException:
+        ns.delete()
+        raise
+    return ns
+
+
+@contextmanager
+def netns(prefix: str) -> Iterator[Netns]:
+    """A namespace for the duration of the block, deleted even when the block fails."""
+    ns = create(prefix)
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+@contextmanager
+def netns_group(prefix: str, count: int) -> Iterator[list[Netns]]:
+    """Several namespaces sharing one random prefix, all deleted at the end."""
+    base = unique_name(prefix)
+    with ExitStack() as stack:
+        group: list[Netns] = []
+        for i in range(count):
+            ns = Netns(f"{base}-{i}")
+            stack.callback(ns.delete)
+            add_netns(ns.name)
+            group.append(ns)
+        yield group

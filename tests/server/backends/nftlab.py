@@ -1,4 +1,5 @@
-"""Shared by the nftables kernel tests: mappings, listings, and the three-namespace lab."""
+"""Shared by the nftables kernel tests: mappings, listings, and their three-namespace topology
+(built with the lab's namespace harness, lab/netns.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
+from lab.netns import add_veth, ip, sysctl
 from tests.netns import Netns, netns_group
 
 PREFIX = "igdnft"
@@ -152,19 +154,17 @@ table ip admin {
 
 def lab_links(wan: Netns, gw: Netns, lan: Netns) -> None:
     """WAN 203.0.113.0/24 (gw .1, hosts .2 and .3) and LAN 192.168.78.0/24 (gw .1, host .10)."""
-    gw.run("ip", "link", "add", "ext0", "type", "veth", "peer", "name", "wan0", "netns", wan.name)
-    gw.run("ip", "link", "add", "int0", "type", "veth", "peer", "name", "lan0", "netns", lan.name)
-    gw.run("ip", "addr", "add", "203.0.113.1/24", "dev", "ext0")
-    gw.run("ip", "addr", "add", "192.168.78.1/24", "dev", "int0")
-    wan.run("ip", "addr", "add", "203.0.113.2/24", "dev", "wan0")
-    wan.run("ip", "addr", "add", "203.0.113.3/24", "dev", "wan0")
-    lan.run("ip", "addr", "add", "192.168.78.10/24", "dev", "lan0")
-    for ns, dev in ((gw, "ext0"), (gw, "int0"), (wan, "wan0"), (lan, "lan0")):
-        ns.run("ip", "link", "set", dev, "up")
+    add_veth(gw.name, "ext0", wan.name, "wan0")
+    add_veth(gw.name, "int0", lan.name, "lan0")
+    ip("addr", "add", "203.0.113.1/24", "dev", "ext0", ns=gw.name)
+    ip("addr", "add", "192.168.78.1/24", "dev", "int0", ns=gw.name)
+    ip("addr", "add", "203.0.113.2/24", "dev", "wan0", ns=wan.name)
+    ip("addr", "add", "203.0.113.3/24", "dev", "wan0", ns=wan.name)
+    ip("addr", "add", "192.168.78.10/24", "dev", "lan0", ns=lan.name)
     # Replies reach the WAN host through the gateway's conntrack (un-DNAT), so only the LAN
     # host needs a route: its default route via the gateway.
-    lan.run("ip", "route", "add", "default", "via", "192.168.78.1")
-    gw.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    ip("route", "add", "default", "via", "192.168.78.1", ns=lan.name)
+    sysctl(gw.name, "net.ipv4.ip_forward", "1")
 
 
 @dataclass
