@@ -1,4 +1,5 @@
-"""The igd-server command: run the daemon, list its mappings, check and explain policies."""
+"""The igd-server command: run the daemon, list its mappings, check configuration and policy
+files, explain policy decisions."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from igd.policy import PolicyFileError
+from igd.policy import Policy, PolicyFileError
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
 from igd.server.policy_cli import add_policy_commands
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("--socket", type=Path, help="control socket (default: from config)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     add_policy_commands(commands)
+    add_config_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args)
@@ -74,6 +76,38 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     asyncio.run(daemon.run())
     return 0
+
+
+def add_config_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `config` command and its `check` subcommand."""
+    config = subparsers.add_parser("config", help="check configuration files")
+    commands = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    check = commands.add_parser(
+        "check",
+        help="validate configuration files and the policy files they name",
+        description="Validate configuration files, and the policy file each one names, as the"
+        " daemon does at start. Exit status 0 when all are valid, 1 otherwise.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE", help="configuration file (TOML)")
+    check.set_defaults(handler=run_config_check)
+
+
+def run_config_check(args: argparse.Namespace) -> int:
+    """Load each file and its policy; print OK lines to stdout and every issue to stderr."""
+    status = 0
+    for path in args.files:
+        try:
+            config = Config.load(path)
+            policy = Policy.load(config.policy_file)
+        except (ConfigError, PolicyFileError) as error:
+            for issue in error.issues:
+                print(issue, file=sys.stderr)
+            status = 1
+            continue
+        count = len(policy.rules)
+        rules = f"{count} rule{'' if count == 1 else 's'}"
+        print(f"{path}: OK (policy {config.policy_file}: {rules})")
+    return status
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -2,46 +2,104 @@
 
 from __future__ import annotations
 
-import ipaddress
-import tomllib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
 from typing import Any
 
-# Section -> key -> (type, default); a default of ... marks a required key.
-_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+from igd.policy.reader import (
+    Bad,
+    FileError,
+    Reader,
+    boolean,
+    integer,
+    kind,
+    parse_toml,
+    read_path,
+    string,
+)
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Bad(f"want a number, got {kind(value)}")
+    if value <= 0:
+        raise Bad(f"{value} is not above 0")
+    return float(value)
+
+
+def _address(value: object) -> IPv4Address:
+    text = string(value)
+    try:
+        return IPv4Address(text)
+    except AddressValueError:
+        raise Bad(f"not an IPv4 address: {text!r}") from None
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise Bad(f'want a non-empty array of interface names, e.g. ["br-lan"], got {kind(value)}')
+    problems: list[tuple[str, int | None]] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            problems.append((f"want an interface name, got {kind(item)}", index))
+    if problems:
+        error = Bad(problems[0][0])
+        error.problems = problems
+        raise error
+    return tuple(value)
+
+
+def _choice(*choices: object) -> Callable[[object], Any]:
+    names = [f'"{c}"' if isinstance(c, str) else str(c) for c in choices]
+    wanted = f"{', '.join(names[:-1])} or {names[-1]}"
+
+    def convert(value: object) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            raise Bad(f"want {wanted}, not {value!r}")
+        return value
+
+    return convert
+
+
+_Key = tuple[Callable[[Any], Any], Any]
+_REQUIRED = object()
+
+# Section -> key -> (converter, default); _REQUIRED marks a required key.
+_SCHEMA: dict[str, dict[str, _Key]] = {
     "network": {
-        "external_interface": (str, ...),
-        "internal_interfaces": (list, ...),
-        "external_address": (str, None),
-        "allow_private_external": (bool, False),
-        "address_poll_interval": ((int, float), 2.0),
+        "external_interface": (string, _REQUIRED),
+        "internal_interfaces": (_names, _REQUIRED),
+        "external_address": (_address, None),
+        "allow_private_external": (boolean, False),
+        "address_poll_interval": (_number, 2.0),
     },
-    "state": {"directory": (str, "/var/lib/igd")},
-    "policy": {"file": (str, "/etc/igd/policy.toml")},
-    "natpmp": {"enabled": (bool, True)},
-    "pcp": {"enabled": (bool, True), "max_filters": (int, 8), "max_description": (int, 128)},
+    "state": {"directory": (string, "/var/lib/igd")},
+    "policy": {"file": (string, "/etc/igd/policy.toml")},
+    "natpmp": {"enabled": (boolean, True)},
+    "pcp": {
+        "enabled": (boolean, True),
+        "max_filters": (integer(1, 64), 8),
+        "max_description": (integer(0, 1016), 128),
+    },
     "upnp": {
-        "enabled": (bool, True),
-        "http_port": (int, 5000),
-        "igd_version": ((int, str), "auto"),
+        "enabled": (boolean, True),
+        "http_port": (integer(1, 65535), 5000),
+        "igd_version": (_choice(1, 2, "auto"), "auto"),
     },
-    "nftables": {"table": (str, "igd"), "on_stop": (str, "keep")},
+    "nftables": {"table": (string, "igd"), "on_stop": (_choice("keep", "flush"), "keep")},
     "limits": {
-        "requests_per_second_per_client": ((int, float), 500),
-        "burst_per_client": (int, 1000),
+        "requests_per_second_per_client": (_number, 500.0),
+        "burst_per_client": (integer(1), 1000),
     },
-    "control": {"socket": (str, None)},
+    "control": {"socket": (string, None)},
 }
 
 
-class ConfigError(ValueError):
-    """The configuration file is invalid; the message lists every problem."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
-        self.problems = problems
+class ConfigError(FileError):
+    """The configuration file is invalid; `issues` holds every problem, in file order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,101 +129,55 @@ class Config:
     control_socket: Path
 
     @classmethod
-    def load(cls, path: str | Path) -> Config:
+    def load(cls, path: str | os.PathLike[str]) -> Config:
         """Read and validate a configuration file; raise ConfigError listing every problem."""
-        source = Path(path)
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise ConfigError(str(source), [f"cannot read: {error.strerror}"]) from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(str(source), [f"not valid TOML: {error}"]) from None
-        return cls.from_dict(data, source)
+        return cls.parse(read_path(path, ConfigError), Path(path))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: Path) -> Config:
-        """Validate parsed TOML."""
-        problems: list[str] = []
+    def parse(cls, text: str, source: Path) -> Config:
+        """Validate configuration text read from `source` (relative paths start at its folder)."""
+        document = parse_toml(text, str(source), ConfigError)
+        reader = Reader(str(source), text)
+        reader.unknown_sections(document, _SCHEMA)
         values: dict[str, dict[str, Any]] = {}
-        for section in data:
-            if section not in _SCHEMA:
-                problems.append(f"unknown section [{section}]")
         for section, keys in _SCHEMA.items():
-            given = data.get(section, {})
-            if not isinstance(given, dict):
-                problems.append(f"[{section}] must be a table")
-                given = {}
-            values[section] = {}
-            for key in given:
-                if key not in keys:
-                    problems.append(f"{section}.{key}: unknown key")
-            for key, (kind, default) in keys.items():
-                if key not in given:
-                    if default is ...:
-                        problems.append(f"{section}.{key}: required")
-                    values[section][key] = default
-                    continue
-                value = given[key]
-                if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                    problems.append(f"{section}.{key}: wrong type {type(value).__name__}")
-                    value = default
-                values[section][key] = value
+            table = reader.section(document, section)
+            reader.unknown_keys((section,), table, keys)
+            reader.required(table, (section,), [k for k, (_, d) in keys.items() if d is _REQUIRED])
+            values[section] = {
+                key: reader.value(table, (section,), key, convert, default)
+                for key, (convert, default) in keys.items()
+            }
         net = values["network"]
-        external_address = None
-        if net["external_address"] is not None:
-            try:
-                external_address = IPv4Address(net["external_address"])
-            except ipaddress.AddressValueError:
-                problems.append(
-                    f"network.external_address: not an IPv4 address: {net['external_address']!r}"
-                )
         internal = net["internal_interfaces"]
-        if internal is not ... and (
-            not internal or not all(isinstance(name, str) and name for name in internal)
-        ):
-            problems.append("network.internal_interfaces: want a non-empty list of names")
-        if net["external_interface"] in (internal if isinstance(internal, list) else []):
-            problems.append("network.internal_interfaces: must not include the external interface")
-        on_stop = values["nftables"]["on_stop"]
-        if on_stop not in ("keep", "flush"):
-            problems.append(f'nftables.on_stop: want "keep" or "flush", not {on_stop!r}')
-        port = values["upnp"]["http_port"]
-        if not 1 <= port <= 65535:
-            problems.append(f"upnp.http_port: {port} is not a port")
-        igd_version = values["upnp"]["igd_version"]
-        if igd_version not in (1, 2, "auto"):
-            problems.append(f'upnp.igd_version: want 1, 2 or "auto", not {igd_version!r}')
-        if not 1 <= values["pcp"]["max_filters"] <= 64:
-            problems.append("pcp.max_filters: want 1 to 64")
-        if not 0 <= values["pcp"]["max_description"] <= 1016:
-            problems.append("pcp.max_description: want 0 to 1016 octets")
-        limits = values["limits"]
-        if limits["requests_per_second_per_client"] <= 0 or limits["burst_per_client"] < 1:
-            problems.append("limits: rates and bursts must be positive")
-        if problems:
-            raise ConfigError(str(source), problems)
+        if isinstance(internal, tuple) and net["external_interface"] in internal:
+            reader.issue(
+                ("network", "internal_interfaces"), "must not include the external interface"
+            )
+        reader.raise_issues(ConfigError)
         base = source.parent
         state = base / values["state"]["directory"]
         control = values["control"]["socket"]
+        upnp, limits = values["upnp"], values["limits"]
         return cls(
             source=source,
             external_interface=net["external_interface"],
-            internal_interfaces=tuple(internal),
-            external_address=external_address,
+            internal_interfaces=net["internal_interfaces"],
+            external_address=net["external_address"],
             allow_private_external=net["allow_private_external"],
-            address_poll_interval=float(net["address_poll_interval"]),
+            address_poll_interval=net["address_poll_interval"],
             state_directory=state,
             policy_file=base / values["policy"]["file"],
             natpmp_enabled=values["natpmp"]["enabled"],
             pcp_enabled=values["pcp"]["enabled"],
             pcp_max_filters=values["pcp"]["max_filters"],
             pcp_max_description=values["pcp"]["max_description"],
-            upnp_enabled=values["upnp"]["enabled"],
-            upnp_http_port=port,
-            upnp_igd_version=igd_version if isinstance(igd_version, int) else None,
+            upnp_enabled=upnp["enabled"],
+            upnp_http_port=upnp["http_port"],
+            upnp_igd_version=upnp["igd_version"] if upnp["igd_version"] != "auto" else None,
             nftables_table=values["nftables"]["table"],
-            flush_on_stop=on_stop == "flush",
-            requests_per_second_per_client=float(limits["requests_per_second_per_client"]),
+            flush_on_stop=values["nftables"]["on_stop"] == "flush",
+            requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
         )

@@ -90,3 +90,62 @@ def test_format_mappings() -> None:
         "web",
     ]
     assert format_mappings([]) == "no mappings"
+
+
+def test_config_check_accepts_a_good_file_and_names_its_policy(tmp_path: Path) -> None:
+    config = write_config(tmp_path, GOOD_POLICY)
+    result = run("config", "check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: OK (policy {tmp_path / 'policy.toml'}: 0 rules)\n"
+    assert result.stderr == ""
+    assert not (tmp_path / "state").exists()  # checking touches nothing
+
+
+def test_config_check_lists_every_error_with_its_line_and_a_hint(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        GOOD_POLICY,
+        '[nftable]\ntable = "x"\n'  # lines 8-9
+        '[upnp]\nhttp_prot = 5001\nigd_version = 3\n'  # lines 10-12
+        "[limits]\nburst_per_client = 0\n",  # lines 13-14
+    )
+    result = run("config", "check", str(config))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{config}:8: nftable: unknown section [nftable] (did you mean [nftables]?)",
+        f"{config}:11: upnp.http_prot: unknown key 'http_prot' in upnp"
+        " (did you mean 'http_port'?)",
+        f'{config}:12: upnp.igd_version: want 1, 2 or "auto", not 3',
+        f"{config}:14: limits.burst_per_client: 0 is below the minimum 1",
+    ]
+
+
+def test_config_check_points_at_the_bad_element_and_the_missing_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[network]\ninternal_interfaces = [\n  "br-lan",\n  7,\n]\n')
+    result = run("config", "check", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{config}:1: network.external_interface: required key is missing",
+        f"{config}:4: network.internal_interfaces: want an interface name, got integer",
+    ]
+
+
+def test_config_check_reports_syntax_errors_and_the_policy_files_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[network]\nexternal_interface = "wan0\n')
+    config = write_config(tmp_path, '[defaults]\naction = "alow"\n')
+    result = run("config", "check", str(broken), str(config))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{broken}:2: syntax: ")
+    assert lines[1].startswith(f"{tmp_path / 'policy.toml'}:2: defaults.action: unknown action")
+    assert len(lines) == 2
+
+
+def test_config_check_reports_a_missing_file(tmp_path: Path) -> None:
+    result = run("config", "check", str(tmp_path / "absent.toml"))
+    assert result.returncode == 1
+    missing = f"{tmp_path / 'absent.toml'}: file: cannot read: No such file or directory"
+    assert result.stderr.strip() == missing
