@@ -15,6 +15,9 @@ from igd.ports import PortSet
 class Reason(enum.StrEnum):
     """Why a request was refused, independent of the protocol that carried it."""
 
+    # A missing external address is not among them: the core never sees that address, and
+    # each adapter answers its absence before the request reaches the gateway (NAT-PMP and
+    # PCP NETWORK_FAILURE, RFC 6886 §3.5 and RFC 6887 §7.4; UPnP 501).
     POLICY_DENIED = "policy-denied"
     """A deny rule or the default action refused it."""
     THIRD_PARTY_DENIED = "third-party-denied"
@@ -31,8 +34,6 @@ class Reason(enum.StrEnum):
     """The exact external port asked for is reserved by the gateway itself."""
     NOT_OWNER = "not-owner"
     """The mapping exists but belongs to another client or nonce."""
-    NO_EXTERNAL_ADDRESS = "no-external-address"
-    """The gateway has no usable external address."""
     BACKEND_FAILURE = "backend-failure"
     """The kernel or the lease store refused the change."""
 

@@ -76,15 +76,6 @@ class PortSet:
             index -= width
         raise IndexError("port index out of range")
 
-    def index_of(self, port: int) -> int:
-        """Position of a member port, the inverse of nth()."""
-        offset = 0
-        for lo, hi in self.intervals:
-            if lo <= port <= hi:
-                return offset + port - lo
-            offset += hi - lo + 1
-        raise ValueError(f"port {port} not in set")
-
     def subtract(self, other: PortSet) -> PortSet:
         """Ports in self but not in other."""
         result: list[tuple[int, int]] = []

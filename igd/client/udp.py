@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -20,16 +19,6 @@ T = TypeVar("T")
 
 Matcher = Callable[[bytes], "T | PortMappingError | None"]
 """Looks at one datagram: the answer, an error to raise, or None (not for this request)."""
-
-
-def local_address_for(gateway: IPv4Address, port: int = 5351) -> IPv4Address:
-    """The address this host uses to reach `gateway` (RFC 6887 §16.4: connect, getsockname)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((str(gateway), port))
-        except OSError as exc:
-            raise NoGatewayError(f"no route to the gateway {gateway}: {exc}") from exc
-        return IPv4Address(probe.getsockname()[0])
 
 
 @dataclass(slots=True, eq=False)

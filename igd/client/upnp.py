@@ -34,12 +34,12 @@ from igd.client.errors import (
 )
 from igd.client.selection import AddressKind, classify
 from igd.model import Mechanism, Protocol
+from igd.proto.description import MAX_LEASE_V2
 
 WANIP2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
 WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
 WANPPP1 = "urn:schemas-upnp-org:service:WANPPPConnection:1"
 SERVICE_TYPES = (WANIP2, WANIP1, WANPPP1)
-IGD2_MAX_LEASE = 604800  # WANIPConnection:2: leases are capped at a week
 MAX_LIST = 1024  # entries read by list_mappings(), a bound on a misbehaving router
 MAX_PORT_TRIES = 8  # random ports tried after a conflict, when the caller left it open
 LOW_PORTS = 1024
@@ -175,7 +175,7 @@ class UpnpIgdClient:
             return IPv4Address(0)
 
     def _lease(self, lease: int) -> int:
-        return min(lease, IGD2_MAX_LEASE) if self.version == 2 else lease
+        return min(lease, MAX_LEASE_V2) if self.version == 2 else lease
 
     def _mapping_args(
         self,

@@ -16,8 +16,8 @@ DEVICE_NS = "urn:schemas-upnp-org:device-1-0"
 SERVICE_NS = "urn:schemas-upnp-org:service-1-0"
 # UDA 1.1 §2.1: every description states the architecture version it follows.
 SPEC_VERSION = (1, 1)
-# Layer3Forwarding and WANCommonInterfaceConfig exist only as version 1 (also in IGD:2).
 MAX_LEASE_V2 = 604800
+"""WANIPConnection:2 §2.3.13: the longest lease, in seconds (a week); 0 asks for it."""
 
 
 class ServiceKind(enum.StrEnum):
@@ -52,6 +52,7 @@ def service_type(kind: ServiceKind, version: int) -> str:
 
 def service_version(kind: ServiceKind, igd_version: int) -> int:
     """The version of a service inside an IGD of this version."""
+    # Layer3Forwarding and WANCommonInterfaceConfig exist only as version 1 (also in IGD:2).
     return igd_version if kind is ServiceKind.WAN_IP_CONNECTION else 1
 
 

@@ -32,7 +32,6 @@ RESULT_FOR: dict[Reason, NatPmpResult] = {
     Reason.GATEWAY_QUOTA: NatPmpResult.OUT_OF_RESOURCES,
     Reason.PORT_IN_USE: NatPmpResult.OUT_OF_RESOURCES,
     Reason.NO_FREE_PORT: NatPmpResult.OUT_OF_RESOURCES,
-    Reason.NO_EXTERNAL_ADDRESS: NatPmpResult.NETWORK_FAILURE,
     Reason.BACKEND_FAILURE: NatPmpResult.OUT_OF_RESOURCES,
 }
 

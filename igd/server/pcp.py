@@ -51,11 +51,8 @@ RESULT_FOR: dict[Reason, PcpResult] = {
     Reason.NO_FREE_PORT: PcpResult.NO_RESOURCES,
     Reason.RESERVED_PORT: PcpResult.CANNOT_PROVIDE_EXTERNAL,
     Reason.NOT_OWNER: PcpResult.NOT_AUTHORIZED,
-    Reason.NO_EXTERNAL_ADDRESS: PcpResult.NETWORK_FAILURE,
     Reason.BACKEND_FAILURE: PcpResult.NO_RESOURCES,
 }
-
-_PROTOCOLS = {6: Protocol.TCP, 17: Protocol.UDP}
 
 
 class PcpHandler:
@@ -361,9 +358,10 @@ def _protocol(number: int, internal_port: int) -> Protocol:
         if internal_port != 0:
             raise PcpError(PcpResult.MALFORMED_REQUEST, "protocol 0 with a port (§11.3)")
         raise PcpError(PcpResult.UNSUPP_PROTOCOL, "all-protocol mappings are not offered")
-    protocol = _PROTOCOLS.get(number)
-    if protocol is None:
-        raise PcpError(PcpResult.UNSUPP_PROTOCOL, f"protocol {number} is not offered")
+    try:
+        protocol = Protocol.from_number(number)
+    except ValueError:
+        raise PcpError(PcpResult.UNSUPP_PROTOCOL, f"protocol {number} is not offered") from None
     if internal_port == 0:
         raise PcpError(PcpResult.UNSUPP_PROTOCOL, "all-ports mappings are not offered")
     return protocol

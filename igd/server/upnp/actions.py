@@ -18,7 +18,6 @@ from igd.server.upnp.errors import UpnpError
 from igd.server.upnp.mappings import MappingActions, Out
 
 WAN_IP = ServiceKind.WAN_IP_CONNECTION
-COMMON = ServiceKind.WAN_COMMON_INTERFACE_CONFIG
 L3F = ServiceKind.LAYER3_FORWARDING
 CONNECTION_TYPE = "IP_Routed"
 

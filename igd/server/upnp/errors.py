@@ -2,7 +2,7 @@
 
 IGD v1 has no 606/728/729 for mappings: like miniupnpd's v1 mode and RFC 6970 §4.3, a policy
 refusal is 718 and a resource shortage 501 there. Codes used outside this table (713, 714,
-715, 716, 724, 730, 732, 733) are raised at the line that checks for them in actions.py.
+715, 716, 724, 730, 732, 733) are raised at the line that checks for them in mappings.py.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.NO_FREE_PORT: ACTION_FAILED,
         Reason.RESERVED_PORT: CONFLICT,
         Reason.NOT_OWNER: CONFLICT,
-        Reason.NO_EXTERNAL_ADDRESS: ACTION_FAILED,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
     },
     2: {
@@ -72,7 +71,6 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.NO_FREE_PORT: NO_PORT_MAPS,
         Reason.RESERVED_PORT: CONFLICT_WITH_OTHER_MECHANISMS,
         Reason.NOT_OWNER: NOT_AUTHORIZED,
-        Reason.NO_EXTERNAL_ADDRESS: ACTION_FAILED,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
     },
 }
