@@ -54,7 +54,7 @@ from lab.netns import (
 
 __all__ = [
     "LAB_PREFIX",
-    "Gateway",
+    "GatewayHost",
     "Host",
     "Lab",
     "LabCommandError",
@@ -85,7 +85,7 @@ class Host:
 
 
 @dataclass(frozen=True, slots=True)
-class Gateway(Host):
+class GatewayHost(Host):
     """The gateway: `address` is on the LAN bridge, `external_address` on the WAN link."""
 
     external_address: str
@@ -119,7 +119,7 @@ class Lab:
             if len(name) > 15 or not name.replace("-", "").isalnum():
                 raise ValueError(f"bad interface name {name!r}")
         self.workdir = workdir_path(self.prefix)
-        self.gateway = Gateway(
+        self.gateway = GatewayHost(
             name="gw",
             ns=f"{self.prefix}-gw",
             address=str(self.lan_network[1]),

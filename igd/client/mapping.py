@@ -29,7 +29,7 @@ RELEASE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0  # one create or renew, retransmissions included
 
 
-class Owner(TypingProtocol):
+class MapperView(TypingProtocol):
     """What a mapping needs from the mapper that made it."""
 
     clock: Callable[[], float]
@@ -74,7 +74,7 @@ class MappingEvent:
 class Mapping:
     """A mapping the gateway granted, kept alive until `release()`."""
 
-    def __init__(self, mapper: Owner, driver: Driver, spec: MapSpec, grant: Grant) -> None:
+    def __init__(self, mapper: MapperView, driver: Driver, spec: MapSpec, grant: Grant) -> None:
         self._mapper = mapper
         self._driver = driver
         self.spec = spec
