@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import igd
 from igd.client.errors import (
     MappingRefused,
     NoGatewayError,
@@ -52,6 +53,7 @@ def _port_spec(text: str) -> tuple[int, Protocol]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="igd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {igd.__version__}")
     parser.add_argument("--gateway", help="gateway address (default: the default route's)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--timeout", type=float, default=2.0, help="probe budget in seconds")

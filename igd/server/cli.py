@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import igd
 from igd.policy import Policy, PolicyFileError
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="igd-server",
         description="Port-mapping gateway: NAT-PMP, PCP and UPnP IGD over nftables.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {igd.__version__}")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="configuration file")
     parser.add_argument(
         "--dry-run",

@@ -1,9 +1,12 @@
-"""igd-server's command line: refusing to start on bad files, and `list` without a daemon."""
+"""igd-server's command line: refusing to start on bad files, `config check`, `list` without a
+daemon, `--version`."""
 
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import igd
 from igd.server.cli import format_mappings, main
 
 GOOD_POLICY = '[defaults]\naction = "allow"\n'
@@ -149,3 +152,10 @@ def test_config_check_reports_a_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     missing = f"{tmp_path / 'absent.toml'}: file: cannot read: No such file or directory"
     assert result.stderr.strip() == missing
+
+
+def test_version_is_the_installed_package_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"igd-server {version('igd')}\n"
+    assert igd.__version__ == version("igd")

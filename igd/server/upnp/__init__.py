@@ -14,6 +14,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Sequence
 
+import igd
 from igd.gateway import Change
 from igd.proto import description
 from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
@@ -30,7 +31,7 @@ log = logging.getLogger("igd.upnp")
 UUID_KEY = "upnp_uuid"
 URL_KEY = "upnp_url_token"
 BOOT_KEY = "upnp_boot_id"
-PRODUCT = "igd-server/0.1"
+PRODUCT = f"igd-server/{igd.__version__}"
 WAN_IP = ServiceKind.WAN_IP_CONNECTION
 
 
