@@ -8,6 +8,7 @@ import hashlib
 import logging
 import signal
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.config import Config
 from igd.server.control import ControlServer
-from igd.server.interfaces import ExternalAddress, internal_interface
+from igd.server.interfaces import ExternalAddress, internal_interface, ipv4_interfaces
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
 from igd.server.pcp_options import Limits as PcpLimits
@@ -76,7 +77,13 @@ class Daemon:
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
-        self.gateway = Gateway(self.policy, reserved=frozenset(reserved))
+        self.gateway = Gateway(
+            self.policy,
+            reserved=frozenset(reserved),
+            internal_networks=tuple(
+                dict.fromkeys(net for iface in self.interfaces for net in iface.networks)
+            ),
+        )
         self.service = Service(self.gateway, self.backend, self.store)
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
@@ -142,6 +149,7 @@ class Daemon:
     async def start(self) -> None:
         """Restore leases, reconcile the kernel, open sockets."""
         self.external.refresh()
+        self.gateway.own_addresses = self.own_addresses()
         await self.backend.open()
         started = time.perf_counter()
         now = time.monotonic()
@@ -242,10 +250,24 @@ class Daemon:
             "rules": len(self.policy.rules),
         }
 
+    def own_addresses(self) -> frozenset[IPv4Address]:
+        """Every address of the gateway's own: on its internal and external interfaces."""
+        names = [*self.config.internal_interfaces, self.config.external_interface]
+        found = {entry.ip for name in names for entry in ipv4_interfaces(name)}
+        found |= {iface.address for iface in self.interfaces}
+        if self.external.current is not None:
+            found.add(self.external.current)
+        return frozenset(found)
+
     async def _watch_address(self) -> None:
         while True:
             await asyncio.sleep(self.config.address_poll_interval)
-            if self.external.refresh():
+            changed = self.external.refresh()
+            own = self.own_addresses()
+            if own != self.gateway.own_addresses:
+                log.info("gateway addresses now %s", ", ".join(sorted(map(str, own))))
+                self.gateway.own_addresses = own
+            if changed:
                 # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
                 # announce the new address.
                 self.service.reset_epoch()

@@ -34,6 +34,8 @@ RESULT_FOR: dict[Reason, NatPmpResult] = {
     Reason.NO_FREE_PORT: NatPmpResult.OUT_OF_RESOURCES,
     Reason.NO_EXTERNAL_ADDRESS: NatPmpResult.NETWORK_FAILURE,
     Reason.BACKEND_FAILURE: NatPmpResult.OUT_OF_RESOURCES,
+    Reason.INVALID_INTERNAL_ADDRESS: NatPmpResult.NOT_AUTHORIZED,
+    Reason.GATEWAY_CLIENT: NatPmpResult.NOT_AUTHORIZED,
 }
 
 

@@ -62,6 +62,8 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.NOT_OWNER: CONFLICT,
         Reason.NO_EXTERNAL_ADDRESS: ACTION_FAILED,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
+        Reason.INVALID_INTERNAL_ADDRESS: CONFLICT,
+        Reason.GATEWAY_CLIENT: CONFLICT,
     },
     2: {
         Reason.POLICY_DENIED: NOT_AUTHORIZED,
@@ -74,6 +76,8 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.NOT_OWNER: NOT_AUTHORIZED,
         Reason.NO_EXTERNAL_ADDRESS: ACTION_FAILED,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
+        Reason.INVALID_INTERNAL_ADDRESS: NOT_AUTHORIZED,
+        Reason.GATEWAY_CLIENT: NOT_AUTHORIZED,
     },
 }
 
