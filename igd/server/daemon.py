@@ -62,6 +62,8 @@ class Daemon:
         self.dry_run = dry_run
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
+        for warning in self.policy.warnings():
+            log.warning("policy %s", warning)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
         self.external = ExternalAddress(
             config.external_interface,
