@@ -18,7 +18,7 @@ from igd.decision import Allow, Decision, Deny, Reason
 from igd.model import Mapping, MappingKey, MapRequest, Owner, Protocol
 from igd.policy import Policy
 from igd.ports import PortSet
-from igd.table import PORT_BYTES, MappingTable
+from igd.table import MappingTable
 
 log = logging.getLogger("igd.gateway")
 
@@ -30,6 +30,9 @@ ALWAYS_RESERVED = frozenset({(Protocol.UDP, 5350), (Protocol.UDP, 5351)})
 # after a random start: with the table at 50,000 of ~64,000 ports a probe succeeds with
 # p≈0.2, so 64 probes fail with p<1e-6.
 RANDOM_PROBES = 64
+# After FEW_PROBES misses, fewer than one free port in SPARSE ends the probing.
+FEW_PROBES = 4
+SPARSE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,13 +294,14 @@ class Gateway:
                 return candidate
         free = self._free_ports(request, allowed)
         if free:
-            # Uniform probes first, so ports stay unpredictable; bits are read from bytes,
-            # one O(1) test each.
-            bits = free.to_bytes(PORT_BYTES, "little")
             size = len(allowed)
-            for _ in range(RANDOM_PROBES):
+            for attempt in range(RANDOM_PROBES):
+                # Uniform probes keep ports unpredictable; when a few miss, count the free
+                # ports once and skip the probes if they would mostly miss.
+                if attempt == FEW_PROBES and free.bit_count() * SPARSE < size:
+                    break
                 candidate = allowed.nth(self.rng.randrange(size))
-                if bits[candidate >> 3] >> (candidate & 7) & 1:
+                if free >> candidate & 1:
                     return candidate
             # Sparse: the first free port at or after a random start, wrapping around.
             start = allowed.nth(self.rng.randrange(size))
@@ -329,21 +333,24 @@ class Gateway:
         """The ports in `allowed` a gateway choice may use, as a bitmap (bit p: port p)."""
         protocol, other = request.protocol, _other(request.protocol)
         excluded = _port_mask(self.reserved, protocol) | _port_mask(self.host_ports, protocol)
-        loose = _set_mask(allowed) & ~(self.table.used_ports(protocol) | excluded)
+        # a & ~b written as (a | b) ^ b: two cheap operations on non-negative ints.
+        taken = self.table.used_ports(protocol) | excluded
+        loose = (_set_mask(allowed) | taken) ^ taken
         if not loose:
             return 0
-        strict = loose & ~self.table.used_ports(other)
+        twins = self.table.used_ports(other)
+        strict = (loose | twins) ^ twins
         if strict:
             return strict
         # Only companions of used ports are left: those the requester alone holds are its own.
-        own = bytearray(PORT_BYTES)
+        own = 0
         for mapping in self.table.by_client(request.client):
             if (
                 mapping.protocol is other
                 and self._companion_holder(request, mapping.external_port) is None
             ):
-                own[mapping.external_port >> 3] |= 1 << (mapping.external_port & 7)
-        return loose & int.from_bytes(own, "little")
+                own |= 1 << mapping.external_port
+        return loose & own
 
     def _vet_client(self, client: IPv4Address, decision: Allow) -> Decision:
         """Refuse the gateway's own addresses as clients unless the deciding rule names them."""
