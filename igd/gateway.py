@@ -195,6 +195,21 @@ class Gateway:
             decision = self._vet_client(mapping.owner.client, decision)
         return decision if isinstance(decision, Deny) else None
 
+    def forbidden(self, *, now: float) -> list[tuple[Mapping, Deny]]:
+        """Mappings the gateway's current addresses forbid, with why (not yet removed)."""
+        # At start (leases granted before these checks existed, or under other addresses)
+        # and when the addresses change; only the gateway's own clients need the policy.
+        found = []
+        for mapping in self.table:
+            problem = self.target_problem(mapping.internal_address)
+            if problem is not None:
+                found.append((mapping, Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)))
+            elif mapping.owner.client in self.own_addresses:
+                deny = self.recheck(mapping, now=now)
+                if deny is not None:
+                    found.append((mapping, deny))
+        return found
+
     def target_problem(self, address: IPv4Address) -> str | None:
         """Why a mapping may not point at this address, whatever the policy says; or None."""
         # A mapping must reach one LAN host: never the router itself (its LAN-only services),

@@ -362,3 +362,26 @@ def test_full_table_skips_host_ports_and_others_companions() -> None:
         granted(gateway.map(request(client=B, port=3, external=0), now=0)).mapping.external_port
         == 40000
     )
+
+
+def test_forbidden_lists_restored_mappings_the_addresses_refuse() -> None:
+    old = Gateway(Policy.parse(THIRD_PARTY))  # as before: no addresses known
+    relay = granted(old.map(request(internal_address=WAN_HOST), now=0)).mapping
+    fine = granted(old.map(request(port=81, internal_address=B), now=0)).mapping
+    named = granted(old.map(request(client=ROUTER, port=82, internal_address=B), now=0)).mapping
+    gateway = lan_gateway()
+    assert gateway.restore([relay, fine, named], now=1) == []
+    [(mapping, deny)] = gateway.forbidden(now=1)
+    assert mapping == relay and deny.reason is Reason.INVALID_INTERNAL_ADDRESS
+    gateway.policy = Policy.parse(THIRD_PARTY.replace('"192.168.1.1"]', '"10.9.9.9"]'))
+    assert {m for m, _ in gateway.forbidden(now=1)} == {relay, named}
+
+
+def test_host_ports_are_never_chosen_nor_granted_exactly() -> None:
+    gateway = Gateway(Policy.parse(POLICY), host_ports=frozenset({(Protocol.TCP, 8080)}))
+    chosen = granted(gateway.map(request(port=8080, external=8080), now=0)).mapping
+    assert chosen.external_port != 8080
+    exact = refused(
+        gateway.map(request(client=B, mechanism=Mechanism.UPNP, exact_port=True), now=0)
+    )
+    assert exact.deny.reason is Reason.RESERVED_PORT

@@ -12,10 +12,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from igd.gateway import ALWAYS_RESERVED, Change, Gateway
+from igd.gateway import ALWAYS_RESERVED, Change, Gateway, describe
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
-from igd.server.backends import Backend
+from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.config import Config
@@ -38,6 +38,7 @@ POLICY_KEY = "policy_sha256"
 # the lease store; beyond it, reading costs more than the replacement itself (1.5 s for
 # 50,000 elements) and the table is replaced unread.
 AUDIT_LIMIT = 10_000
+ADDRESS_CHANGE = "no LAN host or from a gateway address under the gateway's current addresses"
 
 
 def file_digest(path: Path) -> str:
@@ -162,6 +163,10 @@ class Daemon:
         if self.store.get_meta(POLICY_KEY) != self.policy_digest:
             # The leases were granted under another policy file: check each against this one.
             refused = self.gateway.reload(self.policy, now=now)
+        else:
+            # Same policy, but the addresses may differ: drop what points off the LAN.
+            forbidden = self.gateway.forbidden(now=now)
+            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
         self.store.apply([*dropped, *refused.removed], [], clock)
         self.store.set_meta(POLICY_KEY, self.policy_digest)
         wanted = list(self.gateway.table)
@@ -269,6 +274,13 @@ class Daemon:
             if own != self.gateway.own_addresses:
                 log.info("gateway addresses now %s", ", ".join(sorted(map(str, own))))
                 self.gateway.own_addresses = own
+                forbidden = self.gateway.forbidden(now=self.service.now())
+                for mapping, deny in forbidden:
+                    log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
+                try:
+                    await self.service.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
+                except BackendError as error:
+                    log.error("could not remove mappings after an address change: %s", error)
             if changed:
                 # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
                 # announce the new address.
