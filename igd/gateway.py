@@ -185,10 +185,9 @@ class Gateway:
         problem = self.target_problem(mapping.internal_address)
         if problem is not None:
             return Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)
-        deny = self.policy.recheck(mapping, now=now)
-        if deny is not None or mapping.owner.client not in self.own_addresses:
-            return deny
-        # Recheck again with the deciding rule's name, to apply the own-address rule.
+        if mapping.owner.client not in self.own_addresses:
+            return self.policy.recheck(mapping, now=now)
+        # The own-address rule needs the deciding rule, which only an Allow names.
         request = _request_of(mapping)
         decision = self.policy.evaluate(request, self.table, now=now, renewal=True)
         if isinstance(decision, Allow):
