@@ -38,7 +38,7 @@ POLICY_KEY = "policy_sha256"
 # the lease store; beyond it, reading costs more than the replacement itself (1.5 s for
 # 50,000 elements) and the table is replaced unread.
 AUDIT_LIMIT = 10_000
-ADDRESS_CHANGE = "no LAN host or from a gateway address under the gateway's current addresses"
+ADDRESS_CHANGE = "its target is no LAN host or its client is the gateway (current addresses)"
 
 
 def file_digest(path: Path) -> str:
