@@ -36,6 +36,11 @@ class Reason(enum.StrEnum):
     """The mapping exists but belongs to another client or nonce."""
     BACKEND_FAILURE = "backend-failure"
     """The kernel or the lease store refused the change."""
+    INVALID_INTERNAL_ADDRESS = "invalid-internal-address"
+    """The mapping would point at no LAN host: the gateway itself, a broadcast, multicast or
+    loopback address, or an address outside the internal networks."""
+    GATEWAY_CLIENT = "gateway-client"
+    """The request came from the gateway's own address and no deciding rule names it."""
 
 
 @dataclass(frozen=True, slots=True)

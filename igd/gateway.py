@@ -7,14 +7,17 @@ commit fails, `rollback` restores the table exactly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
 
-from igd.decision import Allow, Deny, Reason
+from igd.decision import Allow, Decision, Deny, Reason
 from igd.model import Mapping, MappingKey, MapRequest, Owner, Protocol
 from igd.policy import Policy
+from igd.ports import PortSet
 from igd.table import MappingTable
 
 log = logging.getLogger("igd.gateway")
@@ -23,9 +26,13 @@ log = logging.getLogger("igd.gateway")
 # ports; the daemon adds its other service ports (SSDP, HTTP) from its configuration.
 ALWAYS_RESERVED = frozenset({(Protocol.UDP, 5350), (Protocol.UDP, 5351)})
 
-# Random probes before falling back to a walk of the allowed range: with the table at
-# 50,000 of ~64,000 ports a probe succeeds with p≈0.2, so 64 probes fail with p<1e-6.
+# Uniform random probes of the free-port bitmap before falling back to the first free port
+# after a random start: with the table at 50,000 of ~64,000 ports a probe succeeds with
+# p≈0.2, so 64 probes fail with p<1e-6.
 RANDOM_PROBES = 64
+# After FEW_PROBES misses, fewer than one free port in SPARSE ends the probing.
+FEW_PROBES = 4
+SPARSE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +80,31 @@ class Gateway:
     table: MappingTable = field(default_factory=MappingTable)
     reserved: frozenset[tuple[Protocol, int]] = ALWAYS_RESERVED
     rng: random.Random = field(default_factory=random.Random)
+    host_ports: frozenset[tuple[Protocol, int]] = frozenset()
+    """Ports the router itself listens on (refreshed at run time): excluded like `reserved`."""
+    internal_networks: tuple[IPv4Network, ...] = ()
+    """The internal interfaces' networks: a mapping may point only at a host inside one.
+    Empty means not known (pure tests); the daemon always fills it."""
+    own_addresses: frozenset[IPv4Address] = frozenset()
+    """The gateway's own addresses (internal and external): never a mapping's target, and a
+    client only when the deciding rule names it (docs/policy.md)."""
 
     # -- requests --------------------------------------------------------------------------
 
     def map(self, request: MapRequest, *, now: float) -> MapResult:
         """Create or renew the mapping a request asks for."""
+        problem = self.target_problem(request.internal_address)
+        if problem is not None:
+            deny = Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)
+            return self._refuse(request, Refused(deny))
         existing = self.own_mapping(request)
         if isinstance(existing, Refused):
             return self._refuse(request, existing)
         renewal = existing is not None
         asked = replace(request, external_port=existing.external_port) if existing else request
         decision = self.policy.evaluate(asked, self.table, now=now, renewal=renewal)
+        if isinstance(decision, Allow):
+            decision = self._vet_client(request.client, decision)
         if isinstance(decision, Deny):
             return self._refuse(request, Refused(decision))
         if existing is not None:
@@ -144,7 +165,7 @@ class Gateway:
         self.policy = policy
         doomed = []
         for mapping in self.table:
-            deny = policy.recheck(mapping, now=now)
+            deny = self.recheck(mapping, now=now)
             if deny is not None:
                 doomed.append((mapping, deny))
         removed = []
@@ -158,6 +179,61 @@ class Gateway:
                 deny.rule,
             )
         return Change(removed=tuple(removed))
+
+    def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
+        """The Deny the current policy and addresses give an existing mapping, or None."""
+        problem = self.target_problem(mapping.internal_address)
+        if problem is not None:
+            return Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)
+        if mapping.owner.client not in self.own_addresses:
+            return self.policy.recheck(mapping, now=now)
+        # The own-address rule needs the deciding rule, which only an Allow names.
+        request = _request_of(mapping)
+        decision = self.policy.evaluate(request, self.table, now=now, renewal=True)
+        if isinstance(decision, Allow):
+            decision = self._vet_client(mapping.owner.client, decision)
+        return decision if isinstance(decision, Deny) else None
+
+    def forbidden(self, *, now: float) -> list[tuple[Mapping, Deny]]:
+        """Mappings the gateway's current addresses forbid, with why (not yet removed)."""
+        # At start (leases granted before these checks existed, or under other addresses)
+        # and when the addresses change; only the gateway's own clients need the policy.
+        found = []
+        for mapping in self.table:
+            problem = self.target_problem(mapping.internal_address)
+            if problem is not None:
+                found.append((mapping, Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)))
+            elif mapping.owner.client in self.own_addresses:
+                deny = self.recheck(mapping, now=now)
+                if deny is not None:
+                    found.append((mapping, deny))
+        return found
+
+    def target_problem(self, address: IPv4Address) -> str | None:
+        """Why a mapping may not point at this address, whatever the policy says; or None."""
+        # A mapping must reach one LAN host: never the router itself (its LAN-only services),
+        # a broadcast or multicast group, or a host outside the LAN (a relay, UPnProxy).
+        if address in self.own_addresses:
+            return f"internal address {address} is the gateway's own address"
+        if address.is_unspecified or address.is_multicast or address.is_reserved:
+            return f"internal address {address} is not a unicast host address"
+        # Loopback (127.0.0.1) and every other non-LAN address fail here: no internal
+        # network holds them.
+        if not self.internal_networks:
+            return None
+        for network in self.internal_networks:
+            if address in network:
+                if network.prefixlen <= 30 and address in (
+                    network.network_address,
+                    network.broadcast_address,
+                ):
+                    return (
+                        f"internal address {address} is the network or broadcast address"
+                        f" of {network}"
+                    )
+                return None
+        networks = ", ".join(str(n) for n in self.internal_networks)
+        return f"internal address {address} is outside the internal networks ({networks})"
 
     def restore(self, mappings: Iterable[Mapping], *, now: float) -> list[Mapping]:
         """Put persisted mappings back at start; return those dropped as expired or clashing."""
@@ -183,7 +259,7 @@ class Gateway:
         if request.exact_port:
             holder = self.table.get(_key_of(request))
             if holder is None:
-                return None
+                return self._shadowing(request)
             if _same_endpoint(holder, request) and holder.owner.client == request.client:
                 return holder
             return Refused(Deny(Reason.PORT_IN_USE, "table", f"held by {describe(holder)}"), holder)
@@ -203,40 +279,107 @@ class Gateway:
             return holder
         return None
 
+    def _shadowing(self, request: MapRequest) -> Refused | None:
+        """Refuse an exact port where a wildcard and a remote-host mapping of two clients meet."""
+        # A mapping for one remote host takes that host's traffic from a wildcard mapping on
+        # the same port (and the reverse); across clients that is a takeover, so it conflicts
+        # as UPnP's 718 ConflictInMappingEntry (and miniupnpd) treat it.
+        for other in self.table.port_users(request.protocol, request.external_port):
+            if other.owner.client == request.client:
+                continue
+            if other.key.remote_host is None or request.remote_host is None:
+                detail = f"would shadow {describe(other)} for one remote host"
+                return Refused(Deny(Reason.PORT_IN_USE, "table", detail), other)
+        return None
+
     def _choose_port(self, request: MapRequest, decision: Allow) -> int | Refused:
+        protocol, port = request.protocol, request.external_port
         if request.exact_port:
-            port = request.external_port
-            if (request.protocol, port) in self.reserved:
+            if (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
                 return Refused(Deny(Reason.RESERVED_PORT, "gateway", f"port {port} is reserved"))
+            companion = self._companion_holder(request, port)
+            if companion is not None:
+                detail = f"its companion port is held by {describe(companion)} (RFC 6886 §3.3)"
+                return Refused(Deny(Reason.PORT_IN_USE, "table", detail), companion)
             return port
         allowed = decision.external_ports
-        for candidate in (request.external_port, request.internal_port):
+        for candidate in (port, request.internal_port):
             if candidate in allowed and self._free(request, candidate):
                 return candidate
-        if allowed:
-            for _ in range(RANDOM_PROBES):
-                candidate = allowed.nth(self.rng.randrange(len(allowed)))
-                if self._free(request, candidate):
+        free = self._free_ports(request, allowed)
+        if free:
+            size = len(allowed)
+            for attempt in range(RANDOM_PROBES):
+                # Uniform probes keep ports unpredictable; when a few miss, count the free
+                # ports once and skip the probes if they would mostly miss.
+                if attempt == FEW_PROBES and free.bit_count() * SPARSE < size:
+                    break
+                candidate = allowed.nth(self.rng.randrange(size))
+                if free >> candidate & 1:
                     return candidate
-            start = self.rng.randrange(len(allowed))
-            for offset in range(len(allowed)):
-                candidate = allowed.nth((start + offset) % len(allowed))
-                if self._free(request, candidate):
-                    return candidate
+            # Sparse: the first free port at or after a random start, wrapping around.
+            start = allowed.nth(self.rng.randrange(size))
+            above = free >> start
+            return start + _lowest_bit(above) if above else _lowest_bit(free)
         return Refused(
             Deny(Reason.NO_FREE_PORT, decision.rule, f"no free port in {allowed or 'nothing'}")
         )
 
     def _free(self, request: MapRequest, port: int) -> bool:
         """Whether a gateway-chosen port is usable for this request."""
-        if port == 0 or (request.protocol, port) in self.reserved:
+        protocol = request.protocol
+        if port == 0 or (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
             return False
-        if self.table.port_in_use(request.protocol, port):
+        if self.table.port_in_use(protocol, port):
             return False
-        # RFC 6886 §3.3: the companion port (same number, other protocol) stays reserved for
-        # the client holding it, so no one else gets UDP 80 while a client holds TCP 80.
-        other = Protocol.UDP if request.protocol is Protocol.TCP else Protocol.TCP
-        return all(m.owner.client == request.client for m in self.table.port_users(other, port))
+        return self._companion_holder(request, port) is None
+
+    def _companion_holder(self, request: MapRequest, port: int) -> Mapping | None:
+        """Another client's mapping on the companion port (same number, other protocol)."""
+        # RFC 6886 §3.3: the companion port stays reserved for the client holding it, so no
+        # one else gets UDP 80 while a client holds TCP 80; applied to every mechanism.
+        for mapping in self.table.port_users(_other(request.protocol), port):
+            if mapping.owner.client != request.client:
+                return mapping
+        return None
+
+    def _free_ports(self, request: MapRequest, allowed: PortSet) -> int:
+        """The ports in `allowed` a gateway choice may use, as a bitmap (bit p: port p)."""
+        protocol, other = request.protocol, _other(request.protocol)
+        excluded = _port_mask(self.reserved, protocol) | _port_mask(self.host_ports, protocol)
+        # a & ~b written as (a | b) ^ b: two cheap operations on non-negative ints.
+        taken = self.table.used_ports(protocol) | excluded
+        loose = (_set_mask(allowed) | taken) ^ taken
+        if not loose:
+            return 0
+        twins = self.table.used_ports(other)
+        strict = (loose | twins) ^ twins
+        if strict:
+            return strict
+        # Only companions of used ports are left: those the requester alone holds are its own.
+        own = 0
+        for mapping in self.table.by_client(request.client):
+            if (
+                mapping.protocol is other
+                and self._companion_holder(request, mapping.external_port) is None
+            ):
+                own |= 1 << mapping.external_port
+        return loose & own
+
+    def _vet_client(self, client: IPv4Address, decision: Allow) -> Decision:
+        """Refuse the gateway's own addresses as clients unless the deciding rule names them."""
+        # A local user on the router must not map its LAN-only services (or anything else)
+        # just by sending from the router's address; the admin opts in per address.
+        if client not in self.own_addresses:
+            return decision
+        rule = self.policy.rule(decision.rule)
+        if rule is not None and rule.clients is not None and IPv4Network(client) in rule.clients:
+            return decision
+        detail = (
+            f"client {client} is the gateway's own address and rule {decision.rule!r}"
+            f" does not name it in clients"
+        )
+        return Deny(Reason.GATEWAY_CLIENT, decision.rule, detail)
 
     def _refuse(self, request: MapRequest, refused: Refused) -> Refused:
         deny = refused.deny
@@ -253,6 +396,43 @@ class Gateway:
             f": {deny.detail}" if deny.detail else "",
         )
         return refused
+
+
+@functools.lru_cache(maxsize=64)
+def _set_mask(ports: PortSet) -> int:
+    """A PortSet as a bitmap (bit p: port p), cached: policies hold few distinct sets."""
+    return sum((1 << (hi + 1)) - (1 << lo) for lo, hi in ports.intervals)
+
+
+@functools.lru_cache(maxsize=16)
+def _port_mask(ports: frozenset[tuple[Protocol, int]], protocol: Protocol) -> int:
+    """The ports of one protocol in a set of (protocol, port) as a bitmap."""
+    return sum(1 << port for proto, port in ports if proto is protocol)
+
+
+def _lowest_bit(bits: int) -> int:
+    return (bits & -bits).bit_length() - 1
+
+
+def _other(protocol: Protocol) -> Protocol:
+    return Protocol.UDP if protocol is Protocol.TCP else Protocol.TCP
+
+
+def _request_of(mapping: Mapping) -> MapRequest:
+    """The request that would renew a mapping as it stands (its port fixed)."""
+    return MapRequest(
+        mechanism=mapping.owner.mechanism,
+        client=mapping.owner.client,
+        protocol=mapping.protocol,
+        internal_address=mapping.internal_address,
+        internal_port=mapping.internal_port,
+        external_port=mapping.external_port,
+        lifetime=1,
+        remote_host=mapping.key.remote_host,
+        description=mapping.description,
+        nonce=mapping.owner.nonce,
+        exact_port=True,
+    )
 
 
 def _key_of(request: MapRequest) -> MappingKey:

@@ -10,6 +10,8 @@ Rules:
   and by listing position (`entry(i)`), which UPnP clients walk from 0 to N. Deleting moves
   the last entry into the freed position, so positions stay dense and O(1).
 - Expiry comes from a deadline heap with lazy invalidation; nothing scans all mappings.
+- Each protocol keeps a bitmap of the external ports in use (bit p set: some mapping holds
+  port p), so finding a free port, or learning there is none, never walks the table.
 - Time is passed in (`now`, monotonic seconds); the table never reads a clock.
 """
 
@@ -40,6 +42,9 @@ class MappingTable:
         self._by_internal: dict[InternalEndpoint, _Keys] = {}
         self._by_client: dict[IPv4Address, set[MappingKey]] = {}
         self._port_users: dict[tuple[Protocol, int], _Keys] = {}
+        # Bit p set: some mapping holds port p. An int, so that the gateway's port search is a
+        # few whole-bitmap operations; an update costs one (well under a microsecond).
+        self._used: dict[Protocol, int] = dict.fromkeys(Protocol, 0)
         self._deadlines: list[tuple[float, int, MappingKey]] = []
         self._sequence = itertools.count()
 
@@ -94,6 +99,10 @@ class MappingTable:
         """Whether any mapping holds this external port."""
         return (protocol, port) in self._port_users
 
+    def used_ports(self, protocol: Protocol) -> int:
+        """The external ports in use for a protocol, as a bitmap (bit p set: port p is held)."""
+        return self._used[protocol]
+
     def next_deadline(self) -> float | None:
         """The earliest expiry time, or None for an empty table."""
         while self._deadlines:
@@ -115,7 +124,9 @@ class MappingTable:
         else:
             self._position[key] = len(self._order)
             self._order.append(key)
-            _add(self._port_users, (key.protocol, key.external_port), key)
+            port = key.external_port
+            if _add(self._port_users, (key.protocol, port), key):
+                self._used[key.protocol] |= 1 << port
         self._by_key[key] = mapping
         self._index(mapping)
         heapq.heappush(self._deadlines, (mapping.expires, next(self._sequence), key))
@@ -133,7 +144,9 @@ class MappingTable:
         if last != key:
             self._order[position] = last
             self._position[last] = position
-        _drop(self._port_users, (key.protocol, key.external_port), key)
+        port = key.external_port
+        if _drop(self._port_users, (key.protocol, port), key):
+            self._used[key.protocol] ^= 1 << port  # the bit is set: the slot was in use
         # The heap entry is left behind and discarded lazily.
         return mapping
 
@@ -184,21 +197,27 @@ def _iter(slot: _Keys | None) -> Iterable[MappingKey]:
     return slot if isinstance(slot, set) else (slot,)
 
 
-def _add(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> None:
+def _add(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> bool:
+    """Index key under slot; True when the slot was empty before."""
     held = index.get(slot)
     if held is None:
         index[slot] = key
-    elif isinstance(held, set):
+        return True
+    if isinstance(held, set):
         held.add(key)
     elif held != key:
         index[slot] = {held, key}
+    return False
 
 
-def _drop(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> None:
+def _drop(index: dict[_Slot, _Keys], slot: _Slot, key: MappingKey) -> bool:
+    """Unindex key from slot; True when the slot is empty now."""
     held = index.get(slot)
     if held == key:
         del index[slot]
-    elif isinstance(held, set):
+        return True
+    if isinstance(held, set):
         held.discard(key)
         if len(held) == 1:
             index[slot] = next(iter(held))
+    return False

@@ -2,13 +2,13 @@
 
 import random
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from igd.decision import Reason
 from igd.gateway import Gateway, Granted, Refused
-from igd.model import MapRequest, Mechanism, Protocol
+from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Owner, Protocol
 from igd.policy import Policy
 
 A = IPv4Address("192.168.1.10")
@@ -192,3 +192,196 @@ def test_restore_skips_expired_and_clashing(gateway: Gateway) -> None:
     fresh = Gateway(gateway.policy)
     dropped = fresh.restore([live, replace(live, expires=-1.0), live], now=10)
     assert len(fresh.table) == 1 and len(dropped) == 2
+
+
+# -- issue 8: takeovers, targets, the gateway's own addresses, a full table ------------------
+
+LAN = IPv4Network("192.168.1.0/24")
+ROUTER = IPv4Address("192.168.1.1")
+WAN_HOST = IPv4Address("203.0.113.9")
+THIRD_PARTY = """
+[defaults]
+action = "deny"
+[[rules]]
+name = "router"
+action = "allow"
+clients = ["192.168.1.1"]
+allow_third_party = true
+[[rules]]
+name = "lan"
+action = "allow"
+clients = ["192.168.1.0/24"]
+allow_third_party = true
+"""
+
+
+def lan_gateway(policy: str = THIRD_PARTY) -> Gateway:
+    return Gateway(
+        Policy.parse(policy),
+        rng=random.Random(1),
+        internal_networks=(LAN,),
+        own_addresses=frozenset({ROUTER, IPv4Address("198.51.100.2")}),
+    )
+
+
+@pytest.mark.parametrize("mechanism", [Mechanism.UPNP, Mechanism.PCP])
+def test_remote_host_mapping_cannot_shadow_another_clients_wildcard(
+    gateway: Gateway, mechanism: Mechanism
+) -> None:
+    held = granted(gateway.map(request(external=30001, exact_port=True), now=0)).mapping
+    takeover = request(client=B, external=30001, remote_host=WAN_HOST, exact_port=True)
+    result = refused(gateway.map(replace(takeover, mechanism=mechanism), now=0))
+    assert result.deny.reason is Reason.PORT_IN_USE and result.existing == held
+    assert list(gateway.table) == [held]
+
+
+def test_wildcard_cannot_hide_behind_another_clients_remote_host_mapping(
+    gateway: Gateway,
+) -> None:
+    peer = request(external=30005, remote_host=WAN_HOST, exact_port=True, peer_port=443)
+    held = granted(gateway.map(peer, now=0)).mapping
+    result = refused(gateway.map(request(client=B, external=30005, exact_port=True), now=0))
+    assert result.deny.reason is Reason.PORT_IN_USE and result.existing == held
+
+
+def test_remote_host_mappings_of_one_client_or_distinct_peers_coexist(gateway: Gateway) -> None:
+    granted(gateway.map(request(external=30001, exact_port=True), now=0))
+    granted(
+        gateway.map(request(port=81, external=30001, remote_host=WAN_HOST, exact_port=True), now=0)
+    )
+    other_peer = IPv4Address("203.0.113.10")
+    granted(
+        gateway.map(request(client=B, external=30002, remote_host=WAN_HOST, exact_port=True), now=0)
+    )
+    granted(gateway.map(request(external=30002, remote_host=other_peer, exact_port=True), now=0))
+
+
+def test_exact_companion_port_of_another_client_conflicts(gateway: Gateway) -> None:
+    held = granted(gateway.map(request(external=30001), now=0)).mapping
+    udp = request(client=B, protocol=Protocol.UDP, external=30001, exact_port=True)
+    result = refused(gateway.map(replace(udp, mechanism=Mechanism.UPNP), now=0))
+    assert result.deny.reason is Reason.PORT_IN_USE and result.existing == held
+    own = request(protocol=Protocol.UDP, external=30001, exact_port=True)
+    assert granted(gateway.map(own, now=0)).mapping.external_port == 30001
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1",  # the router's loopback services
+        "0.0.0.0",
+        "255.255.255.255",
+        "224.0.0.1",
+        "192.168.1.0",  # the LAN's network address
+        "192.168.1.255",  # and its broadcast address
+        "192.168.1.1",  # the gateway's LAN address
+        "198.51.100.2",  # the gateway's WAN address
+        "203.0.113.9",  # a WAN host: a relay (UPnProxy)
+        "8.8.8.8",
+    ],
+)
+def test_third_party_target_must_be_a_lan_host(target: str) -> None:
+    gateway = lan_gateway()
+    ask = request(internal_address=IPv4Address(target), mechanism=Mechanism.UPNP)
+    result = refused(gateway.map(ask, now=0))
+    assert result.deny.reason is Reason.INVALID_INTERNAL_ADDRESS
+    assert target in result.deny.detail
+    assert len(gateway.table) == 0
+
+
+def test_third_party_lan_host_is_still_granted() -> None:
+    gateway = lan_gateway()
+    ask = request(internal_address=B, mechanism=Mechanism.UPNP)
+    assert granted(gateway.map(ask, now=0)).mapping.internal_address == B
+
+
+def test_gateway_address_as_client_needs_a_rule_naming_it() -> None:
+    router = request(client=ROUTER, internal_address=B, mechanism=Mechanism.UPNP)
+    named = lan_gateway()
+    assert granted(named.map(router, now=0)).decision.rule == "router"
+    unnamed = lan_gateway(
+        THIRD_PARTY.replace('clients = ["192.168.1.1"]', 'clients = ["10.9.9.9"]')
+    )
+    result = refused(unnamed.map(router, now=0))
+    assert (result.deny.reason, result.deny.rule) == (Reason.GATEWAY_CLIENT, "lan")
+    assert len(unnamed.table) == 0
+
+
+def test_gateway_address_mapping_itself_is_refused_even_when_named() -> None:
+    gateway = lan_gateway()
+    result = refused(gateway.map(request(client=ROUTER, mechanism=Mechanism.NATPMP), now=0))
+    assert result.deny.reason is Reason.INVALID_INTERNAL_ADDRESS
+
+
+def test_reload_drops_mappings_the_addresses_no_longer_allow() -> None:
+    gateway = lan_gateway()
+    kept = granted(gateway.map(request(), now=0)).mapping
+    doomed = granted(gateway.map(request(client=ROUTER, internal_address=B), now=0)).mapping
+    gateway.own_addresses = gateway.own_addresses | {A}
+    change = gateway.reload(Policy.parse(THIRD_PARTY.replace('192.168.1.1"]', '10.9.9.9"]')), now=1)
+    assert set(change.removed) == {kept, doomed} and len(gateway.table) == 0
+
+
+def full_gateway(free: int | None, host_port: int | None = None) -> Gateway:
+    """Every TCP port of 1024-65535 held by A except `free`."""
+    policy = Policy.parse(
+        '[defaults]\naction = "allow"\nmax_mappings = 70000\nmax_mappings_per_client = 70000\n'
+        '[[rules]]\nname = "high"\naction = "allow"\nexternal_ports = "1024-65535"\n'
+    )
+    host = frozenset({(Protocol.TCP, host_port)}) if host_port else frozenset()
+    gateway = Gateway(policy, rng=random.Random(2), host_ports=host)
+    owner = Owner(Mechanism.NATPMP, A)
+    for port in range(1024, 65536):
+        if port not in (free, host_port):
+            key = MappingKey(Protocol.TCP, port)
+            gateway.table.put(Mapping(key, A, port, owner, created=0, expires=600))
+    return gateway
+
+
+def test_full_table_refuses_and_finds_the_one_free_port() -> None:
+    gateway = full_gateway(free=40000)
+    found = granted(gateway.map(request(client=B, port=1, external=0), now=0))
+    assert found.mapping.external_port == 40000
+    result = refused(gateway.map(request(client=B, port=2, external=0), now=0))
+    assert result.deny.reason is Reason.NO_FREE_PORT
+
+
+def test_full_table_skips_host_ports_and_others_companions() -> None:
+    gateway = full_gateway(free=40000, host_port=50000)
+    # 50000 is free in the table but the router listens on it.
+    exact = refused(gateway.map(request(client=B, port=1, external=50000, exact_port=True), now=0))
+    assert exact.deny.reason is Reason.RESERVED_PORT
+    # UDP 40000 for B blocks TCP 40000 for A's companion rule in reverse: B holds UDP 40000.
+    granted(gateway.map(request(client=B, port=9, external=40000, protocol=Protocol.UDP), now=0))
+    result = refused(
+        gateway.map(request(client=IPv4Address("192.168.1.12"), port=3, external=0), now=0)
+    )
+    assert result.deny.reason is Reason.NO_FREE_PORT
+    # B itself may take TCP 40000: the companion of its own UDP mapping.
+    assert (
+        granted(gateway.map(request(client=B, port=3, external=0), now=0)).mapping.external_port
+        == 40000
+    )
+
+
+def test_forbidden_lists_restored_mappings_the_addresses_refuse() -> None:
+    old = Gateway(Policy.parse(THIRD_PARTY))  # as before: no addresses known
+    relay = granted(old.map(request(internal_address=WAN_HOST), now=0)).mapping
+    fine = granted(old.map(request(port=81, internal_address=B), now=0)).mapping
+    named = granted(old.map(request(client=ROUTER, port=82, internal_address=B), now=0)).mapping
+    gateway = lan_gateway()
+    assert gateway.restore([relay, fine, named], now=1) == []
+    [(mapping, deny)] = gateway.forbidden(now=1)
+    assert mapping == relay and deny.reason is Reason.INVALID_INTERNAL_ADDRESS
+    gateway.policy = Policy.parse(THIRD_PARTY.replace('"192.168.1.1"]', '"10.9.9.9"]'))
+    assert {m for m, _ in gateway.forbidden(now=1)} == {relay, named}
+
+
+def test_host_ports_are_never_chosen_nor_granted_exactly() -> None:
+    gateway = Gateway(Policy.parse(POLICY), host_ports=frozenset({(Protocol.TCP, 8080)}))
+    chosen = granted(gateway.map(request(port=8080, external=8080), now=0)).mapping
+    assert chosen.external_port != 8080
+    exact = refused(
+        gateway.map(request(client=B, mechanism=Mechanism.UPNP, exact_port=True), now=0)
+    )
+    assert exact.deny.reason is Reason.RESERVED_PORT

@@ -110,3 +110,26 @@ def test_shared_ports_and_endpoints_survive_removals() -> None:
     assert table.by_internal(A, Protocol.TCP, 80) == [other_port]
     table.remove(other_port.key)
     assert table.by_internal(A, Protocol.TCP, 80) == [] and table.count_for_client(A) == 0
+
+
+def test_used_port_bitmaps_follow_every_change() -> None:
+    table = MappingTable()
+    rng = random.Random(3)
+    live: dict[MappingKey, Mapping] = {}
+    for _ in range(3000):
+        port = rng.randrange(1, 60)
+        protocol = rng.choice(list(Protocol))
+        remote = rng.choice([None, IPv4Address("203.0.113.9")])
+        key = MappingKey(protocol, port, remote)
+        if key in live and rng.random() < 0.5:
+            table.remove(key)
+            del live[key]
+        else:
+            live[key] = replace(mapping(port, protocol=protocol), key=key)
+            table.put(live[key])
+        if rng.random() < 0.01:
+            for gone in table.expire(now=1e9):
+                del live[gone.key]
+        for proto in Protocol:
+            expected = sum({1 << k.external_port for k in live if k.protocol is proto})
+            assert table.used_ports(proto) == expected

@@ -79,6 +79,34 @@ class Policy:
         defaults, rules = read_text(text, source)
         return cls(defaults, rules, source)
 
+    def warnings(self) -> list[PolicyIssue]:
+        """Valid but risky settings, for `policy check` and the daemon's log."""
+        found = []
+        if not self.defaults.secure_mode:
+            found.append(
+                PolicyIssue(
+                    self.source,
+                    None,
+                    "defaults.secure_mode",
+                    "warning: secure_mode = false lets every allowed client map ports to any"
+                    " LAN host",
+                )
+            )
+        for index, rule in enumerate(self.rules):
+            if rule.action is Action.ALLOW and rule.allow_third_party:
+                if rule.internal_addresses is None:
+                    found.append(
+                        PolicyIssue(
+                            self.source,
+                            rule.line,
+                            f"rules[{index}].allow_third_party",
+                            "warning: allow_third_party without internal_addresses lets the"
+                            " rule's clients map ports to any LAN host; list the hosts in"
+                            " internal_addresses",
+                        )
+                    )
+        return found
+
     def rule(self, name: str) -> Rule | None:
         """The rule with this name, if any."""
         return next((rule for rule in self.rules if rule.name == name), None)

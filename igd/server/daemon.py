@@ -7,18 +7,19 @@ import ctypes
 import logging
 import signal
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from igd.gateway import ALWAYS_RESERVED, Change, Gateway
+from igd.gateway import ALWAYS_RESERVED, Change, Gateway, describe
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
-from igd.server.backends import Backend
+from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.config import Config
 from igd.server.control import ControlServer
-from igd.server.interfaces import ExternalAddress, internal_interface
+from igd.server.interfaces import ExternalAddress, internal_interface, ipv4_interfaces
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
 from igd.server.pcp_options import Limits as PcpLimits
@@ -35,6 +36,7 @@ ADDRESS_KEY = "external_address"
 # the lease store; beyond it, reading costs more than the replacement itself (1.5 s for
 # 50,000 elements) and the table is replaced unread.
 AUDIT_LIMIT = 10_000
+ADDRESS_CHANGE = "its target is no LAN host or its client is the gateway (current addresses)"
 
 
 def release_free_heap() -> None:
@@ -54,6 +56,8 @@ class Daemon:
         self.dry_run = dry_run
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
+        for warning in self.policy.warnings():
+            log.warning("policy %s", warning)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
         self.external = ExternalAddress(
             config.external_interface,
@@ -69,7 +73,13 @@ class Daemon:
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
-        self.gateway = Gateway(self.policy, reserved=frozenset(reserved))
+        self.gateway = Gateway(
+            self.policy,
+            reserved=frozenset(reserved),
+            internal_networks=tuple(
+                dict.fromkeys(net for iface in self.interfaces for net in iface.networks)
+            ),
+        )
         self.service = Service(self.gateway, self.backend, self.store)
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
@@ -135,6 +145,7 @@ class Daemon:
     async def start(self) -> None:
         """Restore leases, reconcile the kernel, open sockets."""
         self.external.refresh()
+        self.gateway.own_addresses = self.own_addresses()
         await self.backend.open()
         started = time.perf_counter()
         now = time.monotonic()
@@ -145,6 +156,10 @@ class Daemon:
         if self.store.get_meta(POLICY_KEY) != self.policy_digest:
             # The leases were granted under another policy file: check each against this one.
             refused = self.gateway.reload(self.policy, now=now)
+        else:
+            # Same policy, but the addresses may differ: drop what points off the LAN.
+            forbidden = self.gateway.forbidden(now=now)
+            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
         self.store.apply([*dropped, *refused.removed], [], clock)
         self.store.set_meta(POLICY_KEY, self.policy_digest)
         wanted = list(self.gateway.table)
@@ -235,10 +250,31 @@ class Daemon:
             "rules": len(self.policy.rules),
         }
 
+    def own_addresses(self) -> frozenset[IPv4Address]:
+        """Every address of the gateway's own: on its internal and external interfaces."""
+        names = [*self.config.internal_interfaces, self.config.external_interface]
+        found = {entry.ip for name in names for entry in ipv4_interfaces(name)}
+        found |= {iface.address for iface in self.interfaces}
+        if self.external.current is not None:
+            found.add(self.external.current)
+        return frozenset(found)
+
     async def _watch_address(self) -> None:
         while True:
             await asyncio.sleep(self.config.address_poll_interval)
-            if self.external.refresh():
+            changed = self.external.refresh()
+            own = self.own_addresses()
+            if own != self.gateway.own_addresses:
+                log.info("gateway addresses now %s", ", ".join(sorted(map(str, own))))
+                self.gateway.own_addresses = own
+                forbidden = self.gateway.forbidden(now=self.service.now())
+                for mapping, deny in forbidden:
+                    log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
+                try:
+                    await self.service.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
+                except BackendError as error:
+                    log.error("could not remove mappings after an address change: %s", error)
+            if changed:
                 # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
                 # announce the new address.
                 self.service.reset_epoch()

@@ -33,6 +33,8 @@ RESULT_FOR: dict[Reason, NatPmpResult] = {
     Reason.PORT_IN_USE: NatPmpResult.OUT_OF_RESOURCES,
     Reason.NO_FREE_PORT: NatPmpResult.OUT_OF_RESOURCES,
     Reason.BACKEND_FAILURE: NatPmpResult.OUT_OF_RESOURCES,
+    Reason.INVALID_INTERNAL_ADDRESS: NatPmpResult.NOT_AUTHORIZED,
+    Reason.GATEWAY_CLIENT: NatPmpResult.NOT_AUTHORIZED,
 }
 
 

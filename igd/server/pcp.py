@@ -52,6 +52,10 @@ RESULT_FOR: dict[Reason, PcpResult] = {
     Reason.RESERVED_PORT: PcpResult.CANNOT_PROVIDE_EXTERNAL,
     Reason.NOT_OWNER: PcpResult.NOT_AUTHORIZED,
     Reason.BACKEND_FAILURE: PcpResult.NO_RESOURCES,
+    # §13.1: a THIRD_PARTY option naming no LAN host is a malformed option; without the
+    # option the target is the client itself, answered NOT_AUTHORIZED in _refusal.
+    Reason.INVALID_INTERNAL_ADDRESS: PcpResult.MALFORMED_OPTION,
+    Reason.GATEWAY_CLIENT: PcpResult.NOT_AUTHORIZED,
 }
 
 
@@ -171,7 +175,7 @@ class PcpHandler:
             raise PcpError(PcpResult.MALFORMED_REQUEST, "PEER with a zero protocol or port")
         protocol = _protocol(data.protocol, data.internal_port)
         remote = pcp.unmapped(data.remote_address)
-        if remote is None or not _valid_peer(remote):
+        if remote is None or not self._valid_peer(remote):
             raise PcpError(
                 PcpResult.MALFORMED_REQUEST, f"invalid remote peer {data.remote_address}"
             )
@@ -255,6 +259,8 @@ class PcpHandler:
         lifetime = None
         if refused.existing is not None:
             lifetime = refused.existing.remaining(self.service.now())
+        if reason is Reason.INVALID_INTERNAL_ADDRESS and not ask.third_party:
+            result = PcpResult.NOT_AUTHORIZED
         if reason is Reason.POLICY_DENIED and ask.exact_port:
             # Denied only because of the exact port? Then PREFER_FAILURE's answer applies
             # (§13.2): the client may retry without it.
@@ -275,6 +281,17 @@ class PcpHandler:
                 found.existing.remaining(self.service.now()),
             )
         return found
+
+    def _valid_peer(self, address: IPv4Address) -> bool:
+        """§12.3: peers no outbound connection through the NAT could reach are refused."""
+        # A LAN host or the gateway itself is never reached through the external address; a
+        # PEER for one would only shadow another client's mapping for that address.
+        gateway = self.service.gateway
+        return (
+            _valid_peer(address)
+            and address not in gateway.own_addresses
+            and not any(address in network for network in gateway.internal_networks)
+        )
 
     def _external(self) -> IPv6Address:
         address = self.external.current

@@ -106,6 +106,8 @@ def run_check(args: argparse.Namespace) -> int:
                 print(issue, file=sys.stderr)
             status = 1
             continue
+        for warning in policy.warnings():
+            print(warning, file=sys.stderr)
         count = len(policy.rules)
         print(f"{path}: OK ({count} rule{'' if count == 1 else 's'})")
     return status

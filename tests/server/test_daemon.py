@@ -19,6 +19,8 @@ POLICY = '[defaults]\naction = "allow"\nmin_lease = 1\n'
 async def exchange(request: bytes) -> bytes:
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Not 127.0.0.1: that is the gateway's own address on its internal interface `lo`.
+        sock.bind(("127.0.0.2", 0))
         sock.setblocking(False)
         await loop.sock_sendto(sock, request, ("127.0.0.1", 5351))
         return await asyncio.wait_for(loop.sock_recv(sock, 2048), 2)

@@ -341,9 +341,7 @@ async def test_peer(rig: Rig) -> None:
     zero = await rig.ask(peer_request(lifetime=0))
     assert zero.result is PcpResult.SUCCESS and rig.table_size == 1  # PEER cannot delete
     taken = await rig.ask(
-        replace(
-            peer_request(external=30000), client_address=pcp.mapped(OTHER)
-        ),
+        replace(peer_request(external=30000), client_address=pcp.mapped(OTHER)),
         (str(OTHER), 9),
     )
     assert taken.result is PcpResult.CANNOT_PROVIDE_EXTERNAL
@@ -353,6 +351,26 @@ async def test_peer(rig: Rig) -> None:
     prefer = await rig.ask(peer_request("203.0.113.60", 3478, 30001, 600, PcpPreferFailure()))
     assert prefer.result is PcpResult.MALFORMED_REQUEST
     assert rig.table_size == 1
+
+
+async def test_peer_and_targets_must_stay_off_the_lan_and_the_gateway(rig: Rig) -> None:
+    gateway = rig.service.gateway
+    gateway.internal_networks = (IPv4Network("192.168.1.0/24"),)
+    gateway.own_addresses = frozenset({IPv4Address("192.168.1.1"), EXTERNAL})
+    for lan_or_gateway in (str(OTHER), "192.168.1.1", str(EXTERNAL)):
+        answer = await rig.ask(peer_request(remote=lan_or_gateway))
+        assert answer.result is PcpResult.MALFORMED_REQUEST, lan_or_gateway
+    admin = IPv4Address("192.168.1.2")
+    for target in ("127.0.0.1", "192.168.1.255", str(EXTERNAL), "203.0.113.9"):
+        option = PcpThirdParty(pcp.mapped(IPv4Address(target)))
+        request = map_request(9000, 0, 600, option, client=admin)
+        answer = await rig.ask(request, (str(admin), 9))
+        assert answer.result is PcpResult.MALFORMED_OPTION, target
+    # Without THIRD_PARTY the target is the source itself: not a malformed option.
+    stranger = IPv4Address("10.9.9.9")
+    answer = await rig.ask(map_request(client=stranger), (str(stranger), 9))
+    assert answer.result is PcpResult.NOT_AUTHORIZED
+    assert rig.table_size == 0 and not await rig.backend.entries()
 
 
 async def test_announce(rig: Rig) -> None:

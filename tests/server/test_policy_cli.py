@@ -55,6 +55,25 @@ def test_check_lists_every_error_with_file_and_line(
     assert captured.out == f"{HOME}: OK (3 rules)\n"
 
 
+def test_check_warns_about_third_party_without_internal_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loose = tmp_path / "loose.toml"
+    loose.write_text(
+        '[[rules]]\nname = "lan"\naction = "allow"\nallow_third_party = true\n\n'
+        '[[rules]]\nname = "cctv"\naction = "allow"\nallow_third_party = true\n'
+        'internal_addresses = ["192.168.1.50"]\n'
+    )
+    assert main(["policy", "check", str(loose)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{loose}: OK (2 rules)\n"
+    assert captured.err.splitlines() == [
+        f"{loose}:1: rules[0].allow_third_party: warning: allow_third_party without"
+        " internal_addresses lets the rule's clients map ports to any LAN host; list the hosts"
+        " in internal_addresses"
+    ]
+
+
 def test_check_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.toml"
     assert main(["policy", "check", str(missing)]) == 1

@@ -61,6 +61,8 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.RESERVED_PORT: CONFLICT,
         Reason.NOT_OWNER: CONFLICT,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
+        Reason.INVALID_INTERNAL_ADDRESS: CONFLICT,
+        Reason.GATEWAY_CLIENT: CONFLICT,
     },
     2: {
         Reason.POLICY_DENIED: NOT_AUTHORIZED,
@@ -72,6 +74,8 @@ CODE_FOR: dict[int, dict[Reason, int]] = {
         Reason.RESERVED_PORT: CONFLICT_WITH_OTHER_MECHANISMS,
         Reason.NOT_OWNER: NOT_AUTHORIZED,
         Reason.BACKEND_FAILURE: ACTION_FAILED,
+        Reason.INVALID_INTERNAL_ADDRESS: NOT_AUTHORIZED,
+        Reason.GATEWAY_CLIENT: NOT_AUTHORIZED,
     },
 }
 
