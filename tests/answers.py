@@ -7,6 +7,7 @@ Shared by the loopback test (tests/server/test_answers_dissected.py) and the lab
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -152,6 +153,25 @@ def mutated_requests(client: IPv4Address) -> st.SearchStrategy[bytes]:
         return bytes(base)
 
     return mutate()
+
+
+def mutations(client: IPv4Address, rng: random.Random, count: int) -> list[bytes]:
+    """`count` requests from the corpus, cut, extended or poked at, or random octets."""
+    base = corpus(client)
+    out = []
+    for _ in range(count):
+        wire = bytearray(rng.choice(base))
+        how = rng.choice(["cut", "extend", "poke", "random"])
+        if how == "cut" and wire:
+            del wire[rng.randrange(len(wire)) :]
+        elif how == "extend":
+            wire += rng.randbytes(rng.randrange(64))
+        elif how == "poke" and wire:
+            wire[rng.randrange(len(wire))] = rng.randrange(256)
+        elif how == "random":
+            wire = bytearray(rng.randbytes(rng.randrange(1200)))
+        out.append(bytes(wire))
+    return out
 
 
 # -- the check -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from igd.gateway import Gateway
 from igd.policy import Policy
+from igd.proto.pcp import PcpDescription, PcpFilter
 from igd.server.backends.memory import MemoryBackend
 from igd.server.interfaces import ExternalAddress
 from igd.server.natpmp import NatPmpHandler
@@ -28,7 +29,7 @@ from igd.server.pcp import PcpHandler
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import LeaseStore
-from tests.answers import check_answers, corpus, mutated_requests
+from tests.answers import PEER, check_answers, corpus, mutated_requests, pcp_map, pcp_peer
 
 CLIENT = IPv4Address("192.168.1.10")
 SOURCE = (str(CLIENT), 40000)
@@ -51,8 +52,8 @@ external_ports = "1024-65535"
 """
 
 
-async def exchange(requests: Sequence[bytes], state: Path) -> list[bytes | None]:
-    """Each request through a fresh server, in order; the answer to each (None: silence)."""
+def build(state: Path) -> tuple[PxpServer, Service]:
+    """The NAT-PMP/PCP server as the daemon assembles it, over the memory backend."""
     service = Service(Gateway(Policy.parse(POLICY)), MemoryBackend(), LeaseStore(state))
     external = ExternalAddress("wan0", override=EXTERNAL, allow_private=True)
     external.refresh()
@@ -63,6 +64,12 @@ async def exchange(requests: Sequence[bytes], state: Path) -> list[bytes | None]
         RateLimiter(1000.0, 1000),
         service.epoch,
     )
+    return server, service
+
+
+async def exchange(requests: Sequence[bytes], state: Path) -> list[bytes | None]:
+    """Each request through a fresh server, in order; the answer to each (None: silence)."""
+    server, service = build(state)
     committer = asyncio.create_task(service.run_committer())
     try:
         return [await server.answer(request, SOURCE) for request in requests]
@@ -91,3 +98,27 @@ def test_every_answer_to_the_corpus_is_well_formed() -> None:
 @given(st.lists(st.one_of(mutated_requests(CLIENT), st.binary(max_size=1200)), max_size=25))
 def test_every_answer_to_arbitrary_requests_is_well_formed(requests: list[bytes]) -> None:
     check_answers(requests, run(requests))
+
+
+async def test_announcements_and_mapping_updates_are_well_formed(tmp_path: Path) -> None:
+    server, service = build(tmp_path / "leases.sqlite")
+    committer = asyncio.create_task(service.run_committer())
+    try:
+        for wire in (
+            pcp_map(CLIENT, 8082, 600, PcpDescription("printer")),
+            pcp_map(CLIENT, 8085, 600, PcpFilter(128, 443, PEER), PcpFilter(120, 0, PEER)),
+            pcp_peer(CLIENT, 9000),
+        ):
+            answer = await server.answer(wire, SOURCE)
+            assert answer is not None and answer[3] == 0
+    finally:
+        committer.cancel()
+    assert server.natpmp is not None and server.pcp is not None
+    unsolicited = [
+        (bytes(2), server.natpmp.announcement()),  # RFC 6886 §3.2.1
+        (bytes([2, 0]), server.pcp.announcement()),  # RFC 6887 §14.1.3
+        # RFC 6887 §14.2: one Mapping Update per PCP mapping, MAP or PEER.
+        *((bytes([2, m[1] & 0x7F]), m) for m, _ in server.pcp.mapping_updates()),
+    ]
+    assert len(unsolicited) == 5
+    check_answers([r for r, _ in unsolicited], [a for _, a in unsolicited])
