@@ -2,7 +2,8 @@
 UPnP AddPortMapping calls (async-upnp-client), several in flight, some mappings deleted again.
 
 Every success answer is printed as one JSON line the moment it arrives, so whatever was
-printed before the daemon died was acknowledged. Bounded: each worker makes at most
+printed before the daemon died was acknowledged; a deletion is announced before it is sent,
+since the daemon may carry it out and die before answering. Bounded: each worker makes at most
 --count mappings, and the program stops by itself after --seconds.
 """
 
@@ -95,6 +96,7 @@ async def natpmp_worker(gateway: str, ports: range, rng: random.Random) -> None:
         key = {"mech": "natpmp", "protocol": str(protocol), "internal": port}
         report(op="map", external=got.external_port, **key)
         if rng.random() < DELETE_SHARE:
+            report(op="deleting", **key)  # from here on, either outcome is right
             wire = natpmp.encode_request(NatPmpMapRequest(protocol, port, 0, 0))
             got = await channel.ask(transport, wire, natpmp_reply(protocol, port))
             if got is not None and got.result == NatPmpResult.SUCCESS and got.lifetime == 0:
@@ -131,6 +133,7 @@ async def pcp_worker(gateway: str, me: IPv4Address, ports: range, rng: random.Ra
         key = {"mech": "pcp", "protocol": str(protocol), "internal": port}
         report(op="map", external=got.data.external_port, **key)
         if rng.random() < DELETE_SHARE:
+            report(op="deleting", **key)  # from here on, either outcome is right
             wire = pcp_map(me, nonce, protocol, port, 0)
             got = await channel.ask(transport, wire, pcp_reply(nonce))
             if got is not None and got.result is PcpResult.SUCCESS and got.lifetime == 0:
@@ -150,6 +153,7 @@ async def upnp_worker(
             continue
         report(op="map", external=port, **key)
         if rng.random() < DELETE_SHARE:
+            report(op="deleting", **key)  # from here on, either outcome is right
             with contextlib.suppress(Exception):
                 await client.delete_port_mapping(port, protocol)
                 report(op="delete", **key)

@@ -75,7 +75,7 @@ def acknowledged(lines: str, host: str) -> list[tuple[str, Key, int]]:
     found = []
     for line in lines.splitlines():
         event: dict[str, Any] = json.loads(line)
-        if event["op"] in ("map", "delete"):
+        if event["op"] in ("map", "deleting", "delete"):
             key = (host, event["mech"], event["protocol"], event["internal"])
             found.append((event["op"], key, int(event.get("external", 0))))
     return found
@@ -120,8 +120,9 @@ def test_acknowledged_mappings_survive_kill_9_under_load(
                 if op == "map":
                     present[key] = external
                     seen[key[1]] += 1
+                elif op == "deleting":
+                    present.pop(key)  # sent: gone or not, both are right until answered
                 else:
-                    present.pop(key, None)
                     deleted.add(key)
                     seen["delete"] += 1
         start(gateway, lab, policy)
