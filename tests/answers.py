@@ -177,8 +177,24 @@ def mutations(client: IPv4Address, rng: random.Random, count: int) -> list[bytes
 # -- the check -------------------------------------------------------------------------------
 
 
+def unanswered(request: bytes) -> bool:
+    """Whether the gateway must stay silent: shorter than 2 octets, the R bit (a response:
+    RFC 6886 §3.5, RFC 6887 §8.2), a PCP request shorter than its header (§8.2), a NAT-PMP
+    map request shorter than 12 octets (RFC 6886 defines no answer to it)."""
+    if len(request) < 2 or request[1] & 0x80:
+        return True
+    if request[0] == pcp.VERSION:
+        return len(request) < 24
+    return request[0] == natpmp.VERSION and request[1] in (1, 2) and len(request) < 12
+
+
 def check_answers(requests: Sequence[bytes], answers: Sequence[bytes | None]) -> int:
-    """Dissect every answer and check it; the number of answers."""
+    """Check that exactly the right requests were answered, dissect every answer and check
+    it; the number of answers."""
+    for request, answer in zip(requests, answers, strict=True):
+        assert (answer is None) == unanswered(request), (
+            f"request {request.hex()} got {answer.hex() if answer else 'no answer'}"
+        )
     pairs = [(request, answer) for request, answer in zip(requests, answers, strict=True) if answer]
     for (request, answer), seen in zip(pairs, dissect([a for _, a in pairs]), strict=True):
         try:

@@ -114,11 +114,12 @@ async def test_announcements_and_mapping_updates_are_well_formed(tmp_path: Path)
     finally:
         committer.cancel()
     assert server.natpmp is not None and server.pcp is not None
+    # Each beside the header of the request it answers unasked.
     unsolicited = [
         (bytes(2), server.natpmp.announcement()),  # RFC 6886 §3.2.1
-        (bytes([2, 0]), server.pcp.announcement()),  # RFC 6887 §14.1.3
+        (bytes([2, 0]) + bytes(22), server.pcp.announcement()),  # RFC 6887 §14.1.3
         # RFC 6887 §14.2: one Mapping Update per PCP mapping, MAP or PEER.
-        *((bytes([2, m[1] & 0x7F]), m) for m, _ in server.pcp.mapping_updates()),
+        *((bytes([2, m[1] & 0x7F]) + bytes(22), m) for m, _ in server.pcp.mapping_updates()),
     ]
     assert len(unsolicited) == 5
     check_answers([r for r, _ in unsolicited], [a for _, a in unsolicited])
