@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,11 +53,14 @@ external_ports = "1024-65535"
 """
 
 
-def build(state: Path) -> tuple[PxpServer, Service]:
-    """The NAT-PMP/PCP server as the daemon assembles it, over the memory backend."""
+def build(state: Path, *, online: bool = True) -> tuple[PxpServer, Service]:
+    """The NAT-PMP/PCP server as the daemon assembles it, over the memory backend;
+    without an external address unless `online`."""
     service = Service(Gateway(Policy.parse(POLICY)), MemoryBackend(), LeaseStore(state))
     external = ExternalAddress("wan0", override=EXTERNAL, allow_private=True)
     external.refresh()
+    if not online:
+        external.current = None
     server = PxpServer(
         [],
         NatPmpHandler(service, external),
@@ -67,9 +71,11 @@ def build(state: Path) -> tuple[PxpServer, Service]:
     return server, service
 
 
-async def exchange(requests: Sequence[bytes], state: Path) -> list[bytes | None]:
+async def exchange(
+    requests: Sequence[bytes], state: Path, *, online: bool = True
+) -> list[bytes | None]:
     """Each request through a fresh server, in order; the answer to each (None: silence)."""
-    server, service = build(state)
+    server, service = build(state, online=online)
     committer = asyncio.create_task(service.run_committer())
     try:
         return [await server.answer(request, SOURCE) for request in requests]
@@ -77,14 +83,15 @@ async def exchange(requests: Sequence[bytes], state: Path) -> list[bytes | None]
         committer.cancel()
 
 
-def run(requests: Sequence[bytes]) -> list[bytes | None]:
+def run(requests: Sequence[bytes], *, online: bool = True) -> list[bytes | None]:
     with tempfile.TemporaryDirectory(prefix="igd-answers-") as tmp:
-        return asyncio.run(exchange(requests, Path(tmp) / "leases.sqlite"))
+        return asyncio.run(exchange(requests, Path(tmp) / "leases.sqlite", online=online))
 
 
-def test_every_answer_to_the_corpus_is_well_formed() -> None:
+@pytest.mark.parametrize("online", [True, False], ids=["online", "no external address"])
+def test_every_answer_to_the_corpus_is_well_formed(online: bool) -> None:
     requests = corpus(CLIENT)
-    answers = run(requests)
+    answers = run(requests, online=online)
     answered = check_answers(requests, answers)
     # The corpus holds silent cases (R bit, truncated) and answered ones of every kind.
     assert 40 < answered < len(requests)
