@@ -131,7 +131,7 @@ async def pcp_worker(gateway: str, me: IPv4Address, ports: range, rng: random.Ra
             continue
         assert isinstance(got.data, PcpMapData)
         key = {"mech": "pcp", "protocol": str(protocol), "internal": port}
-        report(op="map", external=got.data.external_port, **key)
+        report(op="map", external=got.data.external_port, nonce=nonce.hex(), **key)
         if rng.random() < DELETE_SHARE:
             report(op="deleting", **key)  # from here on, either outcome is right
             wire = pcp_map(me, nonce, protocol, port, 0)

@@ -4,8 +4,9 @@ The daemon runs in the lab's gateway with the kernel's nftables and its SQLite l
 LAN hosts drive NAT-PMP, PCP (raw datagrams, several in flight) and UPnP (async-upnp-client)
 at it; at a random moment the daemon gets SIGKILL, and after a restart every mapping whose
 success answer had arrived is in `igd-server list` and in the kernel, every acknowledged
-deletion stays deleted, and the kernel holds no entry without a lease. Several rounds, each
-with new ports, so the earlier rounds' mappings must survive every later kill too.
+deletion stays deleted, the kernel holds no entry without a lease, and a PCP mapping still
+answers only to its own nonce. Several rounds, each with new ports, so the earlier rounds'
+mappings must survive every later kill too.
 
 The moments are drawn from a seed, printed, and taken from IGD_CRASH_SEED when set.
 """
@@ -19,11 +20,16 @@ import secrets
 import signal
 import subprocess
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from igd.lab import Lab
+from igd.lab import Host, Lab
+from igd.model import Protocol
+from igd.proto import pcp
+from igd.proto.pcp import PcpMapData, PcpOpcode, PcpRequest, PcpResponse, PcpResult
 from tests.lab.conftest import StartGateway
+from tests.lab.probe import exchange
 from tests.lab.test_natpmp_gateway import kernel, listed
 
 ROUNDS = 4
@@ -70,15 +76,26 @@ def description_url(lab: Lab) -> str:
     raise AssertionError(f"no description URL in the log:\n{lab.gateway_log()}")
 
 
-def acknowledged(lines: str, host: str) -> list[tuple[str, Key, int]]:
-    """(operation, key, external port) for every success a load process printed, in order."""
+def acknowledged(lines: str, host: str) -> list[tuple[str, Key, int, str]]:
+    """(operation, key, external port, PCP nonce) for every success a load process printed,
+    in order."""
     found = []
     for line in lines.splitlines():
         event: dict[str, Any] = json.loads(line)
         if event["op"] in ("map", "deleting", "delete"):
             key = (host, event["mech"], event["protocol"], event["internal"])
-            found.append((event["op"], key, int(event.get("external", 0))))
+            found.append((event["op"], key, int(event.get("external", 0)), event.get("nonce", "")))
     return found
+
+
+def pcp_delete(lab: Lab, host: Host, protocol: str, port: int, nonce: bytes) -> PcpResponse:
+    """A PCP MAP delete (lifetime 0) from `host`; the answer."""
+    number = Protocol(protocol).number
+    data = PcpMapData(nonce, number, port, 0, pcp.mapped(IPv4Address(0)))
+    request = PcpRequest(PcpOpcode.MAP, 0, pcp.mapped(IPv4Address(host.address)), data)
+    reply = exchange(lab, host, lab.gateway.address, pcp.encode_request(request))
+    assert reply is not None, "no PCP answer"
+    return pcp.decode_response(reply)
 
 
 def test_acknowledged_mappings_survive_kill_9_under_load(
@@ -92,6 +109,7 @@ def test_acknowledged_mappings_survive_kill_9_under_load(
     start(gateway, lab, policy)
     url = description_url(lab)
     present: dict[Key, int] = {}  # acknowledged and not deleted since: its external port
+    nonces: dict[Key, bytes] = {}  # PCP mappings' nonces
     deleted: set[Key] = set()  # acknowledged deletions
     seen = {"natpmp": 0, "pcp": 0, "upnp": 0, "delete": 0}
     for round_ in range(ROUNDS):
@@ -116,9 +134,10 @@ def test_acknowledged_mappings_survive_kill_9_under_load(
         for name, proc in loads:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=10)
-            for op, key, external in acknowledged(out, name):
+            for op, key, external, nonce in acknowledged(out, name):
                 if op == "map":
                     present[key] = external
+                    nonces[key] = bytes.fromhex(nonce)
                     seen[key[1]] += 1
                 elif op == "deleting":
                     present.pop(key)  # sent: gone or not, both are right until answered
@@ -146,5 +165,18 @@ def test_acknowledged_mappings_survive_kill_9_under_load(
         resurrected = {(p, a, i) for p, _, a, i in leases} & gone
         assert not resurrected, f"{context}: acknowledged deletions came back: {resurrected}"
     print(f"acknowledged over {ROUNDS} kills: {seen}")
+    # Ownership survived too (RFC 6887 §11.3): a PCP mapping made before the kills can be
+    # deleted with its own nonce and with no other.
+    survivors = sorted((k for k in present if k[1] == "pcp"), key=lambda k: k[3])
+    assert survivors, f"seed {seed}: no PCP mapping survived to delete"
+    hosts = {host.name: host for host in lab.lan}
+    for key in {survivors[0], survivors[-1]}:  # from the first round and from the last
+        host, _, protocol, internal = key
+        wrong = pcp_delete(lab, hosts[host], protocol, internal, bytes(12))
+        assert wrong.result is PcpResult.NOT_AUTHORIZED, f"seed {seed}: {key} {wrong}"
+        right = pcp_delete(lab, hosts[host], protocol, internal, nonces[key])
+        assert right.result is PcpResult.SUCCESS, f"seed {seed}: {key} {right}"
+        remaining = {(str(e.protocol), e.external_port) for e in kernel(lab)}
+        assert (protocol, present[key]) not in remaining, f"seed {seed}: {key} still forwarded"
     assert all(seen.values()), f"every mechanism and deletions were exercised: {seen}"
     assert "Traceback" not in lab.gateway_log()
