@@ -177,22 +177,31 @@ def mutations(client: IPv4Address, rng: random.Random, count: int) -> list[bytes
 # -- the check -------------------------------------------------------------------------------
 
 
-def unanswered(request: bytes) -> bool:
+def unanswered(request: bytes, *, natpmp_on: bool = True, pcp_on: bool = True) -> bool:
     """Whether the gateway must stay silent: shorter than 2 octets, the R bit (a response:
     RFC 6886 §3.5, RFC 6887 §8.2), a PCP request shorter than its header (§8.2), a NAT-PMP
-    map request shorter than 12 octets (RFC 6886 defines no answer to it)."""
+    map request shorter than 12 octets (RFC 6886 defines no answer to it). A version the
+    gateway has turned off is an unsupported version, answered whatever its length."""
     if len(request) < 2 or request[1] & 0x80:
         return True
-    if request[0] == pcp.VERSION:
+    if request[0] == pcp.VERSION and pcp_on:
         return len(request) < 24
-    return request[0] == natpmp.VERSION and request[1] in (1, 2) and len(request) < 12
+    if request[0] == natpmp.VERSION and natpmp_on:
+        return request[1] in (1, 2) and len(request) < 12
+    return False
 
 
-def check_answers(requests: Sequence[bytes], answers: Sequence[bytes | None]) -> int:
+def check_answers(
+    requests: Sequence[bytes],
+    answers: Sequence[bytes | None],
+    *,
+    natpmp_on: bool = True,
+    pcp_on: bool = True,
+) -> int:
     """Check that exactly the right requests were answered, dissect every answer and check
     it; the number of answers."""
     for request, answer in zip(requests, answers, strict=True):
-        assert (answer is None) == unanswered(request), (
+        assert (answer is None) == unanswered(request, natpmp_on=natpmp_on, pcp_on=pcp_on), (
             f"request {request.hex()} got {answer.hex() if answer else 'no answer'}"
         )
     pairs = [(request, answer) for request, answer in zip(requests, answers, strict=True) if answer]

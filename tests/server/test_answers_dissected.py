@@ -53,9 +53,11 @@ external_ports = "1024-65535"
 """
 
 
-def build(state: Path, *, online: bool = True) -> tuple[PxpServer, Service]:
+def build(
+    state: Path, *, online: bool = True, natpmp_on: bool = True, pcp_on: bool = True
+) -> tuple[PxpServer, Service]:
     """The NAT-PMP/PCP server as the daemon assembles it, over the memory backend;
-    without an external address unless `online`."""
+    without an external address unless `online`, each protocol on or off as configured."""
     service = Service(Gateway(Policy.parse(POLICY)), MemoryBackend(), LeaseStore(state))
     external = ExternalAddress("wan0", override=EXTERNAL, allow_private=True)
     external.refresh()
@@ -63,19 +65,17 @@ def build(state: Path, *, online: bool = True) -> tuple[PxpServer, Service]:
         external.current = None
     server = PxpServer(
         [],
-        NatPmpHandler(service, external),
-        PcpHandler(service, external),
+        NatPmpHandler(service, external) if natpmp_on else None,
+        PcpHandler(service, external) if pcp_on else None,
         RateLimiter(1000.0, 1000),
         service.epoch,
     )
     return server, service
 
 
-async def exchange(
-    requests: Sequence[bytes], state: Path, *, online: bool = True
-) -> list[bytes | None]:
+async def exchange(requests: Sequence[bytes], state: Path, **how: bool) -> list[bytes | None]:
     """Each request through a fresh server, in order; the answer to each (None: silence)."""
-    server, service = build(state, online=online)
+    server, service = build(state, **how)
     committer = asyncio.create_task(service.run_committer())
     try:
         return [await server.answer(request, SOURCE) for request in requests]
@@ -83,16 +83,25 @@ async def exchange(
         committer.cancel()
 
 
-def run(requests: Sequence[bytes], *, online: bool = True) -> list[bytes | None]:
+def run(requests: Sequence[bytes], **how: bool) -> list[bytes | None]:
     with tempfile.TemporaryDirectory(prefix="igd-answers-") as tmp:
-        return asyncio.run(exchange(requests, Path(tmp) / "leases.sqlite", online=online))
+        return asyncio.run(exchange(requests, Path(tmp) / "leases.sqlite", **how))
 
 
-@pytest.mark.parametrize("online", [True, False], ids=["online", "no external address"])
-def test_every_answer_to_the_corpus_is_well_formed(online: bool) -> None:
+SERVED = {
+    "both": {},
+    "no external address": {"online": False},
+    "NAT-PMP off": {"natpmp_on": False},
+    "PCP off": {"pcp_on": False},
+}
+
+
+@pytest.mark.parametrize("how", SERVED.values(), ids=SERVED.keys())
+def test_every_answer_to_the_corpus_is_well_formed(how: dict[str, bool]) -> None:
     requests = corpus(CLIENT)
-    answers = run(requests, online=online)
-    answered = check_answers(requests, answers)
+    answers = run(requests, **how)
+    served = {k: v for k, v in how.items() if k != "online"}
+    answered = check_answers(requests, answers, **served)
     # The corpus holds silent cases (R bit, truncated) and answered ones of every kind.
     assert 40 < answered < len(requests)
 
