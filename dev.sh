@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 # What the lab and its tests run: ip, nft, natpmpc, upnpc, miniupnpd (the reference
-# gateway), conntrack, socat, ping, sysctl/pgrep.
+# gateway), conntrack, socat, ping, sysctl/pgrep, and tshark: Wireshark's NAT-PMP/PCP
+# dissector is the strict second reader of every answer the gateway sends (tests/dissect.py);
+# it only reads pcap files the tests write, so it needs no capture rights.
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -24,6 +26,7 @@ APT_PACKAGES=(
     socat
     iputils-ping
     procps
+    tshark
 )
 
 die() {

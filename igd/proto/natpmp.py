@@ -192,7 +192,12 @@ def decode_response(data: bytes) -> NatPmpResponse:
 
 def encode_unsupported_version(epoch: int) -> bytes:
     """The answer to any version but 0: opcode 128, result 1 (RFC 6886 §3.5, erratum 3618)."""
-    return _SHORT_RESPONSE.pack(VERSION, RESPONSE_BIT, NatPmpResult.UNSUPPORTED_VERSION, epoch)
+    # §3.5 draws only the first 8 octets, but opcode 128 is the external address response,
+    # 12 octets: the address follows as 0.0.0.0, as in any failed one, so a reader of
+    # opcode 128 finds a whole message.
+    return encode_response(
+        NatPmpExternalAddressResponse(NatPmpResult.UNSUPPORTED_VERSION, epoch, IPv4Address(0))
+    )
 
 
 def encode_unsupported_opcode(request: bytes, epoch: int) -> bytes:

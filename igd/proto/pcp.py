@@ -38,6 +38,14 @@ class PcpOpcode(enum.IntEnum):
     PEER = 2
 
 
+_DATA_SIZE = {
+    PcpOpcode.ANNOUNCE: 0,
+    PcpOpcode.MAP: _MAP.size,
+    PcpOpcode.PEER: _MAP.size + _PEER_TAIL.size,
+}
+"""Opcode-specific data in octets (RFC 6887 §11.1, §12.1, §14.1)."""
+
+
 class PcpResult(enum.IntEnum):
     """Result codes (RFC 6887 §7.4)."""
 
@@ -329,7 +337,39 @@ def encode_error(
     struct.pack_into("!II", body, 4, lifetime, epoch)
     if parsed:
         body[12:24] = bytes(12)
-    return bytes(body)
+        return bytes(body)
+    return _readable(body)
+
+
+def _readable(body: bytearray) -> bytes:
+    """The copy of a request that did not parse, cut to what a reader can delimit.
+
+    §7.3 asks for a complete copy, but a copy of a request too short for its opcode, or of
+    an option that runs past the packet, would be a malformed answer. So opcode data are
+    zero-filled to their size and only whole, well-formed options are kept, in order; an
+    unknown opcode's payload is copied as is (§8.2: nobody interprets it).
+    """
+    try:
+        opcode = PcpOpcode(body[1] & ~RESPONSE_BIT)
+    except ValueError:
+        return bytes(body)
+    offset = HEADER_SIZE + _DATA_SIZE[opcode]
+    out = bytearray(body[:offset])
+    out += bytes(offset - len(out))
+    while len(body) - offset >= _OPTION.size:
+        code, length = _OPTION.unpack_from(body, offset)
+        end = offset + _OPTION.size + length
+        if end > len(body):
+            break  # the rest is not an option anyone can delimit
+        padded = end + (-length % 4)
+        try:
+            _decode_option(code, bytes(body[offset + _OPTION.size : end]))
+        except PcpDecodeError:
+            pass  # a known option of the wrong length: left out, its neighbours kept
+        else:
+            out += body[offset:end] + bytes(padded - end)
+        offset = padded
+    return bytes(out)
 
 
 def encode_options(options: tuple[PcpOption, ...] | list[PcpOption]) -> bytes:

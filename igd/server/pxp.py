@@ -129,7 +129,7 @@ class PxpServer:
         interface: InternalInterface,
     ) -> None:
         try:
-            reply = await self._dispatch(data, source)
+            reply = await self.answer(data, source)
         except Exception:
             log.exception("unexpected failure answering %s; request dropped", client)
             reply = None
@@ -141,7 +141,8 @@ class PxpServer:
         if reply is not None and transport is not None and not transport.is_closing():
             transport.sendto(reply, source)
 
-    async def _dispatch(self, data: bytes, source: tuple[str, int]) -> bytes | None:
+    async def answer(self, data: bytes, source: tuple[str, int]) -> bytes | None:
+        """The reply to one datagram from a LAN client, or None to stay silent."""
         if len(data) < 2:
             return None  # RFC 6887 §8.2; NAT-PMP has no packet this short either
         version = data[0]

@@ -64,7 +64,8 @@ def test_failed_address_response_hides_address() -> None:
 
 def test_unsupported_version_answer_uses_opcode_128() -> None:
     # RFC 6886 erratum 3618: opcode 128, result 1, the epoch.
-    assert natpmp.encode_unsupported_version(9) == bytes.fromhex("0080 0001 00000009")
+    # A whole external address response (12 octets), address 0.0.0.0.
+    assert natpmp.encode_unsupported_version(9) == bytes.fromhex("0080 0001 00000009 00000000")
     with pytest.raises(natpmp.NatPmpUnsupportedVersion) as caught:
         natpmp.decode_request(bytes.fromhex("0100"))
     assert caught.value.version == 1

@@ -121,11 +121,40 @@ def test_error_copies_the_request() -> None:
     unparsed = pcp.encode_error(
         odd, PcpResult.MALFORMED_REQUEST, lifetime=1800, epoch=7, parsed=False
     )
-    assert len(unparsed) == 28 and unparsed[12:24] == MAP_WIRE[12:24]
+    assert unparsed[12:24] == MAP_WIRE[12:24]
+    # Too short for MAP: the opcode data are zero-filled, so the answer is a whole MAP answer.
+    assert len(unparsed) == 60 and unparsed[24:] == MAP_WIRE[24:26] + bytes(34)
     big = pcp.encode_error(
         MAP_WIRE + bytes(2000), PcpResult.MALFORMED_REQUEST, lifetime=1, epoch=1, parsed=False
     )
     assert len(big) == 1100
+
+
+def test_error_for_an_unparsed_request_keeps_only_whole_options() -> None:
+    third_party = bytes.fromhex("01 00 0010") + bytes(16)
+    short_third_party = bytes.fromhex("01 00 0004") + bytes(4)
+    description = bytes.fromhex("80 00 0003") + b"abc\0"
+    runaway = bytes.fromhex("80 00 0100") + bytes(4)  # claims 256 octets, has 4
+    wire = MAP_WIRE[:60] + third_party + short_third_party + description + runaway
+    answer = pcp.encode_error(
+        wire, PcpResult.MALFORMED_OPTION, lifetime=1800, epoch=7, parsed=False
+    )
+    assert answer == pcp.encode_error(
+        MAP_WIRE[:60] + third_party + description,
+        PcpResult.MALFORMED_OPTION,
+        lifetime=1800,
+        epoch=7,
+        parsed=False,
+    )
+    assert pcp.decode_response(answer).options == (
+        PcpThirdParty(IPv6Address(0)),
+        PcpDescription("abc"),
+    )
+    unknown_opcode = b"\x02\x09" + bytes(22) + b"\xff" * 7
+    copied = pcp.encode_error(
+        unknown_opcode, PcpResult.UNSUPP_OPCODE, lifetime=1800, epoch=7, parsed=False
+    )
+    assert copied[24:] == b"\xff" * 7 + b"\0"  # payload of an unknown opcode: as is
 
 
 addresses = st.builds(IPv6Address, st.integers(0, 2**128 - 1))
