@@ -41,6 +41,9 @@ def test_search_without_mx_and_unicast_search() -> None:
         b"M-SEARCH * HTTP/1.1\r\nST: ssdp:all\r\nMX: 1\r\n\r\n",  # no MAN
         b'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nMX: 1\r\n\r\n',  # no ST
         b'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: -1\r\n\r\n',
+        # Unicode digits pass str.isdigit() (and "\u0663" even int()); MX is ASCII digits.
+        'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: \u00b2\r\n\r\n'.encode(),
+        'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: \u0663\r\n\r\n'.encode(),
         b"\xff\xfe",
     ],
 )
