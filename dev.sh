@@ -4,6 +4,7 @@
 #   ./dev.sh demo    setup, then map a LAN service through the daemon in the namespace lab
 #   ./dev.sh test    setup, then pytest (lab tests included), ruff and mypy
 #   ./dev.sh bench   setup, then the benchmark against miniupnpd (options: ./dev.sh bench --help)
+#   ./dev.sh fuzz    setup, then the decoder and live-server fuzz tests with many more examples
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "$0")")"
@@ -87,7 +88,7 @@ run_tests() {
 }
 
 usage() {
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -107,6 +108,13 @@ bench)
     # About 8 minutes with the defaults; docs/performance.md explains the method. The report
     # is printed and written to build/ (ignored by git); a later --output wins.
     .venv/bin/python -m igd.lab.bench --output build/bench-results.md "$@"
+    ;;
+fuzz)
+    setup
+    shift
+    # The properties marked `fuzz` (decoders of network input, random bytes at the live HTTP
+    # and SSDP sockets) with IGD_FUZZ_EXAMPLES examples each (default 20000): some minutes.
+    .venv/bin/pytest -q -m fuzz --hypothesis-profile=fuzz "$@"
     ;;
 *) usage ;;
 esac

@@ -115,6 +115,9 @@ class UpnpHttp:
             # aiohttp's keep-alive timer runs from the connection's start and from each
             # answer until a complete head arrives: the header timeout.
             keepalive_timeout=HEADER_TIMEOUT,
+            # A body left unread (refused, or sent to a URL that takes none) is not waited
+            # for (aiohttp would read it for up to 10 s): the connection closes after the answer.
+            lingering_time=0.0,
             max_line_size=MAX_LINE,
             max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS,

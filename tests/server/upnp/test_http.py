@@ -176,6 +176,17 @@ async def test_a_trickling_request_head_is_cut_off(
     writer.close()
 
 
+async def test_an_unread_body_is_not_waited_for(rig: Rig) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    path = rig.upnp.urls[2].description
+    host = f"Host: 127.0.0.1:{rig.port}"
+    writer.write(f"GET {path} HTTP/1.1\r\n{host}\r\nContent-Length: 99999\r\n\r\n".encode())
+    # The answer, then the connection closes (aiohttp would linger 10 s reading the body).
+    answer = await asyncio.wait_for(reader.read(), 3)
+    assert answer.startswith(b"HTTP/1.1 200") and b"InternetGatewayDevice" in answer
+    writer.close()
+
+
 ATTACKERS = 32  # LAN addresses, each holding its MAX_CONNECTIONS_PER_CLIENT ...
 ROUNDS = 40  # ... while another client asks this many times
 
