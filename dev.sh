@@ -113,7 +113,7 @@ fuzz)
     setup
     shift
     # The properties marked `fuzz` (decoders of network input, random bytes at the live HTTP
-    # and SSDP sockets) with IGD_FUZZ_EXAMPLES examples each (default 20000): some minutes.
+    # and SSDP sockets) with IGD_FUZZ_EXAMPLES examples each (default 10000): about 5 minutes.
     .venv/bin/pytest -q -m fuzz --hypothesis-profile=fuzz "$@"
     ;;
 *) usage ;;
