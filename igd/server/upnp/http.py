@@ -461,3 +461,19 @@ class _QuietHandler(RequestHandler):
         response = web.Response(status=status, text=f"{status}\n", content_type="text/plain")
         response.force_close()
         return response
+
+    def log_debug(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's debug lines, without the tracebacks some of them carry."""
+        kw.pop("exc_info", None)
+        super().log_debug(*args, **kw)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own failures outside a handler: rate-limited, like a failed handler."""
+        manager = self._manager
+        exc = kw.get("exc_info")
+        if isinstance(manager, _GuardedServer) and isinstance(exc, BaseException):
+            manager.failed.note(
+                asyncio.get_running_loop().time(), "HTTP connection failed: %r", exc
+            )
+        else:
+            super().log_exception(*args, **kw)
