@@ -5,6 +5,7 @@
 #   ./dev.sh test    setup, then pytest (lab tests included), ruff and mypy
 #   ./dev.sh bench   setup, then the benchmark against miniupnpd (options: ./dev.sh bench --help)
 #   ./dev.sh lab     the namespace lab's command line: up, exec, down, demo (./dev.sh lab --help)
+#   ./dev.sh fuzz    setup, then the decoder and live-server fuzz tests with many more examples
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "$0")")"
@@ -91,7 +92,7 @@ run_tests() {
 }
 
 usage() {
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -117,6 +118,13 @@ bench)
     # About 8 minutes with the defaults; docs/performance.md explains the method. The report
     # is printed and written to build/ (ignored by git); a later --output wins.
     .venv/bin/python -m lab.bench --output build/bench-results.md "$@"
+    ;;
+fuzz)
+    setup
+    shift
+    # The properties marked `fuzz` (decoders of network input, random bytes at the live HTTP
+    # and SSDP sockets) with IGD_FUZZ_EXAMPLES examples each (default 10000): about 5 minutes.
+    .venv/bin/pytest -q -m fuzz --hypothesis-profile=fuzz "$@"
     ;;
 *) usage ;;
 esac

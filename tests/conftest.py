@@ -9,6 +9,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# `./dev.sh fuzz` (pytest -m fuzz --hypothesis-profile=fuzz): the same properties over network
+# input as every test run, with many more examples each (IGD_FUZZ_EXAMPLES, default 10000).
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("IGD_FUZZ_EXAMPLES", "10000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 LAB_TESTS = Path(__file__).parent / "lab"
 _LAB_PROBLEM = pytest.StashKey[str | None]()

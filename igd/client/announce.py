@@ -65,7 +65,8 @@ def parse_notify(data: bytes) -> SsdpNotify | None:
     except DecodeError:
         return None
     boot = headers.get("BOOTID.UPNP.ORG", "")
-    if start.split() != ["NOTIFY", "*", "HTTP/1.1"] or not boot.isdigit():
+    # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+    if start.split() != ["NOTIFY", "*", "HTTP/1.1"] or not (boot.isascii() and boot.isdigit()):
         return None
     nts = headers.get("NTS", "")
     if nts not in (ssdp.ALIVE, ssdp.BYEBYE):

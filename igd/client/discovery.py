@@ -124,7 +124,7 @@ async def ssdp_search(
             usn=str(headers.get_lower("usn", "")),
             server=str(headers.get_lower("server", "")),
             source=_source(headers),
-            boot_id=int(boot) if boot and str(boot).isdigit() else None,
+            boot_id=int(boot) if boot and str(boot).isascii() and str(boot).isdigit() else None,
             seconds=time.monotonic() - started,
         )
         first.set()

@@ -420,18 +420,28 @@ def parse_port_listing(text: str) -> list[UpnpEntry]:
         entries.append(
             UpnpEntry(
                 remote_host=fields.get("NewRemoteHost", ""),
-                external_port=int(fields.get("NewExternalPort") or 0),
+                external_port=_number(fields, "NewExternalPort"),
                 protocol=fields.get("NewProtocol", "").lower(),
-                internal_port=int(fields.get("NewInternalPort") or 0),
+                internal_port=_number(fields, "NewInternalPort"),
                 internal_client=fields.get("NewInternalClient", ""),
                 enabled=fields.get("NewEnabled", "1") in ("1", "true", "yes"),
                 description=fields.get("NewDescription", ""),
-                lease=int(fields.get("NewLeaseTime") or 0),
+                lease=_number(fields, "NewLeaseTime"),
             )
         )
         if len(entries) >= MAX_LIST:
             break
     return entries
+
+
+def _number(fields: dict[str, str], name: str) -> int:
+    """An unsigned field of a PortMappingEntry (absent or empty: 0); ProtocolError if not one."""
+    text = fields.get(name) or "0"
+    if not (text.isascii() and text.isdigit()):
+        raise ProtocolError(
+            f"bad {name} {text[:20]!r} in PortMappingList", mechanism=Mechanism.UPNP
+        )
+    return int(text)
 
 
 def _local(tag: object) -> str:

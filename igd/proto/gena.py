@@ -25,7 +25,7 @@ MAX_CALLBACKS = 8
 MAX_CALLBACK_HEADER = 1024
 
 _CALLBACK = re.compile(r"<([^<>]*)>")
-_TIMEOUT = re.compile(r"^\s*second-(\d{1,10})\s*$", re.IGNORECASE)
+_TIMEOUT = re.compile(r"^\s*second-([0-9]{1,10})\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)

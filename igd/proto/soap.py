@@ -40,7 +40,7 @@ class SoapAction:
     def version(self) -> int | None:
         """The service version the header names, if it names a versioned type."""
         tail = self.service_type.rsplit(":", 1)[-1]
-        return int(tail) if tail.isdigit() else None
+        return int(tail) if tail.isascii() and tail.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +119,11 @@ def decode_response(body: bytes) -> SoapResponse | SoapFault:
     if namespace == ENVELOPE_NS and name == "Fault":
         code = element.find(f".//{{{CONTROL_NS}}}errorCode")
         text = element.find(f".//{{{CONTROL_NS}}}errorDescription")
-        if code is None or not (code.text or "").strip().isdigit():
+        digits = (code.text or "").strip() if code is not None else ""
+        # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 6):
             raise DecodeError("fault without a UPnP errorCode")
-        return SoapFault(
-            int((code.text or "").strip()), (text.text or "") if text is not None else ""
-        )
+        return SoapFault(int(digits), (text.text or "") if text is not None else "")
     if not name.endswith("Response"):
         raise DecodeError(f"{name!r} is not an action response")
     arguments = tuple((_split(child.tag)[1], child.text or "") for child in element)

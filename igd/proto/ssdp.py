@@ -24,7 +24,7 @@ BYEBYE = "ssdp:byebye"
 DISCOVER = "ssdp:discover"
 
 _HEADER = re.compile(r"^([!-9;-~]+)\s*:\s*(.*?)\s*$")
-_TYPE = re.compile(rf"^{UPNP_SCHEMA}:(device|service):([A-Za-z0-9_-]+):(\d{{1,4}})$")
+_TYPE = re.compile(rf"^{UPNP_SCHEMA}:(device|service):([A-Za-z0-9_-]+):([0-9]{{1,4}})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,8 @@ def decode_search(data: bytes) -> SsdpSearch:
     mx: int | None = None
     if "MX" in headers:
         value = headers["MX"].strip()
-        if not value.isdigit() or len(value) > 6:
+        # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+        if not (value.isascii() and value.isdigit()) or len(value) > 6:
             raise DecodeError(f"bad MX {value[:10]!r}")
         mx = int(value)
     return SsdpSearch(target, mx, headers.get("HOST", ""), headers.get("USER-AGENT", ""))

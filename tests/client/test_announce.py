@@ -7,10 +7,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from igd.client.announce import SsdpNotify, parse_notify
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from igd.client.announce import SsdpNotify, parse_announcement, parse_notify
 from igd.client.mapper import PortMapper
 from igd.model import Mechanism
 from igd.proto import ssdp
+from tests.strategies import tricky_text
 
 ROOT = "uuid:11111111-2222-3333-4444-555555555555"
 LOCATION = "http://192.168.77.1:5000/abc/igd2/desc.xml"
@@ -91,3 +96,16 @@ def test_other_devices_on_the_router_are_ignored_and_a_first_boot_id_is_a_baseli
         return upnp.recovered, mapper._upnp_boot
 
     assert asyncio.run(run()) == ([], 3)
+
+
+@pytest.mark.fuzz
+@given(st.binary(max_size=200), tricky_text)
+def test_what_the_client_hears_never_raises(data: bytes, boot: str) -> None:
+    # The listeners run these in datagram_received: an exception would end in asyncio's log.
+    parse_announcement(data)
+    parse_notify(data)
+    notify = _notify(ssdp.ALIVE, 1).replace(
+        b"BOOTID.UPNP.ORG: 1", f"BOOTID.UPNP.ORG: {boot}".encode()
+    )
+    parsed = parse_notify(notify)
+    assert parsed is None or parsed.boot_id >= 0

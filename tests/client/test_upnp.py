@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from igd.client.errors import ProtocolError
 from igd.client.upnp import choose_port, parse_port_listing
+from tests.strategies import tricky_text
 
 LISTING = """<?xml version="1.0" encoding="UTF-8"?>
 <p:PortMappingList xmlns:p="urn:schemas-upnp-org:gw:WANIPConnection"
@@ -17,6 +20,18 @@ LISTING = """<?xml version="1.0" encoding="UTF-8"?>
 <p:NewInternalClient>192.168.77.10</p:NewInternalClient><p:NewEnabled>1</p:NewEnabled>
 <p:NewDescription>web</p:NewDescription><p:NewLeaseTime>600</p:NewLeaseTime>
 </p:PortMappingEntry></p:PortMappingList>"""
+
+
+FIELDS = (
+    "NewRemoteHost",
+    "NewExternalPort",
+    "NewProtocol",
+    "NewInternalPort",
+    "NewInternalClient",
+    "NewEnabled",
+    "NewDescription",
+    "NewLeaseTime",
+)
 
 
 def test_parse_port_listing() -> None:
@@ -37,3 +52,17 @@ def test_no_low_or_zero_external_port_unless_asked() -> None:
     assert choose_port(8080, None, rng) == 8080
     assert all(choose_port(80, None, rng) >= 1024 for _ in range(200))
     assert choose_port(80, 80, rng) == 80  # asked for explicitly
+
+
+@pytest.mark.fuzz
+@given(st.dictionaries(st.sampled_from(FIELDS), tricky_text), st.text(max_size=80))
+def test_port_listings_raise_only_protocol_error(fields: dict[str, str], junk: str) -> None:
+    entry = "".join(f"<{name}>{value}</{name}>" for name, value in fields.items())
+    for text in (
+        f"<PortMappingList><PortMappingEntry>{entry}</PortMappingEntry></PortMappingList>",
+        junk,
+    ):
+        try:
+            parse_port_listing(text)
+        except ProtocolError:
+            pass

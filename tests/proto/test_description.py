@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 from defusedxml.ElementTree import fromstring
+from hypothesis import given
+from hypothesis import strategies as st
 
 from igd.proto import description
-from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
+from igd.proto.description import DeviceTree, Identity, ServiceKind, StateVariable, Urls
+from tests.strategies import tricky_text
 
 UUID = "3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b"
 NS = "{urn:schemas-upnp-org:device-1-0}"
@@ -62,3 +65,25 @@ def test_convert_checks_types() -> None:
     ):
         with pytest.raises(ValueError):
             description.convert(state[variable], text)
+
+
+EVERY_VARIABLE = [
+    variable
+    for kind in ServiceKind
+    for version in (1, 2)
+    for variable in description.variables(kind, description.service_version(kind, version)).values()
+]
+
+
+@pytest.mark.fuzz
+@given(st.sampled_from(EVERY_VARIABLE), tricky_text)
+def test_argument_text_raises_only_value_error(variable: StateVariable, text: str) -> None:
+    # The server turns ValueError into 402 Invalid Args (server/upnp/actions.py).
+    try:
+        value = description.convert(variable, text)
+    except ValueError:
+        return
+    if variable.data_type in ("ui1", "ui2", "ui4"):
+        assert isinstance(value, int) and value >= 0 and text.strip().isascii()
+    elif variable.data_type == "boolean":
+        assert isinstance(value, bool)

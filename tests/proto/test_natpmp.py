@@ -127,6 +127,7 @@ def test_response_round_trip(message: natpmp.NatPmpResponse) -> None:
     assert natpmp.decode_response(natpmp.encode_response(message)) == message
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
     for decode in (natpmp.decode_request, natpmp.decode_response):

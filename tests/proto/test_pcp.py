@@ -200,6 +200,7 @@ def test_response_round_trip(request: PcpRequest, result: PcpResult, epoch: int)
     assert pcp.decode_response(pcp.encode_response(response)) == response
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=1200))
 def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
     for decode in (pcp.decode_request, pcp.decode_response):
@@ -209,6 +210,7 @@ def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
             pass
 
 
+@pytest.mark.fuzz
 @given(st.binary(min_size=24, max_size=120).map(lambda b: b"\x02\x01" + b[2:]))
 def test_mostly_valid_headers_raise_only_decode_error(data: bytes) -> None:
     try:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from igd.proto import soap
 from igd.proto.errors import DecodeError
 from igd.proto.soap import SoapFault, SoapRequest, SoapResponse
+from tests.strategies import tricky_text
 
 WANIP2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
 # What upnpc 2.2.4 sends for `upnpc -a 192.168.77.10 8080 18080 TCP 600` (captured in the lab).
@@ -83,12 +84,57 @@ def test_cdata_values_stay_well_formed(value: str) -> None:
     assert isinstance(decoded, SoapResponse)
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
+    for decode in (soap.decode_request, soap.decode_response):
+        try:
+            decode(data)
+        except DecodeError:
+            pass
+
+
+ENVELOPE = (
+    '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+    "<s:Body>{}</s:Body></s:Envelope>"
+)
+
+
+@pytest.mark.fuzz
+@given(
+    st.lists(st.sampled_from(["<", ">", "/", "u:", "s:", "=", '"', "&amp;", "&#178;", "]]>"])),
+    st.lists(st.tuples(tricky_text, tricky_text), max_size=5),
+    st.data(),
+)
+def test_envelopes_with_arbitrary_content_raise_only_decode_error(
+    junk: list[str], arguments: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    inner = "".join(f"<{name}>{value}</{name}>" for name, value in arguments)
+    fault = (
+        '<s:Fault><detail><UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{data.draw(tricky_text)}</errorCode></UPnPError></detail></s:Fault>"
+    )
+    for body in (
+        f'<u:A xmlns:u="urn:x">{inner}{"".join(junk)}</u:A>',
+        f'<u:AResponse xmlns:u="urn:x">{inner}</u:AResponse>',
+        fault,
+    ):
+        document = ENVELOPE.format(body).encode("utf-8", "surrogatepass")
+        for decode in (soap.decode_request, soap.decode_response):
+            try:
+                decode(document)
+            except DecodeError:
+                pass
+
+
+@pytest.mark.fuzz
+@given(st.one_of(tricky_text, tricky_text.map(lambda t: f'"urn:a:service:B:{t}#Act"')))
+def test_soapaction_headers_raise_only_decode_error(header: str) -> None:
     try:
-        soap.decode_request(data)
+        action = soap.decode_soap_action(header)
     except DecodeError:
-        pass
+        return
+    assert action.version is None or action.version >= 0
 
 
 def test_entities_are_never_expanded() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from igd.proto import ssdp
 from igd.proto.description import DeviceTree
 from igd.proto.errors import DecodeError
+from tests.strategies import tricky_text
 
 UUID = "3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b"
 TREE2 = DeviceTree.build(UUID, 2)
@@ -41,6 +42,9 @@ def test_search_without_mx_and_unicast_search() -> None:
         b"M-SEARCH * HTTP/1.1\r\nST: ssdp:all\r\nMX: 1\r\n\r\n",  # no MAN
         b'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nMX: 1\r\n\r\n',  # no ST
         b'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: -1\r\n\r\n',
+        # Unicode digits pass str.isdigit() (and "\u0663" even int()); MX is ASCII digits.
+        'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: \u00b2\r\n\r\n'.encode(),
+        'M-SEARCH * HTTP/1.1\r\nMAN: "ssdp:discover"\r\nST: a\r\nMX: \u0663\r\n\r\n'.encode(),
         b"\xff\xfe",
     ],
 )
@@ -49,12 +53,39 @@ def test_what_is_not_a_search(data: bytes) -> None:
         ssdp.decode_search(data)
 
 
+@pytest.mark.fuzz
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
     try:
         ssdp.decode_search(data)
     except DecodeError:
         pass
+
+
+SEARCH = {"HOST": ssdp.HOST, "MAN": '"ssdp:discover"', "ST": "ssdp:all", "MX": "1"}
+
+
+@pytest.mark.fuzz
+@given(
+    # A valid search with some of its header values replaced (arbitrary bytes above seldom
+    # get as far as the values).
+    st.fixed_dictionaries({}, optional={name: tricky_text for name in [*SEARCH, "USER-AGENT"]}),
+    st.sampled_from(["\r\n", "\n"]),
+)
+@example({"MX": "\u00b2"}, "\r\n")  # passed str.isdigit(), then int() raised ValueError
+def test_searches_with_arbitrary_header_values_raise_only_decode_error(
+    headers: dict[str, str], newline: str
+) -> None:
+    lines = ["M-SEARCH * HTTP/1.1"] + [f"{k}: {v}" for k, v in (SEARCH | headers).items()]
+    try:
+        search = ssdp.decode_search((newline.join(lines) + newline * 2).encode())
+    except DecodeError:
+        return
+    # What the responder does next with a decoded search must not raise either.
+    assert search.mx is None or (0 <= search.mx < 10**6)
+    for tree in (TREE1, TREE2):
+        ssdp.search_answers(search.target, tree)
+        ssdp.asks_lower_version(search.target, tree)
 
 
 def test_advertisement_set_is_3_plus_2d_plus_k() -> None:

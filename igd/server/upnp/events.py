@@ -1,8 +1,10 @@
 """GENA eventing (UDA 1.1 §4): subscriptions, renewals, and NOTIFY delivery.
 
 CallStranger (CVE-2020-12695) defence: a delivery URL must be `http://` to the subscriber's
-own literal IPv4 address, or the SUBSCRIBE is refused with 412; subscriptions are capped per
-client and in total; deliveries time out quickly and never follow redirects.
+own literal IPv4 address, or the SUBSCRIBE is refused with 412; deliveries time out quickly
+and never follow redirects. Subscriptions are capped per client and in total; when the total
+is reached, a client holding fewer than the biggest holder (always one holding none) gets its
+subscription in place of that holder's oldest, so a few hosts cannot take the pool.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -21,6 +24,7 @@ import aiohttp
 from igd.proto import gena
 from igd.proto.description import DeviceTree, ServiceKind
 from igd.proto.errors import DecodeError
+from igd.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("igd.upnp.events")
 
@@ -70,8 +74,12 @@ class Events:
         self.evented = evented
         self.server = server
         self.clock = clock
+        # Insertion order is age order (a renewal keeps its place).
         self.subscriptions: dict[str, Subscription] = {}
+        self._per_client: Counter[IPv4Address] = Counter()
         self._session: aiohttp.ClientSession | None = None
+        self.refused = RateLimitedLog(log, logging.WARNING)
+        self.evicted = RateLimitedLog(log, logging.INFO)
 
     # -- SUBSCRIBE / UNSUBSCRIBE -------------------------------------------------------------
 
@@ -109,14 +117,20 @@ class Events:
             (t for t in map(gena.callback_target, urls) if t is not None and t.host == client),
             None,
         )
+        now = self.clock()
         if target is None:
-            log.warning(
-                "refused SUBSCRIBE from %s: callback %s is not its own address", client, urls
+            self.refused.note(
+                now,
+                "refused SUBSCRIBE from %s: callback %.200s is not its own address",
+                client,
+                urls,
             )
             return 412, {}
-        held = sum(1 for s in self.subscriptions.values() if s.client == client)
-        if held >= MAX_SUBSCRIPTIONS_PER_CLIENT or len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
-            log.warning("refused SUBSCRIBE from %s: subscription limit reached", client)
+        held = self._per_client[client]
+        if held >= MAX_SUBSCRIPTIONS_PER_CLIENT or (
+            len(self.subscriptions) >= MAX_SUBSCRIPTIONS and not self._evict_for(client, held)
+        ):
+            self.refused.note(now, "refused SUBSCRIBE from %s: subscription limit reached", client)
             return 503, {}
         names = tuple(self.evented(kind, version))
         subscription = Subscription(
@@ -131,6 +145,7 @@ class Events:
             dirty=set(names),  # UDA 1.1 §4.2: the initial event carries every variable
         )
         self.subscriptions[subscription.sid] = subscription
+        self._per_client[client] += 1
         subscription.task = asyncio.get_running_loop().create_task(self._deliver(subscription))
         subscription.wake.set()
         log.info("%s subscribed to %s events at %s", client, kind, target.url)
@@ -145,6 +160,26 @@ class Events:
             return 412
         self._drop(subscription)
         return 200
+
+    def _evict_for(self, client: IPv4Address, held: int) -> bool:
+        """Make room for `client` by dropping the oldest subscription of the client holding
+        the most, if that one holds more than `client` would; False when there is no room."""
+        victim_client, most = self._per_client.most_common(1)[0]
+        # A client with nothing is always admitted; otherwise only when it would still hold
+        # no more than the victim (no endless swapping between two big holders).
+        if not (held == 0 < most or most > held + 1):
+            return False
+        victim = next(s for s in self.subscriptions.values() if s.client == victim_client)
+        self.evicted.note(
+            self.clock(),
+            "subscription pool full: dropped %s of %s (holding %d) for %s",
+            victim.sid,
+            victim_client,
+            most,
+            client,
+        )
+        self._drop(victim)
+        return True
 
     def _granted(self, subscription: Subscription, timeout: int) -> dict[str, str]:
         return {
@@ -181,9 +216,15 @@ class Events:
             self._session = None
 
     def _drop(self, subscription: Subscription) -> None:
-        self.subscriptions.pop(subscription.sid, None)
+        self._forget(subscription)
         if subscription.task is not None:
             subscription.task.cancel()
+
+    def _forget(self, subscription: Subscription) -> None:
+        if self.subscriptions.pop(subscription.sid, None) is not None:
+            self._per_client[subscription.client] -= 1
+            if self._per_client[subscription.client] <= 0:
+                del self._per_client[subscription.client]
 
     async def _deliver(self, subscription: Subscription) -> None:
         """One subscriber's NOTIFYs, in SEQ order, one at a time."""
@@ -208,7 +249,7 @@ class Events:
                 log.info(
                     "dropping subscription %s: %d failed deliveries", subscription.sid, MAX_FAILURES
                 )
-                self.subscriptions.pop(subscription.sid, None)
+                self._forget(subscription)
                 return
 
     async def _send(self, subscription: Subscription, body: bytes) -> bool:

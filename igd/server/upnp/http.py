@@ -2,7 +2,12 @@
 addresses only, hardened against the browser- and LAN-borne attacks on UPnP.
 
 - Connections from outside the interface's networks are closed at once; each client may hold
-  MAX_CONNECTIONS_PER_CLIENT connections, all clients MAX_CONNECTIONS; idle ones are closed.
+  MAX_CONNECTIONS_PER_CLIENT connections, all clients MAX_CONNECTIONS. When all are taken, a
+  client holding fewer than the biggest holder (and always one holding none) is admitted in
+  place of that holder's oldest connection not running an action (slowloris from many LAN
+  addresses, with half-sent heads or bodies, cannot lock everyone else out). A request head
+  must arrive within HEADER_TIMEOUT of the connection or of the previous answer.
+- Malformed requests get aiohttp's 400 and one rate-limited log line, never a traceback.
 - Host must be our own literal address and port (DNS rebinding, Filet-o-Firewall).
 - Control is POST with a SOAPACTION header and an XML content type, to the exact control URLs
   (a browser cannot send that cross-origin without a CORS preflight, which we never grant).
@@ -12,20 +17,23 @@ addresses only, hardened against the browser- and LAN-borne attacks on UPnP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from igd.proto import soap
 from igd.proto.description import DeviceTree, ServiceKind, Urls, service_version
 from igd.proto.errors import DecodeError
 from igd.server.interfaces import InternalInterface, bind_to_device
+from igd.server.ratelog import RateLimitedLog
 from igd.server.upnp import errors
 from igd.server.upnp.actions import Actions
 from igd.server.upnp.errors import UpnpError
@@ -36,7 +44,9 @@ log = logging.getLogger("igd.upnp.http")
 MAX_BODY = 16 * 1024
 MAX_LINE = 2048
 MAX_HEADERS = 32
-IDLE_TIMEOUT = 10.0  # seconds a connection may sit without a request
+# Seconds from a connection's start, or from its previous answer, to a complete request head:
+# an idle keep-alive connection and one whose head trickles in are closed alike (slowloris).
+HEADER_TIMEOUT = 5.0
 BODY_TIMEOUT = 5.0  # seconds to receive a request body
 MAX_CONNECTIONS_PER_CLIENT = 8
 MAX_CONNECTIONS = 256
@@ -93,6 +103,7 @@ class UpnpHttp:
         self.auto_v1 = auto_v1
         self._servers: list[asyncio.Server] = []
         self._http: _GuardedServer | None = None
+        self.rebinding = RateLimitedLog(log, logging.WARNING)
 
     async def start(
         self, interfaces: Sequence[InternalInterface], *, bind_device: bool = True
@@ -102,7 +113,12 @@ class UpnpHttp:
         self._http = _GuardedServer(
             self.handle,
             {str(i.address): i for i in interfaces},
-            keepalive_timeout=IDLE_TIMEOUT,
+            # aiohttp's keep-alive timer runs from the connection's start and from each
+            # answer until a complete head arrives: the header timeout.
+            keepalive_timeout=HEADER_TIMEOUT,
+            # A body left unread (refused, or sent to a URL that takes none) is not waited
+            # for (aiohttp would read it for up to 10 s): the connection closes after the answer.
+            lingering_time=0.0,
             max_line_size=MAX_LINE,
             max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS,
@@ -122,6 +138,11 @@ class UpnpHttp:
                 "UPnP HTTP listening on %s:%d (%s)", interface.address, self.port, interface.name
             )
 
+    @property
+    def connections(self) -> int:
+        """Connections open and counted against the caps."""
+        return self._http.open if self._http is not None else 0
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()
@@ -140,7 +161,8 @@ class UpnpHttp:
         if local is None or peer is None:
             return self._plain(400)
         if not self._host_ok(request.headers.get("Host", ""), local[0]):
-            log.warning(
+            self.rebinding.note(
+                asyncio.get_running_loop().time(),
                 "refused request from %s with Host %r (DNS rebinding?)",
                 peer,
                 request.headers.get("Host", "")[:80],
@@ -208,13 +230,15 @@ class UpnpHttp:
             if invocation.action != action.action:
                 raise DecodeError(f"SOAPACTION names {action.action}, the body {invocation.action}")
             version = self._version(route, action)
-            response = await self.actions.invoke(
-                route.tree,
-                route.kind,
-                version,
-                soap.SoapRequest(action.service_type, action.action, invocation.arguments),
-                client,
-            )
+            assert self._http is not None
+            with self._http.working(request):
+                response = await self.actions.invoke(
+                    route.tree,
+                    route.kind,
+                    version,
+                    soap.SoapRequest(action.service_type, action.action, invocation.arguments),
+                    client,
+                )
         except DecodeError as error:
             log.debug("invalid SOAP request from %s: %s", client, error)
             return self._fault(UpnpError(errors.INVALID_ARGS, str(error)))
@@ -267,16 +291,59 @@ async def _read_capped(request: web.BaseRequest) -> bytes | None:
     return None
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class _Connection:
+    """What admission knows of one open connection."""
+
+    client: str
+    transport: asyncio.Transport
+    busy: bool = False
+    """An action is running for it (a mapping may be changing): never evicted then."""
+
+
 class _GuardedServer(web.Server):
-    """aiohttp's low-level server, refusing connections beyond the caps or from elsewhere."""
+    """aiohttp's low-level server with admission control: connections from outside the LAN
+    are refused, per-client and total connections capped, admission fair when all are taken.
+    """
 
     def __init__(
-        self, handler: Any, interfaces: Mapping[str, InternalInterface], **kwargs: Any
+        self, handler: Handler, interfaces: Mapping[str, InternalInterface], **kwargs: Any
     ) -> None:
         super().__init__(handler, **kwargs)
         self.interfaces = interfaces
+        # Insertion order is age order: the first of a client's entries is its oldest.
+        self._open: dict[RequestHandler, _Connection] = {}
         self._per_client: dict[str, int] = {}
-        self._counted: dict[RequestHandler, str] = {}
+        self.refused = RateLimitedLog(log, logging.INFO)
+        self.evicted = RateLimitedLog(log, logging.INFO)
+        self.malformed = RateLimitedLog(log, logging.INFO)
+        self.failed = RateLimitedLog(log, logging.ERROR)
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def __call__(self) -> RequestHandler:
+        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+    @contextlib.contextmanager
+    def working(self, request: web.BaseRequest) -> Iterator[None]:
+        """Mark the request's connection busy (not to be evicted) for the block.
+
+        Only around actions: a connection still sending its head or body, or slow to read
+        its answer, is what a slowloris holds, and may be evicted.
+        """
+        connection = self._open.get(request.protocol)
+        if connection is not None:
+            connection.busy = True
+        try:
+            yield
+        finally:
+            if connection is not None:
+                connection.busy = False
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -288,22 +355,125 @@ class _GuardedServer(web.Server):
             allowed = interface is not None and interface.serves(IPv4Address(client))
         except ValueError:
             allowed = False
+        now = asyncio.get_running_loop().time()
+        if not allowed:
+            self.refused.note(now, "refused HTTP connection from %s: outside the LAN", client)
+            self._refuse(handler, transport)
+            return
         held = self._per_client.get(client, 0)
-        if (
-            not allowed
-            or held >= MAX_CONNECTIONS_PER_CLIENT
-            or len(self._counted) >= MAX_CONNECTIONS
-        ):
-            log.debug("closed connection from %s (outside the LAN or over the limits)", client)
-            transport.abort()
+        if held >= MAX_CONNECTIONS_PER_CLIENT:
+            self.refused.note(
+                now, "refused HTTP connection from %s: it holds %d already", client, held
+            )
+            self._refuse(handler, transport)
+            return
+        if len(self._open) >= MAX_CONNECTIONS and not self._evict_for(client, held, now):
+            self.refused.note(now, "refused HTTP connection from %s: all taken", client)
+            self._refuse(handler, transport)
             return
         self._per_client[client] = held + 1
-        self._counted[handler] = client
+        self._open[handler] = _Connection(client, transport)
+
+    def _refuse(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        """Close a connection just accepted.
+
+        Not at once: aiohttp starts the handler's task after this hook returns, and that task
+        fails (a traceback in the log) when the connection is already gone by then.
+        """
+
+        def close() -> None:
+            transport.abort()
+            handler.force_close()  # the handler's task then ends without reading anything
+
+        asyncio.get_running_loop().call_soon(close)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        client = self._counted.pop(handler, None)
-        if client is not None:
-            left = self._per_client.pop(client, 1) - 1
-            if left > 0:
-                self._per_client[client] = left
+        self._forget(handler)
         super().connection_lost(handler, exc)
+
+    def _evict_for(self, client: str, held: int, now: float) -> bool:
+        """Make room for `client` by closing the oldest idle or half-sent connection of the
+        client holding the most, if that one holds more than `client` would; or no room."""
+        most = max(self._per_client.values(), default=0)
+        # A client with nothing open is always admitted; otherwise only when it would still
+        # hold no more than the victim (no endless swapping between two big holders).
+        if not (held == 0 < most or most > held + 1):
+            return False
+        for handler, connection in self._open.items():
+            if self._per_client[connection.client] == most and not connection.busy:
+                self.evicted.note(
+                    now,
+                    "all HTTP connections taken: closed one of %s (holding %d) for %s",
+                    connection.client,
+                    most,
+                    client,
+                )
+                self._forget(handler)
+                connection.transport.abort()
+                return True
+        return False
+
+    def _forget(self, handler: RequestHandler) -> None:
+        connection = self._open.pop(handler, None)
+        if connection is not None:
+            left = self._per_client.pop(connection.client, 1) - 1
+            if left > 0:
+                self._per_client[connection.client] = left
+
+    def bad_request(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> None:
+        """A request aiohttp could not parse, or a handler that failed: one line a minute."""
+        if isinstance(exc, ConnectionError):
+            return  # the client left (or was evicted) while sending its body: nothing to say
+        now = asyncio.get_running_loop().time()
+        if exc is None or isinstance(exc, HttpProcessingError):
+            # repr: one line whatever the request held (aiohttp quotes it over several).
+            reason = repr(getattr(exc, "message", None) or type(exc).__name__)[:100]
+            self.malformed.note(
+                now, "bad HTTP request from %s (%d): %s", request.remote, status, reason
+            )
+        else:
+            # A failing handler is a bug worth its traceback, but not one per request.
+            self.failed.note(now, "HTTP handler failed for %s: %r", request.remote, exc)
+            if self.failed.count == 1:
+                log.error("HTTP handler failure", exc_info=exc)
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, reporting bad requests to the server's rate-limited log
+    instead of logging a traceback for each."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer a request aiohttp could not parse (or a failed handler), quietly."""
+        manager = self._manager
+        if isinstance(manager, _GuardedServer):
+            manager.bad_request(request, status, exc)
+        if request.writer.output_size > 0:
+            # Part of an answer went out already: aiohttp closes the connection.
+            raise ConnectionError("an answer was already under way")
+        response = web.Response(status=status, text=f"{status}\n", content_type="text/plain")
+        response.force_close()
+        return response
+
+    def log_debug(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's debug lines, without the tracebacks some of them carry."""
+        kw.pop("exc_info", None)
+        super().log_debug(*args, **kw)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own failures outside a handler: rate-limited, like a failed handler."""
+        manager = self._manager
+        exc = kw.get("exc_info")
+        if isinstance(manager, _GuardedServer) and isinstance(exc, BaseException):
+            manager.failed.note(
+                asyncio.get_running_loop().time(), "HTTP connection failed: %r", exc
+            )
+        else:
+            super().log_exception(*args, **kw)

@@ -2,7 +2,8 @@
 
 One socket per internal interface, bound to the device, so nothing arriving on the
 external interface is ever answered (SSDP reflection); sources outside the interface's
-networks are ignored; replies are rate-limited per source and bounded in number.
+networks are ignored; searches are rate-limited per source, pending answers bounded in
+number, and the bytes answered bounded per source and in total (amplification).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import random
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -23,6 +25,7 @@ from igd.proto.description import DeviceTree
 from igd.proto.errors import DecodeError
 from igd.server.interfaces import InternalInterface, bind_to_device
 from igd.server.pxp import RateLimiter
+from igd.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("igd.upnp.ssdp")
 
@@ -32,6 +35,13 @@ SEARCHES_PER_SECOND = 10.0
 SEARCH_BURST = 20
 MAX_PENDING = 256  # searches waiting for their random delay, all sources
 MAX_PENDING_PER_SOURCE = 4
+# Amplification: an ssdp:all search of 63 bytes draws 10 answers (about 3.9 KB, 62x). Answer
+# bytes are budgeted per source (one source may be a spoofed LAN victim) and in total, so
+# whatever the search rate, a victim receives at most ANSWER_BYTES_PER_SOURCE a second
+# (burst: the same) and the gateway sends at most ANSWER_BYTES_TOTAL a second.
+ANSWER_BYTES_PER_SOURCE = 8 * 1024
+ANSWER_BYTES_TOTAL = 64 * 1024
+MAX_BUDGETED_SOURCES = 4096  # per-source budgets remembered (least recent forgotten)
 # UDA 1.1 §1.2.2: the initial set goes out after a random 0-100 ms, more than once but not
 # more than three times, a few hundred milliseconds apart.
 ANNOUNCE_COPIES = 2
@@ -62,6 +72,7 @@ class SsdpResponder:
         server: str,
         boot_id: int,
         rng: random.Random | None = None,
+        port: int = ssdp.PORT,
     ) -> None:
         self.interfaces = interfaces
         self.offers = offers
@@ -72,7 +83,11 @@ class SsdpResponder:
         self.server = server
         self.boot_id = boot_id
         self.rng = rng or random.Random()  # noqa: S311 - timing jitter, not security
+        self.port = port
         self.limiter = RateLimiter(SEARCHES_PER_SECOND, SEARCH_BURST)
+        self.budget = ByteBudget(ANSWER_BYTES_PER_SOURCE, ANSWER_BYTES_TOTAL)
+        self.malformed = RateLimitedLog(log, logging.INFO)
+        self.over_budget = RateLimitedLog(log, logging.INFO)
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._pending: dict[IPv4Address, int] = {}
         self._timers: set[asyncio.TimerHandle] = set()
@@ -87,7 +102,7 @@ class SsdpResponder:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, interface.address.packed)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-            sock.bind(("0.0.0.0", ssdp.PORT))
+            sock.bind(("0.0.0.0", self.port))
             membership = struct.pack("4s4s", socket.inet_aton(ssdp.GROUP), interface.address.packed)
             try:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
@@ -153,16 +168,21 @@ class SsdpResponder:
             client = IPv4Address(source[0])
         except ValueError:
             return
-        if not interface.serves(client):
+        if not interface.serves(client) or client in (interface.address, *_edges(interface)):
             return
+        if not data.startswith(b"M-SEARCH"):
+            return  # NOTIFYs and responses of other devices: normal multicast traffic
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         try:
             search = ssdp.decode_search(data)
-        except DecodeError:
-            return  # NOTIFYs of other devices, responses, junk: SSDP has no error answer
+        except DecodeError as error:
+            # SSDP has no error answer: a silent drop, counted and logged rate-limited.
+            self.malformed.note(now, "ignored malformed M-SEARCH from %s: %s", client, error)
+            return
         if search.mx is None and search.multicast:
             return  # UDA 1.1 §1.3.2: a multicast M-SEARCH without MX is discarded
-        loop = asyncio.get_running_loop()
-        if not self.limiter.allow(client, now=loop.time()):
+        if not self.limiter.allow(client, now=now):
             return
         offer = self._offer_for(search)
         answers = ssdp.search_answers(search.target, offer.tree)
@@ -170,6 +190,12 @@ class SsdpResponder:
             return
         pending = self._pending.get(client, 0)
         if pending >= MAX_PENDING_PER_SOURCE or len(self._timers) >= MAX_PENDING:
+            return
+        advertising = self._advertising(interface, offer)
+        date = formatdate(usegmt=True)
+        messages = [ssdp.encode_search_response(a, advertising, date) for a in answers]
+        if not self.budget.take(client, sum(map(len, messages)), now=now):
+            self.over_budget.note(now, "SSDP answers to %s over their byte budget: dropped", client)
             return
         self._pending[client] = pending + 1
         # UDA 1.1 §1.3.2: answer after a random delay within MX, capped at 5 s; a unicast
@@ -179,7 +205,6 @@ class SsdpResponder:
             if search.mx and search.multicast
             else 0.0
         )
-        advertising = self._advertising(interface, offer)
         timer: asyncio.TimerHandle
 
         def reply() -> None:
@@ -190,9 +215,8 @@ class SsdpResponder:
             transport = self._transports.get(interface.name)
             if transport is None or transport.is_closing():
                 return
-            date = formatdate(usegmt=True)
-            for answer in answers:
-                transport.sendto(ssdp.encode_search_response(answer, advertising, date), source)
+            for message in messages:
+                transport.sendto(message, source)
 
         timer = loop.call_later(delay, reply)
         self._timers.add(timer)
@@ -206,6 +230,46 @@ class SsdpResponder:
             ):
                 return self.offers[1]
         return self.offers[self.primary]
+
+
+class ByteBudget:
+    """Token buckets of answer bytes: one per source (bounded in number) and one in total."""
+
+    def __init__(self, per_source: int, total: int) -> None:
+        self.per_source = per_source
+        self.total = total
+        self._sources: OrderedDict[IPv4Address, tuple[float, float]] = OrderedDict()
+        self._all = (float(total), float("-inf"))
+
+    def take(self, source: IPv4Address, size: int, *, now: float) -> bool:
+        """Spend `size` bytes for `source`; False (nothing spent) when either bucket is short."""
+        start = (float(self.per_source), now)
+        mine = _refill(self._sources.pop(source, start), self.per_source, now)
+        everyone = _refill(self._all, self.total, now)
+        allowed = size <= mine and size <= everyone
+        if allowed:
+            mine, everyone = mine - size, everyone - size
+        self._sources[source] = (mine, now)
+        self._all = (everyone, now)
+        if len(self._sources) > MAX_BUDGETED_SOURCES:
+            self._sources.popitem(last=False)
+        return allowed
+
+
+def _refill(bucket: tuple[float, float], rate: int, now: float) -> float:
+    """Bytes in a bucket refilled at `rate` a second, holding at most one second's worth."""
+    tokens, last = bucket
+    return min(float(rate), tokens + (now - last) * rate) if last <= now else tokens
+
+
+def _edges(interface: InternalInterface) -> list[IPv4Address]:
+    """The network and broadcast addresses of the interface's networks: never a searcher."""
+    return [
+        edge
+        for network in interface.networks
+        if network.prefixlen < 31
+        for edge in (network.network_address, network.broadcast_address)
+    ]
 
 
 class _Receiver(asyncio.DatagramProtocol):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from igd.proto import gena
-from igd.server.upnp.events import MAX_SUBSCRIPTIONS_PER_CLIENT
+from igd.server.upnp.events import MAX_SUBSCRIPTIONS, MAX_SUBSCRIPTIONS_PER_CLIENT
 from tests.server.upnp.rig import Rig, add_args
 
 
@@ -42,6 +43,17 @@ async def subscriber() -> AsyncIterator[Subscriber]:
 async def subscribe(rig: Rig, **headers: str) -> tuple[int, dict[str, str]]:
     async with rig.session.request("SUBSCRIBE", rig.url(2, "event"), headers=headers) as r:
         return r.status, dict(r.headers)
+
+
+async def subscribe_from(rig: Rig, host: str) -> int:
+    """SUBSCRIBE from a loopback address with a callback to that address: the HTTP status."""
+    connector = aiohttp.TCPConnector(local_addr=(host, 0))
+    headers = {"NT": "upnp:event", "CALLBACK": f"<http://{host}:9/>"}  # discard: quiet failures
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request("SUBSCRIBE", rig.url(2, "event"), headers=headers) as r,
+    ):
+        return r.status
 
 
 async def test_initial_event_then_changes(rig: Rig, subscriber: Subscriber) -> None:
@@ -101,3 +113,19 @@ async def test_subscriptions_per_client_are_capped(rig: Rig) -> None:
     for _ in range(MAX_SUBSCRIPTIONS_PER_CLIENT):
         assert (await subscribe(rig, NT="upnp:event", CALLBACK=callback))[0] == 200
     assert (await subscribe(rig, NT="upnp:event", CALLBACK=callback))[0] == 503
+
+
+async def test_a_few_hosts_cannot_take_the_whole_subscription_pool(rig: Rig) -> None:
+    # 17 hosts with 16 each: more than the pool holds.
+    hogs = [f"127.0.1.{i}" for i in range(1, MAX_SUBSCRIPTIONS // MAX_SUBSCRIPTIONS_PER_CLIENT + 2)]
+    each = range(MAX_SUBSCRIPTIONS_PER_CLIENT)
+    statuses = [await subscribe_from(rig, host) for host in hogs for _ in each]
+    assert statuses.count(200) >= MAX_SUBSCRIPTIONS
+    assert len(rig.upnp.events.subscriptions) == MAX_SUBSCRIPTIONS  # the pool is full
+    for newcomer in ("127.0.2.1", "127.0.2.2", "127.0.2.3"):
+        assert await subscribe_from(rig, newcomer) == 200, newcomer
+        assert await subscribe_from(rig, newcomer) == 200, newcomer  # fewer than the hogs
+    assert len(rig.upnp.events.subscriptions) == MAX_SUBSCRIPTIONS
+    held = [s.client for s in rig.upnp.events.subscriptions.values()]
+    assert max(held.count(c) for c in set(held)) <= MAX_SUBSCRIPTIONS_PER_CLIENT
+    assert await subscribe_from(rig, hogs[0]) == 503  # a hog at its share gets no more

@@ -1,13 +1,27 @@
-"""The HTTP side's hardening: Host, methods, content type, sizes, XML bombs, connection caps,
-and the v1 description for v1-only clients."""
+"""The HTTP side's hardening: Host, methods, content type, sizes, XML bombs, connection caps
+and fair admission (slowloris), malformed requests without tracebacks, and the v1
+description for v1-only clients."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import re
+
+import aiohttp
+import pytest
 
 from igd.proto import soap
 from igd.proto.description import ServiceKind
-from igd.server.upnp.http import MAX_BODY, MAX_CONNECTIONS_PER_CLIENT
+from igd.server.upnp import http
+from igd.server.upnp.http import (
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_CLIENT,
+    MAX_HEADERS,
+    MAX_LINE,
+)
 from tests.server.upnp.rig import Rig
 
 SOAP_HEADERS = {
@@ -98,3 +112,143 @@ async def test_v1_only_user_agents_get_the_v1_description(rig: Rig) -> None:
     async with rig.session.get(rig.url(1, "scpd")) as r:
         scpd = await r.read()
     assert b"AddPortMapping" in scpd and b"AddAnyPortMapping" not in scpd
+
+
+MALFORMED = [
+    b"GET /\x00 HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(32)),  # a TLS hello
+    b"G\xffT / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_LINE + 10) + b"\r\n\r\n",
+    b"GET /" + b"a" * (MAX_LINE + 10) + b" HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (MAX_HEADERS + 5) + b"\r\n",
+]
+
+
+async def send_raw(rig: Rig, data: bytes, source: str = "127.0.0.3") -> bytes:
+    """Send bytes on a fresh connection; what comes back before the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port, local_addr=(source, 0))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 3)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_malformed_requests_get_400_and_no_traceback(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for _ in range(5):
+        for data in MALFORMED:
+            answer = await send_raw(rig, data)
+            assert answer == b"" or re.match(rb"HTTP/1\.[01] 4\d\d ", answer), (data, answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info
+    ]
+    lines = [r for r in caplog.records if "bad HTTP request" in r.getMessage()]
+    assert len(lines) == 1  # one line per interval, with a count of the rest
+    assert isinstance(await rig.call("GetExternalIPAddress"), soap.SoapResponse)
+
+
+async def test_a_trickling_request_head_is_cut_off(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.upnp.http.close()
+    monkeypatch.setattr(http, "HEADER_TIMEOUT", 0.5)
+    await rig.upnp.http.start(rig.upnp.interfaces)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    closed = asyncio.create_task(reader.read())
+    sent = 0
+    for byte in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        sent += 1
+        await asyncio.sleep(0.05)
+    assert closed.done() and closed.result() == b""
+    assert sent < 40  # cut off after about HEADER_TIMEOUT, not when the head was done
+    writer.close()
+
+
+async def test_an_unread_body_is_not_waited_for(rig: Rig) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    path = rig.upnp.urls[2].description
+    host = f"Host: 127.0.0.1:{rig.port}"
+    writer.write(f"GET {path} HTTP/1.1\r\n{host}\r\nContent-Length: 99999\r\n\r\n".encode())
+    # The answer, then the connection closes (aiohttp would linger 10 s reading the body).
+    answer = await asyncio.wait_for(reader.read(), 3)
+    assert answer.startswith(b"HTTP/1.1 200") and b"InternetGatewayDevice" in answer
+    writer.close()
+
+
+ATTACKERS = 32  # LAN addresses, each holding its MAX_CONNECTIONS_PER_CLIENT ...
+ROUNDS = 40  # ... while another client asks this many times
+
+
+async def slowloris(address: str, port: int, prefix: bytes) -> None:
+    """One connection slot of the attack: half a request, again as soon as it is closed."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(address, 0)
+            )
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            writer.write(prefix)
+            await reader.read()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(0.05)  # bounds the attack's own reconnection rate
+
+
+@pytest.mark.parametrize("half", ["head", "body"])
+async def test_slowloris_from_many_lan_addresses_does_not_lock_out_another_client(
+    rig: Rig, caplog: pytest.LogCaptureFixture, half: str
+) -> None:
+    assert ATTACKERS * MAX_CONNECTIONS_PER_CLIENT >= MAX_CONNECTIONS  # the pool is full
+    if half == "head":
+        prefix = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+    else:  # a complete control request whose body never comes (BODY_TIMEOUT each time)
+        control = rig.url(2, "control").removeprefix(rig.base)
+        prefix = (
+            f"POST {control} HTTP/1.1\r\nHost: 127.0.0.1:{rig.port}\r\n"
+            "Content-Type: text/xml\r\nContent-Length: 16000\r\n"
+            f"SOAPACTION: {SOAP_HEADERS['SOAPACTION']}\r\n\r\n<?xml"
+        ).encode()
+    attack = [
+        asyncio.create_task(slowloris(f"127.0.1.{host}", rig.port, prefix))
+        for host in range(1, ATTACKERS + 1)
+        for _ in range(MAX_CONNECTIONS_PER_CLIENT)
+    ]
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while rig.upnp.http.connections < MAX_CONNECTIONS and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert rig.upnp.http.connections == MAX_CONNECTIONS
+        served = 0
+        for _ in range(ROUNDS):
+            try:
+                answer = await asyncio.wait_for(
+                    rig.call("GetExternalIPAddress", source="127.0.2.1"), 3
+                )
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            served += isinstance(answer, soap.SoapResponse)
+        assert served >= ROUNDS - 2, f"served {served} of {ROUNDS}"
+    finally:
+        for task in attack:
+            task.cancel()
+        await asyncio.gather(*attack, return_exceptions=True)
+    gc.collect()  # asyncio reports a failed task nobody awaited when it is collected
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
