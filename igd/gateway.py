@@ -72,6 +72,9 @@ class Gateway:
     policy: Policy
     table: MappingTable = field(default_factory=MappingTable)
     reserved: frozenset[tuple[Protocol, int]] = ALWAYS_RESERVED
+    host_ports: frozenset[tuple[Protocol, int]] = frozenset()
+    """Ports the gateway itself listens on for the external address (kept fresh by the
+    server): mapping one would hand the router's own service to a LAN host."""
     rng: random.Random = field(default_factory=random.Random)
 
     # -- requests --------------------------------------------------------------------------
@@ -208,6 +211,10 @@ class Gateway:
             port = request.external_port
             if (request.protocol, port) in self.reserved:
                 return Refused(Deny(Reason.RESERVED_PORT, "gateway", f"port {port} is reserved"))
+            if (request.protocol, port) in self.host_ports:
+                return Refused(
+                    Deny(Reason.RESERVED_PORT, "gateway", f"the gateway listens on port {port}")
+                )
             return port
         allowed = decision.external_ports
         for candidate in (request.external_port, request.internal_port):
@@ -230,6 +237,8 @@ class Gateway:
     def _free(self, request: MapRequest, port: int) -> bool:
         """Whether a gateway-chosen port is usable for this request."""
         if port == 0 or (request.protocol, port) in self.reserved:
+            return False
+        if (request.protocol, port) in self.host_ports:
             return False
         if self.table.port_in_use(request.protocol, port):
             return False

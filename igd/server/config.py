@@ -15,6 +15,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "external_interface": (str, ...),
         "internal_interfaces": (list, ...),
         "external_address": (str, None),
+        "extra_external_addresses": (list, []),
         "allow_private_external": (bool, False),
         "address_poll_interval": ((int, float), 2.0),
     },
@@ -52,6 +53,8 @@ class Config:
     external_interface: str
     internal_interfaces: tuple[str, ...]
     external_address: IPv4Address | None
+    extra_external_addresses: tuple[IPv4Address, ...]
+    """Further addresses whose inbound packets mappings apply to (besides the interface's)."""
     allow_private_external: bool
     address_poll_interval: float
     state_directory: Path
@@ -119,6 +122,14 @@ class Config:
                 problems.append(
                     f"network.external_address: not an IPv4 address: {net['external_address']!r}"
                 )
+        extra: list[IPv4Address] = []
+        for text in net["extra_external_addresses"]:
+            try:
+                if not isinstance(text, str):
+                    raise ipaddress.AddressValueError(text)
+                extra.append(IPv4Address(text))
+            except ipaddress.AddressValueError:
+                problems.append(f"network.extra_external_addresses: not an IPv4 address: {text!r}")
         internal = net["internal_interfaces"]
         if internal is not ... and (
             not internal or not all(isinstance(name, str) and name for name in internal)
@@ -152,6 +163,7 @@ class Config:
             external_interface=net["external_interface"],
             internal_interfaces=tuple(internal),
             external_address=external_address,
+            extra_external_addresses=tuple(dict.fromkeys(extra)),
             allow_private_external=net["allow_private_external"],
             address_poll_interval=float(net["address_poll_interval"]),
             state_directory=state,
