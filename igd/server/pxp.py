@@ -114,7 +114,12 @@ class PxpServer:
             log.debug("dropped datagram from %s: over its rate limit", client)
             return
         in_flight = self._in_flight.get(client, 0)
-        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or len(self._tasks) >= MAX_IN_FLIGHT:
+        busy = len(self._tasks)
+        # Under pressure each client keeps one request in flight: a few hundred busy
+        # clients cannot fill MAX_IN_FLIGHT and lock out one that asks for the first time.
+        limit = MAX_IN_FLIGHT_PER_CLIENT if busy < MAX_IN_FLIGHT // 4 else 1
+        if in_flight >= limit or busy >= MAX_IN_FLIGHT:
+            log.debug("dropped datagram from %s: %d of its requests in flight", client, in_flight)
             return
         self._in_flight[client] = in_flight + 1
         task = asyncio.get_running_loop().create_task(self._answer(data, source, client, interface))

@@ -295,13 +295,15 @@ def _kinds() -> list[tuple[str, str]]:
 # -- the table ------------------------------------------------------------------------------
 
 
-FAIR_RATE = 10
+FAIR_RATE = 5
 """Requests per second (burst twice that) from one source that always pass the total cap: a
 well-behaved client sends a few per mapping (RFC 6886 §3.1 retransmits at 250 ms, doubling)."""
 
-TOTAL_FACTOR = 4
+TOTAL_FACTOR = 1
 """The total cap is this many times the per-client rate: beyond every source's fair share,
-all sources together get at most that much of the daemon's time."""
+all sources together get at most that much of the daemon's time. With the defaults (500/s)
+that is 500/s, plus 5/s for each source within its fair share: 1,000/s with 100 flooding
+sources, a fraction of what the daemon serves even on a busy machine (docs/performance.md)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -347,21 +347,21 @@ def test_destinations_are_replaced_in_one_transaction() -> None:
 
 def test_guard_rules_follow_the_limits() -> None:
     guard = Guard.from_limits(500, 1000, 5000)
-    assert (guard.fair, guard.total) == (10, 2000)
+    assert (guard.fair, guard.total) == (5, 500)
     lines = open_commands("igd", "wan0", guard=guard).splitlines()
     rules = [r for r in lines if r.startswith("add rule ip igd input ")]
     assert rules == [
         "add rule ip igd input udp dport 5351 update @pxp_over { ip saddr limit rate over"
         " 500/second burst 1000 packets } counter drop",
         "add rule ip igd input udp dport 5351 update @pxp_fair { ip saddr limit rate"
-        " 10/second burst 20 packets } accept",
-        "add rule ip igd input udp dport 5351 limit rate over 2000/second burst 2000 packets"
+        " 5/second burst 10 packets } accept",
+        "add rule ip igd input udp dport 5351 limit rate over 500/second burst 500 packets"
         " counter drop",
         "add rule ip igd input tcp dport 5000 ct state new update @http_over { ip saddr limit"
         " rate over 500/second burst 1000 packets } counter drop",
         "add rule ip igd input tcp dport 5000 ct state new update @http_fair { ip saddr limit"
-        " rate 10/second burst 20 packets } accept",
-        "add rule ip igd input tcp dport 5000 ct state new limit rate over 2000/second burst"
-        " 2000 packets counter drop",
+        " rate 5/second burst 10 packets } accept",
+        "add rule ip igd input tcp dport 5000 ct state new limit rate over 500/second burst"
+        " 500 packets counter drop",
     ]
     assert Guard.from_limits(2.5, 3, None).fair == 3  # fair share never above the rate

@@ -1,0 +1,46 @@
+"""The kernel drops a request flood before it costs the daemon anything, per source, while
+other clients are still answered (issue 8, item 3). Real daemon, real kernel, raw datagrams.
+Not timed: a burst far over the configured burst size is over the limit however fast it goes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from igd.lab import Lab
+from igd.model import Protocol
+from tests.lab.probe import request_map
+
+FLOOD = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(bytes(2), (sys.argv[1], 5351))  # NAT-PMP external address requests
+"""
+LIMITS = {"requests_per_second_per_client": 5, "burst_per_client": 5}
+
+
+def guard_drops(lab: Lab) -> dict[str, int]:
+    """Packets each counted rule of the daemon's input chain dropped, by its first set."""
+    out = lab.run(lab.gateway, ["nft", "-j", "list", "chain", "ip", "igd", "input"]).stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        text = json.dumps(rule["expr"])
+        counters = [e["counter"]["packets"] for e in rule["expr"] if "counter" in e]
+        if counters and "5351" in text:
+            found["source" if "pxp_over" in text else "total"] = counters[0]
+    return found
+
+
+def test_kernel_drops_one_sources_flood_and_answers_another(lab: Lab, gateway: Any) -> None:
+    gateway(limits=LIMITS)
+    assert guard_drops(lab) == {"source": 0, "total": 0}
+    lab.python(lab.lan[0], ["-c", FLOOD, lab.gateway.address, "500"])
+    dropped = guard_drops(lab)
+    assert dropped["source"] >= 450  # all but the burst and a few tokens
+    # Another host is answered: its requests never meet the flooder's limit.
+    assert request_map(lab, lab.lan[1], Protocol.UDP, 4000, 4000, 600).result == 0
+    assert "Traceback" not in lab.gateway_log()
