@@ -29,6 +29,11 @@ MAPPING_UPDATE_GAPS = (0.25, 0.5)
 MAX_IN_FLIGHT_PER_CLIENT = 16
 MAX_IN_FLIGHT = 1024
 MAX_TRACKED_CLIENTS = 4096
+RECEIVE_BUFFER = 1 << 20
+"""Bytes asked for the socket's receive queue (the kernel doubles it, within rmem_max): room
+for MAX_IN_FLIGHT requests arriving at once (a datagram takes ~1 KiB of it). The default
+~200 KiB holds ~270: 128 clients with 4 requests each overflowed it, and every lost
+request cost its client a 1 s retransmit. The kernel's guard keeps floods out of it."""
 
 
 class RateLimiter:
@@ -76,6 +81,7 @@ class PxpServer:
         for interface in self.interfaces:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             # Bound to the device, so a request arriving on the external interface (even one
             # addressed to a LAN address) never reaches us (RFC 6886 §3.3, RFC 6887 §8.2).
             bind_to_device(sock, interface.name)
@@ -115,10 +121,10 @@ class PxpServer:
             return
         in_flight = self._in_flight.get(client, 0)
         busy = len(self._tasks)
-        # Under pressure each client keeps one request in flight: a few hundred busy
-        # clients cannot fill MAX_IN_FLIGHT and lock out one that asks for the first time.
-        limit = MAX_IN_FLIGHT_PER_CLIENT if busy < MAX_IN_FLIGHT // 4 else 1
-        if in_flight >= limit or busy >= MAX_IN_FLIGHT:
+        # A client with nothing in flight gets a slot beyond MAX_IN_FLIGHT (up to twice it):
+        # busy clients filling the bound cannot lock out one that asks for the first time.
+        full = busy >= MAX_IN_FLIGHT and (in_flight > 0 or busy >= 2 * MAX_IN_FLIGHT)
+        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or full:
             log.debug("dropped datagram from %s: %d of its requests in flight", client, in_flight)
             return
         self._in_flight[client] = in_flight + 1
