@@ -18,10 +18,25 @@ for _ in range(int(sys.argv[2])):
     s.sendto(bytes(2), (sys.argv[1], 5351))  # NAT-PMP external address requests
 """
 LIMITS = {"requests_per_second_per_client": 5, "burst_per_client": 5}
+SYN_FLOOD = """
+import socket, sys, time
+opened = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex((sys.argv[1], int(sys.argv[3])))  # one SYN each, not waited for
+    opened.append(s)
+time.sleep(0.5)
+"""
+CONNECT = """
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+print("connected")
+"""
 
 
-def guard_drops(lab: Lab) -> dict[str, int]:
-    """Packets each counted rule of the daemon's input chain dropped, by its first set."""
+def guard_drops(lab: Lab, port: int = 5351) -> dict[str, int]:
+    """Packets the counted rules of the daemon's input chain for `port` dropped."""
     out = lab.run(lab.gateway, ["nft", "-j", "list", "chain", "ip", "igd", "input"]).stdout
     found = {}
     for item in json.loads(out)["nftables"]:
@@ -30,8 +45,8 @@ def guard_drops(lab: Lab) -> dict[str, int]:
             continue
         text = json.dumps(rule["expr"])
         counters = [e["counter"]["packets"] for e in rule["expr"] if "counter" in e]
-        if counters and "5351" in text:
-            found["source" if "pxp_over" in text else "total"] = counters[0]
+        if counters and str(port) in text:
+            found["source" if "_over" in text else "total"] = counters[0]
     return found
 
 
@@ -44,3 +59,12 @@ def test_kernel_drops_one_sources_flood_and_answers_another(lab: Lab, gateway: A
     # Another host is answered: its requests never meet the flooder's limit.
     assert request_map(lab, lab.lan[1], Protocol.UDP, 4000, 4000, 600).result == 0
     assert "Traceback" not in lab.gateway_log()
+
+
+def test_kernel_drops_one_sources_connection_flood_to_upnp(lab: Lab, gateway: Any) -> None:
+    gateway(limits=LIMITS, upnp={"enabled": True, "http_port": 5000})
+    assert guard_drops(lab, 5000) == {"source": 0, "total": 0}
+    lab.python(lab.lan[0], ["-c", SYN_FLOOD, lab.gateway.address, "300", "5000"])
+    assert guard_drops(lab, 5000)["source"] >= 250  # SYN retransmits may add a few
+    out = lab.python(lab.lan[1], ["-c", CONNECT, lab.gateway.address, "5000"]).stdout
+    assert out.strip() == "connected"
