@@ -6,11 +6,21 @@ connection; UDP on 0.0.0.0:51820, 203.0.113.1:1194, 192.168.77.1:53, a connected
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import socket
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
+import pytest
+
 from igd.model import Protocol
-from igd.server.hostports import HostPorts, host_ports, parse_table
+from igd.server.hostports import (
+    HostPorts,
+    diag_request,
+    host_ports,
+    parse_diag,
+    parse_table,
+    read_diag,
+)
 
 HEAD = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
 TCP = (
@@ -82,10 +92,65 @@ def test_parse_reads_big_endian_hosts_and_skips_junk() -> None:
 def test_reading_is_cached_for_max_age(tmp_path: Path) -> None:
     for name, text in TABLES.items():
         (tmp_path / name).write_text(text if name != "udp6" else HEAD)
-    ports = HostPorts(lambda: {EXTERNAL}, max_age=1.0, root=tmp_path)
+    ports = HostPorts(lambda: {EXTERNAL}, max_age=1.0, root=tmp_path, diag=False)
     assert (Protocol.UDP, 500) not in ports.current(now=10.0)
     (tmp_path / "udp6").write_text(UDP6)
     assert (Protocol.UDP, 500) not in ports.current(now=10.9)  # cached
     assert (Protocol.UDP, 500) in ports.current(now=11.0)  # read again
     (tmp_path / "tcp6").unlink()  # a kernel without IPv6
     assert (Protocol.TCP, 4444) not in ports.current(now=12.0)
+
+
+# sock_diag answers captured in a namespace with TCP listeners on 127.0.0.1:631 and
+# 0.0.0.0:2222 (one read: two messages, then DONE), and on [::]:4444.
+DIAG_TCP4 = bytes.fromhex(
+    "7c0000001400020001000000a07a0000020a0000027700007f00000100000000000000000000000000000000"
+    "0000000000000000000000000000000001000000000000000000000000000000800000000000000052260b00"
+    "050008000000000008000f00000000000c001500010000000000000006001600520000007c00000014000200"
+    "01000000a07a0000020a000008ae000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000002000000000000000000000000000000800000000000000051260b000500080000000000"
+    "08000f00000000000c00150001000000000000000600160052000000140000000300020001000000a07a0000"
+    "00000000"
+)
+DIAG_TCP6 = bytes.fromhex(
+    "840000001400020001000000a07a00000a0a0000115c00000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000003000000000000000000000000000000800000000000000053260b00"
+    "050008000000000005000b000000000008000f00000000000c00150001000000000000000600160012000000"
+    "140000000300020001000000a07a000000000000"
+)
+
+
+def test_parse_diag_reads_captured_dumps() -> None:
+    assert parse_diag(DIAG_TCP4) == (
+        [(IPv4Address("127.0.0.1"), 631), (IPv4Address("0.0.0.0"), 2222)],
+        True,
+    )
+    assert parse_diag(DIAG_TCP6) == ([(IPv6Address("::"), 4444)], True)
+    assert parse_diag(DIAG_TCP4[:124]) == ([(IPv4Address("127.0.0.1"), 631)], False)
+    with pytest.raises(ValueError, match="truncated"):
+        parse_diag(DIAG_TCP4[:100])
+    error = bytes.fromhex("24000000020000000100000000000000") + (-1).to_bytes(
+        4, "little", signed=True
+    )
+    with pytest.raises(ValueError, match="sock_diag error 1"):
+        parse_diag(error + bytes(16))
+
+
+def test_diag_request_asks_for_a_dump_of_one_family_protocol_and_states() -> None:
+    wire = diag_request(socket.AF_INET6, Protocol.UDP, 1 << 7, seq=3)
+    assert len(wire) == 16 + 56
+    assert wire[4:8] == bytes.fromhex("1400 0103")  # SOCK_DIAG_BY_FAMILY, REQUEST|DUMP
+    assert wire[16:24] == bytes([socket.AF_INET6, 17, 0, 0]) + (1 << 7).to_bytes(4, "little")
+
+
+def test_read_diag_finds_a_listener_of_this_process() -> None:
+    with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+        tcp.bind(("0.0.0.0", 0))
+        tcp.listen()
+        udp.bind(("127.0.0.1", 0))
+        found = read_diag()
+        assert (Protocol.TCP, IPv4Address("0.0.0.0"), tcp.getsockname()[1]) in found
+        assert (Protocol.UDP, IPv4Address("127.0.0.1"), udp.getsockname()[1]) in found
+        ports = HostPorts(lambda: {EXTERNAL}).current(now=0.0)
+        assert (Protocol.TCP, tcp.getsockname()[1]) in ports  # the wildcard reaches the WAN
+        assert (Protocol.UDP, udp.getsockname()[1]) not in ports  # loopback does not
