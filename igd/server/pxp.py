@@ -32,6 +32,9 @@ MAX_ACTIVE = 128
 """Requests being answered at once; the others wait in per-client queues, taken in turn (one
 request per client per round), so a client that asks once is answered after at most one
 round however much other clients send."""
+RECEIVE_SIZE = 2048
+"""Octets read per datagram: above pcp.MAX_SIZE, so an over-long request is answered as one
+(RFC 6887 §8.3) rather than cut to a valid-looking 1100."""
 DRAIN_BATCH = 256
 """Datagrams read from a socket per wake-up: the socket is emptied into the per-client
 queues (where fairness applies) instead of one datagram per event-loop turn."""
@@ -88,6 +91,7 @@ class PxpServer:
         )
         """Clients with queued requests, in turn order."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def start(self) -> None:
         """Open one socket per internal interface."""
@@ -115,6 +119,7 @@ class PxpServer:
 
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
+        self._closed = True
         for sock in self._sockets.values():
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(sock.fileno())
@@ -127,7 +132,8 @@ class PxpServer:
     def _drain(self, sock: socket.socket, interface: InternalInterface) -> None:
         for _ in range(DRAIN_BATCH):
             try:
-                data, address = sock.recvfrom(1100)
+                # More than PCP's 1100 octets, so the decoder sees an over-long request.
+                data, address = sock.recvfrom(RECEIVE_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # an ICMP error for an earlier reply
@@ -178,7 +184,7 @@ class PxpServer:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._sockets:
+        if not self._closed:
             self._start_next()
 
     async def _answer(
