@@ -38,6 +38,23 @@ def _address(value: object) -> IPv4Address:
         raise Bad(f"not an IPv4 address: {text!r}") from None
 
 
+def _addresses(value: object) -> tuple[IPv4Address, ...]:
+    if not isinstance(value, list):
+        raise Bad(f'want an array of IPv4 addresses, e.g. ["198.51.100.7"], got {kind(value)}')
+    problems: list[tuple[str, int | None]] = []
+    found: list[IPv4Address] = []
+    for index, item in enumerate(value):
+        try:
+            found.append(_address(item))
+        except Bad as bad:
+            problems.append((str(bad), index))
+    if problems:
+        error = Bad(problems[0][0])
+        error.problems = problems
+        raise error
+    return tuple(dict.fromkeys(found))
+
+
 def _names(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise Bad(f'want a non-empty array of interface names, e.g. ["br-lan"], got {kind(value)}')
@@ -73,6 +90,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "external_interface": (string, _REQUIRED),
         "internal_interfaces": (_names, _REQUIRED),
         "external_address": (_address, None),
+        "extra_external_addresses": (_addresses, ()),
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
     },
@@ -110,6 +128,8 @@ class Config:
     external_interface: str
     internal_interfaces: tuple[str, ...]
     external_address: IPv4Address | None
+    extra_external_addresses: tuple[IPv4Address, ...]
+    """Further addresses whose inbound packets mappings apply to (besides the interface's)."""
     allow_private_external: bool
     address_poll_interval: float
     state_directory: Path
@@ -164,6 +184,7 @@ class Config:
             external_interface=net["external_interface"],
             internal_interfaces=net["internal_interfaces"],
             external_address=net["external_address"],
+            extra_external_addresses=net["extra_external_addresses"],
             allow_private_external=net["allow_private_external"],
             address_poll_interval=net["address_poll_interval"],
             state_directory=state,

@@ -16,9 +16,11 @@ from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
+from igd.server.backends.nft_payload import Guard
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.config import Config
 from igd.server.control import ControlServer
+from igd.server.hostports import HostPorts
 from igd.server.interfaces import ExternalAddress, internal_interface, ipv4_interfaces
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
@@ -69,7 +71,14 @@ class Daemon:
             self.backend: Backend = MemoryBackend()
         else:
             self.store = LeaseStore(config.state_directory / "leases.sqlite")
-            self.backend = NftablesBackend(config.nftables_table, config.external_interface)
+            guard = Guard.from_limits(
+                config.requests_per_second_per_client,
+                config.burst_per_client,
+                config.upnp_http_port if config.upnp_enabled else None,
+            )
+            self.backend = NftablesBackend(
+                config.nftables_table, config.external_interface, guard=guard
+            )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
@@ -81,6 +90,8 @@ class Daemon:
             ),
         )
         self.service = Service(self.gateway, self.backend, self.store)
+        self.host_ports = HostPorts(self.destinations)
+        self.service.before_map = self._refresh_host_ports
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
         if config.pcp_enabled:
@@ -147,6 +158,7 @@ class Daemon:
         self.external.refresh()
         self.gateway.own_addresses = self.own_addresses()
         await self.backend.open()
+        await self.backend.set_destinations(self.destinations())
         started = time.perf_counter()
         now = time.monotonic()
         clock = Clock(mono=now)
@@ -259,9 +271,27 @@ class Daemon:
             found.add(self.external.current)
         return frozenset(found)
 
+    def destinations(self) -> frozenset[IPv4Address]:
+        """The addresses the WAN reaches the gateway at: the external interface's own (all of
+        them, vetted or not), the reported override, and the configured extras."""
+        found = {a.ip for a in ipv4_interfaces(self.config.external_interface)}
+        if self.config.external_address is not None:
+            found.add(self.config.external_address)
+        return frozenset(found | set(self.config.extra_external_addresses))
+
+    def _refresh_host_ports(self, now: float) -> None:
+        # Read at request time (at most every hostports.MAX_AGE s): a port the gateway
+        # serves on its external address is never handed to a LAN host.
+        self.gateway.host_ports = self.host_ports.current(now=now)
+
     async def _watch_address(self) -> None:
         while True:
             await asyncio.sleep(self.config.address_poll_interval)
+            try:
+                # The DNAT rule follows the external address (one small set, not per mapping).
+                await self.backend.set_destinations(self.destinations())
+            except BackendError as error:
+                log.error("cannot update the DNAT destination addresses: %s", error)
             changed = self.external.refresh()
             own = self.own_addresses()
             if own != self.gateway.own_addresses:

@@ -4,10 +4,9 @@ dispatched on the version octet (0 NAT-PMP, 2 PCP, anything else unsupported).""
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
@@ -29,6 +28,21 @@ MAPPING_UPDATE_GAPS = (0.25, 0.5)
 MAX_IN_FLIGHT_PER_CLIENT = 16
 MAX_IN_FLIGHT = 1024
 MAX_TRACKED_CLIENTS = 4096
+MAX_ACTIVE = 128
+"""Requests being answered at once; the others wait in per-client queues, taken in turn (one
+request per client per round), so a client that asks once is answered after at most one
+round however much other clients send."""
+RECEIVE_SIZE = 2048
+"""Octets read per datagram: above pcp.MAX_SIZE, so an over-long request is answered as one
+(RFC 6887 §8.3) rather than cut to a valid-looking 1100."""
+DRAIN_BATCH = 256
+"""Datagrams read from a socket per wake-up: the socket is emptied into the per-client
+queues (where fairness applies) instead of one datagram per event-loop turn."""
+RECEIVE_BUFFER = 1 << 20
+"""Bytes asked for the socket's receive queue (the kernel doubles it, within rmem_max): room
+for MAX_IN_FLIGHT requests arriving at once (a datagram takes ~1 KiB of it). The default
+~200 KiB holds ~270: 128 clients with 4 requests each overflowed it, and every lost
+request cost its client a 1 s retransmit. The kernel's guard keeps floods out of it."""
 
 
 class RateLimiter:
@@ -66,16 +80,26 @@ class PxpServer:
         self.pcp = pcp_handler
         self.limiter = limiter
         self.epoch = epoch
-        self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._sockets: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[IPv4Address, int] = {}
+        """Requests per client, waiting or being answered (at most MAX_IN_FLIGHT_PER_CLIENT)."""
+        self._pending = 0
+        """All requests waiting or being answered (MAX_IN_FLIGHT; twice that for new clients)."""
+        self._waiting: OrderedDict[IPv4Address, deque[tuple[bytes, tuple[str, int], str]]] = (
+            OrderedDict()
+        )
+        """Clients with queued requests, in turn order."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def start(self) -> None:
         """Open one socket per internal interface."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for interface in self.interfaces:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             # Bound to the device, so a request arriving on the external interface (even one
             # addressed to a LAN address) never reaches us (RFC 6886 §3.3, RFC 6887 §8.2).
             bind_to_device(sock, interface.name)
@@ -84,10 +108,8 @@ class PxpServer:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
             sock.bind(("0.0.0.0", SERVER_PORT))
             sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(_Receiver, self, interface), sock=sock
-            )
-            self._transports[interface.name] = transport
+            loop.add_reader(sock.fileno(), self._drain, sock, interface)
+            self._sockets[interface.name] = sock
             log.info(
                 "NAT-PMP/PCP listening on %s (%s) UDP %d",
                 interface.name,
@@ -97,10 +119,27 @@ class PxpServer:
 
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
-        for transport in self._transports.values():
-            transport.close()
+        self._closed = True
+        for sock in self._sockets.values():
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+        self._waiting.clear()
         for task in self._tasks:
             task.cancel()
+
+    def _drain(self, sock: socket.socket, interface: InternalInterface) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                # More than PCP's 1100 octets, so the decoder sees an over-long request.
+                data, address = sock.recvfrom(RECEIVE_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier reply
+                log.debug("socket error on %s: %s", interface.name, exc)
+                continue
+            self.received(data, (str(address[0]), int(address[1])), interface)
 
     def received(self, data: bytes, source: tuple[str, int], interface: InternalInterface) -> None:
         """One datagram from a LAN interface."""
@@ -114,19 +153,46 @@ class PxpServer:
             log.debug("dropped datagram from %s: over its rate limit", client)
             return
         in_flight = self._in_flight.get(client, 0)
-        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or len(self._tasks) >= MAX_IN_FLIGHT:
+        # A client with nothing in flight gets a slot beyond MAX_IN_FLIGHT (up to twice it):
+        # busy clients filling the bound cannot lock out one that asks for the first time.
+        busy = self._pending
+        full = busy >= MAX_IN_FLIGHT and (in_flight > 0 or busy >= 2 * MAX_IN_FLIGHT)
+        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or full:
+            log.debug("dropped datagram from %s: %d of its requests in flight", client, in_flight)
             return
         self._in_flight[client] = in_flight + 1
-        task = asyncio.get_running_loop().create_task(self._answer(data, source, client, interface))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pending += 1
+        queue = self._waiting.get(client)
+        if queue is None:
+            queue = self._waiting[client] = deque()
+        queue.append((data, source, interface.name))
+        self._start_next()
+
+    def _start_next(self) -> None:
+        """Start waiting requests, one client after another, up to MAX_ACTIVE at once."""
+        loop = asyncio.get_running_loop()
+        while len(self._tasks) < MAX_ACTIVE and self._waiting:
+            client, queue = next(iter(self._waiting.items()))
+            data, source, name = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(client)  # its next request waits for the others
+            else:
+                del self._waiting[client]
+            task = loop.create_task(self._answer(data, source, client, name))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._closed:
+            self._start_next()
 
     async def _answer(
         self,
         data: bytes,
         source: tuple[str, int],
         client: IPv4Address,
-        interface: InternalInterface,
+        interface: str,
     ) -> None:
         try:
             reply = await self.answer(data, source)
@@ -134,12 +200,12 @@ class PxpServer:
             log.exception("unexpected failure answering %s; request dropped", client)
             reply = None
         finally:
+            self._pending -= 1
             left = self._in_flight.pop(client, 1) - 1
             if left:
                 self._in_flight[client] = left
-        transport = self._transports.get(interface.name)
-        if reply is not None and transport is not None and not transport.is_closing():
-            transport.sendto(reply, source)
+        if reply is not None:
+            self._send(interface, reply, source)
 
     async def answer(self, data: bytes, source: tuple[str, int]) -> bytes | None:
         """The reply to one datagram from a LAN client, or None to stay silent."""
@@ -190,28 +256,23 @@ class PxpServer:
             if gap is not None:
                 await asyncio.sleep(gap)
 
+    def _send(self, interface: str, message: bytes, destination: tuple[str, int]) -> None:
+        sock = self._sockets.get(interface)
+        if sock is None:
+            return
+        try:
+            sock.sendto(message, destination)
+        except OSError as exc:  # a full send queue or an unreachable host: UDP may drop
+            log.debug("cannot send to %s on %s: %s", destination[0], interface, exc)
+
     def _send_all(self, message: bytes, destination: tuple[str, int]) -> None:
-        for transport in self._transports.values():
-            if not transport.is_closing():
-                transport.sendto(message, destination)
+        for name in list(self._sockets):
+            self._send(name, message, destination)
 
     def _send_to(self, message: bytes, destination: tuple[str, int]) -> None:
         """Unicast through the interface whose networks hold the destination."""
         address = IPv4Address(destination[0])
         for interface in self.interfaces:
-            transport = self._transports.get(interface.name)
-            if interface.serves(address) and transport and not transport.is_closing():
-                transport.sendto(message, destination)
+            if interface.serves(address) and interface.name in self._sockets:
+                self._send(interface.name, message, destination)
                 return
-
-
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, server: PxpServer, interface: InternalInterface) -> None:
-        self.server = server
-        self.interface = interface
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self.server.received(data, (str(addr[0]), int(str(addr[1]))), self.interface)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("socket error on %s: %s", self.interface.name, exc)

@@ -60,12 +60,17 @@ class Service:
         self.epoch_start = time.time()
         self.listeners: list[Callable[[Change], None]] = []
         """Called with every change once it is committed (eventing, announcements)."""
+        self.before_map: Callable[[float], None] | None = None
+        """Called with `now` before each request reaches the core (fresh host ports)."""
 
     # -- operations the adapters call -------------------------------------------------------
 
     async def map(self, request: MapRequest) -> MapResult:
         """Grant or renew a mapping; return only once the kernel and store hold it."""
-        result = self.gateway.map(request, now=self.now())
+        now = self.now()
+        if self.before_map is not None:
+            self.before_map(now)
+        result = self.gateway.map(request, now=now)
         if isinstance(result, Refused):
             return result
         try:

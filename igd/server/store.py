@@ -10,7 +10,9 @@ Times are stored as wall-clock seconds, since monotonic time does not survive a 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
@@ -66,16 +68,67 @@ class Clock:
         return wall - self._offset
 
 
+STATE_DIRECTORY_MODE = 0o700
+STATE_FILE_MODE = 0o600
+"""The store holds every client, mapping and description, and the secret UPnP control-URL
+token: no other local user may read it (nor list the directory)."""
+
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+class StateDirectoryError(ValueError):
+    """The state directory cannot be made private to the daemon's user."""
+
+
+def secure_state_directory(directory: Path, names: Iterable[str] = ()) -> None:
+    """Create `directory` (0700) or tighten it and the files `names` in it (0600).
+
+    Refuses with StateDirectoryError what chmod cannot make private: a directory or file
+    owned by another user (that user could swap or reopen it), or one that is not a
+    directory or regular file (a symlink could point anywhere)."""
+    directory.mkdir(mode=STATE_DIRECTORY_MODE, parents=True, exist_ok=True)
+    uid = os.geteuid()
+    _tighten(directory, stat.S_ISDIR, "a directory", STATE_DIRECTORY_MODE, uid)
+    for name in names:
+        path = directory / name
+        if os.path.lexists(path):
+            _tighten(path, stat.S_ISREG, "a regular file", STATE_FILE_MODE, uid)
+
+
+def _tighten(path: Path, kind: Any, what: str, mode: int, uid: int) -> None:
+    info = path.lstat()
+    if not kind(info.st_mode):
+        raise StateDirectoryError(f"state: {path} is not {what}")
+    if info.st_uid != uid:
+        raise StateDirectoryError(
+            f"state: {path} is owned by uid {info.st_uid}, not by the daemon's user (uid"
+            f" {uid}); chown it to uid {uid} or choose another [state] directory"
+        )
+    if stat.S_IMODE(info.st_mode) & ~mode:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & mode)
+
+
 class LeaseStore:
     """Mappings and a little daemon state (the epoch's start) in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private = str(path) != ":memory:"
+        files = [path.name + suffix for suffix in ("", *SQLITE_SIDE_FILES)]
+        if private:
+            secure_state_directory(path.parent, files)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # SQLite creates the -wal and -shm files itself: a private umask while it opens them
+        # (and chmod afterwards, for files an older version left behind) keeps them 0600.
+        mask = os.umask(0o077)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        finally:
+            os.umask(mask)
+        if private:
+            secure_state_directory(path.parent, files)
 
     def load(self, clock: Clock, *, now: float) -> list[Mapping]:
         """Every unexpired mapping, in monotonic time; expired rows are deleted."""

@@ -159,3 +159,12 @@ def test_version_is_the_installed_package_version() -> None:
     assert result.returncode == 0
     assert result.stdout == f"igd-server {version('igd')}\n"
     assert igd.__version__ == version("igd")
+def test_refuses_extra_external_addresses_that_are_not_ipv4(tmp_path: Path) -> None:
+    config = write_config(tmp_path, GOOD_POLICY)
+    extra = 'extra_external_addresses = ["198.51.100.9", "2001:db8::1", 7]\n'
+    config.write_text(config.read_text().replace("[network]\n", "[network]\n" + extra, 1))
+    started = run("--config", str(config))
+    assert started.returncode == 2
+    assert "network.extra_external_addresses: not an IPv4 address: '2001:db8::1'" in started.stderr
+    assert "network.extra_external_addresses: want a string, got integer" in started.stderr
+    assert "198.51.100.9" not in started.stderr

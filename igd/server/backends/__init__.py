@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol as TypingProtocol
@@ -61,6 +61,10 @@ class Backend(TypingProtocol):
 
     async def open(self) -> None:
         """Create what the backend owns (the nftables table and maps); idempotent."""
+
+    async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
+        """Translate only packets addressed to these (the external interface's addresses
+        and configured extras); called at start and whenever they change."""
 
     async def apply(
         self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float

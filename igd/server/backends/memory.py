@@ -10,7 +10,7 @@ behaviour without a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 
 from igd.model import Mapping, Protocol
@@ -64,11 +64,17 @@ class MemoryBackend:
         self.closed = False
         self.transactions = 0
         """Number of successful state-changing calls (apply, reconcile)."""
+        self.destinations: frozenset[IPv4Address] = frozenset()
+        """The addresses DNAT would apply to (empty: none yet)."""
 
     async def open(self) -> None:
         """Mark open; entries already held survive, as the kernel's do."""
         self._check_failure()
         self.opened, self.closed = True, False
+
+    async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
+        """Record the addresses DNAT would apply to."""
+        self.destinations = frozenset(addresses)
 
     async def apply(
         self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float

@@ -32,7 +32,16 @@ CONTAINERS = (
 )  # fmt: skip
 """Every set and map of the table, in the order commands list them."""
 
+DESTINATIONS = "destinations"
+"""The addresses DNAT applies to: the external interface's own, plus configured extras."""
+GUARD_SETS = ("pxp_over", "pxp_fair", "http_over", "http_fair")
+"""Per-source limiter state (dynamic sets, one element per recent source)."""
+GUARD_SET_SIZE = 65536
+"""Sources tracked per limiter set; when full (a spoofing flood), packets of untracked
+sources skip the per-source rules and meet the total cap."""
+
 PREROUTING = "prerouting"
+INPUT = "input"
 POSTROUTING = "postrouting"
 ADMIT = "admit"
 ADMIT_REMOTE = "admit_remote"
@@ -286,6 +295,73 @@ def _kinds() -> list[tuple[str, str]]:
 # -- the table ------------------------------------------------------------------------------
 
 
+FAIR_RATE = 5
+"""Requests per second (burst twice that) from one source that always pass the total cap: a
+well-behaved client sends a few per mapping (RFC 6886 §3.1 retransmits at 250 ms, doubling)."""
+
+TOTAL_FACTOR = 1
+"""The total cap is this many times the per-client rate: beyond every source's fair share,
+all sources together get at most that much of the daemon's time. With the defaults (500/s)
+that is 500/s, plus 5/s for each source within its fair share: 1,000/s with 100 flooding
+sources, a fraction of what the daemon serves even on a busy machine (docs/performance.md)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Rate limits the kernel enforces on requests to the daemon's own ports, before they
+    cost Python time (docs/nftables.md, "Flood guard")."""
+
+    rate: int
+    """Per source: requests (UDP datagrams, new TCP connections) per second beyond the burst
+    are dropped. The daemon's own token bucket has the same numbers."""
+    burst: int
+    http_port: int | None = None
+    """The UPnP HTTP port (TCP), when UPnP is on."""
+
+    @classmethod
+    def from_limits(cls, rate: float, burst: int, http_port: int | None) -> Guard:
+        """The guard for the [limits] settings: the same numbers, rounded up."""
+        return cls(max(1, math.ceil(rate)), max(1, burst), http_port)
+
+    @property
+    def fair(self) -> int:
+        return min(FAIR_RATE, self.rate)
+
+    @property
+    def total(self) -> int:
+        return TOTAL_FACTOR * self.rate
+
+
+def guard_rules(guard: Guard, pxp_port: int = 5351) -> list[str]:
+    """The `input` chain: per source over `rate` drop; within the fair share accept; the
+    rest shares the total cap. Sources that send little are never starved by many that
+    send a lot: only the excess over the fair share competes for the total."""
+    g = guard
+    rules = []
+    kinds = [("pxp", f"udp dport {pxp_port}")]
+    if g.http_port is not None:
+        kinds.append(("http", f"tcp dport {g.http_port} ct state new"))
+    for name, match in kinds:
+        rules += [
+            f"{match} update @{name}_over {{ ip saddr limit rate over {g.rate}/second"
+            f" burst {g.burst} packets }} counter drop",
+            f"{match} update @{name}_fair {{ ip saddr limit rate {g.fair}/second"
+            f" burst {2 * g.fair} packets }} accept",
+            f"{match} limit rate over {g.total}/second burst {g.total} packets counter drop",
+        ]
+    return rules
+
+
+def destination_commands(table: str, addresses: Iterable[IPv4Address]) -> str:
+    """Replace the DNAT destination addresses (one transaction)."""
+    t = check_table_name(table)
+    found = sorted({IPv4Address(a) for a in addresses})
+    lines = [f"flush set ip {t} {DESTINATIONS}"]
+    if found:
+        lines.append(f"add element ip {t} {DESTINATIONS} {{ {', '.join(map(str, found))} }}")
+    return "".join(line + "\n" for line in lines)
+
+
 def admit_rules() -> list[str]:
     """The `admit` chain: return if a filter of the packet's mapping covers its source, else
     drop. A filter is held as (first address, last address, port) of its prefix; masking the
@@ -309,10 +385,20 @@ def admit_remote_rules() -> list[str]:
     return [f"ip saddr . th sport . {tail}", f"ip saddr . th sport & 0 . {tail}", "drop"]
 
 
-def open_commands(table: str, external_interface: str) -> str:
-    """Create table, sets and chains idempotently; rewrite every rule, keep the elements."""
+def open_commands(
+    table: str,
+    external_interface: str,
+    destinations: Iterable[IPv4Address] | None = None,
+    guard: Guard | None = None,
+) -> str:
+    """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
+
+    `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
+    input chain's rate limits."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
-    inbound = f'iifname "{ifname}" meta l4proto {{ tcp, udp }}'
+    # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
+    # host's own address, to the gateway's LAN address) is never taken by a mapping.
+    inbound = f'iifname "{ifname}" ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}'
     lines = [f"add table ip {t}"]
     lines += [
         f"add {kind} ip {t} {name} {{ type {_TYPES[name]}; flags timeout; }}"
@@ -327,10 +413,19 @@ def open_commands(table: str, external_interface: str) -> str:
         # its external port here, not whatever port the admin's masquerade would pick.
         f"add chain ip {t} {POSTROUTING} {{ type nat hook postrouting priority srcnat - 10;"
         " policy accept; }",
+        f"add set ip {t} {DESTINATIONS} {{ type ipv4_addr; }}",
+        *(
+            f"add set ip {t} {name} {{ type ipv4_addr; size {GUARD_SET_SIZE};"
+            " flags dynamic,timeout; timeout 1m; }"
+            for name in GUARD_SETS
+        ),
+        # Before the admin's filter chains: a flood is dropped before anything else looks.
+        f"add chain ip {t} {INPUT} {{ type filter hook input priority filter - 10;"
+        " policy accept; }",
     ]
     # Flushing a chain drops its rules, never set elements: mappings survive a restart, and
     # a changed external interface name replaces the old rules in the same commit.
-    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING)
+    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING, INPUT)
     lines += [f"flush chain ip {t} {chain}" for chain in chains]
     # A NAT chain sees only the first packet of each flow: exactly the packets a FILTER must
     # judge. Dropping here refuses the flow; replies of flows already admitted (or started
@@ -351,7 +446,10 @@ def open_commands(table: str, external_interface: str) -> str:
         f'add rule ip {t} {POSTROUTING} oifname "{ifname}" meta l4proto {{ tcp, udp }}'
         f" masquerade to : ip saddr . meta l4proto . th sport . ip daddr . th dport map @{PEERS}"
     )
-    return "".join(line + "\n" for line in lines)
+    if guard is not None:
+        lines += [f"add rule ip {t} {INPUT} {rule}" for rule in guard_rules(guard)]
+    text = "".join(line + "\n" for line in lines)
+    return text if destinations is None else text + destination_commands(t, destinations)
 
 
 def close_commands(table: str) -> str:

@@ -29,8 +29,9 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
 from igd.model import Mapping
@@ -39,11 +40,13 @@ from igd.server.backends.libnft import Nft
 from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops
 from igd.server.backends.nft_listing import Listing, parse_listing
 from igd.server.backends.nft_payload import (
+    Guard,
     apply_commands,
     check_entry,
     check_ifname,
     check_table_name,
     close_commands,
+    destination_commands,
     element_timeout,
     list_command,
     open_commands,
@@ -104,8 +107,11 @@ class NftablesBackend:
         *,
         netns: str | None = None,
         fast_path: bool = True,
+        guard: Guard | None = None,
     ) -> None:
         self.table = check_table_name(table)
+        self.guard = guard
+        self.destinations: frozenset[IPv4Address] | None = None
         self.external_interface = check_ifname(external_interface)
         self.netns = None if netns is None else check_netns_name(netns)
         self.fast_path = fast_path
@@ -149,6 +155,17 @@ class NftablesBackend:
         if commands:
             await self._call(functools.partial(self._run, commands))
 
+    async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
+        """Make DNAT apply to packets addressed to exactly these addresses."""
+        wanted = frozenset(addresses)
+        if wanted == self.destinations:
+            return
+        await self._call(functools.partial(self._run, destination_commands(self.table, wanted)))
+        self.destinations = wanted
+        log.info(
+            "DNAT destinations: %s", ", ".join(sorted(map(str, wanted))) or "none (no address)"
+        )
+
     async def reconcile(
         self, wanted: Sequence[Mapping], *, now: float, audit: bool = True
     ) -> ReconcileReport:
@@ -178,7 +195,9 @@ class NftablesBackend:
                 self._sets = None
 
     def _open_commands(self) -> str:
-        return open_commands(self.table, self.external_interface)
+        return open_commands(
+            self.table, self.external_interface, self.destinations, guard=self.guard
+        )
 
     def _fast_ops(
         self, removed: Sequence[Mapping], added: Sequence[Mapping], now: float

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from igd.server.backends.netlink import (
 from igd.server.backends.nftables import NftablesBackend, enter_netns
 from tests.netns import Netns, netns_group
 from tests.server.backends.nftlab import (
+    GATEWAY_WAN,
     NOW,
     SERVER,
     WAN2,
@@ -253,6 +255,7 @@ async def test_wan_host_connects_through_a_fast_path_mapping() -> None:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             the_lab = Lab(wan, gw, lan)
             await backend.open()
+            await backend.set_destinations([IPv4Address(GATEWAY_WAN)])
             assert backend._sets is not None
             plain, only3 = mapping(18080), mapping(18081, remote=WAN3, internal_port=8081)
             await backend.apply([], [plain, only3], now=NOW)

@@ -12,11 +12,13 @@ from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFil
 from igd.server.backends import KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import (
     MAX_ELEMENT_TIMEOUT,
+    Guard,
     admit_rules,
     apply_commands,
     check_ifname,
     check_table_name,
     close_commands,
+    destination_commands,
     element_timeout,
     elements,
     list_command,
@@ -50,8 +52,8 @@ def mapping(
 
 def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> None:
     lines = open_commands("igd", "wan0").splitlines()
-    inbound = 'iifname "wan0" meta l4proto { tcp, udp }'
-    assert lines[:13] == [
+    inbound = 'iifname "wan0" ip daddr @destinations meta l4proto { tcp, udp }'
+    assert lines[:19] == [
         "add table ip igd",
         "add map ip igd portmap { type inet_proto . inet_service"
         " : ipv4_addr . inet_service; flags timeout; }",
@@ -73,14 +75,22 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         "add chain ip igd admit_remote",
         "add chain ip igd postrouting { type nat hook postrouting priority srcnat - 10;"
         " policy accept; }",
+        "add set ip igd destinations { type ipv4_addr; }",
+        *(
+            f"add set ip igd {name} {{ type ipv4_addr; size 65536; flags dynamic,timeout;"
+            " timeout 1m; }"
+            for name in ("pxp_over", "pxp_fair", "http_over", "http_fair")
+        ),
+        "add chain ip igd input { type filter hook input priority filter - 10; policy accept; }",
     ]
     # Every rule is rewritten (and only rules: no set is ever flushed here).
-    assert lines[13:17] == [
+    assert lines[19:24] == [
         f"flush chain ip igd {chain}"
-        for chain in ("prerouting", "admit", "admit_remote", "postrouting")
+        for chain in ("prerouting", "admit", "admit_remote", "postrouting", "input")
     ]
     rules = [line for line in lines if line.startswith("add rule")]
-    assert len(rules) == len(lines) - 17
+    assert len(rules) == len(lines) - 24
+    assert not [r for r in rules if " input " in r]  # no guard asked for
     assert [r for r in rules if " prerouting " in r] == [
         f"add rule ip igd prerouting {inbound} ip saddr . meta l4proto . th dport"
         " @filtered_remote jump admit_remote",
@@ -284,7 +294,7 @@ def test_close_and_list_commands() -> None:
     "name", ["eth0", "wan0", "enp3s0f1", "br-lan", "ppp0.100", "a@b", "x" * 15]
 )
 def test_valid_interface_names_are_quoted_verbatim(name: str) -> None:
-    assert f'iifname "{name}" meta' in open_commands("igd", check_ifname(name))
+    assert f'iifname "{name}" ip daddr' in open_commands("igd", check_ifname(name))
 
 
 @pytest.mark.parametrize(
@@ -324,3 +334,34 @@ def test_entries_with_out_of_range_ports_are_rejected() -> None:
         apply_commands("igd", [], [mapping(0)], now=0.0)
     with pytest.raises(ValueError):
         apply_commands("igd", [], [mapping(internal_port=65536)], now=0.0)
+
+
+def test_destinations_are_replaced_in_one_transaction() -> None:
+    text = open_commands("igd", "wan0", [IPv4Address("198.51.100.9"), IPv4Address("10.0.0.1")])
+    assert text.endswith(
+        "flush set ip igd destinations\n"
+        "add element ip igd destinations { 10.0.0.1, 198.51.100.9 }\n"
+    )
+    assert destination_commands("igd", []) == "flush set ip igd destinations\n"
+
+
+def test_guard_rules_follow_the_limits() -> None:
+    guard = Guard.from_limits(500, 1000, 5000)
+    assert (guard.fair, guard.total) == (5, 500)
+    lines = open_commands("igd", "wan0", guard=guard).splitlines()
+    rules = [r for r in lines if r.startswith("add rule ip igd input ")]
+    assert rules == [
+        "add rule ip igd input udp dport 5351 update @pxp_over { ip saddr limit rate over"
+        " 500/second burst 1000 packets } counter drop",
+        "add rule ip igd input udp dport 5351 update @pxp_fair { ip saddr limit rate"
+        " 5/second burst 10 packets } accept",
+        "add rule ip igd input udp dport 5351 limit rate over 500/second burst 500 packets"
+        " counter drop",
+        "add rule ip igd input tcp dport 5000 ct state new update @http_over { ip saddr limit"
+        " rate over 500/second burst 1000 packets } counter drop",
+        "add rule ip igd input tcp dport 5000 ct state new update @http_fair { ip saddr limit"
+        " rate 5/second burst 10 packets } accept",
+        "add rule ip igd input tcp dport 5000 ct state new limit rate over 500/second burst"
+        " 500 packets counter drop",
+    ]
+    assert Guard.from_limits(2.5, 3, None).fair == 3  # fair share never above the rate

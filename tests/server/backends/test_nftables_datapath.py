@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from ipaddress import IPv4Address
 
 import pytest
 
@@ -35,9 +36,30 @@ async def net() -> AsyncIterator[tuple[Lab, NftablesBackend]]:
         backend = NftablesBackend("igd", "ext0", netns=the_lab.gw.name)
         try:
             await backend.open()
+            await backend.set_destinations([IPv4Address(GATEWAY_WAN)])
             yield the_lab, backend
         finally:
             await backend.close(flush=True)
+
+
+async def test_only_packets_addressed_to_the_gateway_are_translated(
+    net: tuple[Lab, NftablesBackend],
+) -> None:
+    the_lab, backend = net
+    # The WAN side routes the LAN and a further address through the gateway.
+    the_lab.wan.run("ip", "route", "add", "192.168.78.0/24", "via", GATEWAY_WAN)
+    the_lab.wan.run("ip", "route", "add", "198.51.100.9/32", "via", GATEWAY_WAN)
+    await backend.apply([], [mapping(18080)], now=NOW)
+    assert the_lab.connect(WAN2, 18080) == "8080 203.0.113.2"
+    # Routed to the LAN host's own address: it reaches that host's port 18080 (nothing
+    # there), not the mapping's target port 8080.
+    assert the_lab.connect(WAN2, 18080, dst=LAN_HOST) == REFUSED
+    assert the_lab.connect(WAN2, 18080, dst="198.51.100.9") != "8080 203.0.113.2"
+    # A further destination (network.extra_external_addresses), and back: the set follows.
+    await backend.set_destinations([IPv4Address(GATEWAY_WAN), IPv4Address("198.51.100.9")])
+    assert the_lab.connect(WAN2, 18080, dst="198.51.100.9") == "8080 203.0.113.2"
+    await backend.set_destinations([IPv4Address("198.51.100.9")])
+    assert the_lab.connect(WAN2, 18080) == REFUSED
 
 
 async def test_wan_host_reaches_lan_server_through_mapping(
