@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from igd.gateway import ALWAYS_RESERVED, Change, Gateway
+from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend
@@ -76,8 +76,8 @@ class Daemon:
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
-        self.gateway = Gateway(self.policy, reserved=frozenset(reserved))
-        self.service = Service(self.gateway, self.backend, self.store)
+        gateway = Gateway(self.policy, reserved=frozenset(reserved))
+        self.service = Service(gateway, self.backend, self.store)
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
         if config.pcp_enabled:
@@ -88,7 +88,7 @@ class Daemon:
             natpmp,
             pcp,
             RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
-            self.service.epoch,
+            self.service,
         )
         self.control = ControlServer(
             config.control_socket, {"list": self.list_mappings, "status": self.status}
@@ -120,12 +120,13 @@ class Daemon:
                 group.create_task(self.service.run_expiry()),
                 group.create_task(self._watch_address()),
                 group.create_task(self.pxp.announce()),
+                group.create_task(self.pxp.run()),
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
-                len(self.gateway.table),
+                self.service.count(),
                 self.service.epoch(),
             )
             await self._stop.wait()
@@ -147,25 +148,21 @@ class Daemon:
         now = time.monotonic()
         clock = Clock(mono=now)
         persisted = self.store.load(clock, now=now)
-        dropped = self.gateway.restore(persisted, now=now)
-        refused = Change()
-        if self.store.get_meta(POLICY_KEY) != self.policy_digest:
-            # The leases were granted under another policy file: check each against this one.
-            refused = self.gateway.reload(self.policy, now=now)
-        self.store.apply([*dropped, *refused.removed], [], clock)
+        # Leases granted under another policy file are checked against this one.
+        recheck = self.policy if self.store.get_meta(POLICY_KEY) != self.policy_digest else None
+        dropped, refused = self.service.restore(persisted, recheck=recheck, now=now)
         self.store.set_meta(POLICY_KEY, self.policy_digest)
-        wanted = list(self.gateway.table)
-        report = await self.backend.reconcile(wanted, now=now, audit=len(wanted) <= AUDIT_LIMIT)
+        report = await self.service.reconcile(now=now, audit_limit=AUDIT_LIMIT)
         release_free_heap()
         kernel = (
             f"{len(report.removed)} orphans removed, {len(report.added)} entries re-added"
             if report.audited
-            else f"table replaced with {len(wanted)} entries (not read first at this size)"
+            else f"table replaced with {self.service.count()} entries (not read first at this size)"
         )
         log.info(
             "restored %d of %d persisted mappings in %.3f s (%d dropped, %d refused by the"
             " policy); kernel: %s",
-            len(self.gateway.table),
+            self.service.count(),
             len(persisted),
             time.perf_counter() - started,
             len(dropped),
@@ -174,7 +171,7 @@ class Daemon:
         )
         last_address = self.store.get_meta(ADDRESS_KEY)
         same_address = last_address == str(self.external.current)
-        self.service.restore_epoch(kept_mappings=bool(len(self.gateway.table)) and same_address)
+        self.service.restore_epoch(kept_mappings=bool(self.service.count()) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
         await self.pxp.start()
         if self.upnp is not None:
@@ -192,7 +189,7 @@ class Daemon:
             self.store.clear()
             log.info('flushed all mappings (nftables.on_stop = "flush")')
         else:
-            log.info("kept %d mappings in the kernel and the lease store", len(self.gateway.table))
+            log.info("kept %d mappings in the kernel and the lease store", self.service.count())
         self.store.close()
 
     async def reload(self) -> None:
@@ -229,13 +226,13 @@ class Daemon:
                 "client": str(m.owner.client),
                 "description": m.description,
             }
-            for m in self.gateway.table
+            for m in self.service.mappings()
         ]
 
     def status(self) -> dict[str, Any]:
         """A summary for scripts and tests."""
         return {
-            "mappings": len(self.gateway.table),
+            "mappings": self.service.count(),
             "epoch": self.service.epoch(),
             "external_address": str(self.external.current) if self.external.current else None,
             "policy": str(self.config.policy_file),
@@ -245,15 +242,12 @@ class Daemon:
     async def _watch_address(self) -> None:
         while True:
             await asyncio.sleep(self.config.address_poll_interval)
+            previous = self.external.current
             if self.external.refresh():
-                # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
-                # announce the new address.
-                self.service.reset_epoch()
+                # RFC 6887 §8.5: a new external address starts a new epoch; the service tells
+                # its subscribers (RFC 6886 §3.2.1 announcements, §14.2 Mapping Update, GENA).
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
-                self._spawn(self.pxp.announce())
-                self._spawn(self.pxp.send_mapping_updates())
-                if self.upnp is not None:
-                    self.upnp.address_changed()
+                self.service.address_changed(previous, self.external.current)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -8,14 +8,16 @@ import functools
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 
+from igd.events import DatagramDropped, DropReason, ExternalAddressChanged
 from igd.proto import natpmp, pcp
 from igd.proto.pcp import PcpResult
 from igd.server.interfaces import InternalInterface, bind_to_device
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
+from igd.server.service import Service
 
 log = logging.getLogger("igd.pxp")
 
@@ -29,6 +31,9 @@ MAPPING_UPDATE_GAPS = (0.25, 0.5)
 MAX_IN_FLIGHT_PER_CLIENT = 16
 MAX_IN_FLIGHT = 1024
 MAX_TRACKED_CLIENTS = 4096
+# External address changes waiting to be announced (one is enough: each announces the
+# address current when it is sent).
+FEED_BOUND = 4
 
 
 class RateLimiter:
@@ -59,13 +64,16 @@ class PxpServer:
         natpmp_handler: NatPmpHandler | None,
         pcp_handler: PcpHandler | None,
         limiter: RateLimiter,
-        epoch: Callable[[], int],
+        service: Service,
     ) -> None:
         self.interfaces = interfaces
         self.natpmp = natpmp_handler
         self.pcp = pcp_handler
         self.limiter = limiter
-        self.epoch = epoch
+        self.service = service
+        self.epoch = service.epoch
+        self.feed = service.subscribe("nat-pmp/pcp announcements", FEED_BOUND,
+                                      (ExternalAddressChanged,))  # fmt: skip
         self._transports: dict[str, asyncio.DatagramTransport] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[IPv4Address, int] = {}
@@ -97,6 +105,7 @@ class PxpServer:
 
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
+        self.feed.close()
         for transport in self._transports.values():
             transport.close()
         for task in self._tasks:
@@ -112,9 +121,14 @@ class PxpServer:
             return
         if not self.limiter.allow(client, now=asyncio.get_running_loop().time()):
             log.debug("dropped datagram from %s: over its rate limit", client)
+            self.service.publish(DatagramDropped(client, DropReason.RATE_LIMIT))
             return
         in_flight = self._in_flight.get(client, 0)
-        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or len(self._tasks) >= MAX_IN_FLIGHT:
+        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT:
+            self.service.publish(DatagramDropped(client, DropReason.CLIENT_IN_FLIGHT))
+            return
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            self.service.publish(DatagramDropped(client, DropReason.TOTAL_IN_FLIGHT))
             return
         self._in_flight[client] = in_flight + 1
         task = asyncio.get_running_loop().create_task(self._answer(data, source, client, interface))
@@ -161,6 +175,16 @@ class PxpServer:
         if self.natpmp is not None:
             return natpmp.encode_unsupported_version(self.epoch())
         return None
+
+    async def run(self) -> None:
+        """Announce every external address change (RFC 6886 §3.2.1, RFC 6887 §14.1.3) and
+        tell PCP clients their mappings' new address (RFC 6887 §14.2)."""
+        async with asyncio.TaskGroup() as group:
+            while True:
+                events, lost = await self.feed.next()
+                if events or lost:
+                    group.create_task(self.announce())
+                    group.create_task(self.send_mapping_updates())
 
     async def announce(self) -> None:
         """Send the restart/address-change announcements 10 times, 250 ms doubling
