@@ -203,6 +203,14 @@ class Service:
             await self._commit_or_log(change, "policy reload", RemovalCause.POLICY_RELOAD)
         return change
 
+    async def expire(self) -> bool:
+        """Remove every mapping whose lease has ended (what the expiry timer does); False if
+        the kernel or the store refused (the mappings then stay, to be tried again)."""
+        change = self.gateway.expire(now=self.now())
+        if not change:
+            return True
+        return await self._commit_or_log(change, "expiry", RemovalCause.EXPIRED)
+
     def address_changed(self, previous: IPv4Address | None, current: IPv4Address | None) -> None:
         """The external address changed: a new epoch (RFC 6887 §8.5), and tell subscribers
         (the NAT-PMP/PCP announcements, PCP Mapping Update, GENA)."""
@@ -262,8 +270,7 @@ class Service:
             except TimeoutError:
                 pass
             self._rearm.clear()
-            change = self.gateway.expire(now=self.now())
-            if change and not await self._commit_or_log(change, "expiry", RemovalCause.EXPIRED):
+            if not await self.expire():
                 await asyncio.sleep(RETRY_AFTER_FAILURE)
 
     # -- internals -----------------------------------------------------------------------------
