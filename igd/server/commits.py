@@ -57,6 +57,8 @@ class Pending:
     """One change waiting to be committed, and what to publish once it is (or is not)."""
 
     change: Change
+    keys: tuple[MappingKey, ...]
+    """The keys the change touched."""
     done: asyncio.Future[None]
     events: tuple[Event, ...] = ()
     """Published once the change is committed."""
@@ -104,8 +106,9 @@ class Committer:
         Must be called before anything else changes the table: the keys' committed values
         are taken from the change itself when nothing else is in flight on them.
         """
-        self._enter(change)
-        pending = Pending(change, asyncio.get_running_loop().create_future(), events, request)
+        keys = self._enter(change)
+        done = asyncio.get_running_loop().create_future()
+        pending = Pending(change, keys, done, events, request)
         if self.idle:
             self._busy = True
             try:
@@ -156,24 +159,29 @@ class Committer:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _enter(self, change: Change) -> None:
+    def _enter(self, change: Change) -> tuple[MappingKey, ...]:
         before = {m.key: m for m in change.removed}
-        for key in change_after(change):
+        keys = tuple(change_after(change))
+        for key in keys:
             held = self._inflight.get(key)
             if held is None:
                 self._inflight[key] = _Held(before.get(key), 1)
             else:
                 held.changes += 1
+        return keys
 
-    def _leave(self, change: Change) -> None:
-        for key in change_after(change):
+    def _leave(self, pending: Pending) -> None:
+        for key in pending.keys:
             held = self._inflight[key]
             held.changes -= 1
             if not held.changes:
                 del self._inflight[key]
 
     async def _apply_batch(self, batch: list[Pending]) -> None:
-        keys = list(dict.fromkeys(k for p in batch for k in change_after(p.change)))
+        if len(batch) == 1:
+            keys = batch[0].keys
+        else:
+            keys = tuple(dict.fromkeys(k for p in batch for k in p.keys))
         try:
             await self._sync(keys)
         except BackendError as error:
@@ -183,7 +191,7 @@ class Committer:
             # Retry each alone, so only the failing requests are refused.
             for pending in batch:
                 try:
-                    await self._sync(list(change_after(pending.change)))
+                    await self._sync(pending.keys)
                 except BackendError as single:
                     self._fail(pending, single)
                 else:
@@ -192,7 +200,7 @@ class Committer:
             for pending in batch:
                 self._succeed(pending)
 
-    async def _sync(self, keys: list[MappingKey]) -> None:
+    async def _sync(self, keys: tuple[MappingKey, ...]) -> None:
         """Bring the kernel and the store from what they hold at these keys to the table."""
         table = self.gateway.table
         removed: list[Mapping] = []
@@ -218,13 +226,16 @@ class Committer:
                 # outlive it, or every later request would wait forever.
                 log.exception("backend failed unexpectedly")
                 raise BackendError(f"backend: {error}") from error
-        stale = [k for k in self.stale_store if k not in after]
-        changed = [m.key for m in removed] + [m.key for m in added]
-        rows = list(dict.fromkeys(changed + stale))
-        if rows:
+        # The store rows of the keys that changed, and of any the store refused before.
+        rows = [m.key for m in removed]
+        values = list(added)
+        if self.stale_store:
+            stale = [k for k in self.stale_store if k not in after]
+            rows += stale + [m.key for m in added]
+            values += self._kernel_values(stale)
+        if rows or values:
             try:
-                values = [after[k] if k in after else self._kernel_value(k) for k in rows]
-                self.store.replace(rows, [m for m in values if m is not None], Clock(mono=now))
+                self.store.replace(rows, values, Clock(mono=now))
             except Exception as error:
                 await self._undo(keys, removed, added, after, now, error)
                 raise BackendError(f"lease store: {error}") from error
@@ -234,7 +245,7 @@ class Committer:
 
     async def _undo(
         self,
-        keys: list[MappingKey],
+        keys: tuple[MappingKey, ...],
         removed: list[Mapping],
         added: list[Mapping],
         after: dict[MappingKey, Mapping | None],
@@ -260,7 +271,7 @@ class Committer:
             self.stale_store.update(m.key for m in (*removed, *added))
 
     def _succeed(self, pending: Pending) -> None:
-        self._leave(pending.change)
+        self._leave(pending)
         for event in pending.events:
             self.feed.publish(event)
         if not pending.done.done():
@@ -268,10 +279,10 @@ class Committer:
 
     def _fail(self, pending: Pending, error: BackendError) -> None:
         change = pending.change
-        before = {k: self._inflight[k].mapping for k in change_after(change)}
+        before = {k: self._inflight[k].mapping for k in pending.keys}
         for mapping in self.gateway.rollback(change, before):
             self.restored(mapping)
-        self._leave(change)
+        self._leave(pending)
         log.warning("commit of %d removals, %d additions failed: %s", len(change.removed),
                     len(change.added), error)  # fmt: skip
         self.feed.publish(CommitFailed(change.removed, change.added, str(error)))

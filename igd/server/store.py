@@ -90,9 +90,12 @@ class LeaseStore:
         them), atomically, whatever the rows held before."""
         mappings = list(mappings)
         kept = {m.key for m in mappings}
+        gone = [_key_row(k) for k in keys if k not in kept]
         with self._transaction():
-            self._db.executemany(_DELETE, [_key_row(k) for k in keys if k not in kept])
-            self._db.executemany(_UPSERT, [_row_of(m, clock) for m in mappings])
+            if gone:
+                self._db.executemany(_DELETE, gone)
+            if mappings:
+                self._db.executemany(_UPSERT, [_row_of(m, clock) for m in mappings])
 
     def clear(self) -> None:
         """Forget every mapping."""
