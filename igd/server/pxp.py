@@ -103,6 +103,10 @@ class PxpServer:
                 SERVER_PORT,
             )
 
+    def attach(self, interface: InternalInterface, transport: asyncio.DatagramTransport) -> None:
+        """Answer an interface's datagrams through this transport (start() opens real ones)."""
+        self._transports[interface.name] = transport
+
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
         self.feed.close()
