@@ -216,3 +216,66 @@ TestCommits.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class GatedBackend(MemoryBackend):
+    """Holds the next call until the test opens the gate, then fails it if told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.fail_at_gate = False
+
+    async def apply(
+        self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
+    ) -> None:
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            await gate.wait()
+            if self.fail_at_gate:
+                raise BackendError("kernel said no")
+        await super().apply(removed, added, now=now)
+
+
+async def agree(service: Service, backend: MemoryBackend) -> None:
+    assert await backend.entries() == {KernelEntry.of(m) for m in service.mappings()}
+
+
+async def test_a_retransmission_during_a_failing_commit_is_not_lost(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    service = Service(Gateway(Policy.parse(POLICY)), backend, LeaseStore(tmp_path / "l"))
+    committer = asyncio.create_task(service.run_committer())
+    gate = backend.gate = asyncio.Event()
+    backend.fail_at_gate = True
+    ask = request(Op("map", 0, 5000, 300))
+    first = asyncio.create_task(service.map(ask))
+    await asyncio.sleep(0)  # its commit is under way, held at the gate
+    again = asyncio.create_task(service.map(ask))  # renews the uncommitted grant
+    await asyncio.sleep(0)
+    gate.set()  # the first commit fails
+    results = await asyncio.gather(first, again)
+    committer.cancel()
+    assert [type(r).__name__ for r in results] == ["Refused", "Granted"]
+    assert isinstance(results[1], Granted)
+    assert service.holder(results[1].mapping.key) == results[1].mapping
+    await agree(service, backend)
+
+
+async def test_a_failed_removal_does_not_clobber_the_port_someone_took(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    service = Service(Gateway(Policy.parse(POLICY)), backend, LeaseStore(tmp_path / "l"))
+    committer = asyncio.create_task(service.run_committer())
+    held = await service.map(request(Op("exact", 0, 5000, 300)))
+    assert isinstance(held, Granted)
+    gate = backend.gate = asyncio.Event()
+    backend.fail_at_gate = True
+    removal = asyncio.create_task(service.remove([held.mapping], why="test"))
+    await asyncio.sleep(0)  # the removal's commit is held at the gate
+    taker = asyncio.create_task(service.map(request(Op("exact", 1, 5000, 300))))
+    await asyncio.sleep(0)  # the freed port is granted to the other client, queued
+    gate.set()
+    removed, taken = await asyncio.gather(removal, taker, return_exceptions=True)
+    committer.cancel()
+    assert isinstance(removed, BackendError) and isinstance(taken, Granted)
+    assert service.holder(taken.mapping.key) == taken.mapping
+    await agree(service, backend)
