@@ -199,7 +199,9 @@ class Policy:
         if fixed and request.external_port not in allowed:
             detail = f"external port {request.external_port} is outside the allowed ports {allowed}"
             loose = self._grant(rule, request, view, False, renewal, loose_carved, loose_by)
-            return Deny(Reason.POLICY_DENIED, name, detail, isinstance(loose, Allow))
+            return Deny(
+                Reason.POLICY_DENIED, name, detail, other_port_allowed=isinstance(loose, Allow)
+            )
 
         if not renewal:
             limit, limit_by = defaults.max_mappings_per_client, DEFAULTS_NAME

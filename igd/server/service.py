@@ -275,10 +275,6 @@ class Service:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def commit(self, change: Change) -> None:
-        """Commit a change the gateway just made (see commits.py); BackendError on failure."""
-        await self.committer.commit(change)
-
     async def _commit_or_log(self, change: Change, what: str, cause: RemovalCause) -> bool:
         self._changes += 1
         events = tuple(MappingRemoved(m, cause) for m in change.removed)

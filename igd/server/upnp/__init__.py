@@ -34,7 +34,7 @@ BOOT_KEY = "upnp_boot_id"
 PRODUCT = "igd-server/0.1"
 WAN_IP = ServiceKind.WAN_IP_CONNECTION
 # Service events GENA may have waiting; past it the oldest are dropped, and subscribers are
-# told that the mapping variables changed (which is true of anything that was dropped).
+# sent every variable those events could have changed.
 FEED_BOUND = 256
 MAPPING_VARIABLES = frozenset({"PortMappingNumberOfEntries", "SystemUpdateID"})
 
@@ -139,6 +139,8 @@ class UpnpServer:
         while True:
             events, lost = await self.feed.next()
             names = set(MAPPING_VARIABLES) if lost else set()
+            if lost:
+                self.address_changed()
             for event in events:
                 if isinstance(event, MappingGranted | MappingRenewed | MappingRemoved):
                     names |= MAPPING_VARIABLES
