@@ -230,9 +230,10 @@ class Committer:
         rows = [m.key for m in removed]
         values = list(added)
         if self.stale_store:
-            stale = [k for k in self.stale_store if k not in after]
+            stale = list(self.stale_store)
             rows += stale + [m.key for m in added]
-            values += self._kernel_values(stale)
+            kept = (after[k] if k in after else self._kernel_value(k) for k in stale)
+            values += [m for m in kept if m is not None]
         if rows or values:
             try:
                 self.store.replace(rows, values, Clock(mono=now))
