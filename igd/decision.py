@@ -63,6 +63,10 @@ class Deny:
     reason: Reason
     rule: str
     detail: str = ""
+    other_port_allowed: bool = False
+    """Refused only because of the exact external port asked for: the policy would grant
+    the request with a port of the gateway's choosing (PCP answers PREFER_FAILURE's
+    CANNOT_PROVIDE_EXTERNAL then, RFC 6887 §13.2)."""
 
 
 Decision = Allow | Deny

@@ -2,7 +2,7 @@
 
 Sans-I/O: every method takes `now` (monotonic seconds), changes the table at once and
 returns a `Change` that the server commits to the kernel and the lease store. If that
-commit fails, `rollback` restores the table exactly.
+commit fails, `rollback` undoes what the change still owns in the table.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import logging
 import random
 from collections.abc import Iterable
+from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -245,12 +246,25 @@ class Gateway:
             self.table.put(mapping)
         return dropped
 
-    def rollback(self, change: Change) -> None:
-        """Undo a change whose commit failed, restoring the table exactly."""
-        for mapping in change.added:
-            self.table.remove(mapping.key)
-        for mapping in change.removed:
-            self.table.put(mapping)
+    def rollback(
+        self, change: Change, before: AbstractMapping[MappingKey, Mapping | None] | None = None
+    ) -> list[Mapping]:
+        """Undo a change whose commit failed, key by key, where the table still holds what the
+        change left there; a key a later change has taken since is that change's to commit.
+        `before` is what each key held before (default: what the change removed). Return
+        the mappings put back."""
+        restored = []
+        for key, left in change_after(change).items():
+            current = self.table.get(key)
+            if current is not left:
+                continue
+            previous = before[key] if before is not None else _removed_at(change, key)
+            if previous is None:
+                self.table.remove(key)
+            else:
+                self.table.put(previous)
+                restored.append(previous)
+        return restored
 
     # -- internals -------------------------------------------------------------------------
 
@@ -433,6 +447,15 @@ def _request_of(mapping: Mapping) -> MapRequest:
         nonce=mapping.owner.nonce,
         exact_port=True,
     )
+def change_after(change: Change) -> dict[MappingKey, Mapping | None]:
+    """What a change left at each key it touched (None: removed)."""
+    after: dict[MappingKey, Mapping | None] = {m.key: None for m in change.removed}
+    after.update((m.key, m) for m in change.added)
+    return after
+
+
+def _removed_at(change: Change, key: MappingKey) -> Mapping | None:
+    return next((m for m in change.removed if m.key == key), None)
 
 
 def _key_of(request: MapRequest) -> MappingKey:

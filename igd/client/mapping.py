@@ -43,6 +43,29 @@ class MapperView(TypingProtocol):
         ...
 
 
+class Timer(TypingProtocol):
+    """How the keeper waits; tests pass one driven by a fake clock."""
+
+    async def wait(self, delay: float, wake: asyncio.Event | None = None) -> bool:
+        """Sleep `delay` seconds; True if `wake` was set first."""
+        ...
+
+
+class LoopTimer:
+    """Waits on the event loop's clock."""
+
+    async def wait(self, delay: float, wake: asyncio.Event | None = None) -> bool:
+        if wake is None:
+            await asyncio.sleep(delay)
+            return False
+        try:
+            async with asyncio.timeout(delay):
+                await wake.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 class EventKind(enum.StrEnum):
     """What happened to a mapping."""
 
@@ -74,8 +97,16 @@ class MappingEvent:
 class Mapping:
     """A mapping the gateway granted, kept alive until `release()`."""
 
-    def __init__(self, mapper: MapperView, driver: Driver, spec: MapSpec, grant: Grant) -> None:
+    def __init__(
+        self,
+        mapper: MapperView,
+        driver: Driver,
+        spec: MapSpec,
+        grant: Grant,
+        timer: Timer | None = None,
+    ) -> None:
         self._mapper = mapper
+        self._timer = timer or LoopTimer()
         self._driver = driver
         self.spec = spec
         self.grant = grant
@@ -267,7 +298,7 @@ class Mapping:
             recovering = await self._sleep_until(when)
             try:
                 if recovering:
-                    await asyncio.sleep(self._recover_after or 0.0)
+                    await self._timer.wait(self._recover_after or 0.0)
                     grant = await self._request(self.grant)
                     await self._apply(grant, EventKind.RECREATED)
                 else:
@@ -283,10 +314,4 @@ class Mapping:
     async def _sleep_until(self, when: float) -> bool:
         """Sleep until `when`; True if woken early to recover."""
         self._wake.clear()
-        delay = max(0.0, when - self._mapper.clock())
-        try:
-            async with asyncio.timeout(delay):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._timer.wait(max(0.0, when - self._mapper.clock()), self._wake)

@@ -8,12 +8,12 @@ narrow the ports it may choose instead of refusing the request (see docs/policy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from typing import Protocol
 
 from igd.decision import Allow, Decision, Deny, Reason
-from igd.model import Mapping, MapRequest
+from igd.model import Mapping, MapRequest, Mechanism
 from igd.policy.file import (
     DEFAULTS_NAME,
     Action,
@@ -119,25 +119,42 @@ class Policy:
         fixed = request.exact_port or renewal
         carved = PortSet()
         carved_by: list[str] = []
+        port_denied: Deny | None = None
         for rule in self.rules:
             if not _matches(rule, request):
                 continue
             if rule.action is Action.ALLOW:
-                return self._grant(rule, request, view, fixed, renewal, carved, carved_by)
+                return self._decide(
+                    rule, request, view, fixed, renewal, carved, carved_by, port_denied
+                )
             if rule.external_ports is None:
-                return Deny(Reason.POLICY_DENIED, rule.name, f"{_describe(request)} is denied")
-            if fixed:
-                if request.external_port in rule.external_ports:
-                    detail = f"external port {request.external_port} is denied"
-                    return Deny(Reason.POLICY_DENIED, rule.name, detail)
-                continue
-            # The gateway chooses the port: keep it out of these ports rather than refuse.
+                denied = Deny(Reason.POLICY_DENIED, rule.name, f"{_describe(request)} is denied")
+                return port_denied or denied
+            if fixed and port_denied is None and request.external_port in rule.external_ports:
+                detail = f"external port {request.external_port} is denied"
+                port_denied = Deny(Reason.POLICY_DENIED, rule.name, detail)
+            # The gateway chooses the port: keep it out of these ports rather than refuse. A
+            # fixed port refused above goes on the same way, to learn whether another port
+            # would have been granted (Deny.other_port_allowed).
             carved = PortSet.of(carved.intervals + rule.external_ports.intervals)
             carved_by.append(rule.name)
         if self.defaults.action is Action.DENY:
             detail = f"no rule matches {_describe(request)} and the default action is deny"
-            return Deny(Reason.POLICY_DENIED, DEFAULTS_NAME, detail)
-        return self._grant(None, request, view, fixed, renewal, carved, carved_by)
+            return port_denied or Deny(Reason.POLICY_DENIED, DEFAULTS_NAME, detail)
+        return self._decide(None, request, view, fixed, renewal, carved, carved_by, port_denied)
+
+    def may_manage(self, client: IPv4Address, mechanism: Mechanism) -> bool:
+        """Whether a client may see and remove other hosts' mappings (UPnP NewManage): the
+        same grant as third-party mapping, secure mode off or an allow rule for this client
+        and mechanism that sets allow_third_party."""
+        if not self.defaults.secure_mode:
+            return True
+        return any(
+            rule.action is Action.ALLOW
+            and rule.allow_third_party
+            and _requester_matches(rule, request_client=client, mechanism=mechanism)
+            for rule in self.rules
+        )
 
     def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
         """The Deny this policy gives an existing mapping (after a reload), or None if allowed."""
@@ -157,6 +174,24 @@ class Policy:
         decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
         return decision if isinstance(decision, Deny) else None
 
+    def _decide(
+        self,
+        rule: Rule | None,
+        request: MapRequest,
+        view: TableView,
+        fixed: bool,
+        renewal: bool,
+        carved: PortSet,
+        carved_by: list[str],
+        port_denied: Deny | None,
+    ) -> Decision:
+        """The allowing rule's grant, or the refusal of a fixed port a deny rule holds, telling
+        whether the gateway's choice of port would have been granted."""
+        if port_denied is None:
+            return self._grant(rule, request, view, fixed, renewal, carved, carved_by)
+        loose = self._grant(rule, request, view, False, renewal, carved, carved_by)
+        return replace(port_denied, other_port_allowed=isinstance(loose, Allow))
+
     def _grant(
         self,
         rule: Rule | None,
@@ -169,6 +204,10 @@ class Policy:
     ) -> Decision:
         """Apply an allowing rule (None: the default action) to the request."""
         name = DEFAULTS_NAME if rule is None else rule.name
+        if fixed:
+            # A fixed port was checked against the deny rules' ports; they narrow nothing.
+            loose_carved, loose_by = carved, carved_by
+            carved, carved_by = PortSet(), []
         defaults = self.defaults
         if request.third_party and defaults.secure_mode and not (rule and rule.allow_third_party):
             detail = (
@@ -187,7 +226,10 @@ class Policy:
             return Deny(Reason.POLICY_DENIED, name, detail)
         if fixed and request.external_port not in allowed:
             detail = f"external port {request.external_port} is outside the allowed ports {allowed}"
-            return Deny(Reason.POLICY_DENIED, name, detail)
+            loose = self._grant(rule, request, view, False, renewal, loose_carved, loose_by)
+            return Deny(
+                Reason.POLICY_DENIED, name, detail, other_port_allowed=isinstance(loose, Allow)
+            )
 
         if not renewal:
             limit, limit_by = defaults.max_mappings_per_client, DEFAULTS_NAME
@@ -229,15 +271,21 @@ class Policy:
 def _matches(rule: Rule, request: MapRequest) -> bool:
     """Whether the rule applies to the request, external ports aside."""
     return (
-        (rule.clients is None or any(request.client in net for net in rule.clients))
+        _requester_matches(rule, request_client=request.client, mechanism=request.mechanism)
         and (
             rule.internal_addresses is None
             or any(request.internal_address in net for net in rule.internal_addresses)
         )
         and (rule.protocols is None or request.protocol in rule.protocols)
-        and (rule.via is None or request.mechanism in rule.via)
         and (rule.internal_ports is None or request.internal_port in rule.internal_ports)
         and (rule.description is None or rule.description.search(request.description) is not None)
+    )
+
+
+def _requester_matches(rule: Rule, *, request_client: IPv4Address, mechanism: Mechanism) -> bool:
+    """Whether the rule applies to this requester and mechanism, whatever it asks for."""
+    return (rule.clients is None or any(request_client in net for net in rule.clients)) and (
+        rule.via is None or mechanism in rule.via
     )
 
 

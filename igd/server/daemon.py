@@ -11,7 +11,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from igd.gateway import ALWAYS_RESERVED, Change, Gateway, describe
+from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend, BackendError
@@ -38,7 +38,6 @@ ADDRESS_KEY = "external_address"
 # the lease store; beyond it, reading costs more than the replacement itself (1.5 s for
 # 50,000 elements) and the table is replaced unread.
 AUDIT_LIMIT = 10_000
-ADDRESS_CHANGE = "its target is no LAN host or its client is the gateway (current addresses)"
 
 
 def release_free_heap() -> None:
@@ -82,14 +81,14 @@ class Daemon:
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
             reserved |= {(Protocol.TCP, config.upnp_http_port), (Protocol.UDP, SSDP_PORT)}
-        self.gateway = Gateway(
+        gateway = Gateway(
             self.policy,
             reserved=frozenset(reserved),
             internal_networks=tuple(
                 dict.fromkeys(net for iface in self.interfaces for net in iface.networks)
             ),
         )
-        self.service = Service(self.gateway, self.backend, self.store)
+        self.service = Service(gateway, self.backend, self.store)
         self.host_ports = HostPorts(self.destinations)
         self.service.before_map = self._refresh_host_ports
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
@@ -102,7 +101,7 @@ class Daemon:
             natpmp,
             pcp,
             RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
-            self.service.epoch,
+            self.service,
         )
         self.control = ControlServer(
             config.control_socket, {"list": self.list_mappings, "status": self.status}
@@ -134,12 +133,13 @@ class Daemon:
                 group.create_task(self.service.run_expiry()),
                 group.create_task(self._watch_address()),
                 group.create_task(self.pxp.announce()),
+                group.create_task(self.pxp.run()),
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
-                len(self.gateway.table),
+                self.service.count(),
                 self.service.epoch(),
             )
             await self._stop.wait()
@@ -156,36 +156,28 @@ class Daemon:
     async def start(self) -> None:
         """Restore leases, reconcile the kernel, open sockets."""
         self.external.refresh()
-        self.gateway.own_addresses = self.own_addresses()
+        self.service.set_own_addresses(self.own_addresses())
         await self.backend.open()
         await self.backend.set_destinations(self.destinations())
         started = time.perf_counter()
         now = time.monotonic()
         clock = Clock(mono=now)
         persisted = self.store.load(clock, now=now)
-        dropped = self.gateway.restore(persisted, now=now)
-        refused = Change()
-        if self.store.get_meta(POLICY_KEY) != self.policy_digest:
-            # The leases were granted under another policy file: check each against this one.
-            refused = self.gateway.reload(self.policy, now=now)
-        else:
-            # Same policy, but the addresses may differ: drop what points off the LAN.
-            forbidden = self.gateway.forbidden(now=now)
-            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
-        self.store.apply([*dropped, *refused.removed], [], clock)
+        # Leases granted under another policy file are checked against this one.
+        recheck = self.policy if self.store.get_meta(POLICY_KEY) != self.policy_digest else None
+        dropped, refused = self.service.restore(persisted, recheck=recheck, now=now)
         self.store.set_meta(POLICY_KEY, self.policy_digest)
-        wanted = list(self.gateway.table)
-        report = await self.backend.reconcile(wanted, now=now, audit=len(wanted) <= AUDIT_LIMIT)
+        report = await self.service.reconcile(now=now, audit_limit=AUDIT_LIMIT)
         release_free_heap()
         kernel = (
             f"{len(report.removed)} orphans removed, {len(report.added)} entries re-added"
             if report.audited
-            else f"table replaced with {len(wanted)} entries (not read first at this size)"
+            else f"table replaced with {self.service.count()} entries (not read first at this size)"
         )
         log.info(
             "restored %d of %d persisted mappings in %.3f s (%d dropped, %d refused by the"
             " policy); kernel: %s",
-            len(self.gateway.table),
+            self.service.count(),
             len(persisted),
             time.perf_counter() - started,
             len(dropped),
@@ -194,7 +186,7 @@ class Daemon:
         )
         last_address = self.store.get_meta(ADDRESS_KEY)
         same_address = last_address == str(self.external.current)
-        self.service.restore_epoch(kept_mappings=bool(len(self.gateway.table)) and same_address)
+        self.service.restore_epoch(kept_mappings=bool(self.service.count()) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
         await self.pxp.start()
         if self.upnp is not None:
@@ -212,7 +204,7 @@ class Daemon:
             self.store.clear()
             log.info('flushed all mappings (nftables.on_stop = "flush")')
         else:
-            log.info("kept %d mappings in the kernel and the lease store", len(self.gateway.table))
+            log.info("kept %d mappings in the kernel and the lease store", self.service.count())
         self.store.close()
 
     async def reload(self) -> None:
@@ -249,13 +241,13 @@ class Daemon:
                 "client": str(m.owner.client),
                 "description": m.description,
             }
-            for m in self.gateway.table
+            for m in self.service.mappings()
         ]
 
     def status(self) -> dict[str, Any]:
         """A summary for scripts and tests."""
         return {
-            "mappings": len(self.gateway.table),
+            "mappings": self.service.count(),
             "epoch": self.service.epoch(),
             "external_address": str(self.external.current) if self.external.current else None,
             "policy": str(self.config.policy_file),
@@ -282,7 +274,7 @@ class Daemon:
     def _refresh_host_ports(self, now: float) -> None:
         # Read at request time (at most every hostports.MAX_AGE s): a port the gateway
         # serves on its external address is never handed to a LAN host.
-        self.gateway.host_ports = self.host_ports.current(now=now)
+        self.service.set_host_ports(self.host_ports.current(now=now))
 
     async def _watch_address(self) -> None:
         while True:
@@ -292,27 +284,17 @@ class Daemon:
                 await self.backend.set_destinations(self.destinations())
             except BackendError as error:
                 log.error("cannot update the DNAT destination addresses: %s", error)
+            previous = self.external.current
             changed = self.external.refresh()
-            own = self.own_addresses()
-            if own != self.gateway.own_addresses:
-                log.info("gateway addresses now %s", ", ".join(sorted(map(str, own))))
-                self.gateway.own_addresses = own
-                forbidden = self.gateway.forbidden(now=self.service.now())
-                for mapping, deny in forbidden:
-                    log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
-                try:
-                    await self.service.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
-                except BackendError as error:
-                    log.error("could not remove mappings after an address change: %s", error)
+            try:
+                await self.service.readdress(self.own_addresses())
+            except BackendError as error:
+                log.error("could not remove mappings after an address change: %s", error)
             if changed:
-                # RFC 6887 §8.5: a new external address starts a new epoch; RFC 6886 §3.2.1:
-                # announce the new address.
-                self.service.reset_epoch()
+                # RFC 6887 §8.5: a new external address starts a new epoch; the service tells
+                # its subscribers (RFC 6886 §3.2.1 announcements, §14.2 Mapping Update, GENA).
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
-                self._spawn(self.pxp.announce())
-                self._spawn(self.pxp.send_mapping_updates())
-                if self.upnp is not None:
-                    self.upnp.address_changed()
+                self.service.address_changed(previous, self.external.current)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -98,19 +98,18 @@ class NatPmpHandler:
         )
 
     async def _delete(self, request: NatPmpMapRequest, client: IPv4Address) -> NatPmpMapResponse:
-        table = self.service.gateway.table
         if request.internal_port == 0:
             # RFC 6886 §3.4: internal port 0 with lifetime 0 deletes all of the client's
             # mappings of this protocol (made over NAT-PMP).
             doomed = [
                 m
-                for m in table.by_client(client)
+                for m in self.service.mappings_of(client)
                 if m.owner.mechanism is Mechanism.NATPMP and m.protocol is request.protocol
             ]
         else:
             doomed = [
                 m
-                for m in table.by_internal(
+                for m in self.service.at_internal(
                     client, request.protocol, request.internal_port, Mechanism.NATPMP
                 )
                 if m.owner.client == client

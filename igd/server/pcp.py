@@ -11,8 +11,9 @@ import logging
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
-from igd.decision import Allow, Reason
-from igd.gateway import Change, Granted, Refused
+from igd.decision import Reason
+from igd.events import MappingRemoved
+from igd.gateway import Granted, Refused
 from igd.model import Mapping, MapRequest, Mechanism, Protocol
 from igd.proto import pcp
 from igd.proto.pcp import (
@@ -34,6 +35,9 @@ from igd.server.service import Service
 
 log = logging.getLogger("igd.pcp")
 
+# Events PCP's Mapping Update bookkeeping may have waiting; past it, the oldest are dropped
+# and the bookkeeping is checked against the live mappings instead.
+FEED_BOUND = 4096
 # RFC 6887 §7.4: recommended error lifetimes.
 SHORT_ERROR_LIFETIME = 30
 LONG_ERROR_LIFETIME = 1800
@@ -58,6 +62,8 @@ RESULT_FOR: dict[Reason, PcpResult] = {
     Reason.GATEWAY_CLIENT: PcpResult.NOT_AUTHORIZED,
 }
 
+PCP = Mechanism.PCP
+
 
 class PcpHandler:
     """Answers PCP requests from LAN clients."""
@@ -71,7 +77,7 @@ class PcpHandler:
         self.endpoints: dict[tuple[IPv4Address, int, Protocol, int, int], tuple[str, int]] = {}
         """Where each PCP mapping's client last asked from, for Mapping Update (§14.2);
         one entry per live PCP mapping, dropped when the mapping goes."""
-        service.listeners.append(self._forget)
+        self.feed = service.subscribe("pcp mapping update", FEED_BOUND, (MappingRemoved,))
 
     async def handle(self, data: bytes, source: tuple[str, int]) -> bytes | None:
         """The reply to one datagram, or None to stay silent."""
@@ -224,9 +230,7 @@ class PcpHandler:
     ) -> PcpResponse:
         doomed = [
             m
-            for m in self.service.gateway.table.by_internal(
-                internal, protocol, data.internal_port, Mechanism.PCP
-            )
+            for m in self.service.at_internal(internal, protocol, data.internal_port, Mechanism.PCP)
             if m.owner.client == client and not m.is_peer
         ]
         for mapping in doomed:
@@ -261,18 +265,14 @@ class PcpHandler:
             lifetime = refused.existing.remaining(self.service.now())
         if reason is Reason.INVALID_INTERNAL_ADDRESS and not ask.third_party:
             result = PcpResult.NOT_AUTHORIZED
-        if reason is Reason.POLICY_DENIED and ask.exact_port:
-            # Denied only because of the exact port? Then PREFER_FAILURE's answer applies
-            # (§13.2): the client may retry without it.
-            loose = self.service.gateway.policy.evaluate(
-                replace(ask, exact_port=False), self.service.gateway.table, now=self.service.now()
-            )
-            if isinstance(loose, Allow):
-                result = PcpResult.CANNOT_PROVIDE_EXTERNAL
+        if reason is Reason.POLICY_DENIED and ask.exact_port and refused.deny.other_port_allowed:
+            # Denied only because of the exact port: PREFER_FAILURE's answer applies (§13.2),
+            # the client may retry without it.
+            result = PcpResult.CANNOT_PROVIDE_EXTERNAL
         return PcpError(result, f"{reason}: {refused.deny.detail}", lifetime)
 
     def _existing(self, ask: MapRequest) -> Mapping | None:
-        found = self.service.gateway.own_mapping(replace(ask, exact_port=False))
+        found = self.service.renewing(replace(ask, exact_port=False))
         if isinstance(found, Refused):
             assert found.existing is not None
             raise PcpError(
@@ -286,12 +286,7 @@ class PcpHandler:
         """§12.3: peers no outbound connection through the NAT could reach are refused."""
         # A LAN host or the gateway itself is never reached through the external address; a
         # PEER for one would only shadow another client's mapping for that address.
-        gateway = self.service.gateway
-        return (
-            _valid_peer(address)
-            and address not in gateway.own_addresses
-            and not any(address in network for network in gateway.internal_networks)
-        )
+        return _valid_peer(address) and not self.service.is_local(address)
 
     def _external(self) -> IPv6Address:
         address = self.external.current
@@ -308,14 +303,20 @@ class PcpHandler:
         )
 
     def _remember(self, mapping: Mapping, source: tuple[str, int]) -> None:
+        self.follow()
         self.endpoints[_endpoint_key(mapping)] = source
 
-    def _forget(self, change: Change) -> None:
-        added = {_endpoint_key(m) for m in change.added}
-        for mapping in change.removed:
-            key = _endpoint_key(mapping)
-            if key not in added:
-                self.endpoints.pop(key, None)
+    def follow(self) -> None:
+        """Forget the endpoints of PCP mappings that went away (from the event feed)."""
+        events, lost = self.feed.take()
+        if lost:
+            # Some removals were missed: keep only endpoints a live PCP mapping still has.
+            live = {_endpoint_key(m) for m in self.service.mappings() if m.owner.mechanism is PCP}
+            self.endpoints = {k: v for k, v in self.endpoints.items() if k in live}
+            return
+        for event in events:
+            if isinstance(event, MappingRemoved) and event.mapping.owner.mechanism is PCP:
+                self.endpoints.pop(_endpoint_key(event.mapping), None)
 
     # -- announcements and Mapping Update ---------------------------------------------------
 
@@ -331,9 +332,10 @@ class PcpHandler:
         address = self.external.current
         if address is None:
             return []
+        self.follow()
         now = self.service.now()
         updates = []
-        for mapping in self.service.gateway.table:
+        for mapping in self.service.mappings():
             destination = self.endpoints.get(_endpoint_key(mapping))
             if mapping.owner.mechanism is not Mechanism.PCP or destination is None:
                 continue

@@ -7,14 +7,17 @@ import asyncio
 import logging
 import socket
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Address
+from typing import Protocol
 
+from igd.events import DatagramDropped, DropReason, ExternalAddressChanged
 from igd.proto import natpmp, pcp
 from igd.proto.pcp import PcpResult
 from igd.server.interfaces import InternalInterface, bind_to_device
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
+from igd.server.service import Service
 
 log = logging.getLogger("igd.pxp")
 
@@ -43,6 +46,15 @@ RECEIVE_BUFFER = 1 << 20
 for MAX_IN_FLIGHT requests arriving at once (a datagram takes ~1 KiB of it). The default
 ~200 KiB holds ~270: 128 clients with 4 requests each overflowed it, and every lost
 request cost its client a 1 s retransmit. The kernel's guard keeps floods out of it."""
+# External address changes waiting to be announced (one is enough: each announces the
+# address current when it is sent).
+FEED_BOUND = 4
+
+
+class Sender(Protocol):
+    """Where an interface's answers go: its socket (or a test's transport)."""
+
+    def sendto(self, data: bytes, address: tuple[str, int], /) -> object: ...
 
 
 class RateLimiter:
@@ -73,14 +85,18 @@ class PxpServer:
         natpmp_handler: NatPmpHandler | None,
         pcp_handler: PcpHandler | None,
         limiter: RateLimiter,
-        epoch: Callable[[], int],
+        service: Service,
     ) -> None:
         self.interfaces = interfaces
         self.natpmp = natpmp_handler
         self.pcp = pcp_handler
         self.limiter = limiter
-        self.epoch = epoch
+        self.service = service
+        self.epoch = service.epoch
+        self.feed = service.subscribe("nat-pmp/pcp announcements", FEED_BOUND,
+                                      (ExternalAddressChanged,))  # fmt: skip
         self._sockets: dict[str, socket.socket] = {}
+        self._senders: dict[str, Sender] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[IPv4Address, int] = {}
         """Requests per client, waiting or being answered (at most MAX_IN_FLIGHT_PER_CLIENT)."""
@@ -110,6 +126,7 @@ class PxpServer:
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._drain, sock, interface)
             self._sockets[interface.name] = sock
+            self._senders[interface.name] = sock
             log.info(
                 "NAT-PMP/PCP listening on %s (%s) UDP %d",
                 interface.name,
@@ -117,14 +134,20 @@ class PxpServer:
                 SERVER_PORT,
             )
 
+    def attach(self, interface: InternalInterface, sender: Sender) -> None:
+        """Answer an interface's datagrams through this sender (start() opens real sockets)."""
+        self._senders[interface.name] = sender
+
     def close(self) -> None:
         """Stop receiving; requests in flight are cancelled."""
         self._closed = True
+        self.feed.close()
         for sock in self._sockets.values():
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()
+        self._senders.clear()
         self._waiting.clear()
         for task in self._tasks:
             task.cancel()
@@ -150,15 +173,18 @@ class PxpServer:
         if not data:
             return
         if not self.limiter.allow(client, now=asyncio.get_running_loop().time()):
-            log.debug("dropped datagram from %s: over its rate limit", client)
+            self.service.publish(DatagramDropped(client, DropReason.RATE_LIMIT))
             return
         in_flight = self._in_flight.get(client, 0)
         # A client with nothing in flight gets a slot beyond MAX_IN_FLIGHT (up to twice it):
         # busy clients filling the bound cannot lock out one that asks for the first time.
         busy = self._pending
         full = busy >= MAX_IN_FLIGHT and (in_flight > 0 or busy >= 2 * MAX_IN_FLIGHT)
-        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT or full:
-            log.debug("dropped datagram from %s: %d of its requests in flight", client, in_flight)
+        if in_flight >= MAX_IN_FLIGHT_PER_CLIENT:
+            self.service.publish(DatagramDropped(client, DropReason.CLIENT_IN_FLIGHT))
+            return
+        if full:
+            self.service.publish(DatagramDropped(client, DropReason.TOTAL_IN_FLIGHT))
             return
         self._in_flight[client] = in_flight + 1
         self._pending += 1
@@ -229,6 +255,16 @@ class PxpServer:
             return natpmp.encode_unsupported_version(self.epoch())
         return None
 
+    async def run(self) -> None:
+        """Announce every external address change (RFC 6886 §3.2.1, RFC 6887 §14.1.3) and
+        tell PCP clients their mappings' new address (RFC 6887 §14.2)."""
+        async with asyncio.TaskGroup() as group:
+            while True:
+                events, lost = await self.feed.next()
+                if events or lost:
+                    group.create_task(self.announce())
+                    group.create_task(self.send_mapping_updates())
+
     async def announce(self) -> None:
         """Send the restart/address-change announcements 10 times, 250 ms doubling
         (RFC 6886 §3.2.1, RFC 6887 §14.1.3), each with the current epoch."""
@@ -257,22 +293,22 @@ class PxpServer:
                 await asyncio.sleep(gap)
 
     def _send(self, interface: str, message: bytes, destination: tuple[str, int]) -> None:
-        sock = self._sockets.get(interface)
-        if sock is None:
+        sender = self._senders.get(interface)
+        if sender is None:
             return
         try:
-            sock.sendto(message, destination)
+            sender.sendto(message, destination)
         except OSError as exc:  # a full send queue or an unreachable host: UDP may drop
             log.debug("cannot send to %s on %s: %s", destination[0], interface, exc)
 
     def _send_all(self, message: bytes, destination: tuple[str, int]) -> None:
-        for name in list(self._sockets):
+        for name in list(self._senders):
             self._send(name, message, destination)
 
     def _send_to(self, message: bytes, destination: tuple[str, int]) -> None:
         """Unicast through the interface whose networks hold the destination."""
         address = IPv4Address(destination[0])
         for interface in self.interfaces:
-            if interface.serves(address) and interface.name in self._sockets:
+            if interface.serves(address) and interface.name in self._senders:
                 self._send(interface.name, message, destination)
                 return

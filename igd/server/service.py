@@ -1,11 +1,11 @@
-"""Runs the gateway core against real effects: commits each change to the backend and the
-lease store before anyone hears of it, and expires leases on one timer.
+"""The one door into the gateway: every protocol adapter and admin surface asks its questions,
+gives its commands and hears what happened here, never reaching the table or the policy.
 
-Changes are committed strictly in order. A change made while nothing else is being
-committed goes straight in; changes that arrive meanwhile wait for the committer task,
-which merges them into one kernel transaction and one store transaction; if that fails,
-each is retried on its own so only the failing requests are refused (and rolled back in
-the table).
+Commands (map, remove, reload, and the admin's delete and flush) change the table through
+the gateway core and return only once the kernel and the lease store hold the change
+(igd/server/commits.py). What happened is published on `feed` as typed events
+(igd/events.py): grants, renewals, refusals, removals with their cause, failed commits,
+external address changes and dropped datagrams.
 """
 
 from __future__ import annotations
@@ -13,32 +13,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from ipaddress import IPv4Address
 
 from igd.decision import Deny, Reason
-from igd.gateway import Change, Gateway, Granted, MapResult, Refused
-from igd.model import Mapping, MappingKey, MapRequest
+from igd.events import (
+    Event,
+    ExternalAddressChanged,
+    MappingGranted,
+    MappingRemoved,
+    MappingRenewed,
+    RemovalCause,
+    RequestRefused,
+)
+from igd.gateway import Change, Gateway, Granted, MapResult, Refused, describe
+from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Protocol
 from igd.policy import Policy
-from igd.server.backends import Backend, BackendError
+from igd.server.backends import Backend, BackendError, ReconcileReport
+from igd.server.commits import MAX_BATCH, Committer, merge
+from igd.server.feed import DEFAULT_QUEUE_BOUND, EventFeed, Subscriber
 from igd.server.store import Clock, LeaseStore
 
 log = logging.getLogger("igd.service")
 
-# One kernel transaction carries at most this many queued changes.
-MAX_BATCH = 512
 EPOCH_KEY = "epoch_start"
-
-
-@dataclass(slots=True)
-class _Pending:
-    change: Change
-    done: asyncio.Future[None]
+# After a failed removal (expiry, reload) the mappings are back in the table: wait this long
+# before the expiry timer tries again, so a refusing kernel is not asked in a busy loop.
+RETRY_AFTER_FAILURE = 1.0
+ADDRESS_CHANGE = "its target is no LAN host or its client is the gateway (current addresses)"
+# How often rows the lease store refused are written again (see commits.py).
+STORE_RETRY = 5.0
 
 
 class Service:
-    """The gateway core plus its commit pipeline, expiry timer and epoch."""
+    """The gateway core plus its commit pipeline, expiry timer, epoch and event feed."""
 
     def __init__(
         self,
@@ -49,21 +57,96 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.gateway = gateway
+        """The core; only this class (and its commit pipeline) reaches it."""
         self.backend = backend
         self.store = store
         self.now = clock
-        self._waiting: deque[_Pending] = deque()
-        self._busy = False
-        self._wake = asyncio.Event()
+        self.feed = EventFeed()
+        self.committer = Committer(gateway, backend, store, self.feed, clock, self._restored)
         self._rearm = asyncio.Event()
         self._armed: float | None = None
+        self._changes = 0
         self.epoch_start = time.time()
-        self.listeners: list[Callable[[Change], None]] = []
-        """Called with every change once it is committed (eventing, announcements)."""
         self.before_map: Callable[[float], None] | None = None
         """Called with `now` before each request reaches the core (fresh host ports)."""
 
-    # -- operations the adapters call -------------------------------------------------------
+    # -- queries -----------------------------------------------------------------------------
+
+    def holder(self, key: MappingKey) -> Mapping | None:
+        """The mapping with this key, if any."""
+        return self.gateway.table.get(key)
+
+    def count(self) -> int:
+        """How many mappings the gateway holds."""
+        return len(self.gateway.table)
+
+    def mappings(self) -> Iterator[Mapping]:
+        """Every mapping, in listing order."""
+        return iter(self.gateway.table)
+
+    def entry(self, index: int) -> Mapping | None:
+        """The index-th mapping in listing order (O(1), UPnP's generic entry walk)."""
+        try:
+            return self.gateway.table.entry(index)
+        except IndexError:
+            return None
+
+    def mappings_of(self, client: IPv4Address) -> list[Mapping]:
+        """The mappings a client holds."""
+        return self.gateway.table.by_client(client)
+
+    def at_internal(
+        self,
+        address: IPv4Address,
+        protocol: Protocol,
+        port: int,
+        mechanism: Mechanism | None = None,
+    ) -> list[Mapping]:
+        """The mappings forwarding to an internal endpoint (optionally of one mechanism)."""
+        return self.gateway.table.by_internal(address, protocol, port, mechanism)
+
+    def on_port(self, protocol: Protocol, port: int) -> list[Mapping]:
+        """The mappings holding an external port, for any remote host."""
+        return self.gateway.table.port_users(protocol, port)
+
+    def renewing(self, request: MapRequest) -> Mapping | Refused | None:
+        """The requester's mapping this request would renew, or the refusal in its way."""
+        return self.gateway.own_mapping(request)
+
+    def is_local(self, address: IPv4Address) -> bool:
+        """Whether an address is the gateway's own or a host on an internal network."""
+        gateway = self.gateway
+        return address in gateway.own_addresses or any(
+            address in network for network in gateway.internal_networks
+        )
+
+    def may_manage(self, client: IPv4Address, mechanism: Mechanism) -> bool:
+        """Whether the policy lets a client act on other clients' mappings."""
+        return self.gateway.policy.may_manage(client, mechanism)
+
+    def max_lease(self) -> int:
+        """The longest lease the policy grants."""
+        return self.gateway.policy.defaults.max_lease
+
+    @property
+    def changes(self) -> int:
+        """How often the mapping table has changed (UPnP's SystemUpdateID follows it)."""
+        return self._changes
+
+    def subscribe(
+        self,
+        name: str,
+        bound: int = DEFAULT_QUEUE_BOUND,
+        kinds: tuple[type[Event], ...] | None = None,
+    ) -> Subscriber:
+        """A bounded queue of every event (of these kinds) from now on (igd/server/feed.py)."""
+        return self.feed.subscribe(name, bound, kinds)
+
+    def epoch(self) -> int:
+        """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
+        return int(time.time() - self.epoch_start) & 0xFFFFFFFF
+
+    # -- commands ----------------------------------------------------------------------------
 
     async def map(self, request: MapRequest) -> MapResult:
         """Grant or renew a mapping; return only once the kernel and store hold it."""
@@ -72,36 +155,106 @@ class Service:
             self.before_map(now)
         result = self.gateway.map(request, now=now)
         if isinstance(result, Refused):
+            deny = result.deny
+            self.feed.publish(RequestRefused(request, deny.reason, deny.rule, deny.detail))
             return result
+        self._changes += 1
+        event: Event
+        if result.renewal and result.change.removed:
+            event = MappingRenewed(
+                result.mapping, result.change.removed[0], request, result.decision.rule
+            )
+        else:
+            event = MappingGranted(
+                result.mapping, request, result.decision.rule, result.decision.restrictions
+            )
         try:
-            await self.commit(result.change)
+            await self.committer.commit(result.change, (event,), request)
         except BackendError as error:
-            self.gateway.rollback(result.change)
+            self._changes += 1  # rolled back
             return Refused(Deny(Reason.BACKEND_FAILURE, "gateway", str(error)))
         self._watch_deadline(result.mapping.expires)
         return result
 
-    async def remove(self, mappings: Iterable[Mapping], *, why: str) -> Change:
-        """Remove mappings from the table, the kernel and the store."""
+    async def remove(
+        self, mappings: Iterable[Mapping], *, why: str, cause: RemovalCause = RemovalCause.CLIENT
+    ) -> Change:
+        """Remove mappings (as found by a query) from the table, the kernel and the store;
+        BackendError if the kernel or the store refused (the mappings then stay)."""
         change = self.gateway.remove(mappings, why=why)
         if change:
+            self._changes += 1
+            events = tuple(MappingRemoved(m, cause) for m in change.removed)
             try:
-                await self.commit(change)
+                await self.committer.commit(change, events)
             except BackendError:
-                self.gateway.rollback(change)
+                self._changes += 1  # rolled back
                 raise
         return change
+
+    async def delete(self, key: MappingKey) -> Mapping | None:
+        """Admin: remove the mapping with this key, whoever holds it; None if there is none."""
+        mapping = self.holder(key)
+        if mapping is None:
+            return None
+        await self.remove([mapping], why="deleted by the admin", cause=RemovalCause.ADMIN)
+        return mapping
+
+    async def flush(
+        self, *, client: IPv4Address | None = None, mechanism: Mechanism | None = None
+    ) -> Change:
+        """Admin: remove every mapping (of one client, of one mechanism, or both)."""
+        chosen = self.mappings_of(client) if client is not None else list(self.mappings())
+        if mechanism is not None:
+            chosen = [m for m in chosen if m.owner.mechanism is mechanism]
+        return await self.remove(chosen, why="flushed by the admin", cause=RemovalCause.ADMIN)
 
     async def reload(self, policy: Policy) -> Change:
         """Switch policy; mappings it refuses are removed."""
         change = self.gateway.reload(policy, now=self.now())
         if change:
-            await self._commit_or_log(change, "policy reload")
+            await self._commit_or_log(change, "policy reload", RemovalCause.POLICY_RELOAD)
         return change
 
-    def epoch(self) -> int:
-        """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
-        return int(time.time() - self.epoch_start) & 0xFFFFFFFF
+    async def expire(self) -> bool:
+        """Remove every mapping whose lease has ended (what the expiry timer does); False if
+        the kernel or the store refused (the mappings then stay, to be tried again)."""
+        change = self.gateway.expire(now=self.now())
+        if not change:
+            return True
+        return await self._commit_or_log(change, "expiry", RemovalCause.EXPIRED)
+
+    def address_changed(self, previous: IPv4Address | None, current: IPv4Address | None) -> None:
+        """The external address changed: a new epoch (RFC 6887 §8.5), and tell subscribers
+        (the NAT-PMP/PCP announcements, PCP Mapping Update, GENA)."""
+        self.reset_epoch()
+        self.feed.publish(ExternalAddressChanged(previous, current))
+
+    def set_host_ports(self, ports: frozenset[tuple[Protocol, int]]) -> None:
+        """The ports the router itself serves on its external addresses: never mapped."""
+        self.gateway.host_ports = ports
+
+    def set_own_addresses(self, addresses: frozenset[IPv4Address]) -> None:
+        """The gateway's own addresses (before restore; afterwards `readdress`)."""
+        self.gateway.own_addresses = addresses
+
+    async def readdress(self, addresses: frozenset[IPv4Address]) -> Change:
+        """The gateway's own addresses are now these: remove the mappings they forbid (a
+        target off the LAN, a client that is now the gateway's own address)."""
+        if addresses == self.gateway.own_addresses:
+            return Change()
+        log.info("gateway addresses now %s", ", ".join(sorted(map(str, addresses))))
+        self.gateway.own_addresses = addresses
+        forbidden = self.gateway.forbidden(now=self.now())
+        for mapping, deny in forbidden:
+            log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
+        return await self.remove(
+            [m for m, _ in forbidden], why=ADDRESS_CHANGE, cause=RemovalCause.ADDRESS_CHANGE
+        )
+
+    def publish(self, event: Event) -> None:
+        """Report something an adapter saw (a dropped datagram) to every subscriber."""
+        self.feed.publish(event)
 
     def reset_epoch(self) -> None:
         """Start a new epoch (state lost or external address changed) and persist it."""
@@ -116,40 +269,34 @@ class Service:
         else:
             self.reset_epoch()
 
+    # -- start-up ------------------------------------------------------------------------------
+
+    def restore(
+        self, persisted: Iterable[Mapping], *, recheck: Policy | None, now: float
+    ) -> tuple[list[Mapping], Change]:
+        """Put persisted mappings back at start (before anything is served): those dropped as
+        expired or clashing, and those `recheck`'s policy refuses, leave the store too."""
+        dropped = self.gateway.restore(persisted, now=now)
+        if recheck is not None:
+            refused = self.gateway.reload(recheck, now=now)
+        else:
+            # Same policy, but the addresses may differ: drop what points off the LAN.
+            forbidden = self.gateway.forbidden(now=now)
+            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
+        self.store.apply([*dropped, *refused.removed], [], Clock(mono=now))
+        self._changes += 1
+        return dropped, refused
+
+    async def reconcile(self, *, now: float, audit_limit: int) -> ReconcileReport:
+        """Make the kernel hold exactly the table's mappings (at start)."""
+        wanted = list(self.gateway.table)
+        return await self.backend.reconcile(wanted, now=now, audit=len(wanted) <= audit_limit)
+
     # -- background tasks --------------------------------------------------------------------
 
     async def run_committer(self) -> None:
-        """Commit what queued up while another commit was under way, in order, merging up to
-        MAX_BATCH waiting changes into one transaction."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting and not self._busy:
-                batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
-                self._busy = True
-                try:
-                    await self._apply_batch(batch)
-                finally:
-                    self._busy = False
-
-    async def _apply_batch(self, batch: list[_Pending]) -> None:
-        try:
-            await self._apply(merge(p.change for p in batch))
-        except BackendError as error:
-            if len(batch) == 1:
-                _settle(batch[0], error)
-                return
-            # Retry each alone, so only the failing requests are refused.
-            for pending in batch:
-                try:
-                    await self._apply(pending.change)
-                except BackendError as single:
-                    _settle(pending, single)
-                else:
-                    _settle(pending, None)
-        else:
-            for pending in batch:
-                _settle(pending, None)
+        """Commit changes that queued up behind another (see igd/server/commits.py)."""
+        await self.committer.run(STORE_RETRY)
 
     async def run_expiry(self) -> None:
         """Remove mappings as their leases end, sleeping until the next deadline."""
@@ -161,92 +308,31 @@ class Service:
             except TimeoutError:
                 pass
             self._rearm.clear()
-            change = self.gateway.expire(now=self.now())
-            if change:
-                await self._commit_or_log(change, "expiry")
+            if not await self.expire():
+                await asyncio.sleep(RETRY_AFTER_FAILURE)
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def commit(self, change: Change) -> None:
-        """Put a change into the kernel and the store; return once both hold it.
-
-        With nothing else under way it is applied at once by the caller; otherwise it waits
-        for the committer, so changes always reach the kernel in the order they were made.
-        """
-        if not self._busy and not self._waiting:
-            self._busy = True
-            try:
-                await self._apply(change)
-            finally:
-                self._busy = False
-                if self._waiting:
-                    self._wake.set()
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Pending(change, done))
-        self._wake.set()
-        await done
-
-    async def _apply(self, change: Change) -> None:
-        now = self.now()
+    async def _commit_or_log(self, change: Change, what: str, cause: RemovalCause) -> bool:
+        self._changes += 1
+        events = tuple(MappingRemoved(m, cause) for m in change.removed)
         try:
-            await self.backend.apply(change.removed, change.added, now=now)
-        except BackendError:
-            raise
-        except Exception as error:
-            # Whatever went wrong belongs to this change alone: the committer must outlive
-            # it, or every later request would wait forever.
-            log.exception("backend failed unexpectedly")
-            raise BackendError(f"backend: {error}") from error
-        try:
-            self.store.apply(change.removed, change.added, Clock(mono=now))
-        except Exception as error:
-            # The kernel took the change but the store did not: undo the kernel side so the
-            # two never disagree about what was granted.
-            await self.backend.apply(change.added, change.removed, now=now)
-            raise BackendError(f"lease store: {error}") from error
-        for listener in self.listeners:
-            try:
-                listener(change)
-            except Exception:
-                log.exception("change listener failed")
-
-    async def _commit_or_log(self, change: Change, what: str) -> None:
-        try:
-            await self.commit(change)
+            await self.committer.commit(change, events)
         except BackendError as error:
-            # Removals that the kernel refused stay out of the table: their kernel entries
-            # carry timeouts, and the next start's reconcile removes any leftover.
+            self._changes += 1
+            # The mappings are back in the table, as they are in the kernel: a later
+            # attempt removes them.
             log.error("%s: could not remove %d mappings: %s", what, len(change.removed), error)
+            return False
+        return True
+
+    def _restored(self, mapping: Mapping) -> None:
+        self._changes += 1
+        self._watch_deadline(mapping.expires)
 
     def _watch_deadline(self, expires: float) -> None:
         if self._armed is None or expires < self._armed:
             self._rearm.set()
 
 
-def merge(changes: Iterable[Change]) -> Change:
-    """The net effect of several changes applied in order."""
-    before: dict[MappingKey, Mapping | None] = {}
-    after: dict[MappingKey, Mapping | None] = {}
-    for change in changes:
-        for mapping in change.removed:
-            before.setdefault(mapping.key, mapping)
-            after[mapping.key] = None
-        for mapping in change.added:
-            before.setdefault(mapping.key, None)
-            after[mapping.key] = mapping
-    removed = tuple(m for k, m in before.items() if m is not None and after[k] != m)
-    added = tuple(m for k, m in after.items() if m is not None and before[k] != m)
-    return Change(removed, added)
-
-
-def _settle(pending: _Pending, error: BackendError | None) -> None:
-    if pending.done.done():
-        return
-    if error is None:
-        pending.done.set_result(None)
-    else:
-        pending.done.set_exception(error)
-
-
-__all__ = ["Granted", "Refused", "Service", "merge"]
+__all__ = ["MAX_BATCH", "Granted", "Refused", "Service", "merge"]

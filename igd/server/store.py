@@ -145,6 +145,20 @@ class LeaseStore:
             self._db.executemany(_DELETE, [_key_row(m.key) for m in removed])
             self._db.executemany(_UPSERT, [_row_of(m, clock) for m in added])
 
+    def replace(
+        self, keys: Iterable[MappingKey], mappings: Iterable[Mapping], clock: Clock
+    ) -> None:
+        """Make the rows of these keys hold exactly these mappings (whose keys are among
+        them), atomically, whatever the rows held before."""
+        mappings = list(mappings)
+        kept = {m.key for m in mappings}
+        gone = [_key_row(k) for k in keys if k not in kept]
+        with self._transaction():
+            if gone:
+                self._db.executemany(_DELETE, gone)
+            if mappings:
+                self._db.executemany(_UPSERT, [_row_of(m, clock) for m in mappings])
+
     def clear(self) -> None:
         """Forget every mapping."""
         with self._transaction():

@@ -491,3 +491,47 @@ def test_a_renewal_is_never_refused_for_quota(req: MapRequest) -> None:
         Reason.CLIENT_QUOTA,
         Reason.GATEWAY_QUOTA,
     )
+
+
+def test_a_refused_exact_port_says_whether_another_port_would_do() -> None:
+    carved = policy(
+        '[[rules]]\nname = "no low ports"\naction = "deny"\nexternal_ports = "1-1023"\n' + LAN_ALLOW
+    )
+    low = denied(decide(carved, request(external_port=80, exact_port=True)))
+    assert (low.rule, low.other_port_allowed) == ("no low ports", True)
+    # Without exact_port the same deny rule narrows the choice instead of refusing.
+    assert 80 not in allowed(decide(carved, request(external_port=80))).external_ports
+    ranged = policy(LAN_ALLOW + 'external_ports = "2000-3000"\n')
+    outside = denied(decide(ranged, request(external_port=80, exact_port=True)))
+    assert (outside.rule, outside.other_port_allowed) == ("lan", True)
+    # Refused for more than the port: another port would not help.
+    full = denied(decide(carved, request(external_port=80, exact_port=True), view(10**6)))
+    assert full.reason is Reason.POLICY_DENIED and not full.other_port_allowed
+    nobody = policy('[[rules]]\nname = "no low"\naction = "deny"\nexternal_ports = "1-1023"\n')
+    assert not denied(decide(nobody, request(external_port=80, exact_port=True))).other_port_allowed
+
+
+def view(held: int) -> TableView:
+    class Full:
+        def __len__(self) -> int:
+            return held
+
+        def count_for_client(self, client: IPv4Address) -> int:
+            return held
+
+    return Full()
+
+
+def test_may_manage_is_the_third_party_grant() -> None:
+    grant = policy(
+        '[[rules]]\nname = "admin"\naction = "allow"\nclients = ["192.168.1.2/32"]\n'
+        'via = ["upnp"]\nallow_third_party = true\n' + LAN_ALLOW,
+        'action = "deny"\nmax_mappings_per_client = 1',
+    )
+    admin = IPv4Address("192.168.1.2")
+    assert grant.may_manage(admin, Mechanism.UPNP)
+    assert not grant.may_manage(admin, Mechanism.PCP)  # the rule is for UPnP only
+    assert not grant.may_manage(HOST, Mechanism.UPNP)
+    assert policy(LAN_ALLOW, 'action = "deny"\nsecure_mode = false').may_manage(
+        HOST, Mechanism.UPNP
+    )

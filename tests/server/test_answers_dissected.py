@@ -68,7 +68,7 @@ def build(
         NatPmpHandler(service, external) if natpmp_on else None,
         PcpHandler(service, external) if pcp_on else None,
         RateLimiter(1000.0, 1000),
-        service.epoch,
+        service,
     )
     return server, service
 

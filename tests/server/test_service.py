@@ -2,9 +2,22 @@
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import pytest
+
+from igd.decision import Reason
+from igd.events import (
+    CommitFailed,
+    ExternalAddressChanged,
+    MappingGranted,
+    MappingRemoved,
+    MappingRenewed,
+    RemovalCause,
+    RequestRefused,
+)
 from igd.gateway import Change, Gateway, Granted, Refused
 from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Owner, Protocol
 from igd.policy import Policy
@@ -14,6 +27,7 @@ from igd.server.service import Service, merge
 from igd.server.store import Clock, LeaseStore
 
 CLIENT = IPv4Address("192.168.1.10")
+OTHER = IPv4Address("192.168.1.11")
 ALLOW = '[defaults]\naction = "allow"\nmin_lease = 1\n'
 
 
@@ -113,3 +127,86 @@ async def test_expiry_removes_from_kernel_and_store(tmp_path: Path) -> None:
     assert [m.external_port for m in service.gateway.table] == [4001]
     assert {e.external_port for e in await backend.entries()} == {4001}
     assert [m.external_port for m in store.load(Clock(), now=service.now())] == [4001]
+
+
+async def test_every_outcome_is_published_as_an_event(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
+    feed = service.subscribe("test")
+    granted = await service.map(request(5000))
+    renewed = await service.map(request(5000, lifetime=900))
+    assert isinstance(granted, Granted) and isinstance(renewed, Granted)
+    events, lost = feed.take()
+    assert lost == 0
+    assert events == [
+        MappingGranted(granted.mapping, request(5000), "defaults", ()),
+        MappingRenewed(renewed.mapping, granted.mapping, request(5000, lifetime=900), "defaults"),
+    ]
+    backend.fail_next = BackendError("kernel said no")
+    failed = await service.map(request(5001))
+    assert isinstance(failed, Refused) and failed.deny.reason is Reason.BACKEND_FAILURE
+    commit_failed, refused = feed.take()[0]
+    assert isinstance(commit_failed, CommitFailed) and commit_failed.error == "kernel said no"
+    assert refused == RequestRefused(
+        request(5001), Reason.BACKEND_FAILURE, "gateway", "kernel said no"
+    )
+    await service.remove(service.mappings_of(CLIENT), why="test")
+    assert feed.take()[0] == [MappingRemoved(renewed.mapping, RemovalCause.CLIENT)]
+
+
+async def test_removals_carry_their_cause(tmp_path: Path) -> None:
+    clock = [100.0]
+    service = Service(
+        Gateway(Policy.parse(ALLOW)),
+        MemoryBackend(),
+        LeaseStore(tmp_path / "l"),
+        clock=lambda: clock[0],
+    )
+    for port in (6000, 6001, 6002, 6003):
+        await service.map(request(port, lifetime=10 if port == 6000 else 600))
+    other = replace(request(6004), mechanism=Mechanism.PCP, client=OTHER, internal_address=OTHER)
+    await service.map(other)
+    feed = service.subscribe("test", kinds=(MappingRemoved,))
+    clock[0] += 20
+    assert await service.expire()
+    stricter = Policy.parse(
+        ALLOW + '[[rules]]\nname = "no 6001"\naction = "deny"\ninternal_ports = "6001"\n'
+    )
+    await service.reload(stricter)
+    deleted = await service.delete(MappingKey(Protocol.TCP, 6002))
+    assert deleted is not None and await service.delete(MappingKey(Protocol.TCP, 6002)) is None
+    flushed = await service.flush(client=OTHER)
+    assert [m.owner.client for m in flushed.removed] == [OTHER]
+    causes = [(e.mapping.external_port, e.cause) for e in feed.take()[0]]  # type: ignore[union-attr]
+    assert causes == [
+        (6000, RemovalCause.EXPIRED),
+        (6001, RemovalCause.POLICY_RELOAD),
+        (6002, RemovalCause.ADMIN),
+        (6004, RemovalCause.ADMIN),
+    ]
+    assert [m.external_port for m in service.mappings()] == [6003]
+    await service.flush()
+    assert service.count() == 0
+
+
+async def test_an_address_change_starts_an_epoch_and_is_published(tmp_path: Path) -> None:
+    service = Service(Gateway(Policy.parse(ALLOW)), MemoryBackend(), LeaseStore(tmp_path / "l"))
+    feed = service.subscribe("test")
+    service.epoch_start -= 1000
+    new = IPv4Address("203.0.113.9")
+    service.address_changed(None, new)
+    assert service.epoch() < 5
+    assert feed.take() == ([ExternalAddressChanged(None, new)], 0)
+
+
+async def test_a_failed_removal_keeps_the_mapping_everywhere(tmp_path: Path) -> None:
+    backend = MemoryBackend()
+    store = LeaseStore(tmp_path / "l")
+    service = Service(Gateway(Policy.parse(ALLOW)), backend, store)
+    await service.map(request(7000))
+    backend.fail_next = BackendError("kernel said no")
+    with pytest.raises(BackendError):
+        await service.remove(service.mappings_of(CLIENT), why="test")
+    assert [m.external_port for m in service.mappings()] == [7000]
+    assert {e.external_port for e in await backend.entries()} == {7000}
+    assert [m.external_port for m in store.load(Clock(), now=service.now())] == [7000]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
 import secrets
@@ -15,7 +16,7 @@ import zlib
 from collections.abc import Callable, Sequence
 
 import igd
-from igd.gateway import Change
+from igd.events import ExternalAddressChanged, MappingGranted, MappingRemoved, MappingRenewed
 from igd.proto import description
 from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
 from igd.server.interfaces import ExternalAddress, InternalInterface
@@ -33,6 +34,10 @@ URL_KEY = "upnp_url_token"
 BOOT_KEY = "upnp_boot_id"
 PRODUCT = f"igd-server/{igd.__version__}"
 WAN_IP = ServiceKind.WAN_IP_CONNECTION
+# Service events GENA may have waiting; past it the oldest are dropped, and subscribers are
+# sent every variable those events could have changed.
+FEED_BOUND = 256
+MAPPING_VARIABLES = frozenset({"PortMappingNumberOfEntries", "SystemUpdateID"})
 
 
 def versions_for(igd_version: int | None) -> tuple[int, ...]:
@@ -108,7 +113,11 @@ class UpnpServer:
             server=self.server,
             boot_id=boot_id,
         )
-        service.listeners.append(self._committed)
+        self.feed = service.subscribe(
+            "upnp gena",
+            FEED_BOUND,
+            (MappingGranted, MappingRenewed, MappingRemoved, ExternalAddressChanged),
+        )
 
     async def start(self) -> None:
         """Open the HTTP and SSDP sockets."""
@@ -121,11 +130,29 @@ class UpnpServer:
         )
 
     async def run(self) -> None:
-        """Periodic SSDP announcements (the rest is driven by requests)."""
-        await self.ssdp.run()
+        """Periodic SSDP announcements and GENA events (the rest is driven by requests)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.ssdp.run())
+            group.create_task(self.follow())
+
+    async def follow(self) -> None:
+        """Turn the service's events into GENA notifications of the variables they change."""
+        while True:
+            events, lost = await self.feed.next()
+            names = set(MAPPING_VARIABLES) if lost else set()
+            if lost:
+                self.address_changed()
+            for event in events:
+                if isinstance(event, MappingGranted | MappingRenewed | MappingRemoved):
+                    names |= MAPPING_VARIABLES
+                elif isinstance(event, ExternalAddressChanged):
+                    self.address_changed()
+            if names:
+                self.events.changed(WAN_IP, names)
 
     async def stop(self) -> None:
         """Byebye, then close every socket and subscription."""
+        self.feed.close()
         self.ssdp.close()
         await self.events.close()
         await self.http.close()
@@ -133,10 +160,6 @@ class UpnpServer:
     def address_changed(self) -> None:
         """The external address changed (or appeared, or went away): tell subscribers."""
         self.events.changed(WAN_IP, {"ExternalIPAddress", "ConnectionStatus"})
-
-    def _committed(self, change: Change) -> None:
-        self.actions.table_changed()
-        self.events.changed(WAN_IP, {"PortMappingNumberOfEntries", "SystemUpdateID"})
 
     def _value(self, tree: DeviceTree, name: str) -> str | None:
         return self.actions.value(tree, name)

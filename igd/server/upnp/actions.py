@@ -39,8 +39,6 @@ class Actions:
         self.clock = clock
         self.started = clock()
         self.mappings = MappingActions(service, external)
-        self.system_update_id = 1
-        """WANIPConnection:2 SystemUpdateID: bumped whenever the mapping table changes."""
 
     async def invoke(
         self,
@@ -183,7 +181,7 @@ class Actions:
             "RSIPAvailable": lambda: False,
             "NATEnabled": lambda: True,
             "ExternalIPAddress": lambda: str(current) if current else "",
-            "PortMappingNumberOfEntries": lambda: min(0xFFFF, len(self.service.gateway.table)),
+            "PortMappingNumberOfEntries": lambda: min(0xFFFF, self.service.count()),
             "SystemUpdateID": lambda: self.system_update_id,
             "WANAccessType": lambda: "Ethernet",
             "PhysicalLinkStatus": self.physical_link_status,
@@ -205,10 +203,10 @@ class Actions:
     def uptime(self) -> int:
         return int(self.clock() - self.started) & 0xFFFFFFFF
 
-    def table_changed(self) -> None:
-        """A committed change: bump SystemUpdateID, drop cached listing orders."""
-        self.system_update_id = self.system_update_id % 0xFFFFFFFF + 1
-        self.mappings.changed()
+    @property
+    def system_update_id(self) -> int:
+        """WANIPConnection:2 SystemUpdateID: changes whenever the mapping table changes."""
+        return self.service.changes % 0xFFFFFFFF + 1
 
     def _counters(self) -> link.Counters:
         return link.counters(self.external_interface)

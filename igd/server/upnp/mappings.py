@@ -13,8 +13,6 @@ from ipaddress import IPv4Address
 
 from igd.gateway import Refused
 from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Protocol
-from igd.policy import Action as RuleAction
-from igd.policy import Policy
 from igd.proto.description import MAX_LEASE_V2, ArgumentValue
 from igd.proto.soap import escape
 from igd.server.backends import BackendError
@@ -22,7 +20,6 @@ from igd.server.interfaces import ExternalAddress
 from igd.server.service import Service
 from igd.server.upnp import errors
 from igd.server.upnp.errors import UpnpError
-from igd.table import MappingTable
 
 log = logging.getLogger("igd.upnp")
 
@@ -36,39 +33,19 @@ MAX_CACHED_VIEWS = 256
 PORT_LISTING_NS = "urn:schemas-upnp-org:gw:WANIPConnection"
 
 
-def may_manage(policy: Policy, client: IPv4Address) -> bool:
-    """Whether a client may see and remove other clients' mappings (NewManage = 1).
-
-    The same grant as third-party mapping: secure mode off, or an allow rule that matches
-    the client over UPnP and sets allow_third_party.
-    """
-    if not policy.defaults.secure_mode:
-        return True
-    return any(
-        rule.action is RuleAction.ALLOW
-        and rule.allow_third_party
-        and (rule.clients is None or any(client in net for net in rule.clients))
-        and (rule.via is None or Mechanism.UPNP in rule.via)
-        for rule in policy.rules
-    )
-
-
 class MappingActions:
     """AddPortMapping and friends for one gateway."""
 
     def __init__(self, service: Service, external: ExternalAddress) -> None:
         self.service = service
         self.external = external
-        self.generation = 0
-        """Bumped on every committed change; invalidates the per-client listing orders."""
         self._views: OrderedDict[IPv4Address, tuple[int, list[MappingKey]]] = OrderedDict()
-
-    @property
-    def table(self) -> MappingTable:
-        return self.service.gateway.table
+        """Per-client listing orders, each valid while the service's change count stays."""
 
     def manager(self, client: IPv4Address) -> bool:
-        return may_manage(self.service.gateway.policy, client)
+        """Whether a client may see and remove other clients' mappings (NewManage = 1): the
+        policy's third-party grant."""
+        return self.service.may_manage(client, Mechanism.UPNP)
 
     # -- adding ------------------------------------------------------------------------------
 
@@ -116,7 +93,7 @@ class MappingActions:
         if lease == 0:
             # IGD v1: 0 asks for a permanent mapping. We grant the longest lease the policy
             # allows (it clamps what we ask); the control point renews or re-adds after it.
-            return self.service.gateway.policy.defaults.max_lease
+            return self.service.max_lease()
         return lease
 
     # -- removing ----------------------------------------------------------------------------
@@ -128,7 +105,7 @@ class MappingActions:
             int(args["NewExternalPort"]),
             remote_host(str(args["NewRemoteHost"])),
         )
-        mapping = self.table.get(key)
+        mapping = self.service.holder(key)
         if mapping is None:
             raise UpnpError(errors.NO_SUCH_ENTRY, "no such mapping")
         if mapping.owner.client != client and not self.manager(client):
@@ -153,12 +130,8 @@ class MappingActions:
     def generic_entry(self, index: int, client: IPv4Address) -> Out:
         """GetGenericPortMappingEntry: O(1) per index for a manager (the table's own order),
         and over the client's own mappings, in a cached order, for everyone else."""
-        mapping = None
         if self.manager(client):
-            try:
-                mapping = self.table.entry(index)
-            except IndexError:
-                pass
+            mapping = self.service.entry(index)
         else:
             mapping = self._own_entry(index, client)
         if mapping is None:
@@ -177,7 +150,7 @@ class MappingActions:
             int(args["NewExternalPort"]),
             remote_host(str(args["NewRemoteHost"])),
         )
-        mapping = self.table.get(key)
+        mapping = self.service.holder(key)
         if mapping is None or (mapping.owner.client != client and not self.manager(client)):
             raise UpnpError(errors.NO_SUCH_ENTRY, "no such mapping")
         return self._body(mapping)
@@ -222,18 +195,20 @@ class MappingActions:
         # A listing asked with NewManage = 1 by a client without the grant shows its own
         # mappings (upnpc -L always asks for all); a range deletion is refused instead.
         if manage:
-            table = self.table
-            if end - start + 1 < len(table):
-                found = [m for p in range(start, end + 1) for m in table.port_users(protocol, p)]
+            service = self.service
+            if end - start + 1 < service.count():
+                found = [m for p in range(start, end + 1) for m in service.on_port(protocol, p)]
             else:
                 found = [
-                    m for m in table if m.protocol is protocol and start <= m.external_port <= end
+                    m
+                    for m in service.mappings()
+                    if m.protocol is protocol and start <= m.external_port <= end
                 ]
         else:
             # Without NewManage only the caller's own mappings, whatever the policy grants.
             found = [
                 m
-                for m in self.table.by_client(client)
+                for m in self.service.mappings_of(client)
                 if m.protocol is protocol and start <= m.external_port <= end
             ]
         if not found:
@@ -250,25 +225,18 @@ class MappingActions:
         ]
 
     def _own_entry(self, index: int, client: IPv4Address) -> Mapping | None:
-        for _ in range(2):
-            cached = self._views.get(client)
-            if cached is None or cached[0] != self.generation:
-                keys = [m.key for m in sorted(self.table.by_client(client), key=_order)]
-                self._views[client] = cached = (self.generation, keys)
-                if len(self._views) > MAX_CACHED_VIEWS:
-                    self._views.popitem(last=False)
-            self._views.move_to_end(client)
-            if not 0 <= index < len(cached[1]):
-                return None
-            mapping = self.table.get(cached[1][index])
-            if mapping is not None and mapping.owner.client == client:
-                return mapping
-            self.generation += 1  # the table moved ahead of the last commit: rebuild once
-        return None
-
-    def changed(self) -> None:
-        """A change was committed: listing orders are stale."""
-        self.generation += 1
+        generation = self.service.changes
+        cached = self._views.get(client)
+        if cached is None or cached[0] != generation:
+            keys = [m.key for m in sorted(self.service.mappings_of(client), key=_order)]
+            self._views[client] = cached = (generation, keys)
+            if len(self._views) > MAX_CACHED_VIEWS:
+                self._views.popitem(last=False)
+        self._views.move_to_end(client)
+        if not 0 <= index < len(cached[1]):
+            return None
+        mapping = self.service.holder(cached[1][index])
+        return mapping if mapping is not None and mapping.owner.client == client else None
 
 
 def remote_host(text: str) -> IPv4Address | None:

@@ -134,6 +134,10 @@ class SsdpResponder:
             await asyncio.sleep(self.rng.uniform(ssdp.MAX_AGE / 4, ssdp.MAX_AGE / 2))
             self._announce(ssdp.ALIVE)
 
+    def attach(self, interface: InternalInterface, transport: asyncio.DatagramTransport) -> None:
+        """Serve an interface through this transport (start() opens real ones)."""
+        self._transports[interface.name] = transport
+
     def close(self) -> None:
         """Say byebye and stop."""
         self._announce(ssdp.BYEBYE)

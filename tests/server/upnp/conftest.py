@@ -16,10 +16,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     made = Rig.make(tmp_path)
     await made.upnp.http.start([made.upnp.interfaces[0]])
     committer = asyncio.create_task(made.service.run_committer())
+    follower = asyncio.create_task(made.upnp.follow())
     try:
         yield made
     finally:
         committer.cancel()
+        follower.cancel()
         await made.session.close()
         await made.upnp.events.close()
         await made.upnp.http.close()
