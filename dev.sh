@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 # What the lab and its tests run: ip, nft, natpmpc, upnpc, miniupnpd (the reference
-# gateway), conntrack, socat, ping, sysctl/pgrep.
+# gateway), conntrack, socat, ping, sysctl/pgrep; systemd-analyze (package systemd: it
+# verifies the shipped unit and needs no running systemd) and setpriv (util-linux: the lab
+# test that starts the daemon with the unit's capabilities only).
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -24,6 +26,8 @@ APT_PACKAGES=(
     socat
     iputils-ping
     procps
+    systemd
+    util-linux
 )
 
 die() {
