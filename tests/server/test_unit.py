@@ -62,7 +62,7 @@ def test_init_writes_valid_commented_examples(tmp_path: Path) -> None:
     assert config.policy_file == tmp_path / "etc" / "policy.toml"
     assert len(Policy.load(config.policy_file).rules) == 3
     text = (tmp_path / "etc" / "config.toml").read_text()
-    assert "# wait_for_interfaces = false" in text and "# level = \"info\"" in text
+    assert "# wait_for_interfaces = false" in text and '# level = "info"' in text
 
 
 def test_init_never_overwrites(tmp_path: Path) -> None:
