@@ -249,3 +249,46 @@ def test_daemon_started_as_the_unit_does_maps_a_port(lab: Lab, shared_dir: Path)
     log = lab.gateway_log()
     assert "Traceback" not in log
     assert (state / "leases.sqlite").stat().st_uid == NOBODY
+
+
+def test_lab_up_serves_upnpc_out_of_the_box() -> None:
+    """`./dev.sh lab up`, then the printed commands: upnpc finds a valid IGD and maps."""
+    prefix = f"igdup{os.urandom(3).hex()}"
+    lab_cli = [sys.executable, "-m", "lab"]
+    repo = Path(__file__).resolve().parents[2]
+    up = subprocess.run(
+        [*lab_cli, "up", "--prefix", prefix], capture_output=True, text=True, cwd=repo, timeout=60
+    )
+    gateway = None
+    try:
+        assert up.returncode == 0, up.stderr
+        start = next(line for line in up.stdout.splitlines() if "Start the gateway:" in line)
+        argv = start.split("./dev.sh lab exec", 1)[1].split()
+        ask = next(line for line in up.stdout.splitlines() if "upnpc -m eth0 -a" in line)
+        gateway = subprocess.Popen(
+            [*lab_cli, "exec", *argv],
+            cwd=repo,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        upnpc = [*lab_cli, "exec", "--prefix", prefix, "lan1", "--", "upnpc", "-m", "eth0"]
+        deadline = time.monotonic() + 20
+        while True:
+            status = subprocess.run([*upnpc, "-s"], capture_output=True, text=True, cwd=repo)
+            if "Found valid IGD" in status.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert "Found valid IGD" in status.stdout, status.stdout
+        mapped = subprocess.run(
+            [*lab_cli, "exec", *ask.split("./dev.sh lab exec", 1)[1].split()],
+            capture_output=True,
+            text=True,
+            cwd=repo,
+        )
+        assert "is redirected to internal" in mapped.stdout, mapped.stdout
+    finally:
+        if gateway is not None:
+            os.killpg(gateway.pid, 15)
+            gateway.wait(10)
+        subprocess.run([*lab_cli, "down", "--prefix", prefix], cwd=repo, capture_output=True)
