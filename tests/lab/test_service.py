@@ -243,6 +243,9 @@ def test_daemon_started_as_the_unit_does_maps_a_port(lab: Lab, shared_dir: Path)
         assert "hello" in connect(lab, "wan1", lab.gateway.external_address, 9100)
         status = lab.run("gw", ["cat", f"/proc/{daemon.pid}/status"]).stdout
         assert f"Uid:\t{NOBODY}\t{NOBODY}" in status
+        daemon.send_signal(1)  # SIGHUP, what ExecReload sends: the policy is read again
+        assert manager.recv(1024).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert manager.recv(1024).startswith(b"READY=1\nSTATUS=serving 1 mappings")
         daemon.terminate()
         assert manager.recv(1024) == b"STOPPING=1"
         assert daemon.wait(EXIT_TIMEOUT) == 0
