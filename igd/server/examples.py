@@ -96,10 +96,7 @@ def current_executable() -> str:
 
 
 def write_examples(directory: Path, found: Detected) -> list[tuple[Path, bool]]:
-    """Write config.toml and policy.toml into `directory`; (path, written) for each.
-
-    An existing file is never replaced: written is False for it.
-    """
+    """Write config.toml and policy.toml into `directory` unless present; (path, written)."""
     directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
     results = []

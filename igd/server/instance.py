@@ -136,10 +136,7 @@ def lock_holder(path: Path, fd: int) -> int | None:
 
 
 def interface_problems(external: str, internal: Iterable[str], *, need_address: bool) -> list[str]:
-    """What keeps the daemon from serving: missing interfaces or ones without IPv4.
-
-    `need_address`: the external address is read from the interface (no override).
-    """
+    """Missing interfaces, or ones without IPv4 (external: only when `need_address`)."""
     problems = []
     present = {name for _, name in socket.if_nameindex()}
     # With network.external_address the interface only names where DNAT applies (nftables
