@@ -1,10 +1,10 @@
 """One igd-server per network namespace and per state directory; start-up checks that run
 before the kernel or any socket is touched.
 
-Two `flock` locks, taken before anything else: one on `<state directory>/igd-server.lock`
-(the lease store and the control socket live there), one on `<run directory>/net-<inode>.lock`
-keyed on the network namespace (its nftables tables, UDP 5351 and the UPnP ports are per
-namespace). A second instance, `--dry-run` or not, whatever its state directory or table name,
+Two `flock` locks, taken before anything else: one on `<run directory>/net-<inode>.lock` keyed
+on the network namespace (its nftables tables, UDP 5351 and the UPnP ports are per namespace),
+one on `<state directory>/igd-server.lock` (the lease store and the control socket live
+there). A second instance, `--dry-run` or not, whatever its state directory or table name,
 finds one of them held and refuses to start, naming the holder's pid. The kernel drops a
 `flock` when its holder dies, so a crashed daemon leaves no stale lock behind.
 """
@@ -67,10 +67,9 @@ class InstanceLock:
 def acquire(state_directory: Path, *, run_dir: Path | None = None) -> InstanceLock:
     """Take both instance locks or raise AlreadyRunning / StartError, holding none."""
     run_dir = run_directory() if run_dir is None else run_dir
-    paths = [
-        state_directory / STATE_LOCK,
-        run_dir / f"net-{namespace_key()}.lock",
-    ]
+    # The namespace's first: a second instance with a state directory of its own then leaves
+    # nothing there either.
+    paths = [run_dir / f"net-{namespace_key()}.lock", state_directory / STATE_LOCK]
     held = InstanceLock([], [])
     try:
         for path in paths:

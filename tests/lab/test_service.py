@@ -66,6 +66,7 @@ def test_second_instance_refuses_and_touches_nothing(lab: Lab, gateway: StartGat
         assert f"pid {live.pid} holds" in second.stderr
         assert len(second.stderr.splitlines()) == 1
     # The live daemon still owns its socket, its control socket, its kernel entries.
+    assert not (lab.workdir / "other-state").exists()
     assert listed_ports(lab, live_config) == [9000]
     assert connect(lab, "wan1", lab.gateway.external_address, 9000) == wan_view
     assert tables(lab) == ["igd"]
