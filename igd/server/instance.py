@@ -25,6 +25,7 @@ from igd.server.interfaces import bind_to_device, ipv4_interfaces
 RUN_DIRECTORY = Path("/run/igd")
 """Where the namespace lock lives; systemd's RUNTIME_DIRECTORY (RuntimeDirectory=igd) wins."""
 STATE_LOCK = "igd-server.lock"
+LOCK_TRIES = 5
 NETNS = Path("/proc/self/ns/net")
 
 
@@ -57,7 +58,13 @@ class InstanceLock:
     paths: list[Path]
 
     def release(self) -> None:
-        """Unlock and close; idempotent."""
+        """Remove the namespace's lock file, unlock and close; idempotent."""
+        if self.fds and self.paths:
+            # Still held here, so no one else holds it; whoever opened it meanwhile finds it
+            # unlinked after taking it and starts over (`_lock`). The state directory's file
+            # stays: it is one per directory, not one per namespace ever used.
+            with contextlib.suppress(OSError):
+                self.paths[0].unlink()
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -83,16 +90,31 @@ def acquire(state_directory: Path, *, run_dir: Path | None = None) -> InstanceLo
 
 def _lock(path: Path) -> int:
     """flock `path` (created if missing) exclusively without waiting; its fd."""
+    for _ in range(LOCK_TRIES):
+        fd = _lock_once(path)
+        try:
+            same = os.fstat(fd).st_ino == path.stat().st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed the file between our open and our flock
+    raise StartError(f"the instance lock {path} keeps being replaced")
+
+
+def _lock_once(path: Path) -> int:
     try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # 0700: the state directory holds who mapped what, and the control socket.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise StartError(f"cannot create {path.parent} for the instance lock: {error}") from None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # 0600: flock needs only a readable file, so a lock file others can read is one any
+        # local user could hold to keep the daemon from starting.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         writable = True
     except PermissionError:
-        # A lock file left by another user (root before a DynamicUser service, say):
-        # flock needs no write access.
+        # A lock file of another user that this one may read: flock needs no write access.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
@@ -110,6 +132,8 @@ def _lock(path: Path) -> int:
             f"another igd-server is running ({who} holds {path}); stop it first"
         ) from None
     if writable:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o600)  # a file left by an older version may be readable by others
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
     return fd

@@ -4,9 +4,11 @@ notifications, one-line log records."""
 import io
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from igd.server.instance import AlreadyRunning, Port, StartError, acquire, check
 
 HOLD = """
 import sys
+import tempfile
 from pathlib import Path
 from igd.server.instance import acquire
 lock = acquire(Path(sys.argv[1]), run_dir=Path(sys.argv[2]))
@@ -131,3 +134,33 @@ def test_under_systemd_without_journal_no_timestamp(monkeypatch: pytest.MonkeyPa
     systemd.setup_logging(logging.INFO, stream)
     logging.getLogger("igd.test").info("ready")
     assert stream.getvalue() == "INFO igd.test: ready\n"
+
+
+def test_an_unprivileged_user_cannot_hold_the_lock(tmp_path: Path) -> None:
+    # A directory everyone may enter (pytest's own is root's, 0700), as /run/igd is.
+    run_dir = Path(tempfile.mkdtemp(prefix="igd-lock-"))
+    try:
+        run_dir.chmod(0o755)
+        held = acquire(run_dir / "state", run_dir=run_dir)
+        lock = held.paths[0]
+        assert (lock.stat().st_mode & 0o777, (run_dir / "state").stat().st_mode & 0o777) == (
+            0o600,
+            0o700,
+        )
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        # Not "already locked": the user cannot even open the file, held or not.
+        tried = subprocess.run(
+            [*nobody, "flock", "--nonblock", str(lock), "true"], capture_output=True, text=True
+        )
+        held.release()
+        assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried.stderr
+    finally:
+        shutil.rmtree(run_dir)
+
+
+def test_a_clean_stop_removes_the_namespace_lock_file(tmp_path: Path) -> None:
+    lock = acquire(tmp_path / "state", run_dir=tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [lock.paths[0].name]
+    lock.release()
+    assert list((tmp_path / "run").iterdir()) == []
+    acquire(tmp_path / "state", run_dir=tmp_path / "run").release()  # and can be taken again
