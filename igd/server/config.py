@@ -93,6 +93,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "extra_external_addresses": (_addresses, ()),
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
+        "wait_for_interfaces": (boolean, False),
     },
     "state": {"directory": (string, "/var/lib/igd")},
     "policy": {"file": (string, "/etc/igd/policy.toml")},
@@ -113,6 +114,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "burst_per_client": (integer(1), 1000),
     },
     "control": {"socket": (string, None)},
+    "log": {"level": (_choice("debug", "info", "warning", "error"), "info")},
 }
 
 
@@ -132,6 +134,8 @@ class Config:
     """Further addresses whose inbound packets mappings apply to (besides the interface's)."""
     allow_private_external: bool
     address_poll_interval: float
+    wait_for_interfaces: bool
+    """Wait at start for missing interfaces and addresses instead of refusing to start."""
     state_directory: Path
     policy_file: Path
     natpmp_enabled: bool
@@ -147,6 +151,7 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    log_level: str
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -187,6 +192,7 @@ class Config:
             extra_external_addresses=net["extra_external_addresses"],
             allow_private_external=net["allow_private_external"],
             address_poll_interval=net["address_poll_interval"],
+            wait_for_interfaces=net["wait_for_interfaces"],
             state_directory=state,
             policy_file=base / values["policy"]["file"],
             natpmp_enabled=values["natpmp"]["enabled"],
@@ -201,4 +207,5 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            log_level=values["log"]["level"],
         )

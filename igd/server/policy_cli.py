@@ -28,7 +28,11 @@ DEFAULT_LIFETIME = 7200
 def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `policy` command and its `check` and `explain` subcommands."""
     policy = subparsers.add_parser(
-        "policy", help="check a policy file or explain its decisions", description=__doc__
+        "policy",
+        help="check a policy file or explain its decisions",
+        description="Check policy files for mistakes, or show which rule decides a request and"
+        " why. The policy file says which LAN clients may map which ports; reference:"
+        " docs/policy.md.",
     )
     commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
 
