@@ -97,6 +97,7 @@ async def ssdp_search(
     mx: int = 1,
     settle: float = SETTLE,
     cutoff: asyncio.Event | None = None,
+    only_gateway: bool = False,
 ) -> list[SsdpReply]:
     """Search for IGDs; return the distinct ones (by LOCATION), best first.
 
@@ -105,6 +106,7 @@ async def ssdp_search(
     multicast (some answer `ssdp:all` with their first descriptor only, Tailscale #3557).
     Returns `settle` seconds after the first IGD answer, after `budget` seconds, or when
     `cutoff` is set with no answer yet (the probe sets it once NAT-PMP or PCP answered).
+    With `only_gateway` (the user named the gateway), devices elsewhere are ignored.
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -116,6 +118,11 @@ async def ssdp_search(
             return
         location = str(headers.get_lower("location"))
         if location in replies:
+            return
+        if only_gateway and urlsplit(location).hostname != str(gateway):
+            # A named gateway is the only device used: another IGD on the LAN (a second
+            # router, a repeater) answering the multicast search would map on the wrong box.
+            log.debug("ignoring the IGD at %s: not on the gateway %s", location, gateway)
             return
         boot = headers.get_lower("bootid.upnp.org")
         replies[location] = SsdpReply(

@@ -44,11 +44,16 @@ class PortMappingError(Exception):
         mechanism: Mechanism | None = None,
         code: int | None = None,
         retry_after: float | None = None,
+        error_lifetime: float | None = None,
     ) -> None:
         super().__init__(message)
         self.mechanism = mechanism
         self.code = code
         self.retry_after = retry_after
+        """Seconds after which the same request may succeed; only on transient errors."""
+        self.error_lifetime = error_lifetime
+        """PCP: how long the gateway's answer holds (RFC 6887 §7.4): do not repeat the
+        same request sooner, whatever the error (a refusal stays a refusal after it)."""
 
 
 class NoGatewayError(PortMappingError):
@@ -119,8 +124,12 @@ class UnsupportedVersion(Unsupported):
         mechanism: Mechanism | None = None,
         code: int | None = None,
         retry_after: float | None = None,
+        error_lifetime: float | None = None,
     ) -> None:
-        super().__init__(message, mechanism=mechanism, code=code, retry_after=retry_after)
+        super().__init__(
+            message, mechanism=mechanism, code=code, retry_after=retry_after,
+            error_lifetime=error_lifetime,
+        )  # fmt: skip
         self.version = version
 
 

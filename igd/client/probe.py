@@ -124,12 +124,20 @@ async def probe_upnp(
     local: IPv4Address,
     budget: float,
     cutoff: asyncio.Event | None = None,
+    only_gateway: bool = False,
 ) -> tuple[MechanismReport, UpnpIgdClient | None, list[SsdpReply]]:
     """SSDP search, then the best IGD's description and external address."""
     started = time.monotonic()
-    replies = await ssdp_search(gateway, local=local, budget=budget, cutoff=cutoff)
+    replies = await ssdp_search(
+        gateway, local=local, budget=budget, cutoff=cutoff, only_gateway=only_gateway
+    )
     if not replies:
-        return MechanismReport(Mechanism.UPNP, False, error="no IGD answered SSDP"), None, []
+        where = f" on {gateway}" if only_gateway else ""
+        return (
+            MechanismReport(Mechanism.UPNP, False, error=f"no IGD answered SSDP{where}"),
+            None,
+            [],
+        )
     errors = []
     for reply in replies[:MAX_DESCRIPTIONS]:
         left = max(0.5, budget - (time.monotonic() - started))
@@ -155,8 +163,10 @@ async def probe(
     pcp: PcpClient,
     mechanisms: Sequence[Mechanism] = DEFAULT_PREFERENCE,
     budget: float = 2.0,
+    only_gateway: bool = False,
 ) -> ProbeResult:
-    """Probe every mechanism in `mechanisms` at once (and only those); rank them."""
+    """Probe every mechanism in `mechanisms` at once (and only those); rank them.
+    `only_gateway`: UPnP devices other than `gateway` are ignored."""
     started = time.monotonic()
     await pcp.open()
     local = pcp.local_address
@@ -167,7 +177,7 @@ async def probe(
 
     async def run_upnp() -> MechanismReport:
         nonlocal upnp, ssdp
-        report, upnp, ssdp = await probe_upnp(gateway, local, budget, cutoff)
+        report, upnp, ssdp = await probe_upnp(gateway, local, budget, cutoff, only_gateway)
         return report
 
     async def answered(report: Awaitable[MechanismReport]) -> MechanismReport:

@@ -18,7 +18,7 @@ import pytest
 from lab import Lab
 from lab.bench_client import client_python
 from lab.demo import DemoError, connect, start_service, wait_for_gateway
-from tests.lab.client_run import IGD, igd, renew_script
+from tests.lab.client_run import IGD, igd, renew_script, state_file
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "lab.toml"
@@ -240,7 +240,8 @@ def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
 
 def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
     lab.stop_gateway()
-    proc = lab.run("lan1", [IGD, "--timeout", "0.5", "probe"], check=False, timeout=60)
+    argv = [IGD, "--timeout", "0.5", "--state-file", state_file(lab), "probe"]
+    proc = lab.run("lan1", argv, check=False, timeout=60)
     assert proc.returncode == 3
 
 

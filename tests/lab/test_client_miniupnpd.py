@@ -15,7 +15,7 @@ from lab import Lab
 from lab.bench_client import CLIENT_OPTIONS, client_python
 from lab.demo import DemoError, connect, start_service
 from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
-from tests.lab.client_run import IGD, igd, renew_script
+from tests.lab.client_run import IGD, igd, renew_script, state_file
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,10 @@ def test_probe_finds_all_three_and_a_public_address(lab: Lab) -> None:
 def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(
     lab: Lab, mini: Miniupnpd, via: str
 ) -> None:
+    argv = [IGD, "--json", "--state-file", state_file(lab), "map", "8080/tcp", "--via", via]
     proc = lab.popen(
         "lan1",
-        [IGD, "--json", "map", "8080/tcp", "--via", via, "--lifetime", "300", "--keep"],
+        [*argv, "--lifetime", "300", "--keep"],
         stdout=subprocess.PIPE,
         text=True,
     )
