@@ -18,12 +18,13 @@ from igd.client.errors import (
     UnsupportedVersion,
     UpstreamNat,
 )
-from igd.client.mapper import PortMapper
+from igd.client.mapper import MapCall, PortMapper
 from igd.client.mapping import EventKind, Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult
 from igd.client.selection import AddressKind, Verdict
+from igd.client.state import Record, StateFile
 from igd.client.sync import SyncMapping, SyncPortMapper
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -34,6 +35,7 @@ __all__ = [
     "EventKind",
     "GatewayTimeout",
     "InvalidRequest",
+    "MapCall",
     "Mapping",
     "MappingEvent",
     "MappingRefused",
@@ -50,6 +52,8 @@ __all__ = [
     "ProbeResult",
     "Protocol",
     "ProtocolError",
+    "Record",
+    "StateFile",
     "SyncMapping",
     "SyncPortMapper",
     "TemporaryFailure",

@@ -164,12 +164,13 @@ def _error_dict(exc: PortMappingError, code: int) -> dict[str, Any]:
 async def _run(args: argparse.Namespace) -> int:
     # --timeout bounds the whole command (probe, requests, closing); `map --keep` lifts the
     # bound once the mapping exists.
-    async with asyncio.timeout(args.timeout) as scope:
-        try:
+    scope = asyncio.timeout(args.timeout)
+    try:
+        async with scope:
             return await _command(args, scope)
-        except TimeoutError:
-            if not scope.expired():
-                raise
+    except TimeoutError:
+        if not scope.expired():
+            raise
     raise GatewayTimeout(f"{args.command}: no result within --timeout {args.timeout:g} s")
 
 

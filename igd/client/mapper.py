@@ -58,14 +58,14 @@ T = TypeVar("T")
 
 async def bounded(work: Awaitable[T], timeout: float | None, what: str) -> T:
     """`work`, or GatewayTimeout once `timeout` seconds have passed (None: no bound)."""
-    async with asyncio.timeout(timeout) as scope:
-        try:
+    scope = asyncio.timeout(timeout)
+    try:
+        async with scope:
             return await work
-        except TimeoutError:
-            if scope.expired():
-                raise GatewayTimeout(f"{what}: no answer within {timeout:g} s") from None
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    except TimeoutError:
+        if scope.expired():
+            raise GatewayTimeout(f"{what}: no answer within {timeout:g} s") from None
+        raise
 
 
 class MapCall:
@@ -450,23 +450,23 @@ class PortMapper:
         protocol: Protocol | str = Protocol.TCP,
         *,
         timeout: float | None = None,
-    ) -> Record | Mapping | None:
+    ) -> bool:
         """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
-        run left in the state file; what was deleted, None if neither knew one."""
+        run left in the state file; False if neither knew one."""
         return await bounded(self._unmap(internal_port, Protocol(protocol)), timeout, "unmap")
 
-    async def _unmap(self, internal_port: int, protocol: Protocol) -> Record | Mapping | None:
+    async def _unmap(self, internal_port: int, protocol: Protocol) -> bool:
         for mapping in self.mappings:
             if (mapping.protocol, mapping.internal_port) == (protocol, internal_port):
                 await mapping.release()
-                return mapping
+                return True
         local = await self.local_address()
         spec = MapSpec(protocol, internal_port, local, 1)
         record = self._stored(spec)
         if record is None:
-            return None
+            return False
         await self._delete_stored(spec, record)
-        return record
+        return True
 
     async def list(self, *, timeout: float | None = None) -> list[UpnpEntry]:
         """The router's UPnP mapping list (all hosts)."""

@@ -212,7 +212,7 @@ class SyncPortMapper:
         protocol: Protocol | str = Protocol.TCP,
         *,
         timeout: float | None = None,
-    ) -> Record | Mapping | None:
+    ) -> bool:
         """Delete the mapping held or remembered for `internal_port` (see PortMapper.unmap)."""
         return self._run(self._mapper.unmap(internal_port, protocol, timeout=timeout))
 
