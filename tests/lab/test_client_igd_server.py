@@ -10,6 +10,7 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,10 @@ def test_policy_refusal_is_a_typed_error_and_exit_code_4(lab: Lab, via: str) -> 
     )  # fmt: skip
     if via == "upnp":
         assert error["code"] == 606  # IGD:2 Action Not Authorized
+    # A policy refusal is not "try again later" (RFC 6887 §7.4: it holds for its lifetime).
+    assert error["retry_after"] is None
+    if via == "pcp":
+        assert error["error_lifetime"] > 0
     assert kernel_ports(lab) == []
     assert "refused" in lab.gateway_log()
 
@@ -238,6 +243,108 @@ def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
     assert kernel_ports(lab) == []
 
 
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp", ""])
+def test_cli_map_twice_refreshes_and_list_unmap_work_across_runs(lab: Lab, via: str) -> None:
+    forced = ["--via", via] if via else []
+    code, first = igd(lab, "map", "8080/tcp", *forced, "--lifetime", "300")
+    assert code == 0, first
+    port, mechanism = first["external_port"], first["mechanism"]
+    assert mechanism == (via or "pcp")
+    # The lease end, wall clock: what a user compares with `date`.
+    left = datetime.fromisoformat(first["expires_at"]) - datetime.now(UTC)
+    assert 290 < left.total_seconds() <= 301 and 290 < first["remaining"] <= 300
+    # A second run refreshes the same mapping (PCP: same nonce; a new one is refused).
+    code, second = igd(lab, "map", "8080/tcp", *forced, "--lifetime", "300")
+    assert code == 0, second
+    assert (second["mechanism"], second["external_port"], second["nonce"]) == (
+        mechanism, port, first["nonce"],
+    )  # fmt: skip
+    assert any("earlier run" in note for note in second["notes"])
+    assert kernel_ports(lab) == [port]
+    code, rows = igd(lab, "list")  # this user's mappings, whatever the mechanism
+    assert code == 0
+    assert [(r["mechanism"], r["internal_port"], r["external_port"]) for r in rows] == [
+        (mechanism, 8080, port)
+    ]
+    assert igd(lab, "unmap", "8080/tcp")[0] == 0  # no --via, no --nonce: the state knows
+    assert kernel_ports(lab) == []
+    assert igd(lab, "list") == (0, [])
+
+
+# In the lab's LAN, where no host answers (the packets stay in the test's namespaces).
+ABSENT = "192.168.77.99"
+
+
+def test_timeout_bounds_the_whole_command(lab: Lab) -> None:
+    started = time.monotonic()
+    code, error = igd(
+        lab, "--timeout", "1", "--gateway", ABSENT, "map", "8080/tcp", "--via", "natpmp"
+    )
+    assert time.monotonic() - started < 5  # was 30 s: the library's request timeout
+    assert (code, error["type"], error["advice"]) == (3, "GatewayTimeout", "check-network")
+
+
+def test_a_named_gateway_is_the_only_one_used(lab: Lab) -> None:
+    # igd-server on the real gateway answers the multicast SSDP search; it must not be used
+    # when the user named another address.
+    code, error = igd(lab, "map", "8080/tcp", "--via", "upnp", "--gateway", ABSENT)
+    assert code == 3, error
+    assert ABSENT in error["error"]
+    assert kernel_ports(lab) == []
+    code, report = igd(lab, "probe", "--gateway", ABSENT, "--timeout", "3")
+    assert (code, report["chosen"]) == (3, None)
+    assert not report["mechanisms"]["upnp"]["available"]
+    assert report["upnp_devices"] == []
+
+
+_ASYNC_WITH = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper(**json.loads(sys.argv[1])) as pm:
+        async with pm.map(8080, "tcp", lifetime=600) as m:
+            again = await pm.map(8080, "tcp", lifetime=600)
+            probed = pm.last_probe and sorted(r.mechanism.value for r in pm.last_probe.reports)
+            print(json.dumps({"mechanism": m.mechanism.value, "port": m.external_port,
+                              "same": again is m, "probed": probed}), flush=True)
+            sys.stdin.readline()
+        print(json.dumps({"held": len(pm.mappings)}), flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "mechanism", "probed"),
+    [
+        ({}, "pcp", ["natpmp", "pcp", "upnp"]),
+        ({"disable": ["pcp", "natpmp"]}, "upnp", ["upnp"]),
+        ({"force": "natpmp"}, "natpmp", None),  # forced: no probe at all
+    ],
+)
+def test_async_with_releases_and_mechanisms_can_be_turned_off_or_forced(
+    lab: Lab, options: dict[str, Any], mechanism: str, probed: list[str] | None
+) -> None:
+    proc = lab.python_popen(
+        "lan1", ["-c", _ASYNC_WITH, json.dumps(options)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the client did not map in time"
+    inside = json.loads(proc.stdout.readline())
+    # Mapping the same port again in one process gives the same mapping, not a refusal.
+    assert (inside["mechanism"], inside["same"], inside["probed"]) == (mechanism, True, probed)
+    assert kernel_ports(lab) == [inside["port"]]
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"held": 0}
+    assert kernel_ports(lab) == []  # released at the end of the block, mapper still open
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.wait(15) == 0
+
+
 def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
     lab.stop_gateway()
     argv = [IGD, "--timeout", "0.5", "--state-file", state_file(lab), "probe"]
@@ -258,6 +365,9 @@ with SyncPortMapper() as pm:
     time.sleep(3)  # past the first lifetime: the background thread renews
     renewed = m.wait_for(EventKind.RENEWED, within=5)
     print(json.dumps({"renewed": renewed.kind.value, "port": m.external_port}), flush=True)
+    before = m.expires_at
+    answer = m.renew()  # blocks until the gateway granted the lease again
+    print(json.dumps({"renew": answer, "later": m.expires_at > before}), flush=True)
     sys.stdin.readline()
     m.release()
     print(json.dumps({"released": m.released}), flush=True)
@@ -289,6 +399,7 @@ def test_sync_wrapper_maps_reads_renews_and_releases(lab: Lab, via: str) -> None
         "renewed": "renewed", "port": mapping["external_port"],
     }  # fmt: skip
     assert kernel_ports(lab) == [mapping["external_port"]]  # still there after 2 lifetimes
+    assert json.loads(proc.stdout.readline()) == {"renew": None, "later": True}
     proc.stdin.write("\n")
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline()) == {"released": True}

@@ -76,12 +76,39 @@ def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(
 
 def test_upnp_list_and_unmap(lab: Lab) -> None:
     assert igd(lab, "map", "8080/udp", "--via", "upnp", "--description", "listed")[0] == 0
-    code, rows = igd(lab, "list")
+    code, rows = igd(lab, "list", "--router")
     assert code == 0
     assert [(r["external_port"], r["protocol"], r["description"]) for r in rows] == [
         (8080, "udp", "listed")
     ]
     assert igd(lab, "unmap", "8080/udp", "--via", "upnp")[0] == 0
+    assert igd(lab, "list", "--router") == (0, [])
+    assert igd(lab, "list") == (0, [])
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
+def test_map_twice_refreshes_and_unmap_needs_no_nonce(
+    lab: Lab, mini: Miniupnpd, via: str
+) -> None:
+    code, first = igd(lab, "map", "8082/tcp", "--via", via, "--lifetime", "300")
+    assert code == 0, first
+    port = first["external_port"]
+    # Another run, no --via: the state file says how the mapping was made (PCP: its nonce;
+    # a new nonce for the same internal port would be refused).
+    code, second = igd(lab, "map", "8082/tcp", "--lifetime", "300")
+    assert code == 0, second
+    assert (second["mechanism"], second["external_port"], second["nonce"]) == (
+        via, port, first["nonce"],
+    )  # fmt: skip
+    assert mini.dnat_rules().count(f"dport {port} dnat") == 1
+    code, rows = igd(lab, "list")
+    assert code == 0
+    assert [(r["mechanism"], r["internal_port"], r["external_port"]) for r in rows] == [
+        (via, 8082, port)
+    ]
+    assert 250 < rows[0]["remaining"] <= 300
+    assert igd(lab, "unmap", "8082/tcp")[0] == 0  # no --via, no --nonce
+    assert mini.dnat_rules() == ""
     assert igd(lab, "list") == (0, [])
 
 
