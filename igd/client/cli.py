@@ -180,7 +180,7 @@ async def _command(args: argparse.Namespace, scope: asyncio.Timeout) -> int:
     async with PortMapper(args.gateway, probe_timeout=probe_budget, state=state) as mapper:
         if args.command == "probe":
             result = await mapper.probe()
-            _out(args, result.to_dict(), _describe_probe(result))
+            _out(args, result.to_dict(), _describe_probe(result, args.verbose > 0))
             return EXIT_OK if result.choice.mechanism else EXIT_NO_GATEWAY
         if args.command == "ip":
             address = await mapper.external_address()
@@ -230,7 +230,7 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
-def _describe_probe(result: ProbeResult) -> str:
+def _describe_probe(result: ProbeResult, verbose: bool = False) -> str:
     lines = [f"gateway {result.gateway} (this host {result.local_address})"]
     for r in result.reports:
         state = "yes" if r.available else "no "
@@ -249,6 +249,8 @@ def _describe_probe(result: ProbeResult) -> str:
     chosen = result.choice.mechanism.value if result.choice.mechanism else "none"
     lines.append(f"chosen: {chosen}")
     lines.append(f"verdict: {result.choice.verdict.value}: {result.choice.reason}")
+    if verbose:
+        lines.extend(["trace:", *(f"  {line}" for line in result.trace)])
     return "\n".join(lines)
 
 

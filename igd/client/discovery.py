@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -98,6 +99,7 @@ async def ssdp_search(
     settle: float = SETTLE,
     cutoff: asyncio.Event | None = None,
     only_gateway: bool = False,
+    trace: Callable[[str], None] | None = None,
 ) -> list[SsdpReply]:
     """Search for IGDs; return the distinct ones (by LOCATION), best first.
 
@@ -122,7 +124,8 @@ async def ssdp_search(
         if only_gateway and urlsplit(location).hostname != str(gateway):
             # A named gateway is the only device used: another IGD on the LAN (a second
             # router, a repeater) answering the multicast search would map on the wrong box.
-            log.debug("ignoring the IGD at %s: not on the gateway %s", location, gateway)
+            if trace is not None:
+                trace(f"ssdp: ignoring {location}: not on the named gateway {gateway}")
             return
         boot = headers.get_lower("bootid.upnp.org")
         replies[location] = SsdpReply(
@@ -134,6 +137,9 @@ async def ssdp_search(
             boot_id=int(boot) if boot and str(boot).isdigit() else None,
             seconds=time.monotonic() - started,
         )
+        if trace is not None:
+            reply = replies[location]
+            trace(f"ssdp: {reply.source[0]}:{reply.source[1]} names {location} ({reply.st})")
         first.set()
 
     listener = SsdpSearchListener(
@@ -156,6 +162,9 @@ async def ssdp_search(
             protocol.send_ssdp_packet(build_ssdp_search_packet(unicast, mx, "ssdp:all"), unicast)
         protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, "ssdp:all"), SSDP_GROUP)
         protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, IGD1), SSDP_GROUP)
+        if trace is not None:
+            unicast_to = f"unicast to {gateway}, " if gateway is not None else ""
+            trace(f"ssdp: searches sent ({unicast_to}multicast ssdp:all and IGD:1)")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
                 await _first_of(first, cutoff)

@@ -233,6 +233,10 @@ def test_probe_sees_all_three_mechanisms_and_a_public_address(public_lab: Lab) -
     assert "igd-server" in upnp
     [device] = {d["location"]: d for d in report["upnp_devices"]}.values()
     assert device["source"] == [lab.gateway.address, 1900]
+    trace = report["trace"]
+    assert "chosen: pcp" in trace[-1]
+    for heard in ("pcp: available", "natpmp: available", f"{lab.gateway.address}:1900 names"):
+        assert any(heard in line for line in trace), (heard, trace)
 
 
 def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
@@ -295,6 +299,9 @@ def test_a_named_gateway_is_the_only_one_used(lab: Lab) -> None:
     assert (code, report["chosen"]) == (3, None)
     assert not report["mechanisms"]["upnp"]["available"]
     assert report["upnp_devices"] == []
+    # The debug trace shows why: the real gateway answered and was left out.
+    ignored = f"ignoring http://{lab.gateway.address}:5000/"
+    assert any(ignored in line for line in report["trace"]), report["trace"]
 
 
 _ASYNC_WITH = """
