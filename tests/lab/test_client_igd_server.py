@@ -352,6 +352,24 @@ def test_async_with_releases_and_mechanisms_can_be_turned_off_or_forced(
     assert proc.wait(15) == 0
 
 
+def doc_examples() -> list[str]:
+    """The complete programs of docs/client.md (its ```python blocks)."""
+    text = (REPO / "docs" / "client.md").read_text()
+    return [block.split("\n```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_every_python_example_in_the_docs_runs(lab: Lab) -> None:
+    examples = doc_examples()
+    assert len(examples) >= 6
+    # The examples use the default state directory; point it into the lab's workdir.
+    prelude = f"import os; os.environ['XDG_STATE_HOME'] = {str(lab.workdir)!r}\n"
+    for example in examples:
+        proc = lab.python("lan1", prelude + example, check=False, timeout=60)
+        assert proc.returncode == 0, (example, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert kernel_ports(lab) == []  # every example cleaned up after itself
+
+
 def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
     lab.stop_gateway()
     argv = [IGD, "--timeout", "0.5", "--state-file", state_file(lab), "probe"]

@@ -87,9 +87,7 @@ def test_upnp_list_and_unmap(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
-def test_map_twice_refreshes_and_unmap_needs_no_nonce(
-    lab: Lab, mini: Miniupnpd, via: str
-) -> None:
+def test_map_twice_refreshes_and_unmap_needs_no_nonce(lab: Lab, mini: Miniupnpd, via: str) -> None:
     code, first = igd(lab, "map", "8082/tcp", "--via", via, "--lifetime", "300")
     assert code == 0, first
     port = first["external_port"]
