@@ -226,11 +226,15 @@ class PcpClient(ChannelClient):
             if len(data) >= 4 and data[0] != pcp.VERSION and data[3] == PcpResult.UNSUPP_VERSION:
                 # RFC 6887 §9 and appendix A: a NAT-PMP server's "unsupported version" names
                 # version 0; the caller falls back to NAT-PMP for this request only.
+                # For a version this client cannot speak, RFC 6887 §9 step 5: retry in
+                # 30 minutes (or the answer's lifetime, if shorter): the server may have been
+                # upgraded by then.
                 return UnsupportedVersion(
                     f"the gateway does not speak PCP (it offers version {data[0]})",
                     version=data[0],
                     mechanism=Mechanism.PCP,
                     code=int(PcpResult.UNSUPP_VERSION),
+                    retry_after=None if data[0] == 0 else _version_retry(data),
                 )
             try:
                 response = pcp.decode_response(data)
@@ -245,6 +249,18 @@ class PcpClient(ChannelClient):
         return await self.channel.exchange(
             pcp.encode_request(request), matcher, waits, f"PCP {what}"
         )
+
+
+VERSION_RETRY = 1800.0  # RFC 6887 §9: retry an unsupported-version server after 30 minutes
+
+
+def _version_retry(data: bytes) -> float:
+    """min(30 minutes, the answer's lifetime) for an UNSUPP_VERSION answer (RFC 6887 §9)."""
+    if len(data) >= 8:
+        lifetime = int.from_bytes(data[4:8], "big")  # where version 2 carries it
+        if lifetime:
+            return min(VERSION_RETRY, float(lifetime))
+    return VERSION_RETRY
 
 
 def _options(

@@ -144,7 +144,7 @@ async def probe_pcp(client: PcpClient, budget: float) -> MechanismReport:
         # RFC 6886 §1.1: not cached; every later request tries PCP again.
         detail = "NAT-PMP only for now (PCP is tried again on every request)"
         if exc.version != 0:
-            detail = f"server offers PCP version {exc.version}"
+            detail = f"server offers PCP version {exc.version}; retry after {exc.retry_after:g} s"
         return MechanismReport(Mechanism.PCP, False, error=str(exc), detail=detail)
     return MechanismReport(Mechanism.PCP, True, None, response.epoch)
 

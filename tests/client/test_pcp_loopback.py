@@ -74,3 +74,22 @@ async def test_natpmp_only_server_is_recognised_at_once() -> None:
     finally:
         asyncio.get_running_loop().remove_reader(sock)
         sock.close()
+
+
+@pytest.mark.parametrize(("lifetime", "retry"), [(0, 1800.0), (600, 600.0), (7200, 1800.0)])
+async def test_a_server_of_another_pcp_version_is_retried_after_30_minutes(
+    lifetime: int, retry: float
+) -> None:
+    # RFC 6887 §9 step 5: version 3 only (this client speaks 2): retry in 30 minutes, or the
+    # answer's lifetime if shorter, in case the server is upgraded.
+    header = bytes([3, 0x80 | 1, 0, PcpResult.UNSUPP_VERSION]) + lifetime.to_bytes(4, "big")
+    address, sock = serve(lambda d: [header + bytes(16)])
+    try:
+        async with PcpClient(address) as client:
+            with pytest.raises(UnsupportedVersion) as caught:
+                async with asyncio.timeout(1):
+                    await client.map(Protocol.UDP, 5000, 60, nonce=new_nonce())
+        assert (caught.value.version, caught.value.retry_after) == (3, retry)
+    finally:
+        asyncio.get_running_loop().remove_reader(sock)
+        sock.close()
