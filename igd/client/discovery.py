@@ -8,8 +8,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,33 @@ def default_gateways() -> list[GatewayCandidate]:
         if all(c.address != candidate.address for c in found):
             found.append(candidate)
     return found
+
+
+PROC_ROUTE = Path("/proc/net/route")
+_RTF_UP, _RTF_GATEWAY = 0x1, 0x2
+
+
+def default_routes(table: Path = PROC_ROUTE) -> list[GatewayCandidate]:
+    """Every IPv4 default route's gateway, best metric first (Linux: /proc/net/route, which
+    lists them all; netifaces names only the best one default). Elsewhere: netifaces."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return [c for c in default_gateways() if c.default]
+    routes: list[tuple[int, GatewayCandidate]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue  # not a default route (destination and mask 0)
+        try:
+            flags, metric = int(fields[3], 16), int(fields[6])
+            address = IPv4Address(int(fields[2], 16).to_bytes(4, "little"))
+        except ValueError:
+            continue
+        if flags & _RTF_UP and flags & _RTF_GATEWAY:
+            routes.append((metric, GatewayCandidate(address, fields[0], False)))
+    routes.sort(key=lambda mc: mc[0])
+    return [replace(c, default=i == 0) for i, (_, c) in enumerate(routes)]
 
 
 def default_gateway() -> IPv4Address:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ from igd.client.announce import (
     SsdpNotify,
     SsdpNotifyListener,
 )
-from igd.client.discovery import default_gateway, ssdp_search
+from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import GatewayTimeout, MappingRefused, NoGatewayError, PortMappingError
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
 from igd.client.mechanisms import (
@@ -39,7 +40,7 @@ from igd.client.mechanisms import (
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult, probe, require_gateway
-from igd.client.selection import DEFAULT_PREFERENCE
+from igd.client.selection import DEFAULT_PREFERENCE, Verdict
 from igd.client.state import Key, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
@@ -52,6 +53,7 @@ _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
 MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 REFRESHED = "refreshed the mapping of an earlier run (state file)"
+NETWORK_CHECK = 5.0  # seconds between looks at the routing table while mappings are held
 
 T = TypeVar("T")
 
@@ -113,6 +115,7 @@ class PortMapper:
         recovery_delay: float = 5.0,
         listen: bool = True,
         state: StateFile | str | os.PathLike[str] | None = None,
+        network_check: float | None = NETWORK_CHECK,
     ) -> None:
         self._gateway = IPv4Address(gateway) if gateway else None
         self.named_gateway = self._gateway is not None
@@ -137,6 +140,10 @@ class PortMapper:
         else:
             self.state = StateFile(state)
         self.wall_clock: Callable[[], float] = time.time
+        self.network_check = network_check
+        """Seconds between checks for a new default route or local address (None: never)."""
+        self._network: tuple[IPv4Address | None, IPv4Address | None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.recovery_delay = recovery_delay
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
@@ -196,11 +203,15 @@ class PortMapper:
         budget = self.probe_timeout if timeout is None else min(self.probe_timeout, timeout)
         async with self._lock:
             if self.last_probe is None or refresh:
-                natpmp, pcp = await self._clients()
-                result = await probe(
-                    self.gateway, natpmp=natpmp, pcp=pcp, mechanisms=self.mechanisms,
-                    budget=budget, only_gateway=self.named_gateway,
-                )  # fmt: skip
+                result = None
+                if not self.named_gateway and not self.mappings:
+                    result = await self._probe_default_routes(budget)
+                if result is None:
+                    natpmp, pcp = await self._clients()
+                    result = await probe(
+                        self.gateway, natpmp=natpmp, pcp=pcp, mechanisms=self.mechanisms,
+                        budget=budget, only_gateway=self.named_gateway,
+                    )  # fmt: skip
                 for report in result.reports:
                     if report.epoch is not None and report.mechanism in self._epochs:
                         self._epochs[report.mechanism].observe(report.epoch, now=self.clock())
@@ -209,6 +220,104 @@ class PortMapper:
                     self._use_upnp(result.upnp, next(boot, None))
                 self.last_probe = result
             return self.last_probe
+
+    async def _probe_default_routes(self, budget: float) -> ProbeResult | None:
+        """With several default routes, probe every route's gateway at once (each for its
+        own devices only) and switch to the best: one that answers, with a public address
+        if any, else the first route's (RFC 7488 §4: contact every server configured)."""
+        routes = list(dict.fromkeys(c.address for c in default_routes()))
+        if len(routes) < 2:
+            return None
+
+        async def one(address: IPv4Address) -> ProbeResult | None:
+            try:
+                async with NatPmpClient(address) as natpmp, PcpClient(address) as pcp:
+                    return await probe(
+                        address, natpmp=natpmp, pcp=pcp, mechanisms=self.mechanisms,
+                        budget=budget, only_gateway=True,
+                    )  # fmt: skip
+            except PortMappingError as exc:  # no route to it after all, no socket
+                log.info("cannot probe the default route's gateway %s: %s", address, exc)
+                return None
+
+        found = await asyncio.gather(*(one(address) for address in routes))
+        results = [r for r in found if r is not None]
+        usable = [(i, r) for i, r in enumerate(results) if r.choice.mechanism is not None]
+        if not usable:
+            return None  # then the first route's gateway, with any device on the LAN
+        _, best = min(usable, key=lambda ir: (ir[1].choice.verdict is not Verdict.PUBLIC, ir[0]))
+        if best.gateway != self._gateway:
+            self._switch(best.gateway)
+        others = [
+            f"default route via {r.gateway}: "
+            f"{r.choice.mechanism.value if r.choice.mechanism else 'nothing'} answers"
+            for r in results
+        ]
+        return replace(best, trace=(*others, f"using {best.gateway}", *best.trace))
+
+    def _switch(self, gateway: IPv4Address | None) -> None:
+        """Drop what belongs to the current gateway and local address (sockets, listeners,
+        the UPnP device, epochs, the probe); the next call opens them again for `gateway`."""
+        for client in (self._natpmp, self._pcp):
+            if client is not None:
+                client.close()
+        for listener in (self._listener, self._ssdp_listener):
+            if listener is not None:
+                listener.close()
+        self._natpmp = self._pcp = None
+        self._listener = self._ssdp_listener = None
+        self._upnp = self._upnp_driver = None
+        self._upnp_boot, self._upnp_seen_at = None, ""
+        for tracker in self._epochs.values():
+            tracker.server = tracker.client = None
+        self.last_probe = None
+        self._gateway = gateway
+
+    # -- a change of network ---------------------------------------------------------------
+
+    def _look(self) -> tuple[IPv4Address | None, IPv4Address | None]:
+        """(the first default route's gateway, this host's address toward our gateway)."""
+        try:
+            route: IPv4Address | None = default_gateway()
+        except NoGatewayError:
+            route = None
+        target = self._gateway if self.named_gateway else route
+        return route if not self.named_gateway else None, _source_toward(target)
+
+    def _watch_network(self) -> None:
+        if self.network_check is None or self._watcher is not None:
+            return
+        self._network = self._look()
+        self._watcher = asyncio.get_running_loop().create_task(self._network_watch())
+
+    async def _network_watch(self) -> None:
+        assert self.network_check is not None
+        while self.mappings:
+            await asyncio.sleep(self.network_check)
+            now = self._look()
+            if now == self._network:
+                continue
+            log.warning("the network changed (default gateway, local address) %s -> %s; "
+                        "re-mapping", self._network, now)  # fmt: skip
+            self._network = now
+            try:
+                await self._move_mappings(now[0])
+            except PortMappingError as exc:
+                log.warning("cannot re-map after the network change: %s", exc)
+        self._watcher = None
+
+    async def _move_mappings(self, route: IPv4Address | None) -> None:
+        """Re-make every mapping over the gateway and local address in use now."""
+        async with self._lock:
+            self._switch(self._gateway if self.named_gateway else route)
+        if self._gateway is None:
+            return  # no route: the keepers' renewals fail until the watcher sees one
+        result = await self.probe()
+        require_gateway(result)
+        local = await self.local_address()
+        for mapping in list(self.mappings):
+            driver = await self.driver(result.choice.mechanism or mapping.mechanism)
+            mapping.move(driver, local)
 
     async def external_address(self, *, timeout: float | None = None) -> IPv4Address:
         """The external address of the chosen mechanism."""
@@ -365,6 +474,7 @@ class PortMapper:
             mapping.subscribe(lambda event: self._remember(mapping, event))
         mapping._start()
         mapping._emit(EventKind.CREATED)
+        self._watch_network()
         return mapping
 
     # -- what earlier runs left (the state file) -------------------------------------------
@@ -562,8 +672,26 @@ class PortMapper:
                 client.close()
         for task in list(self._recoveries):
             task.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         for listener in (self._listener, self._ssdp_listener):
             if listener is not None:
                 listener.close()
         self._natpmp = self._pcp = None
         self._listener = self._ssdp_listener = None
+
+
+def _source_toward(target: IPv4Address | None) -> IPv4Address | None:
+    """The source address the kernel picks toward `target` (a connected UDP socket sends
+    nothing); None without a route."""
+    if target is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
+        try:
+            probe_socket.connect((str(target), 5351))
+        except OSError:
+            return None
+        return IPv4Address(probe_socket.getsockname()[0])

@@ -11,7 +11,7 @@ import enum
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Any
@@ -219,6 +219,16 @@ class Mapping:
         if not self.released:
             self._recover_after = delay
             self._wake.set()
+
+    def move(self, driver: Driver, internal_address: IPv4Address) -> None:
+        """Re-create the mapping over `driver` from `internal_address` (a new network)."""
+        if self.released:
+            return
+        self._driver = driver
+        self.spec = replace(self.spec, internal_address=internal_address)
+        # RFC 7488 §4: another PCP server gets another nonce; the port is asked again.
+        self.grant = replace(self.grant, nonce=None)
+        self.recover(0.0)
 
     async def renew(self, *, timeout: float | None = None) -> None:
         """Renew now, outside the schedule (`timeout`: the mapper's request timeout)."""

@@ -352,6 +352,66 @@ def test_async_with_releases_and_mechanisms_can_be_turned_off_or_forced(
     assert proc.wait(15) == 0
 
 
+def test_every_default_route_gateway_is_probed(lab: Lab) -> None:
+    # The preferred default route leads to an address where nothing answers; the second
+    # one to the gateway. Probing only the first route's gateway found nothing.
+    for command in (
+        ["ip", "route", "del", "default"],
+        ["ip", "route", "add", "default", "via", ABSENT, "metric", "10"],
+        ["ip", "route", "add", "default", "via", lab.gateway.address, "metric", "20"],
+    ):
+        lab.run("lan1", command)
+    code, report = igd(lab, "probe")
+    assert code == 0, report
+    assert (report["gateway"], report["chosen"]) == (lab.gateway.address, "pcp")
+    assert f"default route via {ABSENT}: nothing answers" in report["trace"]
+    code, mapping = igd(lab, "map", "8080/tcp", "--lifetime", "300")
+    assert code == 0, mapping
+    assert kernel_ports(lab) == [mapping["external_port"]]
+    assert igd(lab, "unmap", "8080/tcp")[0] == 0
+    assert kernel_ports(lab) == []
+
+
+_MOVE = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper(network_check=0.5, recovery_delay=0.5) as pm:
+        m = await pm.map(8080, "tcp", lifetime=120)
+        m.subscribe(lambda e: print(json.dumps({"event": e.kind.value, "port": e.external_port,
+                                                 "internal": str(m.internal_address)}),
+                                    flush=True))
+        print(json.dumps({"event": "mapped", "port": m.external_port,
+                          "internal": str(m.internal_address)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def test_a_new_local_address_is_noticed_and_the_mapping_made_again(lab: Lab) -> None:
+    start_service(lab, "lan1", 8080)
+    proc = lab.python_popen(
+        "lan1", ["-c", _MOVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    mapped = _next_event(proc, "mapped", 20)
+    assert mapped["internal"] == lab.lan[0].address
+    moved = "192.168.77.50"
+    lab.run("lan1", ["ip", "address", "add", f"{moved}/24", "dev", "eth0"])
+    # From now on the host speaks from the new address (as after a DHCP renumbering).
+    lan = "192.168.77.0/24"
+    lab.run("lan1", ["ip", "route", "replace", lan, "dev", "eth0", "scope", "link", "src", moved])
+    event = _next_event(proc, "recreated", 10)
+    assert event["internal"] == moved
+    # The gateway still holds the old mapping until its lease ends, so the new one may have
+    # another port; whichever it got, it reaches the service at the new address.
+    assert event["port"] in kernel_ports(lab)
+    assert "hello" in connect(lab, "wan1", lab.gateway.external_address, event["port"])
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(15)
+
+
 def doc_examples() -> list[str]:
     """The complete programs of docs/client.md (its ```python blocks)."""
     text = (REPO / "docs" / "client.md").read_text()
