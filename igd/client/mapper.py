@@ -115,6 +115,7 @@ class PortMapper:
         recovery_delay: float = 5.0,
         listen: bool = True,
         state: StateFile | str | os.PathLike[str] | None = None,
+        pcp_addresses: Sequence[IPv4Address | str] = (),
         network_check: float | None = NETWORK_CHECK,
     ) -> None:
         self._gateway = IPv4Address(gateway) if gateway else None
@@ -141,6 +142,8 @@ class PortMapper:
             self.state = StateFile(state)
         self.wall_clock: Callable[[], float] = time.time
         self.network_check = network_check
+        self.pcp_addresses = tuple(IPv4Address(a) for a in pcp_addresses)
+        """The PCP server's other addresses (RFC 7488 §3), tried when one does not answer."""
         """Seconds between checks for a new default route or local address (None: never)."""
         self._network: tuple[IPv4Address | None, IPv4Address | None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -183,7 +186,7 @@ class PortMapper:
     async def _clients(self) -> tuple[NatPmpClient, PcpClient]:
         if self._natpmp is None or self._pcp is None:
             self._natpmp = NatPmpClient(self.gateway)
-            self._pcp = PcpClient(self.gateway)
+            self._pcp = PcpClient(self.gateway, also=self.pcp_addresses)
             self._pcp.on_unsolicited = self._pcp_unsolicited
             await self._pcp.open()
             await self._natpmp.open()

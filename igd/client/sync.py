@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, TypeVar
 
-from igd.client.mapper import PortMapper
+from igd.client.mapper import NETWORK_CHECK, PortMapper
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
 from igd.client.probe import ProbeResult
 from igd.client.selection import DEFAULT_PREFERENCE
@@ -135,6 +135,8 @@ class SyncPortMapper:
         recovery_delay: float = 5.0,
         listen: bool = True,
         state: StateFile | str | os.PathLike[str] | None = None,
+        pcp_addresses: Sequence[IPv4Address | str] = (),
+        network_check: float | None = NETWORK_CHECK,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -147,6 +149,7 @@ class SyncPortMapper:
                 gateway, prefer=prefer, disable=disable, force=force,
                 probe_timeout=probe_timeout, request_timeout=request_timeout,
                 recovery_delay=recovery_delay, listen=listen, state=state,
+                pcp_addresses=pcp_addresses, network_check=network_check,
             )  # fmt: skip
 
         try:
