@@ -1,6 +1,7 @@
 """Client library: find the gateway, map a port over PCP, NAT-PMP or UPnP IGD, and keep the
 mapping working (docs/client.md)."""
 
+from igd.client.calls import MapCall
 from igd.client.errors import (
     Advice,
     GatewayTimeout,
@@ -18,7 +19,7 @@ from igd.client.errors import (
     UnsupportedVersion,
     UpstreamNat,
 )
-from igd.client.mapper import MapCall, PortMapper
+from igd.client.mapper import PortMapper
 from igd.client.mapping import EventKind, Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient

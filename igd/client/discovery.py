@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -87,6 +88,19 @@ def default_gateway() -> IPv4Address:
     if not found:
         raise NoGatewayError("no IPv4 default route: pass the gateway address explicitly")
     return found[0].address
+
+
+def source_toward(target: IPv4Address | None) -> IPv4Address | None:
+    """The source address the kernel picks toward `target` (a connected UDP socket sends
+    nothing); None without a route."""
+    if target is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect((str(target), 5351))
+        except OSError:
+            return None
+        return IPv4Address(udp.getsockname()[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,11 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from ipaddress import AddressValueError, IPv4Address
 from types import TracebackType
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from igd.client.announce import (
@@ -25,6 +23,7 @@ from igd.client.announce import (
     SsdpNotify,
     SsdpNotifyListener,
 )
+from igd.client.calls import MapCall, bounded
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import GatewayTimeout, MappingRefused, NoGatewayError, PortMappingError
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
@@ -38,9 +37,10 @@ from igd.client.mechanisms import (
     UpnpDriver,
 )
 from igd.client.natpmp import NatPmpClient
+from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
-from igd.client.probe import ProbeResult, probe, require_gateway
-from igd.client.selection import DEFAULT_PREFERENCE, Verdict
+from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
+from igd.client.selection import DEFAULT_PREFERENCE
 from igd.client.state import Key, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
@@ -53,45 +53,6 @@ _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
 MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 REFRESHED = "refreshed the mapping of an earlier run (state file)"
-NETWORK_CHECK = 5.0  # seconds between looks at the routing table while mappings are held
-
-T = TypeVar("T")
-
-
-async def bounded(work: Awaitable[T], timeout: float | None, what: str) -> T:
-    """`work`, or GatewayTimeout once `timeout` seconds have passed (None: no bound)."""
-    scope = asyncio.timeout(timeout)
-    try:
-        async with scope:
-            return await work
-    except TimeoutError:
-        if scope.expired():
-            raise GatewayTimeout(f"{what}: no answer within {timeout:g} s") from None
-        raise
-
-
-class MapCall:
-    """What `PortMapper.map()` returns: `await` it for the mapping, or use it as
-    `async with pm.map(...) as m:` to release the mapping when the block ends."""
-
-    __slots__ = ("_mapping", "_work")
-
-    def __init__(self, work: Coroutine[Any, Any, Mapping]) -> None:
-        self._work = work
-        self._mapping: Mapping | None = None
-
-    def __await__(self) -> Generator[Any, None, Mapping]:
-        return self._work.__await__()
-
-    async def __aenter__(self) -> Mapping:
-        self._mapping = await self._work
-        return self._mapping
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._mapping is not None:
-            await self._mapping.release()
 
 
 class PortMapper:
@@ -145,8 +106,7 @@ class PortMapper:
         self.pcp_addresses = tuple(IPv4Address(a) for a in pcp_addresses)
         """The PCP server's other addresses (RFC 7488 §3), tried when one does not answer."""
         """Seconds between checks for a new default route or local address (None: never)."""
-        self._network: tuple[IPv4Address | None, IPv4Address | None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: NetworkWatch | None = None
         self.recovery_delay = recovery_delay
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
@@ -225,38 +185,14 @@ class PortMapper:
             return self.last_probe
 
     async def _probe_default_routes(self, budget: float) -> ProbeResult | None:
-        """With several default routes, probe every route's gateway at once (each for its
-        own devices only) and switch to the best: one that answers, with a public address
-        if any, else the first route's (RFC 7488 §4: contact every server configured)."""
+        """With several default routes, probe every route's gateway and switch to the best."""
         routes = list(dict.fromkeys(c.address for c in default_routes()))
         if len(routes) < 2:
             return None
-
-        async def one(address: IPv4Address) -> ProbeResult | None:
-            try:
-                async with NatPmpClient(address) as natpmp, PcpClient(address) as pcp:
-                    return await probe(
-                        address, natpmp=natpmp, pcp=pcp, mechanisms=self.mechanisms,
-                        budget=budget, only_gateway=True,
-                    )  # fmt: skip
-            except PortMappingError as exc:  # no route to it after all, no socket
-                log.info("cannot probe the default route's gateway %s: %s", address, exc)
-                return None
-
-        found = await asyncio.gather(*(one(address) for address in routes))
-        results = [r for r in found if r is not None]
-        usable = [(i, r) for i, r in enumerate(results) if r.choice.mechanism is not None]
-        if not usable:
-            return None  # then the first route's gateway, with any device on the LAN
-        _, best = min(usable, key=lambda ir: (ir[1].choice.verdict is not Verdict.PUBLIC, ir[0]))
-        if best.gateway != self._gateway:
+        best = await probe_routes(routes, self.mechanisms, budget)
+        if best is not None and best.gateway != self._gateway:
             self._switch(best.gateway)
-        others = [
-            f"default route via {r.gateway}: "
-            f"{r.choice.mechanism.value if r.choice.mechanism else 'nothing'} answers"
-            for r in results
-        ]
-        return replace(best, trace=(*others, f"using {best.gateway}", *best.trace))
+        return best
 
     def _switch(self, gateway: IPv4Address | None) -> None:
         """Drop what belongs to the current gateway and local address (sockets, listeners,
@@ -278,41 +214,21 @@ class PortMapper:
 
     # -- a change of network ---------------------------------------------------------------
 
-    def _look(self) -> tuple[IPv4Address | None, IPv4Address | None]:
-        """(the first default route's gateway, this host's address toward our gateway)."""
-        try:
-            route: IPv4Address | None = default_gateway()
-        except NoGatewayError:
-            route = None
-        target = self._gateway if self.named_gateway else route
-        return route if not self.named_gateway else None, _source_toward(target)
+    def _look(self) -> NetworkView:
+        return look(self._gateway if self.named_gateway else None)
 
     def _watch_network(self) -> None:
-        if self.network_check is None or self._watcher is not None:
-            return
-        self._network = self._look()
-        self._watcher = asyncio.get_running_loop().create_task(self._network_watch())
+        if self.network_check is not None and self._watcher is None:
+            self._watcher = NetworkWatch(
+                self._look, self._move_mappings, lambda: bool(self.mappings), self.network_check
+            )
+        if self._watcher is not None:
+            self._watcher.start()
 
-    async def _network_watch(self) -> None:
-        assert self.network_check is not None
-        while self.mappings:
-            await asyncio.sleep(self.network_check)
-            now = self._look()
-            if now == self._network:
-                continue
-            log.warning("the network changed (default gateway, local address) %s -> %s; "
-                        "re-mapping", self._network, now)  # fmt: skip
-            self._network = now
-            try:
-                await self._move_mappings(now[0])
-            except PortMappingError as exc:
-                log.warning("cannot re-map after the network change: %s", exc)
-        self._watcher = None
-
-    async def _move_mappings(self, route: IPv4Address | None) -> None:
+    async def _move_mappings(self, now: NetworkView) -> None:
         """Re-make every mapping over the gateway and local address in use now."""
         async with self._lock:
-            self._switch(self._gateway if self.named_gateway else route)
+            self._switch(self._gateway if self.named_gateway else now.route)
         if self._gateway is None:
             return  # no route: the keepers' renewals fail until the watcher sees one
         result = await self.probe()
@@ -498,38 +414,21 @@ class PortMapper:
     def _remember(self, mapping: Mapping, event: MappingEvent) -> None:
         if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
             return
-        key = self._key(mapping.protocol, mapping.internal_address, mapping.internal_port)
         now = self.wall_clock()
+        record = Record.of(str(self.gateway), mapping, now=now)
         try:
             if event.kind is EventKind.RELEASED:
-                self.state.remove(key, now=now)
-                return
-            nonce = mapping.grant.nonce
-            self.state.put(
-                Record(
-                    str(self.gateway), mapping.mechanism, mapping.protocol,
-                    str(mapping.internal_address), mapping.internal_port,
-                    str(mapping.external_address), mapping.external_port, mapping.lifetime,
-                    now + mapping.lifetime if mapping.lifetime else None,
-                    nonce.hex() if nonce else None, mapping.spec.description,
-                ),
-                now=now,
-            )  # fmt: skip
+                self.state.remove(record.key, now=now)
+            else:
+                self.state.put(record, now=now)
         except OSError as exc:
             log.warning("cannot update the state file %s: %s", self.state.path, exc)
-
-    @staticmethod
-    def _grant(record: Record) -> Grant:
-        return Grant(
-            record.mechanism, IPv4Address(record.external_address), record.external_port,
-            record.lifetime, nonce=bytes.fromhex(record.nonce) if record.nonce else None,
-        )  # fmt: skip
 
     async def _resume(self, spec: MapSpec, record: Record) -> Mapping | None:
         """Refresh a mapping an earlier run made (same mechanism, port and PCP nonce)."""
         try:
             driver = await self.driver(record.mechanism, fallback=False)
-            grant = await self._create(driver, spec, self._grant(record))
+            grant = await self._create(driver, spec, record.grant())
         except GatewayTimeout:
             raise
         except (MappingRefused, NoGatewayError) as exc:
@@ -544,7 +443,7 @@ class PortMapper:
         with contextlib.suppress(PortMappingError, TimeoutError):
             driver = await self.driver(record.mechanism, fallback=False)
             async with asyncio.timeout(self.request_timeout):
-                await driver.delete(spec, self._grant(record))
+                await driver.delete(spec, record.grant())
         if self.state is not None:
             with contextlib.suppress(OSError):
                 self.state.remove(record.key, now=self.wall_clock())
@@ -676,25 +575,9 @@ class PortMapper:
         for task in list(self._recoveries):
             task.cancel()
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+            await self._watcher.close()
         for listener in (self._listener, self._ssdp_listener):
             if listener is not None:
                 listener.close()
         self._natpmp = self._pcp = None
         self._listener = self._ssdp_listener = None
-
-
-def _source_toward(target: IPv4Address | None) -> IPv4Address | None:
-    """The source address the kernel picks toward `target` (a connected UDP socket sends
-    nothing); None without a route."""
-    if target is None:
-        return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
-        try:
-            probe_socket.connect((str(target), 5351))
-        except OSError:
-            return None
-        return IPv4Address(probe_socket.getsockname()[0])

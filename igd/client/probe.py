@@ -20,7 +20,7 @@ from igd.client.errors import (
 )
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
-from igd.client.selection import DEFAULT_PREFERENCE, Choice, MechanismReport, choose
+from igd.client.selection import DEFAULT_PREFERENCE, Choice, MechanismReport, Verdict, choose
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism
 
@@ -246,6 +246,38 @@ async def probe(
         tuple(ssdp),
         tuple(trace.lines),
     )
+
+
+async def probe_routes(
+    routes: Sequence[IPv4Address], mechanisms: Sequence[Mechanism], budget: float
+) -> ProbeResult | None:
+    """Probe the gateway of every default route at once, each for its own devices only, and
+    return the best: one that answers, with a public address if any, else the first route's
+    (RFC 7488 §4: every server configured is contacted). None if none answers."""
+
+    async def one(address: IPv4Address) -> ProbeResult | None:
+        try:
+            async with NatPmpClient(address) as natpmp, PcpClient(address) as pcp:
+                return await probe(
+                    address, natpmp=natpmp, pcp=pcp, mechanisms=mechanisms, budget=budget,
+                    only_gateway=True,
+                )  # fmt: skip
+        except PortMappingError as exc:  # no route to it after all, no socket
+            log.info("cannot probe the default route's gateway %s: %s", address, exc)
+            return None
+
+    found = await asyncio.gather(*(one(address) for address in routes))
+    results = [r for r in found if r is not None]
+    usable = [(i, r) for i, r in enumerate(results) if r.choice.mechanism is not None]
+    if not usable:
+        return None  # the caller falls back to the first route's gateway, any device
+    _, best = min(usable, key=lambda ir: (ir[1].choice.verdict is not Verdict.PUBLIC, ir[0]))
+    others = [
+        f"default route via {r.gateway}: "
+        f"{r.choice.mechanism.value if r.choice.mechanism else 'nothing'} answers"
+        for r in results
+    ]
+    return replace(best, trace=(*others, f"using {best.gateway}", *best.trace))
 
 
 def _share_address(reports: list[MechanismReport]) -> list[MechanismReport]:

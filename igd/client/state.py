@@ -16,9 +16,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from igd.client.mapping import Mapping
+from igd.client.mechanisms import Grant
 from igd.model import Mechanism, Protocol
 
 log = logging.getLogger("igd.client")
@@ -60,6 +63,24 @@ class Record:
     def remaining(self, now: float) -> float | None:
         """Seconds left at `now`; None if permanent."""
         return None if self.expires_at is None else max(0.0, self.expires_at - now)
+
+    @classmethod
+    def of(cls, gateway: str, mapping: Mapping, *, now: float) -> Record:
+        """The record of `mapping` on `gateway`, as granted at `now` (wall clock)."""
+        nonce = mapping.grant.nonce
+        return cls(
+            gateway, mapping.mechanism, mapping.protocol, str(mapping.internal_address),
+            mapping.internal_port, str(mapping.external_address), mapping.external_port,
+            mapping.lifetime, now + mapping.lifetime if mapping.lifetime else None,
+            nonce.hex() if nonce else None, mapping.spec.description,
+        )  # fmt: skip
+
+    def grant(self) -> Grant:
+        """The grant to renew or delete (same mechanism, port and nonce)."""
+        return Grant(
+            self.mechanism, IPv4Address(self.external_address), self.external_port,
+            self.lifetime, nonce=bytes.fromhex(self.nonce) if self.nonce else None,
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

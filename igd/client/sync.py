@@ -13,8 +13,9 @@ from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, TypeVar
 
-from igd.client.mapper import NETWORK_CHECK, PortMapper
+from igd.client.mapper import PortMapper
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
+from igd.client.network import NETWORK_CHECK
 from igd.client.probe import ProbeResult
 from igd.client.selection import DEFAULT_PREFERENCE
 from igd.client.state import Record, StateFile
