@@ -25,7 +25,13 @@ from igd.client.announce import (
 )
 from igd.client.calls import MapCall, bounded
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
-from igd.client.errors import GatewayTimeout, MappingRefused, NoGatewayError, PortMappingError
+from igd.client.errors import (
+    GatewayTimeout,
+    MappingRefused,
+    NoGatewayError,
+    NoSuchMapping,
+    PortMappingError,
+)
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
 from igd.client.mechanisms import (
     Driver,
@@ -52,6 +58,9 @@ log = logging.getLogger("igd.client")
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
 MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
+# Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
+# 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
+PROBE_MAX_AGE = 1800.0
 REFRESHED = "refreshed the mapping of an earlier run (state file)"
 
 
@@ -107,6 +116,7 @@ class PortMapper:
         """The PCP server's other addresses (RFC 7488 §3), tried when one does not answer."""
         """Seconds between checks for a new default route or local address (None: never)."""
         self._watcher: NetworkWatch | None = None
+        self._probed_at = 0.0
         self.recovery_delay = recovery_delay
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
@@ -165,7 +175,8 @@ class PortMapper:
     async def _probe(self, refresh: bool, timeout: float | None) -> ProbeResult:
         budget = self.probe_timeout if timeout is None else min(self.probe_timeout, timeout)
         async with self._lock:
-            if self.last_probe is None or refresh:
+            stale = self.clock() - self._probed_at > PROBE_MAX_AGE
+            if self.last_probe is None or refresh or stale:
                 result = None
                 if not self.named_gateway and not self.mappings:
                     result = await self._probe_default_routes(budget)
@@ -181,7 +192,7 @@ class PortMapper:
                 if result.upnp is not None and self._upnp is None:
                     boot = (r.boot_id for r in result.ssdp if r.location == result.upnp.location)
                     self._use_upnp(result.upnp, next(boot, None))
-                self.last_probe = result
+                self.last_probe, self._probed_at = result, self.clock()
             return self.last_probe
 
     async def _probe_default_routes(self, budget: float) -> ProbeResult | None:
@@ -439,11 +450,23 @@ class PortMapper:
             return None
         return await self._adopt(driver, spec, replace(grant, notes=(*grant.notes, REFRESHED)))
 
-    async def _delete_stored(self, spec: MapSpec, record: Record) -> None:
-        with contextlib.suppress(PortMappingError, TimeoutError):
+    async def _delete_stored(self, spec: MapSpec, record: Record, *, strict: bool = False) -> None:
+        """Delete a mapping an earlier run made, and its record. `strict`: a failure is
+        raised and the record kept (unmap); otherwise it is logged (a mapping replaced)."""
+        try:
             driver = await self.driver(record.mechanism, fallback=False)
-            async with asyncio.timeout(self.request_timeout):
-                await driver.delete(spec, record.grant())
+            try:
+                async with asyncio.timeout(self.request_timeout):
+                    await driver.delete(spec, record.grant())
+            except TimeoutError:
+                raise GatewayTimeout(f"no answer to the delete over {driver.name}") from None
+            except NoSuchMapping:
+                pass  # gone already (expired, or the gateway restarted): what we wanted
+        except PortMappingError as exc:
+            if strict:
+                raise
+            log.info("could not delete the %s mapping of an earlier run: %s",
+                     record.mechanism.value, exc)  # fmt: skip
         if self.state is not None:
             with contextlib.suppress(OSError):
                 self.state.remove(record.key, now=self.wall_clock())
@@ -477,7 +500,7 @@ class PortMapper:
         record = self._stored(spec)
         if record is None:
             return False
-        await self._delete_stored(spec, record)
+        await self._delete_stored(spec, record, strict=True)
         return True
 
     async def list(self, *, timeout: float | None = None) -> list[UpnpEntry]:

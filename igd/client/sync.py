@@ -5,16 +5,24 @@ method blocks until its asyncio twin is done and returns the same typed value.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import threading
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from datetime import datetime
 from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, TypeVar
 
 from igd.client.mapper import PortMapper
-from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
+from igd.client.mapping import (
+    MAX_QUEUED_EVENTS,
+    REQUEST_TIMEOUT,
+    EventKind,
+    Mapping,
+    MappingEvent,
+)
 from igd.client.network import NETWORK_CHECK
 from igd.client.probe import ProbeResult
 from igd.client.selection import DEFAULT_PREFERENCE
@@ -103,6 +111,25 @@ class SyncMapping:
     def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
         """`callback` runs on the mapper's thread; returns the function that unsubscribes."""
         return self._owner._run(_call(self.mapping.subscribe, callback))
+
+    def events(self) -> Iterator[MappingEvent]:
+        """Every event from now on, until the mapping is released; blocks between events."""
+        events: queue.Queue[MappingEvent] = queue.Queue(MAX_QUEUED_EVENTS)
+
+        def put(event: MappingEvent) -> None:
+            with contextlib.suppress(queue.Full):  # a consumer that stopped reading
+                events.put_nowait(event)
+
+        unsubscribe = self.subscribe(put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.kind is EventKind.RELEASED:
+                    return
+        finally:
+            if self._owner._thread.is_alive():
+                self._owner._run(_call(unsubscribe))
 
     def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
         """Block until the next event of one of `kinds` (any kind if none given)."""

@@ -117,6 +117,12 @@ async def test_a_later_run_refreshes_the_mapping_through_the_state_file(
         assert (second.external_port, second.grant.nonce) == (port, server.nonces[0])
         assert any("earlier run" in note for note in second.to_dict()["notes"])
         await second.detach()
+    server.silent = True  # an unmap that gets no answer fails and keeps the record
+    async with mapper(server, state=state, request_timeout=0.3) as pm:
+        with pytest.raises(GatewayTimeout):
+            await pm.unmap(7500, "udp")
+    assert len(state.records(now=time.time())) == 1
+    server.silent = False
     async with mapper(server, state=state) as pm:  # and unmap without knowing the nonce
         assert await pm.unmap(7500, "udp")
         assert not await pm.unmap(7500, "udp")  # nothing left to delete

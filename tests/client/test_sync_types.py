@@ -21,6 +21,8 @@ with SyncPortMapper(probe_timeout=1.0, disable=["upnp"]) as pm:
         reveal_type(m.remaining)
         reveal_type(m.renew())
         reveal_type(m.mechanism)
+        for event in m.events():
+            reveal_type(event.kind)
     reveal_type(pm.probe(timeout=2).choice.verdict)
     reveal_type(pm.external_address())
     reveal_type(pm.unmap(8080, "tcp"))
@@ -49,6 +51,7 @@ def test_sync_api_is_fully_typed(tmp_path: Path) -> None:
         'Revealed type is "float | None"',
         'Revealed type is "None"',
         'Revealed type is "igd.model.Mechanism"',
+        'Revealed type is "igd.client.mapping.EventKind"',
         'Revealed type is "igd.client.selection.Verdict"',
         'Revealed type is "ipaddress.IPv4Address"',
         'Revealed type is "bool"',

@@ -453,6 +453,9 @@ with SyncPortMapper() as pm:
     before = m.expires_at
     answer = m.renew()  # blocks until the gateway granted the lease again
     print(json.dumps({"renew": answer, "later": m.expires_at > before}), flush=True)
+    events = m.events()  # a blocking iterator: the next renewal comes within a second
+    print(json.dumps({"next": next(events).kind.value}), flush=True)
+    events.close()
     sys.stdin.readline()
     m.release()
     print(json.dumps({"released": m.released}), flush=True)
@@ -485,6 +488,7 @@ def test_sync_wrapper_maps_reads_renews_and_releases(lab: Lab, via: str) -> None
     }  # fmt: skip
     assert kernel_ports(lab) == [mapping["external_port"]]  # still there after 2 lifetimes
     assert json.loads(proc.stdout.readline()) == {"renew": None, "later": True}
+    assert json.loads(proc.stdout.readline()) == {"next": "renewed"}
     proc.stdin.write("\n")
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline()) == {"released": True}
