@@ -16,6 +16,7 @@ import igd
 from igd.policy import Policy, PolicyFileError
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
+from igd.server.forwards_cli import add_forwards_commands
 from igd.server.policy_cli import add_policy_commands
 
 DEFAULT_CONFIG = "/etc/igd/config.toml"
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     add_policy_commands(commands)
     add_config_commands(commands)
+    add_forwards_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args)
@@ -142,12 +144,15 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
         external = str(m["external_port"])
         if m["remote_host"]:
             external += f" from {m['remote_host']}"
+        if m.get("remote_sources"):
+            external += f" only from {', '.join(m['remote_sources'])}"
         rows.append(
             (
                 m["protocol"],
                 external,
                 f"{m['internal_address']}:{m['internal_port']}",
-                f"{m['lease_remaining']}s",
+                "-" if m["mechanism"] == "static" and not m["lease_remaining"]
+                else f"{m['lease_remaining']}s",
                 m["mechanism"],
                 m["client"],
                 m["description"],

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from igd.gateway import ALWAYS_RESERVED, Gateway
-from igd.model import Protocol
+from igd.model import Protocol, RemoteFilter
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
@@ -57,7 +57,7 @@ class Daemon:
         self.dry_run = dry_run
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
-        for warning in self.policy.warnings():
+        for warning in self.policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
         self.external = ExternalAddress(
@@ -215,15 +215,20 @@ class Daemon:
         except (PolicyFileError, OSError) as error:
             log.error("policy reload failed; keeping the current policy:\n%s", error)
             return
+        for warning in policy.warnings(wall=time.time()):
+            log.warning("policy %s", warning)
         self.policy = policy
         change = await self.service.reload(policy)
         self.policy_digest = digest
         self.store.set_meta(POLICY_KEY, digest)
         log.info(
-            "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
+            "policy reloaded from %s: %d rules, %d forwards; %d mappings removed, %d forward"
+            " entries installed",
             self.config.policy_file,
             len(policy.rules),
+            len(policy.forwards),
             len(change.removed),
+            len(change.added),
         )
 
     def list_mappings(self) -> list[dict[str, Any]]:
@@ -240,6 +245,7 @@ class Daemon:
                 "mechanism": str(m.owner.mechanism),
                 "client": str(m.owner.client),
                 "description": m.description,
+                "remote_sources": [_source(f) for f in m.filters],
             }
             for m in self.service.mappings()
         ]
@@ -300,3 +306,8 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+
+def _source(remote: RemoteFilter) -> str:
+    """A FILTER as text: the network, and its port when one is named."""
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from igd.decision import Allow, Decision
-from igd.model import MapRequest, Mechanism, Protocol
+from igd.model import REQUESTED, MapRequest, Mechanism, Protocol
 from igd.policy import DEFAULTS_NAME, EMPTY_VIEW, Policy, PolicyFileError
 
 EXIT_ALLOW = 0
@@ -48,7 +48,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "--client", required=True, type=_address, metavar="ADDRESS", help="requesting address"
     )
     explain.add_argument("--protocol", required=True, type=_lower, choices=list(Protocol))
-    explain.add_argument("--via", required=True, type=_lower, choices=list(Mechanism))
+    explain.add_argument("--via", required=True, type=_lower, choices=list(REQUESTED))
     explain.add_argument("--internal-port", required=True, type=_port(1), metavar="PORT")
     explain.add_argument(
         "--external-port",

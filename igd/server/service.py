@@ -180,7 +180,11 @@ class Service:
         self, mappings: Iterable[Mapping], *, why: str, cause: RemovalCause = RemovalCause.CLIENT
     ) -> Change:
         """Remove mappings (as found by a query) from the table, the kernel and the store;
-        BackendError if the kernel or the store refused (the mappings then stay)."""
+        BackendError if the kernel or the store refused (the mappings then stay). A static
+        forward is removed only by its `until`, a reload or an address change: no client
+        and no admin command takes it (the policy file declares it)."""
+        if cause in (RemovalCause.CLIENT, RemovalCause.ADMIN):
+            mappings = [m for m in mappings if not m.is_static]
         change = self.gateway.remove(mappings, why=why)
         if change:
             self._changes += 1
@@ -193,9 +197,10 @@ class Service:
         return change
 
     async def delete(self, key: MappingKey) -> Mapping | None:
-        """Admin: remove the mapping with this key, whoever holds it; None if there is none."""
+        """Admin: remove the mapping with this key, whoever holds it; None if there is none
+        (a static forward is the policy file's to remove)."""
         mapping = self.holder(key)
-        if mapping is None:
+        if mapping is None or mapping.is_static:
             return None
         await self.remove([mapping], why="deleted by the admin", cause=RemovalCause.ADMIN)
         return mapping
@@ -211,7 +216,7 @@ class Service:
 
     async def reload(self, policy: Policy) -> Change:
         """Switch policy; mappings it refuses are removed."""
-        change = self.gateway.reload(policy, now=self.now())
+        change = self.gateway.reload(policy, now=self.now(), wall=time.time())
         if change:
             await self._commit_or_log(change, "policy reload", RemovalCause.POLICY_RELOAD)
         return change
@@ -277,15 +282,19 @@ class Service:
         """Put persisted mappings back at start (before anything is served): those dropped as
         expired or clashing, and those `recheck`'s policy refuses, leave the store too."""
         dropped = self.gateway.restore(persisted, now=now)
+        wall = time.time()
         if recheck is not None:
-            refused = self.gateway.reload(recheck, now=now)
+            refused = self.gateway.reload(recheck, now=now, wall=wall)
         else:
             # Same policy, but the addresses may differ: drop what points off the LAN.
             forbidden = self.gateway.forbidden(now=now)
             refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
-        self.store.apply([*dropped, *refused.removed], [], Clock(mono=now))
+        # The forwards come from the policy file, whatever the store held (docs/policy.md).
+        forwards = self.gateway.sync_forwards(None, now=now, wall=wall)
+        gone = [*dropped, *refused.removed, *forwards.removed]
+        self.store.apply(gone, [*refused.added, *forwards.added], Clock(mono=now))
         self._changes += 1
-        return dropped, refused
+        return dropped, Change((*refused.removed, *forwards.removed), ())
 
     async def reconcile(self, *, now: float, audit_limit: int) -> ReconcileReport:
         """Make the kernel hold exactly the table's mappings (at start)."""
