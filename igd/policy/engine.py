@@ -141,7 +141,7 @@ class Policy:
                 found.append(
                     PolicyIssue(
                         self.source,
-                        forward.line,
+                        forward.until_line,
                         f"forwards[{index}].until",
                         f"warning: forward {forward.name!r} ended at {_instant(forward.until)};"
                         " it is not installed",

@@ -93,6 +93,7 @@ class Forward:
     owner: str = ""
     purpose: str = ""
     line: int | None = field(default=None, compare=False)
+    until_line: int | None = field(default=None, compare=False)
 
     def ports(self) -> range:
         """The external ports."""
@@ -289,6 +290,7 @@ class _Reader(Reader):
             owner=owner,
             purpose=purpose,
             line=self.lines.get(path),
+            until_line=self.lines.get((*path, "until")),
         )
 
     def defaults(self, table: dict[str, Any]) -> Defaults:
