@@ -151,7 +151,8 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
                 m["protocol"],
                 external,
                 f"{m['internal_address']}:{m['internal_port']}",
-                "-" if m["mechanism"] == "static" and not m["lease_remaining"]
+                "-"
+                if m["mechanism"] == "static" and not m["lease_remaining"]
                 else f"{m['lease_remaining']}s",
                 m["mechanism"],
                 m["client"],

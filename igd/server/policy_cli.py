@@ -163,6 +163,7 @@ def explanation(policy: Policy, request: MapRequest, decision: Decision) -> dict
             "suggested_port": request.external_port or None,
             "suggested_port_honoured": _honoured(request, decision),
             "restrictions": list(decision.restrictions),
+            "remote_sources": _sources(decision),
         }
     else:
         result |= {"reason": str(decision.reason), "detail": decision.detail}
@@ -188,12 +189,24 @@ def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
         lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
         lines.append(f"external ports: {decision.external_ports}")
         lines.append(f"suggested port: {_suggestion(request, decision)}")
+        sources = _sources(decision)
+        if sources is not None:
+            lines.append(f"remote sources: {', '.join(sources)}")
         for index, note in enumerate(decision.restrictions or ("none",)):
             lines.append(f"{'restrictions:' if index == 0 else '':<15} {note}")
     else:
         lines.append(f"reason:         {decision.reason}")
         lines.append(f"detail:         {decision.detail}")
     return "\n".join(lines)
+
+
+def _sources(decision: Allow) -> list[str] | None:
+    """The sources a rule's remote_hosts let the mapping admit; None: any the request asks."""
+    if decision.filters is None:
+        return None
+    return [str(f.network) + (f" port {f.port}" if f.port else "") for f in decision.filters] or [
+        "the remote host asked for"
+    ]
 
 
 def _honoured(request: MapRequest, decision: Allow) -> bool | None:

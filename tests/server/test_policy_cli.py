@@ -147,6 +147,7 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
             "external ports limited to 1024-65535 by deny rule 'privileged external ports'",
             "suggested external port 80 is not allowed; the gateway assigns another",
         ],
+        "remote_sources": None,
     }
     assert main(explain("--internal-port", "445", "--json")) == 1
     deny = json.loads(capsys.readouterr().out)
@@ -194,3 +195,20 @@ def test_commands_plug_into_the_daemons_parser(capsys: pytest.CaptureFixture[str
     assert args.handler(args) == 0
     assert capsys.readouterr().out == f"{HOME}: OK (3 rules)\n"
     assert not hasattr(parser.parse_args(["run"]), "handler")
+
+
+def test_explain_shows_the_sources_a_rule_admits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[[rules]]\nname = "partners"\naction = "allow"\nremote_hosts = ["198.51.100.0/24"]\n'
+    )
+    args = ["policy", "explain", "--policy", str(policy), "--client", "192.168.1.20"]
+    args += ["--protocol", "tcp", "--via", "pcp", "--internal-port", "8080"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "remote sources: 198.51.100.0/24\n" in out
+    assert "remote sources limited to 198.51.100.0/24 by rule 'partners'" in out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["remote_sources"] == ["198.51.100.0/24"]
