@@ -143,3 +143,23 @@ def test_until_removes_a_forward_when_reached(lab: Lab, gateway: Any, tmp_path: 
     gateway(policy)
     assert [row["description"] for row in listed(lab)] == ["portal"]
     assert "forward 'shell' ended at" in lab.gateway_log()
+
+
+def test_a_rules_remote_hosts_restrict_dynamic_mappings_in_the_kernel(
+    lab: Lab, gateway: Any, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        LAB_POLICY.read_text().replace(
+            'external_ports = "1024-65535"',
+            f'external_ports = "1024-65535"\nremote_hosts = ["{lab.wan[0].address}"]',
+        )
+    )
+    gateway(policy)
+    start_service(lab, lab.lan[0], 8080, "lan service")
+    granted = natpmp_map(lab, "lan1", 18080, 8080)  # NAT-PMP has no FILTER: the rule's apply
+    assert "lan service" in connect(lab, "wan1", lab.gateway.external_address, granted.public_port)
+    assert not reachable(lab, "wan2", granted.public_port)
+    (row,) = listed(lab)
+    assert row["remote_sources"] == [f"{lab.wan[0].address}/32"]
+    assert "remote sources limited to" in lab.gateway_log()
