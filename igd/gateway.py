@@ -104,7 +104,7 @@ class Gateway:
             return self._refuse(request, existing)
         renewal = existing is not None
         asked = replace(request, external_port=existing.external_port) if existing else request
-        decision = self.policy.evaluate(asked, self.table, now=now, renewal=renewal)
+        decision = self.policy.evaluate(asked, _Dynamic(self.table), now=now, renewal=renewal)
         if isinstance(decision, Allow):
             decision = self._vet_client(request.client, decision)
         if isinstance(decision, Deny):
@@ -192,6 +192,8 @@ class Gateway:
         a changed one is replaced in the same change; dynamic mappings in a forward's way
         (its key, its port for one remote host, its companion port) are removed."""
         wanted = self.policy.forward_mappings(now=now, wall=wall)
+        declared = self.policy.forward_index()
+        before = previous.forward_index() if previous is not None else {}
         removed: list[Mapping] = []
         added: list[Mapping] = []
         for mapping in self.table.by_client(STATIC_CLIENT):
@@ -202,7 +204,7 @@ class Gateway:
                 self.table.remove(key)
                 removed.append(mapping)
                 log.info("removed forward %s: no longer declared", describe(mapping))
-            elif previous is not None and previous.forward_at(key) == self.policy.forward_at(key):
+            elif key in before and before[key] == declared.get(key):
                 del wanted[key]
         for mapping in wanted.values():
             problem = self.target_problem(mapping.internal_address)
@@ -464,6 +466,19 @@ class Gateway:
             f": {deny.detail}" if deny.detail else "",
         )
         return refused
+
+
+class _Dynamic:
+    """The table's counts without the static forwards: quotas are about clients' mappings."""
+
+    def __init__(self, table: MappingTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table) - self.table.count_for_client(STATIC_CLIENT)
+
+    def count_for_client(self, client: IPv4Address) -> int:
+        return self.table.count_for_client(client)
 
 
 @functools.lru_cache(maxsize=64)

@@ -143,3 +143,12 @@ def test_forwards_to_no_lan_host_are_not_installed() -> None:
     g.internal_networks = (IPv4Network("192.168.1.0/26"),)
     change = g.sync_forwards(None, now=0, wall=WALL)
     assert change.added == ()
+
+
+def test_forwards_do_not_count_against_the_gateways_quota() -> None:
+    g = gateway(BASE.replace("min_lease = 1\n", "min_lease = 1\nmax_mappings = 1\n"))
+    assert len(g.table) == 2
+    first = g.map(ask(8080, exact=False), now=1)
+    assert isinstance(first, Granted)
+    second = g.map(ask(8081, exact=False), now=1)
+    assert isinstance(second, Refused) and second.deny.reason is Reason.GATEWAY_QUOTA

@@ -119,18 +119,14 @@ class Policy:
                     )
         return found
 
-    def forward_at(self, key: MappingKey) -> Forward | None:
-        """The forward that holds this key, if any."""
-        if key.remote_host is not None:
-            return None
-        return next(
-            (
-                f
-                for f in self.forwards
-                if key.protocol in f.protocols and f.first_port <= key.external_port <= f.last_port
-            ),
-            None,
-        )
+    def forward_index(self) -> dict[MappingKey, Forward]:
+        """The forward holding each key (one per protocol and port)."""
+        return {
+            MappingKey(protocol, port): forward
+            for forward in self.forwards
+            for protocol in forward.protocols
+            for port in forward.ports()
+        }
 
     def warnings(self, *, wall: float | None = None) -> list[PolicyIssue]:
         """Valid but risky settings, for `policy check` and the daemon's log; with the

@@ -253,9 +253,15 @@ class Service:
         forbidden = self.gateway.forbidden(now=self.now())
         for mapping, deny in forbidden:
             log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
-        return await self.remove(
+        change = await self.remove(
             [m for m, _ in forbidden], why=ADDRESS_CHANGE, cause=RemovalCause.ADDRESS_CHANGE
         )
+        # Forwards the old addresses kept out (a target that was no LAN host) come back.
+        policy = self.gateway.policy
+        forwards = self.gateway.sync_forwards(policy, now=self.now(), wall=time.time())
+        if forwards:
+            await self._commit_or_log(forwards, "address change", RemovalCause.ADDRESS_CHANGE)
+        return Change((*change.removed, *forwards.removed), forwards.added)
 
     def publish(self, event: Event) -> None:
         """Report something an adapter saw (a dropped datagram) to every subscriber."""
@@ -324,7 +330,12 @@ class Service:
 
     async def _commit_or_log(self, change: Change, what: str, cause: RemovalCause) -> bool:
         self._changes += 1
-        events = tuple(MappingRemoved(m, cause) for m in change.removed)
+        events: tuple[Event, ...] = tuple(MappingRemoved(m, cause) for m in change.removed)
+        # Only forwards are added by a reload or an address change: installed by the admin.
+        events += tuple(
+            MappingGranted(m, _forward_request(m), f"forward {m.description!r}")
+            for m in change.added
+        )
         try:
             await self.committer.commit(change, events)
         except BackendError as error:
@@ -342,6 +353,22 @@ class Service:
     def _watch_deadline(self, expires: float) -> None:
         if self._armed is None or expires < self._armed:
             self._rearm.set()
+
+
+def _forward_request(mapping: Mapping) -> MapRequest:
+    """What the admin's forward "asked" for, for the event that reports its installation."""
+    return MapRequest(
+        mechanism=mapping.owner.mechanism,
+        client=mapping.owner.client,
+        protocol=mapping.protocol,
+        internal_address=mapping.internal_address,
+        internal_port=mapping.internal_port,
+        external_port=mapping.external_port,
+        lifetime=1,
+        description=mapping.description,
+        filters=mapping.filters,
+        exact_port=True,
+    )
 
 
 __all__ = ["MAX_BATCH", "Granted", "Refused", "Service", "merge"]

@@ -4,9 +4,10 @@ store follows, a restart takes them from the policy file, `until` removes them."
 import asyncio
 import time
 from datetime import UTC, datetime
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from igd.events import MappingRemoved, RemovalCause
+from igd.events import MappingGranted, MappingRemoved, RemovalCause
 from igd.gateway import Gateway
 from igd.model import MappingKey, Protocol
 from igd.policy import Policy
@@ -87,3 +88,29 @@ async def test_until_removes_the_forward_when_reached(tmp_path: Path) -> None:
     assert event.cause is RemovalCause.EXPIRED
     assert event.mapping.description == "ssh"
     assert [e.external_port for e in await backend.entries()] == [443]
+
+
+async def test_reload_reports_installed_forwards_on_the_feed(tmp_path: Path) -> None:
+    service, _ = await started(tmp_path)
+    feed = service.subscribe("test", kinds=(MappingGranted, MappingRemoved))
+    await service.reload(
+        Policy.parse(POLICY.replace("internal_port = 22\n", "internal_port = 23\n"))
+    )
+    events, _ = feed.take()
+    assert [(type(e).__name__, e.mapping.internal_port) for e in events] == [
+        ("MappingRemoved", 22),
+        ("MappingGranted", 23),
+    ]
+    granted = events[1]
+    assert isinstance(granted, MappingGranted) and granted.rule == "forward 'ssh'"
+
+
+async def test_a_forward_kept_out_by_the_addresses_returns_when_they_change(
+    tmp_path: Path,
+) -> None:
+    service, backend = await started(tmp_path)
+    server = IPv4Address("192.168.1.101")
+    await service.readdress(frozenset({server}))  # the ssh target is now the gateway's own
+    assert [e.external_port for e in await backend.entries()] == [443]
+    await service.readdress(frozenset({IPv4Address("192.168.1.1")}))
+    assert sorted(e.external_port for e in await backend.entries()) == [443, 2222]
