@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
@@ -106,10 +107,12 @@ def run_check(args: argparse.Namespace) -> int:
                 print(issue, file=sys.stderr)
             status = 1
             continue
-        for warning in policy.warnings():
+        for warning in policy.warnings(wall=time.time()):
             print(warning, file=sys.stderr)
         count = len(policy.rules)
-        print(f"{path}: OK ({count} rule{'' if count == 1 else 's'})")
+        forwards = len(policy.forwards)
+        also = f", {forwards} forward{'' if forwards == 1 else 's'}" if forwards else ""
+        print(f"{path}: OK ({count} rule{'' if count == 1 else 's'}{also})")
     return status
 
 

@@ -212,3 +212,20 @@ def test_explain_shows_the_sources_a_rule_admits(
     assert "remote sources limited to 198.51.100.0/24 by rule 'partners'" in out
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["remote_sources"] == ["198.51.100.0/24"]
+
+
+def test_check_counts_forwards_and_warns_of_one_that_ended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[[forwards]]\nname = "old"\nprotocols = ["tcp"]\nexternal_ports = "8000"\n'
+        'internal_address = "192.168.1.5"\nuntil = 2020-01-01T00:00:00Z\n'
+    )
+    assert main(["policy", "check", str(policy)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{policy}: OK (0 rules, 1 forward)\n"
+    assert captured.err == (
+        f"{policy}:6: forwards[0].until: warning: forward 'old' ended at 2020-01-01T00:00:00Z;"
+        " it is not installed\n"
+    )
