@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from igd.server.cli import main
+from igd.server.cli import format_mappings, main
 from igd.server.control import ControlServer
 
 POLICY = """
@@ -130,3 +130,21 @@ def test_all_without_a_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     args = export(tmp_path, "--all", "--socket", str(tmp_path / "none.sock"))
     assert main(args) == 3
     assert "not running" in capsys.readouterr().err
+
+
+def test_list_shows_a_forwards_sources_and_no_lease() -> None:
+    row = {
+        "protocol": "tcp",
+        "external_port": 443,
+        "remote_host": None,
+        "internal_address": "192.168.2.100",
+        "internal_port": 8443,
+        "lease_remaining": 0,
+        "mechanism": "static",
+        "client": "0.0.0.0",
+        "description": "customer portal",
+        "remote_sources": ["198.51.100.0/24"],
+    }
+    line = format_mappings([row]).splitlines()[1].split()
+    assert line[:6] == ["tcp", "443", "only", "from", "198.51.100.0/24", "192.168.2.100:8443"]
+    assert line[6:8] == ["-", "static"]
