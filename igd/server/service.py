@@ -289,18 +289,19 @@ class Service:
         expired or clashing, and those `recheck`'s policy refuses, leave the store too."""
         dropped = self.gateway.restore(persisted, now=now)
         wall = time.time()
+        # The forwards come from the policy file, whatever the store held (docs/policy.md):
+        # `restore` dropped the stored ones, and both branches install the file's.
         if recheck is not None:
             refused = self.gateway.reload(recheck, now=now, wall=wall)
         else:
             # Same policy, but the addresses may differ: drop what points off the LAN.
             forbidden = self.gateway.forbidden(now=now)
-            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
-        # The forwards come from the policy file, whatever the store held (docs/policy.md).
-        forwards = self.gateway.sync_forwards(None, now=now, wall=wall)
-        gone = [*dropped, *refused.removed, *forwards.removed]
-        self.store.apply(gone, [*refused.added, *forwards.added], Clock(mono=now))
+            gone = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
+            forwards = self.gateway.sync_forwards(None, now=now, wall=wall)
+            refused = Change((*gone.removed, *forwards.removed), forwards.added)
+        self.store.apply([*dropped, *refused.removed], refused.added, Clock(mono=now))
         self._changes += 1
-        return dropped, Change((*refused.removed, *forwards.removed), ())
+        return dropped, Change(refused.removed, ())
 
     async def reconcile(self, *, now: float, audit_limit: int) -> ReconcileReport:
         """Make the kernel hold exactly the table's mappings (at start)."""

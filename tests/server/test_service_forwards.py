@@ -114,3 +114,15 @@ async def test_a_forward_kept_out_by_the_addresses_returns_when_they_change(
     assert [e.external_port for e in await backend.entries()] == [443]
     await service.readdress(frozenset({IPv4Address("192.168.1.1")}))
     assert sorted(e.external_port for e in await backend.entries()) == [443, 2222]
+
+
+async def test_restart_under_another_policy_installs_the_forwards_once(tmp_path: Path) -> None:
+    service, _ = await started(tmp_path)
+    now = service.now()
+    persisted = service.store.load(Clock(), now=now)
+    again = Service(Gateway(Policy.parse(POLICY)), MemoryBackend(), service.store)
+    dropped, refused = again.restore(persisted, recheck=again.gateway.policy, now=now)
+    assert sorted(m.description for m in dropped) == ["portal", "ssh"]  # the stored copies
+    assert refused.removed == ()
+    assert sorted(m.description for m in again.mappings()) == ["portal", "ssh"]
+    assert len(again.store.load(Clock(), now=now)) == 2
