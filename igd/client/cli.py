@@ -31,7 +31,7 @@ from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult
 from igd.client.state import StateFile
-from igd.model import Mechanism, Protocol
+from igd.model import REQUESTED, Mechanism, Protocol
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probe", parents=[common], help="what the gateway speaks, its external address, NAT verdict"
     )
     sub.add_parser("ip", parents=[common], help="the gateway's external address")
-    vias = [m.value for m in Mechanism]
+    vias = [m.value for m in REQUESTED]
     add = sub.add_parser("map", parents=[common], help="map an external port to a local port")
     add.add_argument("port", type=_port_spec, metavar="PORT[/tcp|/udp]")
     add.add_argument("--external-port", type=int, help="suggested external port")

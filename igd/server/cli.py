@@ -19,6 +19,7 @@ from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
 from igd.server.instance import StartError, acquire, interface_problems
+from igd.server.forwards_cli import add_forwards_commands
 from igd.server.policy_cli import add_policy_commands
 from igd.server.systemd import LEVELS, notify, setup_logging
 
@@ -117,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         " ExecStart pointing at this igd-server. See docs/install.md.",
     )
     unit.set_defaults(handler=run_unit)
+    add_forwards_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args)
@@ -285,12 +287,16 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
         external = str(m["external_port"])
         if m["remote_host"]:
             external += f" from {m['remote_host']}"
+        if m.get("remote_sources"):
+            external += f" only from {', '.join(m['remote_sources'])}"
         rows.append(
             (
                 m["protocol"],
                 external,
                 f"{m['internal_address']}:{m['internal_port']}",
-                f"{m['lease_remaining']}s",
+                "-"
+                if m["mechanism"] == "static" and not m["lease_remaining"]
+                else f"{m['lease_remaining']}s",
                 m["mechanism"],
                 m["client"],
                 m["description"],

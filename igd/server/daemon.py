@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from igd.gateway import ALWAYS_RESERVED, Gateway
-from igd.model import Protocol
+from igd.model import Protocol, RemoteFilter
 from igd.policy import Policy, PolicyFileError
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
@@ -79,7 +79,7 @@ class Daemon:
             raise
 
     def _build(self, config: Config, dry_run: bool) -> None:
-        for warning in self.policy.warnings():
+        for warning in self.policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
         problems = interface_problems(
             config.external_interface,
@@ -280,15 +280,20 @@ class Daemon:
         except (PolicyFileError, OSError) as error:
             log.error("policy reload failed; keeping the current policy: %s", error)
             return
+        for warning in policy.warnings(wall=time.time()):
+            log.warning("policy %s", warning)
         self.policy = policy
         change = await self.service.reload(policy)
         self.policy_digest = digest
         self.store.set_meta(POLICY_KEY, digest)
         log.info(
-            "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
+            "policy reloaded from %s: %d rules, %d forwards; %d mappings removed, %d forward"
+            " entries installed",
             self.config.policy_file,
             len(policy.rules),
+            len(policy.forwards),
             len(change.removed),
+            len(change.added),
         )
 
     def list_mappings(self) -> list[dict[str, Any]]:
@@ -305,6 +310,7 @@ class Daemon:
                 "mechanism": str(m.owner.mechanism),
                 "client": str(m.owner.client),
                 "description": m.description,
+                "remote_sources": [_source(f) for f in m.filters],
             }
             for m in self.service.mappings()
         ]
@@ -365,3 +371,8 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+
+def _source(remote: RemoteFilter) -> str:
+    """A FILTER as text: the network, and its port when one is named."""
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
