@@ -18,8 +18,8 @@ from igd.policy import Policy, PolicyFileError
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
-from igd.server.instance import StartError, acquire, interface_problems
 from igd.server.forwards_cli import add_forwards_commands
+from igd.server.instance import StartError, acquire, interface_problems
 from igd.server.policy_cli import add_policy_commands
 from igd.server.systemd import LEVELS, notify, setup_logging
 
