@@ -93,6 +93,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "extra_external_addresses": (_addresses, ()),
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
+        "hairpin": (boolean, True),
     },
     "state": {"directory": (string, "/var/lib/igd")},
     "policy": {"file": (string, "/etc/igd/policy.toml")},
@@ -107,7 +108,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "http_port": (integer(1, 65535), 5000),
         "igd_version": (_choice(1, 2, "auto"), "auto"),
     },
-    "nftables": {"table": (string, "igd"), "on_stop": (_choice("keep", "flush"), "keep")},
+    "nftables": {
+        "table": (string, "igd"),
+        "on_stop": (_choice("keep", "flush"), "keep"),
+        "counters": (boolean, True),
+    },
     "limits": {
         "requests_per_second_per_client": (_number, 500.0),
         "burst_per_client": (integer(1), 1000),
@@ -147,6 +152,10 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    hairpin: bool = True
+    """LAN hosts reach mappings through the external address (NAT loopback)."""
+    traffic_counters: bool = True
+    """Count packets and bytes per mapping in the kernel."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -201,4 +210,6 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            hairpin=net["hairpin"],
+            traffic_counters=values["nftables"]["counters"],
         )

@@ -77,7 +77,11 @@ class Daemon:
                 config.upnp_http_port if config.upnp_enabled else None,
             )
             self.backend = NftablesBackend(
-                config.nftables_table, config.external_interface, guard=guard
+                config.nftables_table,
+                config.external_interface,
+                guard=guard,
+                hairpin=config.hairpin,
+                counters=config.traffic_counters,
             )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
@@ -234,23 +238,33 @@ class Daemon:
             len(change.removed),
         )
 
-    def list_mappings(self) -> list[dict[str, Any]]:
-        """The current mappings, for `igd-server list`."""
+    async def list_mappings(self) -> list[dict[str, Any]]:
+        """The current mappings with their traffic, for `igd-server list`."""
+        try:
+            counts = await self.backend.counters()
+        except BackendError as error:
+            log.error("cannot read the traffic counters: %s", error)
+            counts = {}
         now = time.monotonic()
-        return [
-            {
-                "protocol": str(m.protocol),
-                "external_port": m.external_port,
-                "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
-                "internal_address": str(m.internal_address),
-                "internal_port": m.internal_port,
-                "lease_remaining": m.remaining(now),
-                "mechanism": str(m.owner.mechanism),
-                "client": str(m.owner.client),
-                "description": m.description,
-            }
-            for m in self.gateway.table
-        ]
+        rows = []
+        for m in self.gateway.table:
+            packets, octets = counts.get(m.key, (0, 0))
+            rows.append(
+                {
+                    "protocol": str(m.protocol),
+                    "external_port": m.external_port,
+                    "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
+                    "internal_address": str(m.internal_address),
+                    "internal_port": m.internal_port,
+                    "lease_remaining": m.remaining(now),
+                    "mechanism": str(m.owner.mechanism),
+                    "client": str(m.owner.client),
+                    "description": m.description,
+                    "packets": packets,
+                    "bytes": octets,
+                }
+            )
+        return rows
 
     def status(self) -> dict[str, Any]:
         """A summary for scripts and tests."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol as TypingProtocol
 
-from igd.model import Mapping, Protocol, RemoteFilter
+from igd.model import Mapping, MappingKey, Protocol, RemoteFilter
 
 
 class BackendError(RuntimeError):
@@ -81,6 +81,10 @@ class Backend(TypingProtocol):
 
     async def entries(self) -> set[KernelEntry]:
         """What the data plane holds now."""
+
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """Packets and bytes (both directions) of the flows each mapping admitted, since the
+        mapping was made or the daemon started; mappings without traffic may be absent."""
 
     async def close(self, *, flush: bool) -> None:
         """Release resources; with flush, remove every entry and the table itself."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 
-from igd.model import Mapping, Protocol
+from igd.model import Mapping, MappingKey, Protocol
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import check_entry, element_timeout, entry_order
 
@@ -136,6 +136,13 @@ class MemoryBackend:
     async def entries(self) -> set[KernelEntry]:
         """What the pretend data plane holds."""
         return set(self._entries.values())
+
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """No packets pass a pretend data plane: zero for every entry."""
+        return {
+            MappingKey(e.protocol, e.external_port, e.remote_host): (0, 0)
+            for e in self._entries.values()
+        }
 
     async def close(self, *, flush: bool) -> None:
         """Mark closed; with flush, forget every entry."""

@@ -34,11 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
-from igd.model import Mapping
+from igd.model import Mapping, MappingKey
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.libnft import Nft
 from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops
-from igd.server.backends.nft_listing import Listing, parse_listing
+from igd.server.backends.nft_listing import Listing, parse_counters, parse_listing
 from igd.server.backends.nft_payload import (
     Guard,
     apply_commands,
@@ -49,6 +49,7 @@ from igd.server.backends.nft_payload import (
     destination_commands,
     element_timeout,
     list_command,
+    list_counters_commands,
     open_commands,
     reconcile_plan,
 )
@@ -108,9 +109,13 @@ class NftablesBackend:
         netns: str | None = None,
         fast_path: bool = True,
         guard: Guard | None = None,
+        hairpin: bool = True,
+        counters: bool = True,
     ) -> None:
         self.table = check_table_name(table)
         self.guard = guard
+        self.hairpin = hairpin
+        self.count_traffic = counters
         self.destinations: frozenset[IPv4Address] | None = None
         self.external_interface = check_ifname(external_interface)
         self.netns = None if netns is None else check_netns_name(netns)
@@ -181,6 +186,10 @@ class NftablesBackend:
         """What the table holds now, as entries (filters and PEER ports included)."""
         return await self._call(self._entries)
 
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """Packets and bytes per mapping, read from the kernel's counter sets."""
+        return await self._call(self._counters)
+
     async def close(self, *, flush: bool) -> None:
         """Stop the worker; with flush, delete the table (every mapping) first."""
         if self._closed:
@@ -196,7 +205,12 @@ class NftablesBackend:
 
     def _open_commands(self) -> str:
         return open_commands(
-            self.table, self.external_interface, self.destinations, guard=self.guard
+            self.table,
+            self.external_interface,
+            self.destinations,
+            guard=self.guard,
+            hairpin=self.hairpin,
+            counters=self.count_traffic,
         )
 
     def _fast_ops(
@@ -205,7 +219,7 @@ class NftablesBackend:
         """The netlink batch for this change, or None when it needs libnftables."""
         gone = [KernelEntry.of(m) for m in removed]
         new = [(KernelEntry.of(m), m) for m in added]
-        if len(gone) * 2 + len(new) > MAX_FAST_ELEMENTS:
+        if len(gone) * 4 + len(new) * 2 > MAX_FAST_ELEMENTS:
             return None
         if not all(is_plain(e) for e in gone) or not all(is_plain(e) for e, _ in new):
             return None
@@ -270,6 +284,12 @@ class NftablesBackend:
 
     def _listing(self) -> Listing:
         return parse_listing(self._context().run_json(list_command(self.table)), self.table)
+
+    def _counters(self) -> dict[MappingKey, tuple[int, int]]:
+        counts: dict[MappingKey, tuple[int, int]] = {}
+        for command in list_counters_commands(self.table):
+            counts.update(parse_counters(self._context().run_json(command), self.table))
+        return counts
 
     def _entries(self) -> set[KernelEntry]:
         return set(self._listing().entries)
