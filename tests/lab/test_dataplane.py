@@ -1,0 +1,133 @@
+"""The data plane with the real daemon in the lab (issue 11): NAT loopback (hairpin) for TCP
+and UDP, per-mapping traffic counters in `igd-server list`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from igd.model import Protocol
+from lab import Host, Lab
+from lab.demo import DemoError, connect, igd_server_argv, start_service
+from tests.lab.probe import request_map
+
+HELLO = "hello from the LAN service"
+
+UDP_ECHO = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(60)
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(f"echo {data.decode()} (you are {peer[0]})".encode(), peer)
+"""
+
+UDP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+try:
+    print(s.recvfrom(512)[0].decode())
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def udp_echo(lab: Lab, host: Host, port: int) -> subprocess.Popen[str]:
+    """A UDP service in host answering each datagram with the address it came from."""
+    proc = lab.python_popen(host, ["-c", UDP_ECHO, str(port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def udp_ask(lab: Lab, host: Host, address: str, port: int) -> str:
+    """One datagram from host to address:port; the answer, or "timeout"."""
+    return lab.python(host, ["-c", UDP_ASK, address, str(port)], timeout=15).stdout.strip()
+
+
+def listing(lab: Lab) -> list[dict[str, Any]]:
+    """`igd-server list --json` in the gateway."""
+    argv = [*igd_server_argv(), "list", "--json", "--config", str(lab.gateway_config)]
+    rows: list[dict[str, Any]] = json.loads(lab.run(lab.gateway, argv, timeout=30).stdout)
+    return rows
+
+
+def row(lab: Lab, protocol: str, port: int) -> dict[str, Any]:
+    (found,) = [
+        m for m in listing(lab) if m["protocol"] == protocol and m["external_port"] == port
+    ]
+    return found
+
+
+@pytest.fixture
+def mapped(lab: Lab, gateway: Any) -> Any:
+    """The daemon running, lan1 serving TCP 8080 (as 18080) and UDP 9090 (as 19090)."""
+    gateway()
+    tcp = start_service(lab, lab.lan[0], 8080, HELLO)
+    udp = udp_echo(lab, lab.lan[0], 9090)
+    try:
+        assert request_map(lab, lab.lan[0], Protocol.TCP, 8080, 18080, 600).external_port == 18080
+        assert request_map(lab, lab.lan[0], Protocol.UDP, 9090, 19090, 600).external_port == 19090
+        yield lab
+    finally:
+        tcp.kill()
+        udp.kill()
+
+
+def test_lan_hosts_reach_a_mapping_through_the_external_address(mapped: Lab) -> None:
+    lab = mapped
+    ext, gw_lan = lab.gateway.external_address, lab.gateway.address
+    # The owner and another LAN host: the service sees the gateway's LAN address (hairpin
+    # flows are masqueraded so that the replies come back through the gateway).
+    for host in lab.lan:
+        assert f"{HELLO} (you are {gw_lan})" in connect(lab, host, ext, 18080)
+        assert udp_ask(lab, host, ext, 19090) == f"echo ping (you are {gw_lan})"
+    # From the WAN the service still sees the real source.
+    wan = lab.wan[0]
+    assert f"{HELLO} (you are {wan.address})" in connect(lab, wan, ext, 18080)
+    assert udp_ask(lab, wan, ext, 19090) == f"echo ping (you are {wan.address})"
+    # Hairpin opens nothing new: an unmapped port of the external address still reaches the
+    # gateway itself (refused), not a LAN host.
+    with pytest.raises(DemoError, match="Refused"):
+        connect(lab, lab.lan[1], ext, 8080, timeout=1.5)
+
+
+def test_hairpin_off_leaves_lan_traffic_to_the_gateway(lab: Lab, gateway: Any) -> None:
+    gateway(network={"hairpin": False})
+    service = start_service(lab, lab.lan[0], 8080, HELLO)
+    try:
+        assert request_map(lab, lab.lan[0], Protocol.TCP, 8080, 18080, 600).external_port == 18080
+        with pytest.raises(DemoError, match="Refused"):
+            connect(lab, lab.lan[1], lab.gateway.external_address, 18080, timeout=1.5)
+        assert HELLO in connect(lab, lab.wan[0], lab.gateway.external_address, 18080)
+    finally:
+        service.kill()
+
+
+def test_list_shows_packets_and_bytes_per_mapping_and_a_renewal_keeps_them(mapped: Lab) -> None:
+    lab = mapped
+    ext = lab.gateway.external_address
+    assert (row(lab, "tcp", 18080)["packets"], row(lab, "tcp", 18080)["bytes"]) == (0, 0)
+    for _ in range(3):
+        assert HELLO in connect(lab, lab.wan[0], ext, 18080)
+    assert "echo ping" in udp_ask(lab, lab.wan[1], ext, 19090)
+    tcp, udp = row(lab, "tcp", 18080), row(lab, "udp", 19090)
+    # Three TCP connections: at least handshake, data and teardown in both directions.
+    assert tcp["packets"] >= 3 * 6 and tcp["bytes"] > 3 * len(HELLO)
+    # One datagram each way: exactly two packets, 28 octets of headers each.
+    assert udp["packets"] == 2 and udp["bytes"] == 2 * 28 + len("ping") + len(
+        f"echo ping (you are {lab.wan[1].address})"
+    )
+    # A renewal rewrites the kernel's DNAT element but not the counts.
+    assert request_map(lab, lab.lan[0], Protocol.TCP, 8080, 18080, 900).external_port == 18080
+    assert row(lab, "tcp", 18080)["packets"] == tcp["packets"]
+    # Text output has the columns too.
+    argv = [*igd_server_argv(), "list", "--config", str(lab.gateway_config)]
+    text = lab.run(lab.gateway, argv, timeout=30).stdout
+    assert "PACKETS" in text and str(tcp["bytes"]) in text
