@@ -122,6 +122,8 @@ class Daemon:
                 igd_version=config.upnp_igd_version,
                 store=self.store,
             )
+        self.kernel_restores = 0
+        """Times the nftables table was restored after another program removed it."""
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -137,6 +139,7 @@ class Daemon:
                 group.create_task(self.service.run_committer()),
                 group.create_task(self.service.run_expiry()),
                 group.create_task(self._watch_address()),
+                group.create_task(self.backend.watch(self._restore_kernel)),
                 group.create_task(self.pxp.announce()),
             ]
             if self.upnp is not None:
@@ -274,6 +277,7 @@ class Daemon:
             "external_address": str(self.external.current) if self.external.current else None,
             "policy": str(self.config.policy_file),
             "rules": len(self.policy.rules),
+            "kernel_restores": self.kernel_restores,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
@@ -327,6 +331,26 @@ class Daemon:
                 self._spawn(self.pxp.send_mapping_updates())
                 if self.upnp is not None:
                     self.upnp.address_changed()
+
+    async def _restore_kernel(self, reason: str) -> None:
+        # Another program removed (part of) our table: a firewall reload or `nft flush
+        # ruleset`. Recreate it and put every mapping back in one transaction.
+        started = time.perf_counter()
+        self.kernel_restores += 1
+        log.warning("nftables: %s; restoring table and mappings", reason)
+        try:
+            await self.backend.open()
+            wanted = list(self.gateway.table)
+            await self.backend.reconcile(wanted, now=self.service.now(), audit=False)
+        except BackendError as error:
+            log.error("could not restore the nftables table: %s", error)
+            return
+        log.warning(
+            "nftables table restored with %d mappings in %.0f ms (restore %d since start)",
+            len(wanted),
+            (time.perf_counter() - started) * 1000,
+            self.kernel_restores,
+        )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -59,9 +60,7 @@ def listing(lab: Lab) -> list[dict[str, Any]]:
 
 
 def row(lab: Lab, protocol: str, port: int) -> dict[str, Any]:
-    (found,) = [
-        m for m in listing(lab) if m["protocol"] == protocol and m["external_port"] == port
-    ]
+    (found,) = [m for m in listing(lab) if m["protocol"] == protocol and m["external_port"] == port]
     return found
 
 
@@ -131,3 +130,55 @@ def test_list_shows_packets_and_bytes_per_mapping_and_a_renewal_keeps_them(mappe
     argv = [*igd_server_argv(), "list", "--config", str(lab.gateway_config)]
     text = lab.run(lab.gateway, argv, timeout=30).stdout
     assert "PACKETS" in text and str(tcp["bytes"]) in text
+
+
+def wait_restored(lab: Lab, count: int) -> str:
+    """Wait until the gateway logged its `count`th restore; that log line."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [ln for ln in lab.gateway_log().splitlines() if "table restored" in ln]
+        if len(lines) >= count:
+            return lines[count - 1]
+        assert time.monotonic() < deadline, lab.gateway_log()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("what", "command"),
+    [
+        ("a flushed ruleset", ["nft", "flush", "ruleset"]),
+        ("a deleted table", ["nft", "delete", "table", "ip", "igd"]),
+        (
+            "a deleted element",
+            ["nft", "delete", "element", "ip", "igd", "portmap", "{ tcp . 18080 }"],
+        ),
+        ("a flushed map", ["nft", "flush", "map", "ip", "igd", "portmap"]),
+    ],
+)
+def test_the_table_is_restored_after_another_program_removes_it(
+    mapped: Lab, what: str, command: list[str]
+) -> None:
+    lab = mapped
+    wan, ext = lab.wan[0], lab.gateway.external_address
+    lab.run(lab.gateway, command)
+    line = wait_restored(lab, 1)
+    assert "nft" in lab.gateway_log(), what  # the log names who did it
+    assert "2 mappings" in line
+    lab.run(lab.gateway, ["conntrack", "-F"], check=False)
+    assert HELLO in connect(lab, wan, ext, 18080)
+    assert "echo ping" in udp_ask(lab, wan, ext, 19090)
+    assert HELLO in connect(lab, lab.lan[1], ext, 18080)  # hairpin rules are back too
+    # The daemon's own changes (a renewal, a new mapping, a deletion) are no loss.
+    assert request_map(lab, lab.lan[0], Protocol.TCP, 8080, 18080, 900).external_port == 18080
+    assert request_map(lab, lab.lan[0], Protocol.TCP, 8081, 18081, 600).external_port == 18081
+    assert request_map(lab, lab.lan[0], Protocol.TCP, 8081, 0, 0).result == 0
+    time.sleep(0.3)
+    assert len([ln for ln in lab.gateway_log().splitlines() if "table restored" in ln]) == 1
+    status = json.loads(
+        lab.run(
+            lab.gateway,
+            [*igd_server_argv(), "list", "--json", "--config", str(lab.gateway_config)],
+            timeout=30,
+        ).stdout
+    )
+    assert len(status) == 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol as TypingProtocol
@@ -85,6 +85,10 @@ class Backend(TypingProtocol):
     async def counters(self) -> dict[MappingKey, tuple[int, int]]:
         """Packets and bytes (both directions) of the flows each mapping admitted, since the
         mapping was made or the daemon started; mappings without traffic may be absent."""
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Until cancelled: await restore(what happened) whenever another program removed
+        part of what the backend holds (the caller then opens and reconciles again)."""
 
     async def close(self, *, flush: bool) -> None:
         """Release resources; with flush, remove every entry and the table itself."""

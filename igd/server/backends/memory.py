@@ -10,7 +10,8 @@ behaviour without a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from ipaddress import IPv4Address
 
 from igd.model import Mapping, MappingKey, Protocol
@@ -143,6 +144,10 @@ class MemoryBackend:
             MappingKey(e.protocol, e.external_port, e.remote_host): (0, 0)
             for e in self._entries.values()
         }
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Nothing else can change a pretend data plane: wait until cancelled."""
+        await asyncio.Event().wait()
 
     async def close(self, *, flush: bool) -> None:
         """Mark closed; with flush, forget every entry."""

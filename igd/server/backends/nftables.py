@@ -29,7 +29,8 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ from igd.server.backends.nft_payload import (
     open_commands,
     reconcile_plan,
 )
+from igd.server.backends.watch import RulesetWatcher, Transactions
 
 __all__ = ["NftablesBackend", "check_netns_name", "enter_netns"]
 
@@ -131,6 +133,9 @@ class NftablesBackend:
         self._sets: NetlinkSets | None = None
         self._sets_tried = False
         self._closed = False
+        self._own_threads: set[int] = set()  # native ids of the threads that commit for us
+        self.restores = 0
+        """Times the table was restored after another program removed part of it."""
 
     async def open(self) -> None:
         """Create table, sets, chains and rules idempotently, keeping existing elements."""
@@ -189,6 +194,24 @@ class NftablesBackend:
     async def counters(self) -> dict[MappingKey, tuple[int, int]]:
         """Packets and bytes per mapping, read from the kernel's counter sets."""
         return await self._call(self._counters)
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Until cancelled: after another program's transaction removed (part of) our table
+        (a `nft flush ruleset`, a firewall reload, an element deleted by hand), await
+        restore(what happened). Our own transactions are recognised and ignored."""
+        watcher = await self._submit(self._open_watcher)
+        if watcher is None:
+            return
+        # The fast path commits from the event loop's thread, libnftables from the worker.
+        self._own_threads.add(threading.get_native_id())
+        transactions = Transactions(self.table, self._own_threads)
+        try:
+            while True:
+                reason = await watcher.next_change(transactions)
+                self.restores += 1
+                await restore(reason)
+        finally:
+            watcher.close()
 
     async def close(self, *, flush: bool) -> None:
         """Stop the worker; with flush, delete the table (every mapping) first."""
@@ -260,6 +283,20 @@ class NftablesBackend:
         if not self._in_netns and self.netns is not None:
             enter_netns(self.netns)
         self._in_netns = True
+        self._own_threads.add(threading.get_native_id())
+
+    def _open_watcher(self) -> RulesetWatcher | None:
+        self._enter()
+        try:
+            return RulesetWatcher()
+        except OSError as exc:
+            log.warning(
+                "cannot watch the nftables ruleset (%s): a firewall reload that removes"
+                " table ip %s goes unnoticed until the next start",
+                exc.strerror or exc,
+                self.table,
+            )
+            return None
 
     def _context(self) -> Nft:
         if self._nft is None:
