@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
 
 from igd.model import Protocol
+from igd.proto import pcp
+from igd.proto.pcp import PcpFilter, PcpMapData, PcpOpcode, PcpRequest, PcpResult
 from lab import Host, Lab
 from lab.demo import DemoError, connect, igd_server_argv, start_service
-from tests.lab.probe import request_map
+from tests.lab.probe import exchange, request_map
 
 HELLO = "hello from the LAN service"
 
@@ -182,3 +185,78 @@ def test_the_table_is_restored_after_another_program_removes_it(
         ).stdout
     )
     assert len(status) == 2
+
+
+FW4 = """
+table inet fw4 {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        iifname "lo" accept
+        ct state established,related accept
+        iifname "{lan}" accept
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        {dnat_rule}
+        iifname "{lan}" oifname "{wan}" accept
+    }
+    chain srcnat {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{wan}" masquerade
+    }
+}
+"""
+"""The shape of OpenWrt's fw4 (drop policies, LAN to WAN allowed, masquerade), with the one
+rule docs/nftables.md asks admins to add in place of {dnat_rule}."""
+
+
+def load_fw4(lab: Lab, *, with_dnat_rule: bool) -> None:
+    gw = lab.gateway
+    text = (
+        FW4.replace("{lan}", gw.interface)
+        .replace("{wan}", gw.external_interface)
+        .replace("{dnat_rule}", "ct status dnat accept" if with_dnat_rule else "")
+    )
+    path = lab.workdir / "fw4.nft"
+    path.write_text(text)
+    lab.run(gw, ["nft", "-f", str(path)])
+
+
+def reaches(lab: Lab, host: Host, port: int) -> bool:
+    lab.run(lab.gateway, ["conntrack", "-F"], check=False)
+    try:
+        return HELLO in connect(lab, host, lab.gateway.external_address, port, timeout=1.5)
+    except DemoError:
+        return False
+
+
+@pytest.mark.parametrize("with_dnat_rule", [True, False])
+def test_beside_an_fw4_like_firewall(lab: Lab, gateway: Any, with_dnat_rule: bool) -> None:
+    load_fw4(lab, with_dnat_rule=with_dnat_rule)
+    gateway()
+    service = start_service(lab, lab.lan[0], 8080, HELLO)
+    first, second = lab.wan
+    try:
+        assert request_map(lab, lab.lan[0], Protocol.TCP, 8080, 18080, 600).external_port == 18080
+        # A FILTER (RFC 6887 §13.3): only the first WAN host may use 28080.
+        only_first = PcpFilter(128, 0, pcp.mapped(IPv4Address(first.address)))
+        data = PcpMapData(bytes(12), 6, 8080, 28080, pcp.mapped(IPv4Address(0)))
+        client = pcp.mapped(IPv4Address(lab.lan[0].address))
+        wire = pcp.encode_request(PcpRequest(PcpOpcode.MAP, 600, client, data, (only_first,)))
+        reply = exchange(lab, lab.lan[0], lab.gateway.address, wire)
+        assert reply is not None and pcp.decode_response(reply).result is PcpResult.SUCCESS
+        if not with_dnat_rule:
+            # fw4's forward policy drop wins over anything in our table: nothing gets in.
+            assert not reaches(lab, first, 18080)
+            assert not reaches(lab, lab.lan[1], 18080)
+            return
+        assert reaches(lab, first, 18080) and reaches(lab, second, 18080)
+        assert reaches(lab, lab.lan[1], 18080)  # hairpin
+        assert reaches(lab, first, 28080) and not reaches(lab, second, 28080)
+        assert reaches(lab, lab.lan[1], 18080)
+        # fw4 reloads: its table is replaced, ours stays.
+        load_fw4(lab, with_dnat_rule=True)
+        assert reaches(lab, second, 18080)
+    finally:
+        service.kill()
