@@ -393,13 +393,19 @@ def destination_commands(table: str, addresses: Iterable[IPv4Address]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def admit_rules() -> list[str]:
+def admit_rules(lengths: Iterable[int] | None = None) -> list[str]:
     """The `admit` chain: return if a filter of the packet's mapping covers its source, else
     drop. A filter is held as (first address, last address, port) of its prefix; masking the
-    source at each prefix length in turn makes every test one hash lookup. Longest first."""
+    source at each prefix length in turn makes every test one hash lookup. Longest first.
+
+    `lengths`: only the prefix lengths some wildcard entry's filter has (None: all 33). Each
+    length costs two lookups per new flow to a filtered mapping (docs/performance.md)."""
     rules = []
     tail = "meta l4proto . th dport @" + ALLOWED + " return"
-    for length in range(32, -1, -1):
+    wanted = range(33) if lengths is None else set(lengths)
+    for length in sorted(wanted, reverse=True):
+        if not 0 <= length <= 32:
+            raise ValueError(f"invalid prefix length {length!r}")
         net = IPv4Network((0, length))
         if length == 32:
             span = "ip saddr . ip saddr"
@@ -408,6 +414,19 @@ def admit_rules() -> list[str]:
         # `th sport & 0` is 0 for every packet: the lookup of filters for any port.
         rules += [f"{span} . th sport . {tail}", f"{span} . th sport & 0 . {tail}"]
     return [*rules, "drop"]
+
+
+def filter_lengths(entries: Iterable[KernelEntry]) -> set[int]:
+    """Prefix lengths of the filters the `admit` chain must test for these entries."""
+    return {f.network.prefixlen for e in entries if e.remote_host is None for f in e.filters}
+
+
+def admit_commands(table: str, lengths: Iterable[int] | None) -> str:
+    """Rewrite the `admit` chain for these prefix lengths (part of a larger transaction)."""
+    t = check_table_name(table)
+    lines = [f"flush chain ip {t} {ADMIT}"]
+    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(lengths)]
+    return "".join(line + "\n" for line in lines)
 
 
 def admit_remote_rules() -> list[str]:
@@ -424,12 +443,14 @@ def open_commands(
     *,
     hairpin: bool = True,
     counters: bool = True,
+    admit_lengths: Iterable[int] | None = None,
 ) -> str:
     """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
 
     `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
     input chain's rate limits; `hairpin` lets LAN hosts use mappings through the external
-    address (NAT loopback); `counters` counts every packet of every mapped flow."""
+    address (NAT loopback); `counters` counts every packet of every mapped flow;
+    `admit_lengths` the FILTER prefix lengths to test (None: all)."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
     # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
     # host's own address, to the gateway's LAN address) is never taken by a mapping. With
@@ -476,7 +497,7 @@ def open_commands(
         f"dnat ip to meta l4proto . th dport map @{WILDCARD_MAP}",
     ]
     lines += [f"add rule ip {t} {PREROUTING} {inbound} {rule}" for rule in prerouting]
-    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules()]
+    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(admit_lengths)]
     lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
     # masquerade, not snat: the kernel takes the interface's current address for each new
     # flow, so an address change needs no rewrite. Only the port comes from the map.

@@ -42,6 +42,7 @@ from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops
 from igd.server.backends.nft_listing import Listing, parse_counters, parse_listing
 from igd.server.backends.nft_payload import (
     Guard,
+    admit_commands,
     apply_commands,
     check_entry,
     check_ifname,
@@ -49,6 +50,7 @@ from igd.server.backends.nft_payload import (
     close_commands,
     destination_commands,
     element_timeout,
+    filter_lengths,
     list_command,
     list_counters_commands,
     open_commands,
@@ -133,6 +135,9 @@ class NftablesBackend:
         self._sets: NetlinkSets | None = None
         self._sets_tried = False
         self._closed = False
+        # FILTER prefix lengths the `admit` chain tests: None = all 33 (not known yet). Grows
+        # with apply, is set exactly by reconcile; a superset only costs lookups.
+        self._lengths: frozenset[int] | None = None
         self._own_threads: set[int] = set()  # native ids of the threads that commit for us
         self.restores = 0
         """Times the table was restored after another program removed part of it."""
@@ -163,7 +168,8 @@ class NftablesBackend:
                     return
             commands = apply_commands(self.table, removed, added, now=now)
         if commands:
-            await self._call(functools.partial(self._run, commands))
+            lengths = filter_lengths(KernelEntry.of(m) for m in added)
+            await self._call(functools.partial(self._run_with_lengths, commands, lengths))
 
     async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
         """Make DNAT apply to packets addressed to exactly these addresses."""
@@ -234,6 +240,7 @@ class NftablesBackend:
             guard=self.guard,
             hairpin=self.hairpin,
             counters=self.count_traffic,
+            admit_lengths=self._lengths,
         )
 
     def _fast_ops(
@@ -319,6 +326,16 @@ class NftablesBackend:
     def _run(self, commands: str) -> None:
         self._context().run(commands)
 
+    def _run_with_lengths(self, commands: str, lengths: set[int]) -> None:
+        # On the worker, so transactions see (and extend) the lengths one after another.
+        known = self._lengths
+        if known is None or lengths <= known:
+            self._context().run(commands)
+            return
+        grown = known | lengths
+        self._context().run(admit_commands(self.table, grown) + commands)
+        self._lengths = grown
+
     def _listing(self) -> Listing:
         return parse_listing(self._context().run_json(list_command(self.table)), self.table)
 
@@ -342,8 +359,12 @@ class NftablesBackend:
             # the listing.
             commands, _ = reconcile_plan(self.table, set(), wanted, now=now, held=1)
             report = ReconcileReport((), (), audited=False)
+        lengths = frozenset(filter_lengths(KernelEntry.of(m) for m in wanted))
+        if lengths != self._lengths:
+            commands = admit_commands(self.table, lengths) + commands
         if commands:
             self._context().run(commands)
+        self._lengths = lengths
         return report
 
     def _shutdown(self, flush: bool) -> None:

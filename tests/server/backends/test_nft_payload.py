@@ -13,6 +13,7 @@ from igd.server.backends import KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import (
     MAX_ELEMENT_TIMEOUT,
     Guard,
+    admit_commands,
     admit_rules,
     apply_commands,
     check_ifname,
@@ -21,6 +22,7 @@ from igd.server.backends.nft_payload import (
     destination_commands,
     element_timeout,
     elements,
+    filter_lengths,
     list_command,
     open_commands,
     reconcile_plan,
@@ -156,6 +158,22 @@ def test_admit_tests_every_prefix_length_longest_first_then_drops() -> None:
     ]
     assert rules[16] == f"ip saddr & 255.255.255.0 . ip saddr | 0.0.0.255 . th sport . {tail}"
     assert rules[-2] == f"ip saddr & 0.0.0.0 . ip saddr | 255.255.255.255 . th sport & 0 . {tail}"
+
+
+def test_admit_can_test_only_the_prefix_lengths_in_use() -> None:
+    rules = admit_rules([24, 32, 24])
+    assert rules == [*admit_rules()[:2], *admit_rules()[16:18], "drop"]
+    assert admit_rules([]) == ["drop"]
+    with pytest.raises(ValueError, match="prefix length"):
+        admit_rules([33])
+    entries = [
+        KernelEntry(Protocol.TCP, 1, None, LAN, 1, (RemoteFilter(NET24), RemoteFilter(HOST2))),
+        KernelEntry(Protocol.TCP, 2, HOST2, LAN, 1, (RemoteFilter(IPv4Network("10.0.0.0/8")),)),
+    ]
+    assert filter_lengths(entries) == {24, 32}  # remote-host entries use admit_remote
+    text = admit_commands("igd", [32])
+    assert text.splitlines()[0] == "flush chain ip igd admit"
+    assert len(text.splitlines()) == 4
 
 
 def test_apply_renewal_re_adds_before_deleting_then_adds_with_timeout() -> None:
