@@ -339,9 +339,8 @@ class Daemon:
         self.kernel_restores += 1
         log.warning("nftables: %s; restoring table and mappings", reason)
         try:
-            await self.backend.open()
             wanted = list(self.gateway.table)
-            await self.backend.reconcile(wanted, now=self.service.now(), audit=False)
+            await self.backend.restore(wanted, now=self.service.now())
         except BackendError as error:
             log.error("could not restore the nftables table: %s", error)
             return

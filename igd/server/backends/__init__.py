@@ -79,6 +79,10 @@ class Backend(TypingProtocol):
         `audit` the kernel is not read first (reading 50,000 elements costs seconds) and the
         report says nothing about what differed."""
 
+    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+        """After a loss reported by `watch`: recreate what the backend owns and hold exactly
+        `wanted`, as fast as possible (not necessarily in one transaction)."""
+
     async def entries(self) -> set[KernelEntry]:
         """What the data plane holds now."""
 

@@ -134,6 +134,10 @@ class MemoryBackend:
         self.transactions += 1
         return report
 
+    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+        """Hold exactly `wanted` again (what reconcile does, without the report)."""
+        await self.reconcile(wanted, now=now, audit=False)
+
     async def entries(self) -> set[KernelEntry]:
         """What the pretend data plane holds."""
         return set(self._entries.values())

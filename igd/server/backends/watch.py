@@ -165,6 +165,28 @@ class RulesetWatcher:
                 if found is not None:
                     return found
 
+    def drain(self, transactions: Transactions) -> tuple[str | None, bool]:
+        """Read what is queued without waiting: a foreign change found in it (or None), and
+        whether notifications were lost meanwhile. Our own restore notifies once per
+        element, enough to overflow the buffer: the caller then checks the table instead
+        of restoring it again."""
+        found: str | None = None
+        overflowed = False
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return found, overflowed
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                overflowed = True
+                transactions.pending.clear()
+                continue
+            for event in parse_events(data):
+                change = transactions.feed(event)
+                found = found or change
+
     def close(self) -> None:
         """Close the socket; idempotent."""
         self._sock.close()
