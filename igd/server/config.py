@@ -94,6 +94,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
         "wait_for_interfaces": (boolean, False),
+        "hairpin": (boolean, True),
     },
     "state": {"directory": (string, "/var/lib/igd")},
     "policy": {"file": (string, "/etc/igd/policy.toml")},
@@ -108,7 +109,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "http_port": (integer(1, 65535), 5000),
         "igd_version": (_choice(1, 2, "auto"), "auto"),
     },
-    "nftables": {"table": (string, "igd"), "on_stop": (_choice("keep", "flush"), "keep")},
+    "nftables": {
+        "table": (string, "igd"),
+        "on_stop": (_choice("keep", "flush"), "keep"),
+        "counters": (boolean, True),
+    },
     "limits": {
         "requests_per_second_per_client": (_number, 500.0),
         "burst_per_client": (integer(1), 1000),
@@ -152,6 +157,10 @@ class Config:
     burst_per_client: int
     control_socket: Path
     log_level: str
+    hairpin: bool = True
+    """LAN hosts reach mappings through the external address (NAT loopback)."""
+    traffic_counters: bool = True
+    """Count packets and bytes per mapping in the kernel."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -208,4 +217,6 @@ class Config:
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
             log_level=values["log"]["level"],
+            hairpin=net["hairpin"],
+            traffic_counters=values["nftables"]["counters"],
         )

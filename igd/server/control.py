@@ -7,6 +7,7 @@ socket file, mode 0600) can ask.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             reply = self._reply(line[:MAX_REQUEST])
+            if inspect.isawaitable(reply.get("result")):
+                # A command that reads the kernel (`list` with counters) is a coroutine.
+                reply = {"result": await reply["result"]}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError) as error:

@@ -110,7 +110,11 @@ class Daemon:
                 config.upnp_http_port if config.upnp_enabled else None,
             )
             self.backend = NftablesBackend(
-                config.nftables_table, config.external_interface, guard=guard
+                config.nftables_table,
+                config.external_interface,
+                guard=guard,
+                hairpin=config.hairpin,
+                counters=config.traffic_counters,
             )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
@@ -151,6 +155,8 @@ class Daemon:
                 igd_version=config.upnp_igd_version,
                 store=self.store,
             )
+        self.kernel_restores = 0
+        """Times the nftables table was restored after another program removed it."""
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -171,6 +177,7 @@ class Daemon:
                 group.create_task(self.service.run_committer()),
                 group.create_task(self.service.run_expiry()),
                 group.create_task(self._watch_address()),
+                group.create_task(self.backend.watch(self._restore_kernel)),
                 group.create_task(self.pxp.announce()),
                 group.create_task(self.pxp.run()),
             ]
@@ -296,24 +303,34 @@ class Daemon:
             len(change.added),
         )
 
-    def list_mappings(self) -> list[dict[str, Any]]:
-        """The current mappings, for `igd-server list`."""
+    async def list_mappings(self) -> list[dict[str, Any]]:
+        """The current mappings with their traffic, for `igd-server list`."""
+        try:
+            counts = await self.backend.counters()
+        except BackendError as error:
+            log.error("cannot read the traffic counters: %s", error)
+            counts = {}
         now = time.monotonic()
-        return [
-            {
-                "protocol": str(m.protocol),
-                "external_port": m.external_port,
-                "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
-                "internal_address": str(m.internal_address),
-                "internal_port": m.internal_port,
-                "lease_remaining": m.remaining(now),
-                "mechanism": str(m.owner.mechanism),
-                "client": str(m.owner.client),
-                "description": m.description,
-                "remote_sources": [_source(f) for f in m.filters],
-            }
-            for m in self.service.mappings()
-        ]
+        rows = []
+        for m in self.service.mappings():
+            packets, octets = counts.get(m.key, (0, 0))
+            rows.append(
+                {
+                    "protocol": str(m.protocol),
+                    "external_port": m.external_port,
+                    "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
+                    "internal_address": str(m.internal_address),
+                    "internal_port": m.internal_port,
+                    "lease_remaining": m.remaining(now),
+                    "mechanism": str(m.owner.mechanism),
+                    "client": str(m.owner.client),
+                    "description": m.description,
+                    "remote_sources": [_source(f) for f in m.filters],
+                    "packets": packets,
+                    "bytes": octets,
+                }
+            )
+        return rows
 
     def status(self) -> dict[str, Any]:
         """A summary for scripts and tests."""
@@ -323,6 +340,7 @@ class Daemon:
             "external_address": str(self.external.current) if self.external.current else None,
             "policy": str(self.config.policy_file),
             "rules": len(self.policy.rules),
+            "kernel_restores": self.kernel_restores,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
@@ -366,6 +384,25 @@ class Daemon:
                 # its subscribers (RFC 6886 §3.2.1 announcements, §14.2 Mapping Update, GENA).
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
                 self.service.address_changed(previous, self.external.current)
+
+    async def _restore_kernel(self, reason: str) -> None:
+        # Another program removed (part of) our table: a firewall reload or `nft flush
+        # ruleset`. Recreate it and put every mapping back in one transaction.
+        started = time.perf_counter()
+        self.kernel_restores += 1
+        log.warning("nftables: %s; restoring table and mappings", reason)
+        try:
+            wanted = list(self.service.mappings())
+            await self.backend.restore(wanted, now=self.service.now())
+        except BackendError as error:
+            log.error("could not restore the nftables table: %s", error)
+            return
+        log.warning(
+            "nftables table restored with %d mappings in %.0f ms (restore %d since start)",
+            len(wanted),
+            (time.perf_counter() - started) * 1000,
+            self.kernel_restores,
+        )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
