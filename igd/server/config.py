@@ -113,7 +113,28 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "burst_per_client": (integer(1), 1000),
     },
     "control": {"socket": (string, None)},
+    "upstream": {
+        "mode": (_choice("off", "auto", "pcp", "natpmp", "upnp"), "off"),
+        "gateway": (_address, None),
+        "reply_wait": (_number, 2.0),
+        "lifetime": (integer(30, 86400), 3600),
+    },
 }
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """The `[upstream]` section (igd/server/upstream.py): double NAT mirroring."""
+
+    mode: str = "off"
+    """off, auto (only behind a private, shared or reserved external address), or a
+    mechanism: pcp, natpmp, upnp."""
+    address: IPv4Address | None = None
+    """The upstream gateway (key `gateway`); None: the default route's."""
+    reply_wait: float = 2.0
+    """How long a NAT-PMP/PCP reply waits for the upstream mapping."""
+    lifetime: int = 3600
+    """The upstream lease asked for (renewed on its own schedule)."""
 
 
 class ConfigError(FileError):
@@ -147,6 +168,7 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    upstream: UpstreamSettings = UpstreamSettings()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -201,4 +223,10 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            upstream=UpstreamSettings(
+                mode=values["upstream"]["mode"],
+                address=values["upstream"]["gateway"],
+                reply_wait=values["upstream"]["reply_wait"],
+                lifetime=values["upstream"]["lifetime"],
+            ),
         )

@@ -29,6 +29,7 @@ from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
 from igd.server.upnp import UpnpServer
+from igd.server.upstream import Upstream
 
 log = logging.getLogger("igd.daemon")
 
@@ -60,10 +61,12 @@ class Daemon:
         for warning in self.policy.warnings():
             log.warning("policy %s", warning)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
+        mirroring = config.upstream.mode != "off"
         self.external = ExternalAddress(
             config.external_interface,
             override=config.external_address,
-            allow_private=config.allow_private_external,
+            # Behind a double NAT the private address is served, and mirrored upstream.
+            allow_private=config.allow_private_external or mirroring,
         )
         if dry_run:
             self.store = LeaseStore(Path(":memory:"))
@@ -91,6 +94,10 @@ class Daemon:
         self.service = Service(gateway, self.backend, self.store)
         self.host_ports = HostPorts(self.destinations)
         self.service.before_map = self._refresh_host_ports
+        self.upstream: Upstream | None = None
+        if mirroring:
+            self.upstream = Upstream(config.upstream, self.external)
+            self.service.upstream = self.upstream
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
         if config.pcp_enabled:
@@ -137,6 +144,8 @@ class Daemon:
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
+            if self.upstream is not None:
+                tasks.append(group.create_task(self.upstream.run(self.service)))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -198,6 +207,8 @@ class Daemon:
         if self.upnp is not None:
             await self.upnp.stop()
         await self.control.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
         if flush:
@@ -252,6 +263,7 @@ class Daemon:
             "external_address": str(self.external.current) if self.external.current else None,
             "policy": str(self.config.policy_file),
             "rules": len(self.policy.rules),
+            "upstream": self.upstream.status() if self.upstream is not None else None,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
