@@ -1,0 +1,184 @@
+"""Double NAT end to end (lab/cascade.py): igd-server behind another gateway mirrors what it
+grants upstream, and LAN clients are told the endpoint the WAN really reaches."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.cascade import CascadeLab
+from lab.demo import DemoError, connect, natpmp_map, natpmpc, public_address, start_service
+
+REPO = Path(__file__).resolve().parents[2]
+IGD_SERVER = str(Path(os.sys.executable).parent / "igd-server")
+UPSTREAM_POLICY = REPO / "policies" / "lab-upstream.toml"
+LAN_POLICY = REPO / "policies" / "lab.toml"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = condition()
+        except DemoError:
+            found = None
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def upstream_listed(lab: CascadeLab) -> list[dict[str, Any]]:
+    """`igd-server list --json` of the upstream gateway."""
+    argv = [IGD_SERVER, "list", "--json", "--config", str(lab.workdir / "upstream.toml")]
+    return json.loads(lab.run(lab.upstream, argv).stdout)  # type: ignore[no-any-return]
+
+
+def status(lab: CascadeLab) -> dict[str, Any]:
+    """Our gateway's status over its control socket (what `igd-server status` shows)."""
+    code = (
+        "import json, sys\n"
+        "from igd.server.config import Config\n"
+        "from igd.server.control import ask\n"
+        "print(json.dumps(ask(Config.load(sys.argv[1]).control_socket, 'status')))\n"
+    )
+    out = lab.python(lab.gateway, ["-c", code, str(lab.gateway_config)]).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def cascade() -> Iterator[CascadeLab]:
+    with CascadeLab() as built:
+        yield built
+
+
+def start_both(lab: CascadeLab, **upstream: Any) -> None:
+    lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY))
+    # The upstream answers NAT-PMP on the middle network (natpmpc in our gateway's host).
+    wait_until(
+        lambda: "Public IP address" in lab.run(
+            lab.gateway, ["natpmpc", "-g", lab.upstream.address], check=False, timeout=10
+        ).stdout,
+        15, "the upstream gateway",
+    )  # fmt: skip
+    config = lab.write_gateway_config(
+        LAN_POLICY, upstream={"mode": "auto", **upstream}, network={"address_poll_interval": 0.5}
+    )
+    lab.start_gateway(config)
+    # Our gateway reports the upstream's public address once it has probed it.
+    wait_until(
+        lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
+        20, "the public address over NAT-PMP",
+    )  # fmt: skip
+
+
+def test_natpmpc_mapping_reaches_through_both_nats_and_delete_closes_both(
+    cascade: CascadeLab,
+) -> None:
+    lab = cascade
+    start_both(lab)
+    service = start_service(lab, lab.lan[0], 8080)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18080, 8080)
+        assert mapped.public_port == 18080
+        assert 0 < mapped.lifetime <= 3600
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        held = upstream_listed(lab)
+        assert [(m["external_port"], m["internal_address"], m["internal_port"]) for m in held] == [
+            (18080, lab.gateway.external_address, 18080)
+        ]
+        chain = status(lab)["upstream"]
+        assert chain["public_address"] == lab.upstream.external_address
+        assert chain["local_external_address"] == lab.gateway.external_address
+        assert (chain["mirrored"], chain["failing"]) == (1, 0)
+        natpmp_map(lab, lab.lan[0], 18080, 8080, lifetime=0)
+        wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
+        with pytest.raises(DemoError):
+            connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+    finally:
+        service.kill()
+
+
+def test_client_library_over_pcp_gets_the_public_endpoint(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab)
+    service = start_service(lab, lab.lan[0], 8081)
+    code = (
+        "import asyncio, json\n"
+        "from igd.client import PortMapper\n"
+        "async def main():\n"
+        "    pm = PortMapper()\n"
+        "    m = await pm.map(8081, 'tcp', external_port=28081, lifetime=600, via='pcp')\n"
+        "    print(json.dumps(m.to_dict()), flush=True)\n"
+        "    await m.detach()\n"
+        "    await pm.close()\n"
+        "asyncio.run(main())\n"
+    )
+    try:
+        got = json.loads(lab.python(lab.lan[0], code, timeout=60).stdout.splitlines()[-1])
+        assert got["external_address"] == lab.upstream.external_address
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, got["external_port"])
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_upstream_refusal_reaches_the_client(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab)
+    # Our policy grants 2323; the upstream's refuses it: NAT-PMP NOT_AUTHORIZED (2).
+    out = natpmpc(lab, lab.lan[0], "-a", "2323", "2323", "tcp", "600")
+    assert "result code 2" in out or "Not Authorized" in out.lower().title()
+    assert "Mapped public port" not in out
+    chain = status(lab)["upstream"]
+    assert chain["last_error"] and "2323" in chain["last_error"]
+
+
+def test_upstream_restart_is_repaired(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab)
+    service = start_service(lab, lab.lan[0], 8082)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18082, 8082)
+        # The upstream loses its state: stopped with its mappings flushed, started again.
+        config = lab.write_upstream_config(UPSTREAM_POLICY, nftables={"on_stop": "flush"})
+        lab.stop_upstream()
+        lab.start_upstream(config)
+        # Its new epoch reaches our mirror (announcement or next answer), which maps again.
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18082],
+            20, "the upstream mapping to be re-created",
+        )  # fmt: skip
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_our_restart_keeps_one_upstream_mapping(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab, mode="natpmp")
+    service = start_service(lab, lab.lan[0], 8083)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18083, 8083)
+        config = lab.gateway_config
+        assert config is not None
+        lab.stop_gateway()
+        lab.start_gateway(config)
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18083],
+            20, "the upstream mapping after our restart",
+        )  # fmt: skip
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        assert len(upstream_listed(lab)) == 1
+    finally:
+        service.kill()
