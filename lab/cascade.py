@@ -22,7 +22,7 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lab import (
     DEFAULT_LAN_NETWORK,
@@ -139,9 +139,7 @@ class CascadeLab(Lab):
             "network": {
                 "external_interface": up.external_interface,
                 "internal_interfaces": [up.interface],
-                "allow_private_external": not ipaddress.IPv4Address(
-                    up.external_address
-                ).is_global,
+                "allow_private_external": not ipaddress.IPv4Address(up.external_address).is_global,
             },
             "state": {"directory": str(state)},
             "policy": {"file": str(Path(policy_path).resolve())},
@@ -231,6 +229,16 @@ class UpstreamSite:
     def popen(self, host: Host | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start in a host of the cascade."""
         return self.cascade.popen(host, argv, **kwargs)
+
+    def python(
+        self, host: Host | str, code: str | Sequence[str], **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run Python in a host of the cascade."""
+        return self.cascade.python(host, code, **kwargs)
+
+    def as_lab(self) -> Lab:
+        """This view where a Lab is expected (it has every member those tools use)."""
+        return cast(Lab, self)
 
 
 __all__ = ["CascadeLab", "UpstreamSite"]

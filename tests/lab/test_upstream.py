@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,8 +13,11 @@ from typing import Any
 
 import pytest
 
-from lab.cascade import CascadeLab
-from lab.demo import DemoError, connect, natpmp_map, natpmpc, public_address, start_service
+from lab.cascade import CascadeLab, UpstreamSite
+from lab.demo import DemoError, connect, natpmp_map, public_address, start_service
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
+from lab.miniupnpd import version as miniupnpd_version
+from lab.netns import LabCommandError, LabError
 
 REPO = Path(__file__).resolve().parents[2]
 IGD_SERVER = str(Path(os.sys.executable).parent / "igd-server")
@@ -26,8 +30,8 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     while True:
         try:
             found = condition()
-        except DemoError:
-            found = None
+        except (DemoError, LabError, LabCommandError):
+            found = None  # not answering yet
         if found:
             return found
         if time.monotonic() > deadline:
@@ -135,9 +139,13 @@ def test_upstream_refusal_reaches_the_client(cascade: CascadeLab) -> None:
     lab = cascade
     start_both(lab)
     # Our policy grants 2323; the upstream's refuses it: NAT-PMP NOT_AUTHORIZED (2).
-    out = natpmpc(lab, lab.lan[0], "-a", "2323", "2323", "tcp", "600")
-    assert "result code 2" in out or "Not Authorized" in out.lower().title()
-    assert "Mapped public port" not in out
+    argv = ["natpmpc", "-g", lab.gateway.address, "-a", "2323", "2323", "tcp", "600"]
+    out = lab.run(lab.lan[0], argv, check=False, timeout=10)
+    assert out.returncode != 0
+    assert "not authorized" in out.stdout + out.stderr
+    assert "Mapped public port" not in out.stdout
+    # Nothing is left behind: the local mapping went with the refusal.
+    assert upstream_listed(lab) == []
     chain = status(lab)["upstream"]
     assert chain["last_error"] and "2323" in chain["last_error"]
 
@@ -148,10 +156,14 @@ def test_upstream_restart_is_repaired(cascade: CascadeLab) -> None:
     service = start_service(lab, lab.lan[0], 8082)
     try:
         mapped = natpmp_map(lab, lab.lan[0], 18082, 8082)
-        # The upstream loses its state: stopped with its mappings flushed, started again.
-        config = lab.write_upstream_config(UPSTREAM_POLICY, nftables={"on_stop": "flush"})
-        lab.stop_upstream()
-        lab.start_upstream(config)
+        # The upstream loses its state: killed, its lease store and kernel table gone.
+        lab.stop_upstream(signal.SIGKILL)
+        for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
+            path.unlink()
+        lab.run(lab.upstream, ["nft", "delete", "table", "ip", "igd"])
+        with pytest.raises(DemoError):
+            connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        lab.start_upstream(lab.workdir / "upstream.toml")
         # Its new epoch reaches our mirror (announcement or next answer), which maps again.
         wait_until(
             lambda: [m["external_port"] for m in upstream_listed(lab)] == [18082],
@@ -182,3 +194,31 @@ def test_our_restart_keeps_one_upstream_mapping(cascade: CascadeLab) -> None:
         assert len(upstream_listed(lab)) == 1
     finally:
         service.kill()
+
+
+@pytest.mark.skipif(miniupnpd_version() is None, reason="Debian's miniupnpd is not installed")
+def test_miniupnpd_upstream_natpmpc_reaches_through_both_nats() -> None:
+    # miniupnpd refuses a private or documentation WAN address: a public-looking one.
+    with CascadeLab(public_network=PUBLIC_LOOKING_WAN) as lab:
+        site = UpstreamSite(lab).as_lab()
+        with Miniupnpd(site, MiniupnpdOptions(min_lifetime=2)) as mini:
+            config = lab.write_gateway_config(LAN_POLICY, upstream={"mode": "auto"})
+            lab.start_gateway(config)
+            wait_until(
+                lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
+                20, "the public address over NAT-PMP",
+            )  # fmt: skip
+            service = start_service(lab, lab.lan[0], 8084)
+            try:
+                mapped = natpmp_map(lab, lab.lan[0], 18084, 8084)
+                answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+                assert "hello from the LAN service" in answer
+                chain = status(lab)["upstream"]
+                assert (chain["mirrored"], chain["mechanism"]) == (1, "pcp")
+                assert mini.rule_count() == 1
+                natpmp_map(lab, lab.lan[0], 18084, 8084, lifetime=0)
+                wait_until(lambda: mini.rule_count() == 0, 10, "miniupnpd to drop its rule")
+                with pytest.raises(DemoError):
+                    connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+            finally:
+                service.kill()
