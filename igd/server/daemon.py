@@ -251,6 +251,8 @@ class Daemon:
                 "mechanism": str(m.owner.mechanism),
                 "client": str(m.owner.client),
                 "description": m.description,
+                # Behind a double NAT: where the Internet reaches it (igd/server/upstream.py).
+                "public": self.upstream.endpoint(m) if self.upstream is not None else None,
             }
             for m in self.service.mappings()
         ]

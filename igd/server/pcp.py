@@ -341,7 +341,7 @@ class PcpHandler:
     def mapping_updates(self) -> list[tuple[bytes, tuple[str, int]]]:
         """Unsolicited responses telling each PCP client its mappings' new external address
         (§14.2), with where to send them."""
-        address = self.external.current
+        address = self.external.reported
         if address is None:
             return []
         self.follow()

@@ -89,6 +89,9 @@ class ServiceView(TypingProtocol):
         self, name: str, bound: int = ..., kinds: tuple[type[Event], ...] | None = ...
     ) -> Subscriber: ...
 
+    def address_changed(self, previous: IPv4Address | None, current: IPv4Address | None) -> None:
+        """A new epoch, announced."""
+
 
 class _Mirror:
     """One upstream mapping and the local mappings it serves."""
@@ -127,6 +130,7 @@ class Upstream:
         self._mirrors: dict[tuple[Protocol, int], _Mirror] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        self._service: ServiceView | None = None
 
     def _default_mapper(self) -> PortMapper:
         prefer = (Mechanism.PCP, Mechanism.NATPMP, Mechanism.UPNP)
@@ -174,6 +178,7 @@ class Upstream:
         feed = service.subscribe(
             "upstream mirror", FEED_BOUND, (MappingGranted, MappingRenewed, MappingRemoved)
         )
+        self._service = service
         await self.start()
         for mapping in list(service.mappings()):
             self.ensure(mapping)
@@ -290,14 +295,26 @@ class Upstream:
             self._fail(
                 f"upstream mapping {mirror.protocol}/{mirror.port} {event.kind}: {event.error}"
             )
-        elif event.kind in (EventKind.RENEWED, EventKind.RECREATED, EventKind.CHANGED):
+        elif event.kind is EventKind.CHANGED:
+            # The upstream re-made it elsewhere (its restart, its new address): what clients
+            # were told is wrong now. A new epoch, announced (RFC 6886 §3.2.1, RFC 6887
+            # §14.1.3), makes them map again and learn the new endpoint (RFC 7648 §5.3:
+            # the proxy passes the server's state loss on to its clients).
             self.reachable = True
+            previous = self.external.reported
             self.external.public = event.external_address
-            if event.kind is not EventKind.RENEWED:
+            log.warning(
+                "upstream mapping %s/%d changed: now %s:%d; new epoch",
+                mirror.protocol, mirror.port, event.external_address, event.external_port,
+            )  # fmt: skip
+            if self._service is not None:
+                self._service.address_changed(previous, self.external.reported)
+        elif event.kind in (EventKind.RENEWED, EventKind.RECREATED):
+            self.reachable = True
+            if event.kind is EventKind.RECREATED:
                 log.warning(
-                    "upstream mapping %s/%d %s: now %s:%d",
-                    mirror.protocol, mirror.port, event.kind, event.external_address,
-                    event.external_port,
+                    "upstream mapping %s/%d re-created (the upstream lost it)",
+                    mirror.protocol, mirror.port,
                 )  # fmt: skip
 
     def _fail(self, message: str) -> None:
@@ -327,6 +344,13 @@ class Upstream:
         # Still asking, or the upstream is silent: the local mapping, soon renewed.
         pending = min(lifetime, PENDING_LIFETIME) or PENDING_LIFETIME
         return Public(None, mapping.external_port, pending)
+
+    def endpoint(self, mapping: Mapping) -> str | None:
+        """The public address:port a local mapping is reached at, if mirrored."""
+        mirror = self._mirrors.get((mapping.protocol, mapping.external_port))
+        if mirror is None or mirror.mapping is None:
+            return None
+        return f"{mirror.mapping.external_address}:{mirror.mapping.external_port}"
 
     def status(self) -> dict[str, Any]:
         """The chain, for the admin status command and the console."""

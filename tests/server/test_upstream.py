@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from igd.client import NotAuthorized
+from igd.client import EventKind, MappingEvent, NotAuthorized
+from igd.events import ExternalAddressChanged
 from igd.gateway import Gateway
-from igd.model import Protocol
+from igd.model import Mechanism, Protocol
 from igd.policy import Policy
 from igd.proto import natpmp
 from igd.proto.natpmp import (
@@ -56,8 +57,10 @@ class Held:
         self.lifetime, self.mechanism = lifetime, "pcp"
         self.expires = asyncio.get_running_loop().time() + lifetime
         self.released = False
+        self.callbacks: list[Any] = []
 
     def subscribe(self, callback: Any) -> Any:
+        self.callbacks.append(callback)
         return lambda: None
 
     async def release(self) -> None:
@@ -162,6 +165,18 @@ async def test_renewal_reuses_the_upstream_mapping_and_delete_releases_it(rig: R
     await settle()
     assert rig.up.held[0].released
     assert rig.mirror.status()["mirrored"] == 0
+
+
+async def test_upstream_moving_the_mapping_starts_a_new_epoch(rig: Rig) -> None:
+    await rig.map(8080, 18080, 3600)
+    events = rig.service.subscribe("test", kinds=(ExternalAddressChanged,))
+    rig.service.epoch_start -= 100  # an epoch clients have seen running for a while
+    moved = IPv4Address("203.0.113.9")
+    for callback in rig.up.held[0].callbacks:
+        callback(MappingEvent(EventKind.CHANGED, Mechanism.PCP, moved, 18081, 600))
+    assert rig.service.epoch() < 5
+    assert events.take()[0] == [ExternalAddressChanged(PUBLIC, moved)]
+    assert await rig.address() == moved
 
 
 async def test_upstream_refusal_refuses_the_client_and_leaves_nothing(rig: Rig) -> None:
