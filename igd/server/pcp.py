@@ -162,7 +162,7 @@ class PcpHandler:
         port, address = mapping.external_port, self._external()
         public = await self.service.public(mapping, granted)
         if isinstance(public, UpstreamRefusal):
-            # RFC 7648 §4: the proxy relays the server's refusal to its client.
+            # A PCP proxy (RFC 7648) relays the server's refusal to its client.
             raise PcpError(RESULT_FOR[public.reason], public.detail, None)
         if public is not None:
             # Double NAT (RFC 7648): the upstream's endpoint, for the lesser of both leases;

@@ -298,8 +298,8 @@ class Upstream:
         elif event.kind is EventKind.CHANGED:
             # The upstream re-made it elsewhere (its restart, its new address): what clients
             # were told is wrong now. A new epoch, announced (RFC 6886 §3.2.1, RFC 6887
-            # §14.1.3), makes them map again and learn the new endpoint (RFC 7648 §5.3:
-            # the proxy passes the server's state loss on to its clients).
+            # §14.1.3), makes them map again and learn the new endpoint, as a PCP proxy
+            # (RFC 7648) passes the server's state loss on to its clients.
             self.reachable = True
             previous = self.external.reported
             self.external.public = event.external_address
