@@ -88,6 +88,10 @@ class CascadeLab(Lab):
         ]
         self._upstream: subprocess.Popen[bytes] | None = None
 
+    def __enter__(self) -> CascadeLab:
+        super().__enter__()
+        return self
+
     @property
     def hosts(self) -> dict[str, Host]:
         """Every host by its short name: `up`, `gw`, `wan1`..., `lan1`..."""
