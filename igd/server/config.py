@@ -118,6 +118,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "gateway": (_address, None),
         "reply_wait": (_number, 2.0),
         "lifetime": (integer(30, 86400), 3600),
+        "check_interval": (_number, 30.0),
     },
 }
 
@@ -135,6 +136,8 @@ class UpstreamSettings:
     """How long a NAT-PMP/PCP reply waits for the upstream mapping."""
     lifetime: int = 3600
     """The upstream lease asked for (renewed on its own schedule)."""
+    check_interval: float = 30.0
+    """How often the upstream is probed: noticed gone, restarted (epoch), back."""
 
 
 class ConfigError(FileError):
@@ -228,5 +231,6 @@ class Config:
                 address=values["upstream"]["gateway"],
                 reply_wait=values["upstream"]["reply_wait"],
                 lifetime=values["upstream"]["lifetime"],
+                check_interval=values["upstream"]["check_interval"],
             ),
         )

@@ -32,6 +32,7 @@ from igd.client import (
 from igd.client.discovery import default_gateway
 from igd.client.errors import MappingRefused
 from igd.client.mapping import EventKind
+from igd.client.selection import Verdict
 from igd.decision import Reason
 from igd.events import Event, MappingGranted, MappingRemoved, MappingRenewed
 from igd.model import Mapping, MappingKey, Mechanism, Protocol
@@ -174,7 +175,8 @@ class Upstream:
         self._ready.set()
 
     async def run(self, service: ServiceView) -> None:
-        """Probe, mirror what the service holds (a restart), then follow its feed."""
+        """Probe, mirror what the service holds (a restart), then follow its feed and check
+        the upstream every `check_interval` seconds."""
         feed = service.subscribe(
             "upstream mirror", FEED_BOUND, (MappingGranted, MappingRenewed, MappingRemoved)
         )
@@ -182,6 +184,12 @@ class Upstream:
         await self.start()
         for mapping in list(service.mappings()):
             self.ensure(mapping)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_feed(service, feed))
+            if self.active:
+                group.create_task(self._check())
+
+    async def _follow_feed(self, service: ServiceView, feed: Subscriber) -> None:
         while True:
             events, lost = await feed.next()
             if lost:
@@ -190,6 +198,28 @@ class Upstream:
             for event in events:
                 if isinstance(event, MappingGranted | MappingRenewed | MappingRemoved):
                     self.follow(event)
+
+    async def _check(self) -> None:
+        """Probe the upstream now and then: an upstream that went away is reported, one that
+        restarted is found by the epoch test (the mapper re-creates the mappings)."""
+        while True:
+            await asyncio.sleep(self.settings.check_interval)
+            if self.mapper is None:
+                continue
+            try:
+                probe = await self.mapper.probe(refresh=True)
+            except (PortMappingError, OSError) as error:
+                answered, detail = False, str(error)
+            else:
+                answered = probe.choice.verdict is not Verdict.NO_GATEWAY
+                detail = "no PCP, NAT-PMP or UPnP answer"
+                if answered and probe.choice.external_address is not None:
+                    self.external.public = probe.choice.external_address
+            if not answered and self.reachable:
+                self._fail(f"upstream gateway {self.address} does not answer: {detail}")
+            elif answered and not self.reachable:
+                self.reachable = True
+                log.warning("upstream gateway %s answers again", self.address)
 
     def _resync(self, held: list[Mapping]) -> None:
         slots = {(m.protocol, m.external_port) for m in held}
@@ -267,7 +297,9 @@ class Upstream:
         except PortMappingError as error:
             mirror.error = error
             slot = f"{mirror.protocol}/{mirror.port}"
-            self._fail(f"upstream refused or did not answer {slot}: {error}")
+            refused = reason_for(error) is not None
+            what = "refused" if refused else "did not answer"
+            self._fail(f"upstream {what} {slot}: {error}", unreachable=not refused)
         else:
             mirror.error = None
             self.reachable = True
@@ -292,8 +324,10 @@ class Upstream:
 
     def _heard(self, mirror: _Mirror, event: MappingEvent) -> None:
         if event.kind in (EventKind.FAILED, EventKind.LOST):
+            refused = event.error is not None and reason_for(event.error) is not None
             self._fail(
-                f"upstream mapping {mirror.protocol}/{mirror.port} {event.kind}: {event.error}"
+                f"upstream mapping {mirror.protocol}/{mirror.port} {event.kind}: {event.error}",
+                unreachable=not refused,
             )
         elif event.kind is EventKind.CHANGED:
             # The upstream re-made it elsewhere (its restart, its new address): what clients
@@ -317,8 +351,9 @@ class Upstream:
                     mirror.protocol, mirror.port,
                 )  # fmt: skip
 
-    def _fail(self, message: str) -> None:
-        self.reachable = False
+    def _fail(self, message: str, *, unreachable: bool = True) -> None:
+        if unreachable:
+            self.reachable = False
         self.last_error = message
         log.warning("upstream: %s", message)
 

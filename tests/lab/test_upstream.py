@@ -63,7 +63,16 @@ def cascade() -> Iterator[CascadeLab]:
         yield built
 
 
-def start_both(lab: CascadeLab, **upstream: Any) -> None:
+# A restart is told from the epoch (RFC 6887 §8.5, RFC 6886 §3.6): an upstream killed a
+# second or two after it started has an epoch its successor soon catches up with, which no
+# client can tell apart. Real gateways run longer; the lab's upstream is this old at least.
+MIN_UPSTREAM_AGE = 6.0
+
+
+def start_both(lab: CascadeLab, **upstream: Any) -> float:
+    """Start the upstream igd-server and ours (mirroring `auto` unless told); when the
+    upstream started (monotonic)."""
+    started = time.monotonic()
     lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY))
     # The upstream answers NAT-PMP on the middle network (natpmpc in our gateway's host).
     wait_until(
@@ -81,6 +90,11 @@ def start_both(lab: CascadeLab, **upstream: Any) -> None:
         lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
         20, "the public address over NAT-PMP",
     )  # fmt: skip
+    return started
+
+
+def age_upstream(started: float) -> None:
+    time.sleep(max(0.0, started + MIN_UPSTREAM_AGE - time.monotonic()))
 
 
 def test_natpmpc_mapping_reaches_through_both_nats_and_delete_closes_both(
@@ -152,10 +166,11 @@ def test_upstream_refusal_reaches_the_client(cascade: CascadeLab) -> None:
 
 def test_upstream_restart_is_repaired(cascade: CascadeLab) -> None:
     lab = cascade
-    start_both(lab)
+    started = start_both(lab)
     service = start_service(lab, lab.lan[0], 8082)
     try:
         mapped = natpmp_map(lab, lab.lan[0], 18082, 8082)
+        age_upstream(started)
         # The upstream loses its state: killed, its lease store and kernel table gone.
         lab.stop_upstream(signal.SIGKILL)
         for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
@@ -175,9 +190,35 @@ def test_upstream_restart_is_repaired(cascade: CascadeLab) -> None:
         service.kill()
 
 
-def test_our_restart_keeps_one_upstream_mapping(cascade: CascadeLab) -> None:
+def test_upstream_that_goes_away_is_reported_then_repaired(cascade: CascadeLab) -> None:
     lab = cascade
-    start_both(lab, mode="natpmp")
+    started = start_both(lab, check_interval=1.0)
+    service = start_service(lab, lab.lan[0], 8085)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18085, 8085)
+        age_upstream(started)
+        lab.stop_upstream(signal.SIGKILL)
+        for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
+            path.unlink()
+        lab.run(lab.upstream, ["nft", "delete", "table", "ip", "igd"])
+        wait_until(lambda: not status(lab)["upstream"]["reachable"], 15, "the outage reported")
+        assert "does not answer" in status(lab)["upstream"]["last_error"]
+        lab.start_upstream(lab.workdir / "upstream.toml")
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18085],
+            20, "the upstream mapping to be re-created",
+        )  # fmt: skip
+        wait_until(lambda: status(lab)["upstream"]["reachable"], 10, "the upstream back")
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+@pytest.mark.parametrize("mode", ["natpmp", "pcp"])
+def test_our_restart_keeps_one_upstream_mapping(cascade: CascadeLab, mode: str) -> None:
+    lab = cascade
+    start_both(lab, mode=mode)
     service = start_service(lab, lab.lan[0], 8083)
     try:
         mapped = natpmp_map(lab, lab.lan[0], 18083, 8083)

@@ -80,7 +80,7 @@ class Upstream_:
         self.held: list[Held] = []
         self.asked: list[tuple[int, Protocol, int | None]] = []
 
-    async def probe(self) -> Any:
+    async def probe(self, **kw: Any) -> Any:
         choice = SimpleNamespace(verdict="double-nat", external_address=PUBLIC, mechanism="pcp")
         return SimpleNamespace(choice=choice)
 
@@ -186,7 +186,9 @@ async def test_upstream_refusal_refuses_the_client_and_leaves_nothing(rig: Rig) 
         NatPmpResult.NOT_AUTHORIZED, 0, 0,
     )  # fmt: skip
     assert rig.service.count() == 0
-    assert "denied" in rig.mirror.status()["last_error"]
+    status = rig.mirror.status()
+    assert "denied" in status["last_error"]
+    assert status["reachable"]  # it answered: a refusal is no outage
 
 
 async def test_silent_upstream_answers_in_bounded_time_with_a_short_lease(rig: Rig) -> None:
@@ -217,7 +219,9 @@ def test_config_reads_the_upstream_section(tmp_path: Path) -> None:
         base + '[upstream]\nmode = "natpmp"\ngateway = "192.168.1.1"\nreply_wait = 1.5\n',
         tmp_path / "c.toml",
     )
-    assert config.upstream == UpstreamSettings("natpmp", IPv4Address("192.168.1.1"), 1.5, 3600)
+    assert config.upstream == UpstreamSettings(
+        "natpmp", IPv4Address("192.168.1.1"), 1.5, 3600, 30.0
+    )
     assert Config.parse(base, tmp_path / "c.toml").upstream.mode == "off"
     with pytest.raises(ConfigError, match="upstream"):
         Config.parse(base + '[upstream]\nmode = "stun"\n', tmp_path / "c.toml")
