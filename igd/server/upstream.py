@@ -31,6 +31,7 @@ from igd.client import (
 )
 from igd.client.discovery import default_gateway
 from igd.client.errors import MappingRefused
+from igd.client.mapper import MAX_MAPPINGS
 from igd.client.mapping import EventKind
 from igd.client.selection import Verdict
 from igd.decision import Reason
@@ -46,7 +47,9 @@ MODES = ("off", "auto", "pcp", "natpmp", "upnp")
 # While the upstream has not answered, a client is told the local mapping with at most this
 # lifetime, so its renewal (which then finds the upstream mapping) comes soon.
 PENDING_LIFETIME = 30
-MAX_MIRRORS = 4096  # one per (protocol, external port) mirrored; the client caps at 256 anyway
+# One upstream mapping per (protocol, external port) mirrored, each a keeper task of the one
+# PortMapper, which holds at most this many; past it, grants stay local (logged).
+MAX_MIRRORS = MAX_MAPPINGS
 FEED_BOUND = 4096
 
 
@@ -236,8 +239,10 @@ class Upstream:
             return
         if isinstance(event, MappingRemoved):
             self.drop(event.mapping)
-        else:
-            self.ensure(event.mapping)
+            return
+        if isinstance(event, MappingRenewed) and event.previous.key != event.mapping.key:
+            self.drop(event.previous)  # renewed onto another port: that mirror goes
+        self.ensure(event.mapping)
 
     def ensure(self, mapping: Mapping) -> _Mirror | None:
         """The mirror serving this local mapping, started if it is not held upstream."""
@@ -294,6 +299,9 @@ class Upstream:
                 mirror.port, mirror.protocol, external_port=mirror.port,
                 lifetime=self.settings.lifetime, via=via, description="igd double NAT",
             )  # fmt: skip
+        except ValueError as error:
+            # What the client refuses to ask for (its own bounds): logged, stays local.
+            self._fail(f"cannot mirror {mirror.protocol}/{mirror.port}: {error}", unreachable=False)
         except PortMappingError as error:
             mirror.error = error
             slot = f"{mirror.protocol}/{mirror.port}"
@@ -319,7 +327,12 @@ class Upstream:
             mirror.done.set()
 
     async def _release(self, held: UpstreamMapping) -> None:
-        await held.release()
+        try:
+            await held.release()  # bounded; a refusal or silence is logged by the client
+        except OSError as error:
+            log.warning("upstream: could not release %s/%d: %s", held.protocol,
+                        held.internal_port, error)  # fmt: skip
+            return
         log.info("upstream: released %s/%d", held.protocol, held.internal_port)
 
     def _heard(self, mirror: _Mirror, event: MappingEvent) -> None:

@@ -4,6 +4,7 @@ PortMapper; tests/lab/test_upstream.py runs the same through two real gateways."
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,9 +13,9 @@ from typing import Any
 import pytest
 
 from igd.client import EventKind, MappingEvent, NotAuthorized
-from igd.events import ExternalAddressChanged
+from igd.events import ExternalAddressChanged, MappingRenewed
 from igd.gateway import Gateway
-from igd.model import Mechanism, Protocol
+from igd.model import MapRequest, Mechanism, Protocol
 from igd.policy import Policy
 from igd.proto import natpmp
 from igd.proto.natpmp import (
@@ -225,3 +226,14 @@ def test_config_reads_the_upstream_section(tmp_path: Path) -> None:
     assert Config.parse(base, tmp_path / "c.toml").upstream.mode == "off"
     with pytest.raises(ConfigError, match="upstream"):
         Config.parse(base + '[upstream]\nmode = "stun"\n', tmp_path / "c.toml")
+
+
+async def test_a_renewal_onto_another_port_moves_the_upstream_mapping(rig: Rig) -> None:
+    await rig.map(8080, 18080, 3600)
+    before = next(iter(rig.service.mappings()))
+    moved = replace(before, key=replace(before.key, external_port=18090))
+    request = MapRequest(Mechanism.PCP, CLIENT, Protocol.TCP, CLIENT, 8080, 18090, 3600)
+    rig.mirror.follow(MappingRenewed(moved, before, request, "lan"))
+    await settle()
+    assert rig.up.held[0].released
+    assert [port for port, _, _ in rig.up.asked] == [18080, 18090]
