@@ -263,3 +263,30 @@ def test_miniupnpd_upstream_natpmpc_reaches_through_both_nats() -> None:
                     connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
             finally:
                 service.kill()
+
+
+def test_upnp_mirroring_onto_igd_server(cascade: CascadeLab) -> None:
+    lab = cascade
+    lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY, upnp={"enabled": True}))
+    wait_until(
+        lambda: "Public IP address" in lab.run(
+            lab.gateway, ["natpmpc", "-g", lab.upstream.address], check=False, timeout=10
+        ).stdout,
+        15, "the upstream gateway",
+    )  # fmt: skip
+    lab.start_gateway(lab.write_gateway_config(LAN_POLICY, upstream={"mode": "upnp"}))
+    service = start_service(lab, lab.lan[0], 8086)
+    try:
+        mapped = wait_until(
+            lambda: natpmp_map(lab, lab.lan[0], 18086, 8086), 20, "our gateway to answer"
+        )
+        mapped = natpmp_map(lab, lab.lan[0], 18086, 8086)  # the renewal finds the public port
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        held = upstream_listed(lab)
+        assert [(m["mechanism"], m["internal_port"]) for m in held] == [("upnp", 18086)]
+        assert status(lab)["upstream"]["mechanism"] == "upnp"
+        natpmp_map(lab, lab.lan[0], 18086, 8086, lifetime=0)
+        wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
+    finally:
+        service.kill()
