@@ -120,7 +120,31 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "control": {"socket": (string, None)},
     "log": {"level": (_choice("debug", "info", "warning", "error"), "info")},
+    "upstream": {
+        "mode": (_choice("off", "auto", "pcp", "natpmp", "upnp"), "off"),
+        "gateway": (_address, None),
+        "reply_wait": (_number, 2.0),
+        "lifetime": (integer(30, 86400), 3600),
+        "check_interval": (_number, 30.0),
+    },
 }
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """The `[upstream]` section (igd/server/upstream.py): double NAT mirroring."""
+
+    mode: str = "off"
+    """off, auto (only behind a private, shared or reserved external address), or a
+    mechanism: pcp, natpmp, upnp."""
+    address: IPv4Address | None = None
+    """The upstream gateway (key `gateway`); None: the default route's."""
+    reply_wait: float = 2.0
+    """How long a NAT-PMP/PCP reply waits for the upstream mapping."""
+    lifetime: int = 3600
+    """The upstream lease asked for (renewed on its own schedule)."""
+    check_interval: float = 30.0
+    """How often the upstream is probed: noticed gone, restarted (epoch), back."""
 
 
 class ConfigError(FileError):
@@ -161,6 +185,7 @@ class Config:
     """LAN hosts reach mappings through the external address (NAT loopback)."""
     traffic_counters: bool = True
     """Count packets and bytes per mapping in the kernel."""
+    upstream: UpstreamSettings = UpstreamSettings()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -219,4 +244,11 @@ class Config:
             log_level=values["log"]["level"],
             hairpin=net["hairpin"],
             traffic_counters=values["nftables"]["counters"],
+            upstream=UpstreamSettings(
+                mode=values["upstream"]["mode"],
+                address=values["upstream"]["gateway"],
+                reply_wait=values["upstream"]["reply_wait"],
+                lifetime=values["upstream"]["lifetime"],
+                check_interval=values["upstream"]["check_interval"],
+            ),
         )

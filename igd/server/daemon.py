@@ -40,6 +40,7 @@ from igd.server.service import Service
 from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
 from igd.server.systemd import ready, reloading, stopping
 from igd.server.upnp import UpnpServer
+from igd.server.upstream import Upstream
 
 log = logging.getLogger("igd.daemon")
 
@@ -94,10 +95,12 @@ class Daemon:
                 config.external_interface,
             )
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
+        mirroring = config.upstream.mode != "off"
         self.external = ExternalAddress(
             config.external_interface,
             override=config.external_address,
-            allow_private=config.allow_private_external,
+            # Behind a double NAT the private address is served, and mirrored upstream.
+            allow_private=config.allow_private_external or mirroring,
         )
         if dry_run:
             self.store = LeaseStore(Path(":memory:"))
@@ -129,6 +132,10 @@ class Daemon:
         self.service = Service(gateway, self.backend, self.store)
         self.host_ports = HostPorts(self.destinations)
         self.service.before_map = self._refresh_host_ports
+        self.upstream: Upstream | None = None
+        if mirroring:
+            self.upstream = Upstream(config.upstream, self.external)
+            self.service.upstream = self.upstream
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
         if config.pcp_enabled:
@@ -183,6 +190,8 @@ class Daemon:
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
+            if self.upstream is not None:
+                tasks.append(group.create_task(self.upstream.run(self.service)))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -262,6 +271,8 @@ class Daemon:
         if self.upnp is not None:
             await self.upnp.stop()
         await self.control.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
         if flush:
@@ -326,6 +337,8 @@ class Daemon:
                     "client": str(m.owner.client),
                     "description": m.description,
                     "remote_sources": [_source(f) for f in m.filters],
+                    # Behind a double NAT: where the Internet reaches it (server/upstream.py).
+                    "public": self.upstream.endpoint(m) if self.upstream is not None else None,
                     "packets": packets,
                     "bytes": octets,
                 }
@@ -341,6 +354,7 @@ class Daemon:
             "policy": str(self.config.policy_file),
             "rules": len(self.policy.rules),
             "kernel_restores": self.kernel_restores,
+            "upstream": self.upstream.status() if self.upstream is not None else None,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
