@@ -14,6 +14,8 @@ cd "$(dirname "$(readlink -f "$0")")"
 # gateway), conntrack, socat, ping, sysctl/pgrep, and tshark: Wireshark's NAT-PMP/PCP
 # dissector is the strict second reader of every answer the gateway sends (tests/dissect.py);
 # it only reads pcap files the tests write, so it needs no capture rights.
+# chromium and chromium-driver: the admin console's end-to-end tests drive the page headless
+# (Selenium with SE_OFFLINE=true, so nothing is downloaded).
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -28,6 +30,8 @@ APT_PACKAGES=(
     iputils-ping
     procps
     tshark
+    chromium
+    chromium-driver
 )
 
 die() {

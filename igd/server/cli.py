@@ -14,6 +14,7 @@ from typing import Any
 
 import igd
 from igd.policy import Policy, PolicyFileError
+from igd.server.admin.cli import add_console_commands
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
 from igd.server.policy_cli import add_policy_commands
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     add_policy_commands(commands)
     add_config_commands(commands)
+    add_console_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args)

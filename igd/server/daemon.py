@@ -14,6 +14,7 @@ from typing import Any
 from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
+from igd.server.admin.server import AdminServer, listener_device
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
@@ -117,6 +118,9 @@ class Daemon:
                 igd_version=config.upnp_igd_version,
                 store=self.store,
             )
+        self.admin: AdminServer | None = None
+        if config.admin_enabled:
+            self.admin = self._admin_server()
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -188,6 +192,8 @@ class Daemon:
         same_address = last_address == str(self.external.current)
         self.service.restore_epoch(kept_mappings=bool(self.service.count()) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
+        if self.admin is not None:
+            await self.admin.start()  # before the sockets: its metrics see every request
         await self.pxp.start()
         if self.upnp is not None:
             await self.upnp.start()
@@ -198,6 +204,8 @@ class Daemon:
         if self.upnp is not None:
             await self.upnp.stop()
         await self.control.close()
+        if self.admin is not None:
+            await self.admin.stop()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
         if flush:
@@ -270,6 +278,28 @@ class Daemon:
         if self.config.external_address is not None:
             found.add(self.config.external_address)
         return frozenset(found | set(self.config.extra_external_addresses))
+
+    def _admin_server(self) -> AdminServer:
+        """The web console and /metrics; AdminListenError if its address is reachable from
+        the WAN or not the gateway's loopback or LAN address."""
+        config = self.config
+        address, _ = config.admin_listen
+        external = self.destinations() | {
+            entry.ip for entry in ipv4_interfaces(config.external_interface)
+        }
+        internal = {
+            name: frozenset(entry.ip for entry in ipv4_interfaces(name))
+            for name in config.internal_interfaces
+        }
+        return AdminServer(
+            self.service,
+            listen=config.admin_listen,
+            policy=lambda: self.policy,
+            external=lambda: self.external.current,
+            password_hash=config.admin_password_hash,
+            names=config.admin_names,
+            device=listener_device(address, internal, external),
+        )
 
     def _refresh_host_ports(self, now: float) -> None:
         # Read at request time (at most every hostports.MAX_AGE s): a port the gateway

@@ -69,6 +69,8 @@ class Service:
         self.epoch_start = time.time()
         self.before_map: Callable[[float], None] | None = None
         """Called with `now` before each request reaches the core (fresh host ports)."""
+        self.observe: Callable[[MapRequest, float], None] | None = None
+        """Told each map request and the seconds until its answer was ready (metrics)."""
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -142,6 +144,10 @@ class Service:
         """A bounded queue of every event (of these kinds) from now on (igd/server/feed.py)."""
         return self.feed.subscribe(name, bound, kinds)
 
+    def observe_commits(self, observer: Callable[[str, float], None] | None) -> None:
+        """Tell `observer` how long each kernel and lease-store write takes (metrics)."""
+        self.committer.timed = observer
+
     def epoch(self) -> int:
         """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
         return int(time.time() - self.epoch_start) & 0xFFFFFFFF
@@ -150,6 +156,15 @@ class Service:
 
     async def map(self, request: MapRequest) -> MapResult:
         """Grant or renew a mapping; return only once the kernel and store hold it."""
+        if self.observe is None:
+            return await self._map(request)
+        started = time.perf_counter()
+        try:
+            return await self._map(request)
+        finally:
+            self.observe(request, time.perf_counter() - started)
+
+    async def _map(self, request: MapRequest) -> MapResult:
         now = self.now()
         if self.before_map is not None:
             self.before_map(now)
