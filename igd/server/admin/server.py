@@ -118,6 +118,7 @@ class AdminServer:
             self.password = PasswordHash.parse(password_hash) if password_hash else None
         except HashFormatError as error:
             raise AdminListenError(f"[admin] password_hash: {error}") from None
+        self.names = names
         self.hosts = allowed_hosts(self.address, self.port, names)
         self.sessions = Sessions()
         self.limiter = LoginLimiter()
@@ -175,6 +176,7 @@ class AdminServer:
         sock.setblocking(False)
         await web.SockSite(self._runner, sock).start()
         self.port = sock.getsockname()[1]
+        self.hosts = allowed_hosts(self.address, self.port, self.names)
         log.info("admin console and /metrics on http://%s:%d/", self.address, self.port)
 
     async def stop(self) -> None:
