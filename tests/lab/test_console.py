@@ -143,6 +143,7 @@ def test_console_shows_deletes_and_lists_refusals(lab: Lab, gateway: Any) -> Non
                 lambda: driver.find_element(By.ID, "explain-result").text, 5, "the explanation"
             )
             assert result.startswith("DENY") and "no telnet" in result
+            driver.set_window_size(1360, 1200)  # the answer below the form, in the picture
             shoot(driver, lab, "console-explain.png")
 
         samples = scrape(lab)
