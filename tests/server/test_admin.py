@@ -469,3 +469,27 @@ async def test_server_refuses_off_loopback_without_password(tmp_path: Path) -> N
             policy=lambda: Policy.load(HOME),
             external=lambda: None,
         )
+
+
+async def test_a_taken_port_is_a_clear_start_error(rig: Rig, tmp_path: Path) -> None:
+    other = AdminServer(
+        rig.service,
+        listen=(IPv4Address("127.0.0.1"), rig.admin.port),
+        policy=lambda: Policy.load(HOME),
+        external=lambda: None,
+        device="lo",
+    )
+    with pytest.raises(AdminListenError, match=r"cannot listen on 127\.0\.0\.1"):
+        await other.start()
+    # The running listener still counts: the failed one took nothing over.
+    await rig.service.map(request(8080))
+    await settle()
+    assert value(await rig.scrape(), "igd_request_seconds_count", mechanism="natpmp") == 1
+
+
+async def test_rules_of_removed_mappings_are_forgotten(rig: Rig) -> None:
+    await rig.service.map(request(8080))
+    await rig.service.map(request(8081))
+    await rig.service.delete(MappingKey(Protocol.TCP, 8081))
+    await settle()
+    assert set(rig.admin.log.rules) == {MappingKey(Protocol.TCP, 8080)}

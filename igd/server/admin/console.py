@@ -46,7 +46,10 @@ class ConsoleLog:
         try:
             while True:
                 events, lost = await subscriber.next()
-                self.lost += lost
+                if lost:
+                    # Removals may be among the lost: forget rules of keys no longer held.
+                    self.lost += lost
+                    self.rules = {k: r for k, r in self.rules.items() if self.service.holder(k)}
                 for event in events:
                     self.note(event, at=time.time())
         except asyncio.CancelledError:

@@ -158,7 +158,21 @@ class AdminServer:
         ]
 
     async def start(self) -> None:
-        """Follow the feed and open the listener."""
+        """Open the listener and follow the feed; AdminListenError if it cannot listen."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.device is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+            sock.bind((str(self.address), self.port))
+        except OSError as error:
+            sock.close()
+            raise AdminListenError(
+                f"[admin] cannot listen on {self.address}:{self.port}: {error.strerror}"
+            ) from None
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self.hosts = allowed_hosts(self.address, self.port, self.names)
         self.follow()
         self._runner = web.AppRunner(
             self.app(),
@@ -168,15 +182,7 @@ class AdminServer:
             max_field_size=MAX_FIELD,
         )
         await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.device is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
-        sock.bind((str(self.address), self.port))
-        sock.setblocking(False)
         await web.SockSite(self._runner, sock).start()
-        self.port = sock.getsockname()[1]
-        self.hosts = allowed_hosts(self.address, self.port, self.names)
         log.info("admin console and /metrics on http://%s:%d/", self.address, self.port)
 
     async def stop(self) -> None:
