@@ -493,3 +493,22 @@ async def test_rules_of_removed_mappings_are_forgotten(rig: Rig) -> None:
     await rig.service.delete(MappingKey(Protocol.TCP, 8081))
     await settle()
     assert set(rig.admin.log.rules) == {MappingKey(Protocol.TCP, 8080)}
+
+
+def test_igd_server_admin_hash_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from igd.server.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main(["admin", "hash-password"]) == 0
+    line = capsys.readouterr().out.strip()
+    config = Config.parse(
+        '[network]\nexternal_interface = "wan0"\ninternal_interfaces = ["br-lan"]\n'
+        f'[admin]\nlisten = "192.168.1.1:9351"\n{line}\n',
+        Path("/etc/igd/config.toml"),
+    )
+    assert config.admin_password_hash is not None
+    assert PasswordHash.parse(config.admin_password_hash).verify(PASSWORD)
