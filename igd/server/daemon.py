@@ -159,6 +159,10 @@ class Daemon:
 
     async def start(self) -> None:
         """Restore leases, reconcile the kernel, open sockets."""
+        if self.admin is not None:
+            # First: a listener that cannot open changes nothing, and its metrics and
+            # console follow the feed before any request is served.
+            await self.admin.start()
         self.external.refresh()
         self.service.set_own_addresses(self.own_addresses())
         await self.backend.open()
@@ -192,8 +196,6 @@ class Daemon:
         same_address = last_address == str(self.external.current)
         self.service.restore_epoch(kept_mappings=bool(self.service.count()) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
-        if self.admin is not None:
-            await self.admin.start()  # before the sockets: its metrics see every request
         await self.pxp.start()
         if self.upnp is not None:
             await self.upnp.start()

@@ -24,6 +24,7 @@ from igd.server.admin.auth import LoginLimiter, PasswordHash, Sessions, hash_pas
 from igd.server.admin.cli import run_hash_password
 from igd.server.admin.server import (
     CSRF_HEADER,
+    AdminBindError,
     AdminListenError,
     AdminServer,
     listener_device,
@@ -479,7 +480,7 @@ async def test_a_taken_port_is_a_clear_start_error(rig: Rig, tmp_path: Path) -> 
         external=lambda: None,
         device="lo",
     )
-    with pytest.raises(AdminListenError, match=r"cannot listen on 127\.0\.0\.1"):
+    with pytest.raises(AdminBindError, match=r"cannot listen on 127\.0\.0\.1"):
         await other.start()
     # The running listener still counts: the failed one took nothing over.
     await rig.service.map(request(8080))

@@ -68,6 +68,10 @@ class AdminListenError(ValueError):
     """The admin listener's address is one the WAN reaches (or the wildcard)."""
 
 
+class AdminBindError(OSError):
+    """The admin listener cannot listen (its address is taken or gone)."""
+
+
 def check_listen(address: IPv4Address, forbidden: frozenset[IPv4Address]) -> None:
     """Refuse a listener the WAN could reach: the wildcard or an external address."""
     if address.is_unspecified:
@@ -158,7 +162,7 @@ class AdminServer:
         ]
 
     async def start(self) -> None:
-        """Open the listener and follow the feed; AdminListenError if it cannot listen."""
+        """Open the listener and follow the feed; AdminBindError if it cannot listen."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -167,8 +171,9 @@ class AdminServer:
             sock.bind((str(self.address), self.port))
         except OSError as error:
             sock.close()
-            raise AdminListenError(
-                f"[admin] cannot listen on {self.address}:{self.port}: {error.strerror}"
+            raise AdminBindError(
+                error.errno,
+                f"[admin] cannot listen on {self.address}:{self.port}: {error.strerror}",
             ) from None
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
@@ -444,4 +449,11 @@ def listener_device(
     )
 
 
-__all__ = ["AdminListenError", "AdminServer", "Metrics", "check_listen", "listener_device"]
+__all__ = [
+    "AdminBindError",
+    "AdminListenError",
+    "AdminServer",
+    "Metrics",
+    "check_listen",
+    "listener_device",
+]
