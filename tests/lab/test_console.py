@@ -121,6 +121,16 @@ def test_console_shows_deletes_and_lists_refusals(lab: Lab, gateway: Any) -> Non
             driver.find_element(By.ID, "filter").send_keys("")  # focus away from the URL bar
             shoot(driver, lab, "console.png")
 
+            # A click on a heading sorts by it; a second click reverses.
+            def ports() -> list[int]:
+                found = driver.find_elements(By.CSS_SELECTOR, "#mappings tbody tr")
+                return [int(r.get_attribute("data-port")) for r in found]
+
+            driver.find_element(By.CSS_SELECTOR, 'th[data-key="external_port"]').click()
+            wait_until(lambda: ports() == [32400, 27015, 18080], 5, "descending ports")
+            driver.find_element(By.CSS_SELECTOR, 'th[data-key="mechanism"]').click()
+            wait_until(lambda: ports()[-1] == 32400, 5, "sorted by mechanism")
+
             # Filtering narrows the table to what matches.
             driver.find_element(By.ID, "filter").send_keys("27015")
             wait_until(lambda: row(driver, 18080) is None, 5, "the filter")
@@ -146,15 +156,24 @@ def test_console_shows_deletes_and_lists_refusals(lab: Lab, gateway: Any) -> Non
             driver.set_window_size(1360, 1200)  # the answer below the form, in the picture
             shoot(driver, lab, "console-explain.png")
 
+            # Flush, confirmed in the dialog, empties the table, the kernel and the page.
+            driver.find_element(By.ID, "flush").click()
+            wait_until(lambda: driver.switch_to.alert, 5, "the confirmation").accept()
+            wait_until(lambda: driver.find_element(By.ID, "empty").is_displayed(), 10,
+                       "the empty table")  # fmt: skip
+            assert kernel(lab) == set()
+
         samples = scrape(lab)
         assert samples[("igd_grants_total", (("mechanism", "natpmp"),
                                              ("rule", "lab LAN to self")))] == 2  # fmt: skip
         assert samples[("igd_refusals_total", (("mechanism", "natpmp"),
                         ("reason", "policy-denied"), ("rule", "no telnet")))] == 1  # fmt: skip
-        assert samples[("igd_removals_total", (("cause", "deleted-by-admin"),))] == 1
+        assert samples[("igd_removals_total", (("cause", "deleted-by-admin"),))] == 3
         assert samples[("igd_request_seconds_count", (("mechanism", "natpmp"),))] == 3
         assert samples[("igd_commit_seconds_count", (("stage", "kernel"),))] >= 3
-        assert samples[("igd_mappings", (("mechanism", "natpmp"), ("protocol", "udp")))] == 1
+        assert samples[("igd_grants_total", (("mechanism", "upnp"),
+                                             ("rule", "lab LAN to self")))] == 1  # fmt: skip
+        assert samples[("igd_mappings", (("mechanism", "natpmp"), ("protocol", "udp")))] == 0
     finally:
         service.kill()
 
