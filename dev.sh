@@ -18,6 +18,8 @@ cd "$(dirname "$(readlink -f "$0")")"
 # (util-linux: the lab test that starts the daemon with the unit's capabilities only, as an
 # unprivileged user, with Debian's python3 when the venv's interpreter lives where that user
 # cannot go, e.g. /root).
+# chromium and chromium-driver: the admin console's end-to-end tests drive the page headless
+# (Selenium with SE_OFFLINE=true, so nothing is downloaded).
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -36,6 +38,8 @@ APT_PACKAGES=(
     systemd
     util-linux
     python3
+    chromium
+    chromium-driver
 )
 
 die() {

@@ -15,6 +15,7 @@ from typing import Any
 
 import igd
 from igd.policy import Policy, PolicyFileError
+from igd.server.admin.cli import add_console_commands
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     unit.set_defaults(handler=run_unit)
     add_forwards_commands(commands)
+    add_console_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(args)

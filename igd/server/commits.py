@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class Committer:
         self.now = clock
         self.restored = restored
         """Told of each mapping a failed commit put back into the table (its lease timer)."""
+        self.timed: Callable[[str, float], None] | None = None
+        """Told how long each kernel ("kernel") and lease-store ("store") write took."""
         self.stale_store: set[MappingKey] = set()
         """Keys whose store rows may differ from the kernel (a store write failed and the
         kernel could not be undone); rewritten by the next commit or `repair_store`."""
@@ -217,6 +220,7 @@ class Committer:
         # The table may move on while the kernel works: only `after` is committed here.
         now = self.now()
         if removed or added:
+            started = time.perf_counter()
             try:
                 await self.backend.apply(removed, added, now=now)
             except BackendError:
@@ -226,6 +230,8 @@ class Committer:
                 # outlive it, or every later request would wait forever.
                 log.exception("backend failed unexpectedly")
                 raise BackendError(f"backend: {error}") from error
+            if self.timed is not None:
+                self.timed("kernel", time.perf_counter() - started)
         # The store rows of the keys that changed, and of any the store refused before.
         rows = [m.key for m in removed]
         values = list(added)
@@ -235,12 +241,15 @@ class Committer:
             kept = (after[k] if k in after else self._kernel_value(k) for k in stale)
             values += [m for m in kept if m is not None]
         if rows or values:
+            started = time.perf_counter()
             try:
                 self.store.replace(rows, values, Clock(mono=now))
             except Exception as error:
                 await self._undo(keys, removed, added, after, now, error)
                 raise BackendError(f"lease store: {error}") from error
             self.stale_store.difference_update(rows)
+            if self.timed is not None:
+                self.timed("store", time.perf_counter() - started)
         for key in keys:
             self._inflight[key].mapping = after[key]
 

@@ -69,6 +69,24 @@ def _names(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+ADMIN_PORT = 9351
+"""The admin listener's default port (console and /metrics), on 127.0.0.1."""
+
+
+def _listen(value: object) -> tuple[IPv4Address, int]:
+    text = string(value)
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise Bad(f'want "ADDRESS:PORT", e.g. "127.0.0.1:{ADMIN_PORT}", not {text!r}')
+    return _address(host), int(port)
+
+
+def _host_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise Bad(f'want an array of host names, e.g. ["router.lan"], got {kind(value)}')
+    return tuple(v.lower() for v in value)
+
+
 def _choice(*choices: object) -> Callable[[object], Any]:
     names = [f'"{c}"' if isinstance(c, str) else str(c) for c in choices]
     wanted = f"{', '.join(names[:-1])} or {names[-1]}"
@@ -126,6 +144,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "reply_wait": (_number, 2.0),
         "lifetime": (integer(30, 86400), 3600),
         "check_interval": (_number, 30.0),
+    },
+    "admin": {
+        "enabled": (boolean, False),
+        "listen": (_listen, (IPv4Address("127.0.0.1"), ADMIN_PORT)),
+        "password_hash": (string, None),
+        "names": (_host_names, ()),
     },
 }
 
@@ -186,6 +210,13 @@ class Config:
     traffic_counters: bool = True
     """Count packets and bytes per mapping in the kernel."""
     upstream: UpstreamSettings = UpstreamSettings()
+    admin_enabled: bool = False
+    """Whether the admin listener (web console and /metrics, igd/server/admin/) runs."""
+    admin_listen: tuple[IPv4Address, int] = (IPv4Address("127.0.0.1"), ADMIN_PORT)
+    admin_password_hash: str | None = None
+    """`igd-server admin hash-password` output; required unless the listener is loopback."""
+    admin_names: tuple[str, ...] = ()
+    """Host names the console may be reached by besides its address (DNS rebinding guard)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -212,6 +243,14 @@ class Config:
         if isinstance(internal, tuple) and net["external_interface"] in internal:
             reader.issue(
                 ("network", "internal_interfaces"), "must not include the external interface"
+            )
+        admin = values["admin"]
+        listen = admin["listen"]
+        if isinstance(listen, tuple) and not listen[0].is_loopback and not admin["password_hash"]:
+            reader.issue(
+                ("admin", "listen"),
+                "a listener off loopback needs [admin] password_hash"
+                " (make one with `igd-server admin hash-password`)",
             )
         reader.raise_issues(ConfigError)
         base = source.parent
@@ -251,4 +290,8 @@ class Config:
                 lifetime=values["upstream"]["lifetime"],
                 check_interval=values["upstream"]["check_interval"],
             ),
+            admin_enabled=admin["enabled"],
+            admin_listen=admin["listen"],
+            admin_password_hash=admin["password_hash"],
+            admin_names=admin["names"],
         )

@@ -15,6 +15,7 @@ from typing import Any
 from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol, RemoteFilter
 from igd.policy import Policy, PolicyFileError
+from igd.server.admin.server import AdminServer, listener_device
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
@@ -164,6 +165,9 @@ class Daemon:
             )
         self.kernel_restores = 0
         """Times the nftables table was restored after another program removed it."""
+        self.admin: AdminServer | None = None
+        if config.admin_enabled:
+            self.admin = self._admin_server()
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -227,6 +231,10 @@ class Daemon:
 
     async def start(self) -> None:
         """Check the ports, restore leases, reconcile the kernel, open sockets."""
+        if self.admin is not None:
+            # First: a listener that cannot open changes nothing, and its metrics and
+            # console follow the feed before any request is served.
+            await self.admin.start()
         check_ports(self.ports())
         self.external.refresh()
         self.service.set_own_addresses(self.own_addresses())
@@ -273,6 +281,8 @@ class Daemon:
         await self.control.close()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.admin is not None:
+            await self.admin.stop()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
         if flush:
@@ -373,6 +383,28 @@ class Daemon:
         if self.config.external_address is not None:
             found.add(self.config.external_address)
         return frozenset(found | set(self.config.extra_external_addresses))
+
+    def _admin_server(self) -> AdminServer:
+        """The web console and /metrics; AdminListenError if its address is reachable from
+        the WAN or not the gateway's loopback or LAN address."""
+        config = self.config
+        address, _ = config.admin_listen
+        external = self.destinations() | {
+            entry.ip for entry in ipv4_interfaces(config.external_interface)
+        }
+        internal = {
+            name: frozenset(entry.ip for entry in ipv4_interfaces(name))
+            for name in config.internal_interfaces
+        }
+        return AdminServer(
+            self.service,
+            listen=config.admin_listen,
+            policy=lambda: self.policy,
+            external=lambda: self.external.current,
+            password_hash=config.admin_password_hash,
+            names=config.admin_names,
+            device=listener_device(address, internal, external),
+        )
 
     def _refresh_host_ports(self, now: float) -> None:
         # Read at request time (at most every hostports.MAX_AGE s): a port the gateway

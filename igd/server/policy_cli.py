@@ -145,12 +145,18 @@ def run_explain(args: argparse.Namespace) -> int:
         description=args.description,
         exact_port=args.exact,
     )
-    decision = policy.evaluate(request, EMPTY_VIEW, now=0.0, renewal=args.renewal)
+    decision = decide(policy, request, renewal=args.renewal)
     if args.json:
         print(json.dumps(explanation(policy, request, decision), indent=2))
     else:
         print(render(policy, request, decision))
     return EXIT_ALLOW if isinstance(decision, Allow) else EXIT_DENY
+
+
+def decide(policy: Policy, request: MapRequest, *, renewal: bool = False) -> Decision:
+    """How the policy decides one request as if the gateway held no mappings (also the admin
+    console's explain form)."""
+    return policy.evaluate(request, EMPTY_VIEW, now=0.0, renewal=renewal)
 
 
 def explanation(policy: Policy, request: MapRequest, decision: Decision) -> dict[str, Any]:

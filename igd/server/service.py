@@ -72,6 +72,8 @@ class Service:
         """Called with `now` before each request reaches the core (fresh host ports)."""
         self.upstream: Upstream | None = None
         """The double-NAT mirror (igd/server/upstream.py), when `[upstream]` is on."""
+        self.observe: Callable[[MapRequest, float], None] | None = None
+        """Told each map request and the seconds until its answer was ready (metrics)."""
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -145,6 +147,10 @@ class Service:
         """A bounded queue of every event (of these kinds) from now on (igd/server/feed.py)."""
         return self.feed.subscribe(name, bound, kinds)
 
+    def observe_commits(self, observer: Callable[[str, float], None] | None) -> None:
+        """Tell `observer` how long each kernel and lease-store write takes (metrics)."""
+        self.committer.timed = observer
+
     def epoch(self) -> int:
         """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
         return int(time.time() - self.epoch_start) & 0xFFFFFFFF
@@ -167,6 +173,15 @@ class Service:
 
     async def map(self, request: MapRequest) -> MapResult:
         """Grant or renew a mapping; return only once the kernel and store hold it."""
+        if self.observe is None:
+            return await self._map(request)
+        started = time.perf_counter()
+        try:
+            return await self._map(request)
+        finally:
+            self.observe(request, time.perf_counter() - started)
+
+    async def _map(self, request: MapRequest) -> MapResult:
         now = self.now()
         if self.before_map is not None:
             self.before_map(now)
