@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,25 @@ def _names(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _prefixes(value: object) -> tuple[IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise Bad(f'want an array of IPv6 prefixes, e.g. ["2001:db8:0:77::/64"], got {kind(value)}')
+    problems: list[tuple[str, int | None]] = []
+    found: list[IPv6Network] = []
+    for index, item in enumerate(value):
+        try:
+            found.append(IPv6Network(string(item)))
+        except Bad as bad:
+            problems.append((str(bad), index))
+        except ValueError:
+            problems.append((f"not an IPv6 prefix (host bits must be zero): {item!r}", index))
+    if problems:
+        error = Bad(problems[0][0])
+        error.problems = problems
+        raise error
+    return tuple(dict.fromkeys(found))
+
+
 def _choice(*choices: object) -> Callable[[object], Any]:
     names = [f'"{c}"' if isinstance(c, str) else str(c) for c in choices]
     wanted = f"{', '.join(names[:-1])} or {names[-1]}"
@@ -113,7 +132,43 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "burst_per_client": (integer(1), 1000),
     },
     "control": {"socket": (string, None)},
+    "ipv6": {
+        "enabled": (boolean, False),
+        "firewall": (_choice("own", "external"), "own"),
+        "table": (string, "igd6"),
+        "lan_prefixes": (_prefixes, ()),
+        "clients": (_prefixes, ()),
+        "secure_mode": (boolean, True),
+        "min_port": (integer(1, 65535), 1024),
+        "max_pinholes_per_client": (integer(1, 65535), 64),
+        "min_lifetime": (integer(1, 86400), 120),
+        "max_lifetime": (integer(1, 86400), 86400),
+    },
 }
+
+
+_IPV6_FIELDS = {"table": "nftables_table"}
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv6Config:
+    """The `[ipv6]` section: pinholes through the gateway's IPv6 firewall (RFC 6092)."""
+
+    enabled: bool = False
+    firewall: str = "own"
+    """"own": the daemon's table drops unsolicited inbound flows to the LAN prefixes;
+    "external": the admin's firewall does, and accepts what the daemon marks."""
+    nftables_table: str = "igd6"
+    """The `table` key: the daemon's own `ip6` table."""
+    lan_prefixes: tuple[IPv6Network, ...] = ()
+    """Empty: the global prefixes on the internal interfaces at start."""
+    clients: tuple[IPv6Network, ...] = ()
+    """Who may open pinholes; empty: anyone in the LAN prefixes."""
+    secure_mode: bool = True
+    min_port: int = 1024
+    max_pinholes_per_client: int = 64
+    min_lifetime: int = 120
+    max_lifetime: int = 86400
 
 
 class ConfigError(FileError):
@@ -147,6 +202,7 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    ipv6: Ipv6Config = field(default_factory=Ipv6Config)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -174,6 +230,13 @@ class Config:
             reader.issue(
                 ("network", "internal_interfaces"), "must not include the external interface"
             )
+        six = values["ipv6"]
+        if (
+            isinstance(six["min_lifetime"], int)
+            and isinstance(six["max_lifetime"], int)
+            and six["min_lifetime"] > six["max_lifetime"]
+        ):
+            reader.issue(("ipv6", "min_lifetime"), "must not be above max_lifetime")
         reader.raise_issues(ConfigError)
         base = source.parent
         state = base / values["state"]["directory"]
@@ -201,4 +264,5 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            ipv6=Ipv6Config(**{_IPV6_FIELDS.get(k, k): v for k, v in six.items()}),
         )
