@@ -87,11 +87,11 @@ class PinholeService:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def restore(self, *, now: float) -> int:
+    async def restore(self, *, now: float, clock: Clock | None = None) -> int:
         """Start-up: load the store, drop what expired or the rules refuse, make the kernel
         hold exactly the rest; the epoch continues only if pinholes were kept."""
         async with self._lock:
-            self._clock = Clock(mono=now)
+            self._clock = clock or Clock(mono=now)
             persisted = self.store.load(self._clock, now=now)
             dropped = self._holes.restore(persisted, now=now)
             kept = list(self._holes)
