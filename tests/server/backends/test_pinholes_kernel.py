@@ -83,3 +83,16 @@ async def test_a_failed_change_leaves_the_kernel_as_it_was(
     with pytest.raises(BackendError):
         await backend.apply([hole(8080)], [bad], now=NOW)
     assert await backend.entries() == {PinholeEntry(HOST, Protocol.TCP, 8080)}
+
+
+async def test_external_firewall_mode_marks_pinholed_flows_and_drops_nothing(gw: Netns) -> None:
+    backend = NftPinholeBackend("igd6", "wan0", [LAN], "external", netns=gw.name)
+    try:
+        await backend.replace([hole(8080)], now=NOW)
+        chain = gw.run("nft", "list", "chain", "ip6", "igd6", "forward").stdout
+        assert "drop" not in chain
+        assert "@pinholes meta mark set meta mark | 0x00100000" in chain
+    finally:
+        await backend.close(flush=True)
+    tables = gw.run("nft", "list", "tables").stdout
+    assert "igd6" not in tables
