@@ -181,6 +181,13 @@ def test_a_pinhole_survives_kill_9_and_its_nonce_still_renews_it(
     lab.run(lab.gateway, ["nft", "delete", "table", "ip6", "igd6"])  # kernel state lost too
     start(lab, gateway)
     assert reaches(lab, "wan1", lan1)
+    listed = json.loads(
+        lab.python(lab.gateway, ["-m", "igd.server", "list", "--pinholes", "--json",
+                                 "--config", str(lab.gateway_config)]).stdout
+    )  # fmt: skip
+    assert [(p["internal_address"], p["internal_port"], p["client"]) for p in listed] == [
+        (lan1.address6, PORT, lan1.address6)
+    ]
     again = ask(lab, lan1, map_wire(lan1, 600))
     assert again.result is PcpResult.SUCCESS
     assert again.epoch >= first.epoch  # RFC 6887 §8.5: state kept, epoch continues

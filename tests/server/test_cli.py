@@ -7,7 +7,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import igd
-from igd.server.cli import format_mappings, main
+from igd.server.cli import format_mappings, format_pinholes, main
 
 GOOD_POLICY = '[defaults]\naction = "allow"\n'
 
@@ -169,3 +169,26 @@ def test_refuses_extra_external_addresses_that_are_not_ipv4(tmp_path: Path) -> N
     assert "network.extra_external_addresses: not an IPv4 address: '2001:db8::1'" in started.stderr
     assert "network.extra_external_addresses: want a string, got integer" in started.stderr
     assert "198.51.100.9" not in started.stderr
+
+
+def test_format_pinholes() -> None:
+    assert format_pinholes([]) == "no pinholes"
+    row = {
+        "protocol": "tcp", "internal_address": "2001:db8:0:77::a", "internal_port": 8080,
+        "remote": ["2001:db8:0:1::/64 port any"], "lease_remaining": 590, "mechanism": "pcp",
+        "client": "2001:db8:0:77::a", "description": "game",
+    }  # fmt: skip
+    lines = format_pinholes([row]).splitlines()
+    assert lines[0].split() == [
+        "PROTO",
+        "INTERNAL",
+        "FROM",
+        "LEASE",
+        "VIA",
+        "CLIENT",
+        "DESCRIPTION",
+    ]
+    assert lines[1].split() == [
+        "tcp", "[2001:db8:0:77::a]:8080", "2001:db8:0:1::/64", "port", "any", "590s", "pcp",
+        "2001:db8:0:77::a", "game",
+    ]  # fmt: skip
