@@ -64,6 +64,21 @@ except TimeoutError:
 """
 
 
+_LISTEN = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 5350))
+s.settimeout(float(sys.argv[1]))
+print("ready", flush=True)
+try:
+    data, peer = s.recvfrom(2048)
+    print(data.hex(), peer[0])
+except TimeoutError:
+    print("none")
+"""
+
+
 def reaches(lab: Lab, source: str, target: Host) -> bool:
     """Whether a TCP connection from `source` to target's IPv6 service gets the greeting."""
     result = lab.python(source, ["-c", _CONNECT, target.address6, str(PORT)], check=False)
@@ -207,3 +222,17 @@ def test_only_lan_sources_get_answers_and_the_client_field_must_be_the_source(
     low = ask(lab, lan1, map_wire(lan1, 600, port=22))
     assert low.result is PcpResult.NOT_AUTHORIZED  # [ipv6] min_port 1024 by default
     assert kernel(lab) == []
+
+
+def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan(
+    lab: Lab, gateway: StartGateway
+) -> None:
+    listener = lab.python_popen("lan2", ["-c", _LISTEN, "15"], stdout=subprocess.PIPE, text=True)
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    start(lab, gateway)
+    out, _ = listener.communicate(timeout=30)
+    data, source = out.split()
+    # RFC 6887 §14.1.3: an unsolicited ANNOUNCE to [ff02::1]:5350 from the gateway's LAN link.
+    announcement = pcp.decode_response(bytes.fromhex(data))
+    assert announcement.opcode is PcpOpcode.ANNOUNCE and announcement.result is PcpResult.SUCCESS
+    assert IPv6Address(source.split("%")[0]).is_link_local
