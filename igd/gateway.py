@@ -447,8 +447,6 @@ def _request_of(mapping: Mapping) -> MapRequest:
         nonce=mapping.owner.nonce,
         exact_port=True,
     )
-
-
 def change_after(change: Change) -> dict[MappingKey, Mapping | None]:
     """What a change left at each key it touched (None: removed)."""
     after: dict[MappingKey, Mapping | None] = {m.key: None for m in change.removed}
