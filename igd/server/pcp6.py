@@ -1,10 +1,10 @@
 """PCP over IPv6 (RFC 6887) on a pure firewall: MAP opens a pinhole, no address translation.
 
 A MAP from a LAN host opens (or renews, or with lifetime 0 closes) a pinhole to its own
-address and port; the answer's "external" address and port are the internal ones (§11.3 on
-a device without NAT). ANNOUNCE answers the epoch; PEER is not offered (UNSUPP_OPCODE).
-`Pcp6Handler` turns datagrams into answers through `PinholeService`; `Pcp6Server` owns one
-socket per LAN interface and answers only LAN sources.
+address and port; the answer's "external" address and port are the internal ones (§2: on a
+pure firewall the mapping is the identity; §11.3). ANNOUNCE answers the epoch; PEER is not
+offered (UNSUPP_OPCODE). `Pcp6Handler` turns datagrams into answers through
+`PinholeService`; `Pcp6Server` owns one socket per LAN interface and answers only LAN sources.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from igd.model import Mechanism, Protocol
-from igd.pinhole import PinholeFilter, PinholeKey, PinholeOwner, PinholeRequest, Refusal
+from igd.pinhole import Pinhole, PinholeFilter, PinholeKey, PinholeOwner, PinholeRequest, Refusal
 from igd.proto import pcp
 from igd.proto.pcp import (
     PcpDecodeError,
@@ -75,12 +75,12 @@ class Pcp6Handler:
         except PcpDecodeError as error:
             if error.result is None:
                 return None
-            return self._error(data, error.result, None, parsed=False)
+            return self._error(data, error.result, None, now=now, parsed=False)
         try:
             return pcp.encode_response(await self._handle(request, source, now=now))
         except PcpError as error:
             log.debug("PCP6 %s from %s: %s", error.result.name, source, error)
-            return self._error(data, error.result, error.lifetime, parsed=True)
+            return self._error(data, error.result, error.lifetime, now=now, parsed=True)
 
     async def _handle(self, request: PcpRequest, source: IPv6Address, *, now: float) -> PcpResponse:
         epoch = self.service.epoch(now=now)
@@ -104,9 +104,12 @@ class Pcp6Handler:
         if request.lifetime == 0:
             if any(isinstance(option, PcpFilter | PcpPreferFailure) for option in echo):
                 raise PcpError(PcpResult.MALFORMED_OPTION, "FILTER or PREFER_FAILURE, lifetime 0")
+            held = self.service.get(key)
             refusal = await self._close(key, owner, now=now)
             if refusal is not None:
-                raise PcpError(_REFUSAL_RESULTS[refusal], refusal.value)
+                raise PcpError(
+                    _REFUSAL_RESULTS[refusal], refusal.value, _held_for(refusal, held, now)
+                )
             # §15: deleting succeeds whether or not the mapping existed.
             return self._success(request, data, internal, 0, epoch, echo)
         existing = self.service.get(key)
@@ -121,7 +124,7 @@ class Pcp6Handler:
         except CommitError as error:
             raise PcpError(PcpResult.NO_RESOURCES, f"commit failed: {error}") from None
         if isinstance(result, Refusal):
-            raise PcpError(_REFUSAL_RESULTS[result], result.value)
+            raise PcpError(_REFUSAL_RESULTS[result], result.value, _held_for(result, existing, now))
         return self._success(request, data, internal, result.remaining(now), epoch, echo)
 
     async def _close(self, key: PinholeKey, owner: PinholeOwner, *, now: float) -> Refusal | None:
@@ -177,25 +180,32 @@ class Pcp6Handler:
         epoch: int,
         echo: tuple[PcpOption, ...],
     ) -> PcpResponse:
-        # §11.3 on a firewall: the assigned external address and port are the internal ones.
+        # §2, §11.3: on a pure firewall the mapping is the identity, so the assigned external
+        # address and port are the internal ones.
         body = PcpMapData(data.nonce, data.protocol, data.internal_port, data.internal_port,
                           internal)  # fmt: skip
         return PcpResponse(PcpOpcode.MAP, PcpResult.SUCCESS, lifetime, epoch, body, echo)
 
     def _error(
-        self, data: bytes, result: PcpResult, lifetime: int | None, *, parsed: bool
+        self, data: bytes, result: PcpResult, lifetime: int | None, *, now: float, parsed: bool
     ) -> bytes:
         if lifetime is None:
             lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
-        return pcp.encode_error(
-            data, result, lifetime=lifetime, epoch=self.service.epoch(), parsed=parsed
-        )
+        epoch = self.service.epoch(now=now)
+        return pcp.encode_error(data, result, lifetime=lifetime, epoch=epoch, parsed=parsed)
 
     def announcement(self) -> bytes:
         """The unsolicited ANNOUNCE after a (re)start (§14.1.3)."""
         return pcp.encode_response(
             PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, self.service.epoch())
         )
+
+
+def _held_for(refusal: Refusal, existing: Pinhole | None, now: float) -> int | None:
+    """§11.3: a nonce mismatch is answered with the lifetime of the mapping it hit."""
+    if refusal is Refusal.NOT_OWNER and existing is not None:
+        return existing.remaining(now)
+    return None
 
 
 def _merge_filters(

@@ -50,8 +50,10 @@ def wire(lifetime: int, *options: PcpOption, client: IPv6Address = A, nonce: byt
     return pcp.encode_request(PcpRequest(PcpOpcode.MAP, lifetime, client, data, options))
 
 
-async def answer(handler: Pcp6Handler, data: bytes, source: IPv6Address = A) -> PcpResponse:
-    reply = await handler.answer(data, source, now=100.0)
+async def answer(
+    handler: Pcp6Handler, data: bytes, source: IPv6Address = A, *, now: float = 100.0
+) -> PcpResponse:
+    reply = await handler.answer(data, source, now=now)
     assert reply is not None
     return pcp.decode_response(reply)
 
@@ -129,9 +131,13 @@ async def test_pinholes_and_the_epoch_survive_a_restart(tmp_path: Path) -> None:
     assert set(backend2.held) == {PinholeEntry(A, Protocol.TCP, 8080)}
     assert service2.epoch(now=200.0) == 100
     # Another nonce cannot renew or delete it; the original can.
-    assert (await answer(handler2, wire(600, nonce=b"z" * 12))).result is PcpResult.NOT_AUTHORIZED
-    assert (await answer(handler2, wire(0, nonce=b"z" * 12))).result is PcpResult.NOT_AUTHORIZED
-    assert (await answer(handler2, wire(0))).result is PcpResult.SUCCESS
+    stolen = await answer(handler2, wire(600, nonce=b"z" * 12), now=200.0)
+    # RFC 6887 §11.3: refused with the lifetime left on the pinhole it hit.
+    assert stolen.result is PcpResult.NOT_AUTHORIZED and stolen.lifetime == 500
+    assert stolen.epoch == 100
+    refused = await answer(handler2, wire(0, nonce=b"z" * 12), now=200.0)
+    assert refused.result is PcpResult.NOT_AUTHORIZED
+    assert (await answer(handler2, wire(0), now=200.0)).result is PcpResult.SUCCESS
     assert backend2.held == {}
 
 
