@@ -8,7 +8,8 @@ mapping table (whose types assume IPv4 throughout). Rules of the table:
   which returns what changed as a `PinholeChange` for the server to commit;
 - one pinhole per key (internal address, protocol, internal port, remote or wildcard);
   only its owner (mechanism, client and, for PCP, nonce) renews or deletes it;
-- each client holds at most `PinholeRules.max_per_client` pinholes.
+- each client holds at most `PinholeRules.max_per_client` pinholes, and all together at
+  most `PinholeRules.max_pinholes`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ MIN_LIFETIME = 120
 """RFC 6887 §15: a server may raise short lifetimes to its minimum (2 min suggested)."""
 MAX_PER_CLIENT = 64
 """Default bound on the pinholes one client holds."""
+MAX_PINHOLES = 16384
+"""Default bound on all pinholes: a LAN host can send from many (spoofed) addresses of its
+/64, so the per-client bound alone does not bound the table."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -96,6 +100,7 @@ class Refusal(enum.Enum):
     THIRD_PARTY = "secure mode: a client opens pinholes only to its own address"
     NOT_OWNER = "the pinhole belongs to another client or nonce"
     QUOTA = "the client holds as many pinholes as it may"
+    FULL = "the gateway holds as many pinholes as it may"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,7 @@ class PinholeRules:
     secure_mode: bool = True
     min_port: int = 1024
     max_per_client: int = MAX_PER_CLIENT
+    max_pinholes: int = MAX_PINHOLES
     min_lifetime: int = MIN_LIFETIME
     max_lifetime: int = MAX_LIFETIME
     own_addresses: frozenset[IPv6Address] = field(default_factory=frozenset)
@@ -198,6 +204,8 @@ class Pinholes:
             held = len(self._by_client.get(request.owner.client, ()))
             if held >= self.rules.max_per_client:
                 return Refusal.QUOTA
+            if len(self._by_key) >= self.rules.max_pinholes:
+                return Refusal.FULL
         hole = Pinhole(
             key=request.key,
             owner=request.owner,

@@ -76,6 +76,15 @@ def test_quota_per_client() -> None:
     assert isinstance(holes.open(request(client=B, port=2002), now=0), PinholeChange)
 
 
+def test_the_whole_table_is_bounded_too() -> None:
+    holes = table(max_pinholes=2)
+    clients = [IPv6Address(f"2001:db8:0:77::{i:x}") for i in range(0x10, 0x13)]
+    assert isinstance(holes.open(request(client=clients[0]), now=0), PinholeChange)
+    assert isinstance(holes.open(request(client=clients[1]), now=0), PinholeChange)
+    assert holes.open(request(client=clients[2]), now=0) is Refusal.FULL
+    assert isinstance(holes.open(request(client=clients[0]), now=1), PinholeChange)  # renewal
+
+
 def test_lifetimes_are_clamped_and_expiry_removes_at_the_deadline() -> None:
     holes = table()
     holes.open(request(lifetime=5), now=0)  # raised to 120 s (RFC 6887 §15)

@@ -141,6 +141,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "secure_mode": (boolean, True),
         "min_port": (integer(1, 65535), 1024),
         "max_pinholes_per_client": (integer(1, 65535), 64),
+        "max_pinholes": (integer(1, 1_000_000), 16384),
         "min_lifetime": (integer(1, 86400), 120),
         "max_lifetime": (integer(1, 86400), 86400),
     },
@@ -167,6 +168,7 @@ class Ipv6Config:
     secure_mode: bool = True
     min_port: int = 1024
     max_pinholes_per_client: int = 64
+    max_pinholes: int = 16384
     min_lifetime: int = 120
     max_lifetime: int = 86400
 

@@ -154,6 +154,7 @@ class Daemon:
             secure_mode=six.secure_mode,
             min_port=six.min_port,
             max_per_client=six.max_pinholes_per_client,
+            max_pinholes=six.max_pinholes,
             min_lifetime=six.min_lifetime,
             max_lifetime=six.max_lifetime,
             own_addresses=self.own_addresses6(),

@@ -55,7 +55,11 @@ _REFUSAL_RESULTS = {
     Refusal.THIRD_PARTY: PcpResult.NOT_AUTHORIZED,
     Refusal.NOT_OWNER: PcpResult.NOT_AUTHORIZED,
     Refusal.QUOTA: PcpResult.USER_EX_QUOTA,
+    Refusal.FULL: PcpResult.NO_RESOURCES,
 }
+MAX_IN_FLIGHT = 256
+"""Requests being answered at once; more are dropped (spoofed sources defeat per-source
+token buckets, and pinhole commits run one at a time)."""
 
 
 class Pcp6Handler:
@@ -296,6 +300,10 @@ class Pcp6Server:
                 continue
             if not self.limiter.allow(source, now=now):
                 self.dropped.note(now, "PCP6 client %s over its rate: dropped", source)
+                continue
+            if len(self._tasks) >= MAX_IN_FLIGHT:
+                self.dropped.note(now, "PCP6: %d requests in flight, %s dropped", MAX_IN_FLIGHT,
+                                  source)  # fmt: skip
                 continue
             task = asyncio.get_running_loop().create_task(self._answer(sock, data, peer, now))
             self._tasks.add(task)
