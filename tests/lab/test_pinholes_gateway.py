@@ -24,6 +24,7 @@ from igd.proto.pcp import (
     PcpThirdParty,
 )
 from lab import Host, Lab
+from lab.bench_pinholes import run
 from tests.lab.conftest import StartGateway
 
 pytestmark = pytest.mark.lab
@@ -236,3 +237,8 @@ def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan(
     announcement = pcp.decode_response(bytes.fromhex(data))
     assert announcement.opcode is PcpOpcode.ANNOUNCE and announcement.result is PcpResult.SUCCESS
     assert IPv6Address(source.split("%")[0]).is_link_local
+
+
+def test_the_pinhole_benchmark_runs_small_and_restores_every_seeded_pinhole() -> None:
+    line = run(300, requests=5, connects=5)
+    assert line.split()[:4] == ["300", "pinholes", "(restored", "300):"], line
