@@ -9,6 +9,12 @@ Shape (default addresses; the WAN and LAN prefixes are parameters):
 The gateway forwards (ip_forward=1) but does no NAT of its own: WAN hosts have no route to
 the LAN, so only what the daemon maps is reachable from outside. Its default route points at
 wan1, like a router's upstream; multicast is routed to br-lan so announcements reach the LAN.
+
+IPv6 (documentation prefixes, RFC 3849) runs beside it: the WAN link is 2001:db8:0:1::/64
+(gw ::1, wan1 ::2, wan2 ::3), the LAN 2001:db8:0:77::/64 (gw ::1, lan1 ::a, lan2 ::b). There
+is no NAT on IPv6: the WAN hosts route the LAN prefix via the gateway, as an ISP routes a
+delegated prefix, and the gateway forwards it (forwarding=1) with no filter of its own, so
+only the daemon's `[ipv6]` firewall table stands between the WAN and the LAN hosts (RFC 6092).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -65,6 +71,8 @@ __all__ = [
 
 DEFAULT_WAN_NETWORK = "203.0.113.0/24"  # RFC 5737 TEST-NET-3
 DEFAULT_LAN_NETWORK = "192.168.77.0/24"
+DEFAULT_WAN_NETWORK6 = "2001:db8:0:1::/64"  # RFC 3849 documentation prefix
+DEFAULT_LAN_NETWORK6 = "2001:db8:0:77::/64"
 FIRST_LAN_HOST = 10  # LAN hosts get .10, .11, ...
 MAX_HOSTS = 64  # per side: each host is a namespace and a veth pair
 STOP_TIMEOUT = 10.0  # seconds a stopped gateway gets before SIGKILL
@@ -82,6 +90,8 @@ class Host:
     ns: str
     address: str
     interface: str
+    address6: str = field(default="", kw_only=True)
+    """Global IPv6 address ("" in a lab built without IPv6)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +100,7 @@ class GatewayHost(Host):
 
     external_address: str
     external_interface: str
+    external_address6: str = field(default="", kw_only=True)
 
 
 class Lab:
@@ -105,10 +116,18 @@ class Lab:
         lan_network: str = DEFAULT_LAN_NETWORK,
         external_interface: str = "wan0",
         internal_interface: str = "br-lan",
+        wan_network6: str | None = DEFAULT_WAN_NETWORK6,
+        lan_network6: str | None = DEFAULT_LAN_NETWORK6,
     ) -> None:
         self.prefix = check_name(prefix or f"{LAB_PREFIX}{secrets.token_hex(3)}")
         self.wan_network = ipaddress.IPv4Network(wan_network)
         self.lan_network = ipaddress.IPv4Network(lan_network)
+        # IPv6 is on unless both prefixes are None; each must be a /64 or wider.
+        self.wan_network6 = ipaddress.IPv6Network(wan_network6) if wan_network6 else None
+        self.lan_network6 = ipaddress.IPv6Network(lan_network6) if lan_network6 else None
+        if (self.wan_network6 is None) != (self.lan_network6 is None):
+            raise ValueError("give both IPv6 prefixes or neither")
+        wan6, lan6 = self.wan_network6, self.lan_network6
         wan_room = self.wan_network.num_addresses - 3  # network, broadcast, gateway
         lan_room = self.lan_network.num_addresses - 1 - FIRST_LAN_HOST
         if not 0 <= wan_hosts <= min(MAX_HOSTS, wan_room):
@@ -126,9 +145,17 @@ class Lab:
             interface=internal_interface,
             external_address=str(self.wan_network[1]),
             external_interface=external_interface,
+            address6=str(lan6[1]) if lan6 else "",
+            external_address6=str(wan6[1]) if wan6 else "",
         )
         self.wan = [
-            Host(f"wan{i}", f"{self.prefix}-wan{i}", str(self.wan_network[1 + i]), HOST_INTERFACE)
+            Host(
+                f"wan{i}",
+                f"{self.prefix}-wan{i}",
+                str(self.wan_network[1 + i]),
+                HOST_INTERFACE,
+                address6=str(wan6[1 + i]) if wan6 else "",
+            )
             for i in range(1, wan_hosts + 1)
         ]
         self.lan = [
@@ -137,6 +164,7 @@ class Lab:
                 f"{self.prefix}-lan{i}",
                 str(self.lan_network[FIRST_LAN_HOST - 1 + i]),
                 HOST_INTERFACE,
+                address6=str(lan6[FIRST_LAN_HOST - 1 + i]) if lan6 else "",
             )
             for i in range(1, lan_hosts + 1)
         ]
@@ -184,6 +212,11 @@ class Lab:
             self.workdir.mkdir(mode=0o700)
             for ns in self.namespaces():
                 add_netns(ns)
+                if self.lan_network6 is not None:
+                    # Links made from now on skip Duplicate Address Detection: their
+                    # link-local addresses would otherwise stay tentative for 1-2 s, and
+                    # neighbour discovery fails in that time.
+                    sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
             self._build_wan()
             self._build_gateway()
             self._build_lan()
@@ -204,6 +237,18 @@ class Lab:
             ip("addr", "add", f"{host.address}/{bits}", "dev", host.interface, ns=host.ns)
         if self.wan:
             ip("route", "add", "default", "via", self.wan[0].address, ns=gw.ns)
+        if self.wan_network6 is None or self.lan_network6 is None:
+            return
+        bits6 = self.wan_network6.prefixlen
+        # nodad: the address is usable at once (no 1-2 s of Duplicate Address Detection).
+        _add6(gw.ns, gw.external_interface, f"{gw.external_address6}/{bits6}")
+        for host in self.wan:
+            _add6(host.ns, host.interface, f"{host.address6}/{bits6}")
+            # The upstream routes the delegated LAN prefix to the gateway; no NAT on IPv6.
+            ip("-6", "route", "add", str(self.lan_network6), "via", gw.external_address6,
+               ns=host.ns)  # fmt: skip
+        if self.wan:
+            ip("-6", "route", "add", "default", "via", self.wan[0].address6, ns=gw.ns)
 
     def _build_gateway(self) -> None:
         gw = self.gateway
@@ -214,6 +259,9 @@ class Lab:
         # announcements, SSDP NOTIFY) would leave through wan0 unless multicast is routed here.
         ip("route", "add", "224.0.0.0/4", "dev", gw.interface, ns=gw.ns)
         sysctl(gw.ns, "net.ipv4.ip_forward", "1")
+        if self.lan_network6 is not None:
+            _add6(gw.ns, gw.interface, f"{gw.address6}/{self.lan_network6.prefixlen}")
+            sysctl(gw.ns, "net.ipv6.conf.all.forwarding", "1")
         if Path("/proc/sys/net/bridge").is_dir():
             # br_netfilter is loaded on this machine: keep frames switched between LAN hosts
             # out of the gateway's IP hooks, as a hardware switch would.
@@ -227,6 +275,9 @@ class Lab:
             enslave(gw.ns, host.name, gw.interface)
             ip("addr", "add", f"{host.address}/{bits}", "dev", host.interface, ns=host.ns)
             ip("route", "add", "default", "via", gw.address, ns=host.ns)
+            if self.lan_network6 is not None:
+                _add6(host.ns, host.interface, f"{host.address6}/{self.lan_network6.prefixlen}")
+                ip("-6", "route", "add", "default", "via", gw.address6, ns=host.ns)
 
     def teardown(self) -> None:
         """Kill every process the lab started and delete its namespaces and files.
@@ -425,11 +476,18 @@ class Lab:
         gw = self.gateway
         lines.append(
             f"  {gw.name:<6} {gw.ns:<24} {gw.external_interface} {gw.external_address}"
-            f"  {gw.interface} {gw.address}"
+            f" {gw.external_address6}  {gw.interface} {gw.address} {gw.address6}".rstrip()
         )
         for host in (*self.wan, *self.lan):
-            lines.append(f"  {host.name:<6} {host.ns:<24} {host.interface} {host.address}")
+            lines.append(
+                f"  {host.name:<6} {host.ns:<24} {host.interface} {host.address}"
+                f" {host.address6}".rstrip()
+            )
         return "\n".join(lines)
+
+
+def _add6(ns: str, interface: str, address: str) -> None:
+    ip("-6", "addr", "add", address, "dev", interface, "nodad", ns=ns)
 
 
 def dump_toml(config: Mapping[str, Mapping[str, TomlValue]]) -> str:

@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     listing.add_argument("--socket", type=Path, help="control socket (default: from config)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--pinholes", action="store_true", help="the IPv6 pinholes instead")
     add_policy_commands(commands)
     add_config_commands(commands)
     init = commands.add_parser(
@@ -268,15 +269,37 @@ def _list(args: argparse.Namespace) -> int:
             print(f"igd-server list: {error}", file=sys.stderr)
             return 2
     try:
-        mappings = ask(socket_path, "list")
+        mappings = ask(socket_path, "pinholes" if args.pinholes else "list")
     except NotRunning as error:
         print(f"igd-server list: {error}", file=sys.stderr)
         return 3
     if args.json:
         print(json.dumps(mappings, indent=2))
         return 0
-    print(format_mappings(mappings))
+    print(format_pinholes(mappings) if args.pinholes else format_mappings(mappings))
     return 0
+
+
+def format_pinholes(pinholes: list[dict[str, Any]]) -> str:
+    """A table of IPv6 pinholes for people."""
+    if not pinholes:
+        return "no pinholes"
+    rows: list[tuple[str, ...]] = [
+        ("PROTO", "INTERNAL", "FROM", "LEASE", "VIA", "CLIENT", "DESCRIPTION")
+    ]
+    rows += [
+        (
+            p["protocol"],
+            f"[{p['internal_address']}]:{p['internal_port']}",
+            ", ".join(p["remote"]) or "any",
+            f"{p['lease_remaining']}s",
+            p["mechanism"],
+            p["client"],
+            p["description"],
+        )
+        for p in pinholes
+    ]
+    return _table(rows)
 
 
 def format_mappings(mappings: list[dict[str, Any]]) -> str:
@@ -309,7 +332,11 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
                 m["description"],
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,25 @@ def _host_names(value: object) -> tuple[str, ...]:
     return tuple(v.lower() for v in value)
 
 
+def _prefixes(value: object) -> tuple[IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise Bad(f'want an array of IPv6 prefixes, e.g. ["2001:db8:0:77::/64"], got {kind(value)}')
+    problems: list[tuple[str, int | None]] = []
+    found: list[IPv6Network] = []
+    for index, item in enumerate(value):
+        try:
+            found.append(IPv6Network(string(item)))
+        except Bad as bad:
+            problems.append((str(bad), index))
+        except ValueError:
+            problems.append((f"not an IPv6 prefix (host bits must be zero): {item!r}", index))
+    if problems:
+        error = Bad(problems[0][0])
+        error.problems = problems
+        raise error
+    return tuple(dict.fromkeys(found))
+
+
 def _choice(*choices: object) -> Callable[[object], Any]:
     names = [f'"{c}"' if isinstance(c, str) else str(c) for c in choices]
     wanted = f"{', '.join(names[:-1])} or {names[-1]}"
@@ -151,6 +170,19 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "password_hash": (string, None),
         "names": (_host_names, ()),
     },
+    "ipv6": {
+        "enabled": (boolean, False),
+        "firewall": (_choice("own", "external"), "own"),
+        "table": (string, "igd6"),
+        "lan_prefixes": (_prefixes, ()),
+        "clients": (_prefixes, ()),
+        "secure_mode": (boolean, True),
+        "min_port": (integer(1, 65535), 1024),
+        "max_pinholes_per_client": (integer(1, 65535), 64),
+        "max_pinholes": (integer(1, 1_000_000), 16384),
+        "min_lifetime": (integer(1, 86400), 120),
+        "max_lifetime": (integer(1, 86400), 86400),
+    },
 }
 
 
@@ -169,6 +201,31 @@ class UpstreamSettings:
     """The upstream lease asked for (renewed on its own schedule)."""
     check_interval: float = 30.0
     """How often the upstream is probed: noticed gone, restarted (epoch), back."""
+
+
+_IPV6_FIELDS = {"table": "nftables_table"}
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv6Config:
+    """The `[ipv6]` section: pinholes through the gateway's IPv6 firewall (RFC 6092)."""
+
+    enabled: bool = False
+    firewall: str = "own"
+    """"own": the daemon's table drops unsolicited inbound flows to the LAN prefixes;
+    "external": the admin's firewall does, and accepts what the daemon marks."""
+    nftables_table: str = "igd6"
+    """The `table` key: the daemon's own `ip6` table."""
+    lan_prefixes: tuple[IPv6Network, ...] = ()
+    """Empty: the global prefixes on the internal interfaces at start."""
+    clients: tuple[IPv6Network, ...] = ()
+    """Who may open pinholes; empty: anyone in the LAN prefixes."""
+    secure_mode: bool = True
+    min_port: int = 1024
+    max_pinholes_per_client: int = 64
+    max_pinholes: int = 16384
+    min_lifetime: int = 120
+    max_lifetime: int = 86400
 
 
 class ConfigError(FileError):
@@ -217,6 +274,7 @@ class Config:
     """`igd-server admin hash-password` output; required unless the listener is loopback."""
     admin_names: tuple[str, ...] = ()
     """Host names the console may be reached by besides its address (DNS rebinding guard)."""
+    ipv6: Ipv6Config = field(default_factory=Ipv6Config)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -252,6 +310,13 @@ class Config:
                 "a listener off loopback needs [admin] password_hash"
                 " (make one with `igd-server admin hash-password`)",
             )
+        six = values["ipv6"]
+        if (
+            isinstance(six["min_lifetime"], int)
+            and isinstance(six["max_lifetime"], int)
+            and six["min_lifetime"] > six["max_lifetime"]
+        ):
+            reader.issue(("ipv6", "min_lifetime"), "must not be above max_lifetime")
         reader.raise_issues(ConfigError)
         base = source.parent
         state = base / values["state"]["directory"]
@@ -294,4 +359,5 @@ class Config:
             admin_listen=admin["listen"],
             admin_password_hash=admin["password_hash"],
             admin_names=admin["names"],
+            ipv6=Ipv6Config(**{_IPV6_FIELDS.get(k, k): v for k, v in six.items()}),
         )

@@ -8,18 +8,20 @@ import logging
 import signal
 import socket
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol, RemoteFilter
+from igd.pinhole import PinholeRules
 from igd.policy import Policy, PolicyFileError
 from igd.server.admin.server import AdminServer, listener_device
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
 from igd.server.backends.nftables import NftablesBackend
+from igd.server.backends.pinholes import Firewall, MemoryPinholeBackend, NftPinholeBackend
 from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.hostports import HostPorts
@@ -31,10 +33,18 @@ from igd.server.instance import (
     check_ports,
     interface_problems,
 )
-from igd.server.interfaces import ExternalAddress, internal_interface, ipv4_interfaces
+from igd.server.interfaces import (
+    ExternalAddress,
+    internal_interface,
+    ipv4_interfaces,
+    ipv6_interfaces,
+)
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
+from igd.server.pcp6 import Pcp6Handler, Pcp6Server
 from igd.server.pcp_options import Limits as PcpLimits
+from igd.server.pinhole_store import PinholeStore
+from igd.server.pinholes import PinholeService
 from igd.server.pxp import SERVER_PORT as PXP_PORT
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
@@ -150,7 +160,8 @@ class Daemon:
             self.service,
         )
         self.control = ControlServer(
-            config.control_socket, {"list": self.list_mappings, "status": self.status}
+            config.control_socket,
+            {"list": self.list_mappings, "status": self.status, "pinholes": self.list_pinholes},
         )
         self.upnp: UpnpServer | None = None
         if config.upnp_enabled:
@@ -168,8 +179,62 @@ class Daemon:
         self.admin: AdminServer | None = None
         if config.admin_enabled:
             self.admin = self._admin_server()
+        self.pinholes: PinholeService | None = None
+        self.pcp6: Pcp6Server | None = None
+        if config.ipv6.enabled:
+            self._build_ipv6()
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
+
+    def _build_ipv6(self) -> None:
+        """The `[ipv6]` part: pinhole rules, kernel table, store table, PCP over IPv6."""
+        six = self.config.ipv6
+        lan = six.lan_prefixes or tuple(
+            dict.fromkeys(
+                entry.network
+                for name in self.config.internal_interfaces
+                for entry in ipv6_interfaces(name)
+                if not (entry.ip.is_link_local or entry.ip.is_loopback)
+            )
+        )
+        if not lan:
+            log.warning("[ipv6] enabled, but the internal interfaces have no IPv6 prefix")
+        rules = PinholeRules(
+            internal_networks=lan,
+            clients=six.clients,
+            secure_mode=six.secure_mode,
+            min_port=six.min_port,
+            max_per_client=six.max_pinholes_per_client,
+            max_pinholes=six.max_pinholes,
+            min_lifetime=six.min_lifetime,
+            max_lifetime=six.max_lifetime,
+            own_addresses=self.own_addresses6(),
+        )
+        firewall = cast(Firewall, six.firewall)
+        if self.dry_run:
+            backend: MemoryPinholeBackend | NftPinholeBackend = MemoryPinholeBackend()
+            store = PinholeStore(Path(":memory:"))
+        else:
+            backend = NftPinholeBackend(
+                six.nftables_table, self.config.external_interface, lan, firewall
+            )
+            store = PinholeStore(self.config.state_directory / "leases.sqlite")
+        self.pinholes = PinholeService(rules, backend, store)
+        handler = Pcp6Handler(
+            self.pinholes,
+            max_filters=self.config.pcp_max_filters,
+            max_description=self.config.pcp_max_description,
+        )
+        limiter = RateLimiter(
+            self.config.requests_per_second_per_client, self.config.burst_per_client
+        )
+        self.pcp6 = Pcp6Server(self.config.internal_interfaces, handler, lan, limiter)
+        log.info("IPv6 pinholes for %s (firewall %s)", ", ".join(map(str, lan)), six.firewall)
+
+    def own_addresses6(self) -> frozenset[IPv6Address]:
+        """The gateway's own IPv6 addresses: never a pinhole's target."""
+        names = [*self.config.internal_interfaces, self.config.external_interface]
+        return frozenset(entry.ip for name in names for entry in ipv6_interfaces(name))
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
@@ -196,6 +261,8 @@ class Daemon:
                 tasks.append(group.create_task(self.upnp.run()))
             if self.upstream is not None:
                 tasks.append(group.create_task(self.upstream.run(self.service)))
+            if self.pinholes is not None:
+                tasks.append(group.create_task(self.pinholes.run_expiry()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -206,6 +273,8 @@ class Daemon:
             log.info("stopping")
             stopping()
             self.pxp.close()
+            if self.pcp6 is not None:
+                self.pcp6.close()
             for task in (*tasks, *self._side_tasks):
                 task.cancel()
         await self.stop()
@@ -270,6 +339,9 @@ class Daemon:
         self.service.restore_epoch(kept_mappings=bool(self.service.count()) and same_address)
         self.store.set_meta(ADDRESS_KEY, str(self.external.current))
         await self.pxp.start()
+        if self.pinholes is not None and self.pcp6 is not None:
+            await self.pinholes.restore(now=time.monotonic())
+            await self.pcp6.start()
         if self.upnp is not None:
             await self.upnp.start()
         await self.control.start()
@@ -285,6 +357,8 @@ class Daemon:
             await self.admin.stop()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
+        if self.pinholes is not None:
+            await self.pinholes.stop(flush=flush)
         if flush:
             self.store.clear()
             log.info('flushed all mappings (nftables.on_stop = "flush")')
@@ -354,6 +428,25 @@ class Daemon:
                 }
             )
         return rows
+
+    def list_pinholes(self) -> list[dict[str, Any]]:
+        """The open IPv6 pinholes, for the control socket's `pinholes` command."""
+        if self.pinholes is None:
+            return []
+        now = time.monotonic()
+        return [
+            {
+                "internal_address": str(h.key.internal_address),
+                "protocol": str(h.key.protocol),
+                "internal_port": h.key.internal_port,
+                "remote": [f"{f.network} port {f.port or 'any'}" for f in h.admits],
+                "lease_remaining": h.remaining(now),
+                "mechanism": str(h.owner.mechanism),
+                "client": str(h.owner.client),
+                "description": h.description,
+            }
+            for h in self.pinholes.pinholes()
+        ]
 
     def status(self) -> dict[str, Any]:
         """A summary for scripts and tests."""

@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 
 import netifaces
 
@@ -36,6 +36,23 @@ def ipv4_interfaces(name: str) -> list[IPv4Interface]:
     for entry in entries:
         try:
             found.append(IPv4Interface(f"{entry['addr']}/{entry.get('netmask', '32')}"))
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def ipv6_interfaces(name: str) -> list[IPv6Interface]:
+    """The IPv6 addresses (with prefix) on an interface, link-local ones included."""
+    try:
+        entries = netifaces.ifaddresses(name).get(netifaces.AF_INET6, [])
+    except ValueError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            address = entry["addr"].split("%")[0]  # link-local ones carry "%ifname"
+            bits = str(entry.get("netmask", "/128")).rpartition("/")[2] or "128"
+            found.append(IPv6Interface(f"{address}/{bits}"))
         except (KeyError, ValueError):
             continue
     return found

@@ -8,7 +8,7 @@ import logging
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from igd.events import DatagramDropped, DropReason, ExternalAddressChanged
@@ -63,9 +63,9 @@ class RateLimiter:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = burst
-        self._buckets: OrderedDict[IPv4Address, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[IPv4Address | IPv6Address, tuple[float, float]] = OrderedDict()
 
-    def allow(self, client: IPv4Address, *, now: float) -> bool:
+    def allow(self, client: IPv4Address | IPv6Address, *, now: float) -> bool:
         """Take one token for this client; False when it has none left."""
         tokens, last = self._buckets.pop(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)

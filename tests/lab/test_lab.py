@@ -80,6 +80,26 @@ def test_lan_and_wan_do_not_reach_each_other_without_the_daemon(lab: Lab) -> Non
     assert "unreachable" in (result.stdout + result.stderr).lower()
 
 
+def test_ipv6_is_routed_between_wan_and_lan_with_no_filter(lab: Lab) -> None:
+    # No NAT on IPv6: the WAN routes the LAN prefix via the gateway, which forwards it
+    # unfiltered, so the pinhole tests start from a network where everything gets through.
+    gw = lab.gateway
+    assert gw.address6.startswith("2001:db8:") and gw.external_address6.startswith("2001:db8:")
+    assert len({h.address6 for h in (*lab.wan, *lab.lan)}) == len(lab.wan) + len(lab.lan)
+    assert ping(lab, "lan1", gw.address6)
+    assert ping(lab, "wan1", gw.external_address6)
+    assert ping(lab, "wan1", lab.lan[0].address6)
+    assert ping(lab, "lan2", lab.wan[1].address6)
+    assert lab.lan[0].address6 in lab.describe()
+
+
+def test_a_lab_without_ipv6_has_no_ipv6_addresses() -> None:
+    with Lab(wan_network6=None, lan_network6=None) as lab:
+        assert lab.lan[0].address6 == ""
+        out = lab.run("lan1", ["ip", "-6", "addr", "show", "scope", "global"]).stdout
+        assert "inet6" not in out
+
+
 def test_multicast_from_the_gateway_reaches_every_lan_host_and_not_the_wan(lab: Lab) -> None:
     listeners = {
         host: lab.python_popen(

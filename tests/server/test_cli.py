@@ -7,7 +7,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import igd
-from igd.server.cli import format_mappings, main
+from igd.server.cli import format_mappings, format_pinholes, main
 
 GOOD_POLICY = '[defaults]\naction = "allow"\n'
 
@@ -193,3 +193,26 @@ def test_log_level_is_a_checked_setting(tmp_path: Path) -> None:
     result = run("config", "check", str(config))
     assert result.returncode == 1
     assert 'log.level: want "debug", "info", "warning" or "error", not \'loud\'' in result.stderr
+
+
+def test_format_pinholes() -> None:
+    assert format_pinholes([]) == "no pinholes"
+    row = {
+        "protocol": "tcp", "internal_address": "2001:db8:0:77::a", "internal_port": 8080,
+        "remote": ["2001:db8:0:1::/64 port any"], "lease_remaining": 590, "mechanism": "pcp",
+        "client": "2001:db8:0:77::a", "description": "game",
+    }  # fmt: skip
+    lines = format_pinholes([row]).splitlines()
+    assert lines[0].split() == [
+        "PROTO",
+        "INTERNAL",
+        "FROM",
+        "LEASE",
+        "VIA",
+        "CLIENT",
+        "DESCRIPTION",
+    ]
+    assert lines[1].split() == [
+        "tcp", "[2001:db8:0:77::a]:8080", "2001:db8:0:1::/64", "port", "any", "590s", "pcp",
+        "2001:db8:0:77::a", "game",
+    ]  # fmt: skip

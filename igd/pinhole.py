@@ -1,0 +1,287 @@
+"""IPv6 pinholes: the model, the admin's rules and the table (RFC 6092, RFC 6887 §11.3).
+
+On IPv6 there is no NAT: a pinhole admits new inbound flows to one LAN host's port through
+the gateway's default-deny firewall. Pinholes are their own small core, beside the IPv4
+mapping table (whose types assume IPv4 throughout). Rules of the table:
+
+- every pinhole state change happens in `Pinholes` (open, close, expire, restore, undo),
+  which returns what changed as a `PinholeChange` for the server to commit;
+- one pinhole per key (internal address, protocol, internal port, remote or wildcard);
+  only its owner (mechanism, client and, for PCP, nonce) renews or deletes it;
+- each client holds at most `PinholeRules.max_per_client` pinholes, and all together at
+  most `PinholeRules.max_pinholes`.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv6Address, IPv6Network
+
+from igd.model import Mechanism, Protocol
+
+MAX_LIFETIME = 86400
+"""RFC 6887 §15 suggests at most 24 h; WANIPv6FirewallControl's LeaseTime is 1..86400."""
+MIN_LIFETIME = 120
+"""RFC 6887 §15: a server may raise short lifetimes to its minimum (2 min suggested)."""
+MAX_PER_CLIENT = 64
+"""Default bound on the pinholes one client holds."""
+MAX_PINHOLES = 16384
+"""Default bound on all pinholes: a LAN host can send from many (spoofed) addresses of its
+/64, so the per-client bound alone does not bound the table."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PinholeFilter:
+    """Only traffic from this remote network (and port, 0 = any) may use a pinhole."""
+
+    network: IPv6Network
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeKey:
+    """What identifies a pinhole; `remote` None admits any remote host (UPnP RemoteHost "")."""
+
+    internal_address: IPv6Address
+    protocol: Protocol
+    internal_port: int
+    remote: PinholeFilter | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeOwner:
+    """Who holds a pinhole: the mechanism, the requesting client and, for PCP, its nonce."""
+
+    mechanism: Mechanism
+    client: IPv6Address
+    nonce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pinhole:
+    """One open pinhole. Times are monotonic seconds (the caller's clock)."""
+
+    key: PinholeKey
+    owner: PinholeOwner
+    created: float
+    expires: float
+    description: str = ""
+    filters: tuple[PinholeFilter, ...] = ()
+    """PCP FILTERs (RFC 6887 §13.3): remote peers allowed in; empty admits everyone."""
+
+    @property
+    def admits(self) -> tuple[PinholeFilter, ...]:
+        """The remote peers this pinhole lets in; empty means any."""
+        return (self.key.remote,) if self.key.remote is not None else self.filters
+
+    def remaining(self, now: float) -> int:
+        """Whole seconds of lease left (never negative)."""
+        return max(0, int(self.expires - now + 0.5))
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeRequest:
+    """Open or renew a pinhole (lifetime > 0)."""
+
+    key: PinholeKey
+    owner: PinholeOwner
+    lifetime: int
+    description: str = ""
+    filters: tuple[PinholeFilter, ...] = ()
+
+
+class Refusal(enum.Enum):
+    """Why a pinhole request was refused; each adapter maps these to its codes."""
+
+    NOT_ALLOWED = "not allowed by the [ipv6] rules"
+    THIRD_PARTY = "secure mode: a client opens pinholes only to its own address"
+    NOT_OWNER = "the pinhole belongs to another client or nonce"
+    QUOTA = "the client holds as many pinholes as it may"
+    FULL = "the gateway holds as many pinholes as it may"
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeRules:
+    """The admin's rules for pinholes (`[ipv6]` in the configuration)."""
+
+    internal_networks: tuple[IPv6Network, ...]
+    """The LAN prefixes: pinholes point only into these."""
+    clients: tuple[IPv6Network, ...] = ()
+    """Who may ask; empty means anyone in `internal_networks`."""
+    secure_mode: bool = True
+    min_port: int = 1024
+    max_per_client: int = MAX_PER_CLIENT
+    max_pinholes: int = MAX_PINHOLES
+    min_lifetime: int = MIN_LIFETIME
+    max_lifetime: int = MAX_LIFETIME
+    own_addresses: frozenset[IPv6Address] = field(default_factory=frozenset)
+
+    def judge(self, request: PinholeRequest) -> Refusal | None:
+        """None if these rules allow the request, else why not (default deny)."""
+        client, internal = request.owner.client, request.key.internal_address
+        if not any(client in net for net in self.clients or self.internal_networks):
+            return Refusal.NOT_ALLOWED
+        if self.secure_mode and internal != client:
+            return Refusal.THIRD_PARTY
+        if not self.is_lan_host(internal) or request.key.internal_port < self.min_port:
+            return Refusal.NOT_ALLOWED
+        return None
+
+    def is_lan_host(self, address: IPv6Address) -> bool:
+        """Whether `address` may be a pinhole's target: a unicast LAN address, not the gateway's."""
+        if address in self.own_addresses or address.is_multicast or address.is_link_local:
+            return False
+        # RFC 4291 §2.6.1: the all-zero interface identifier is the Subnet-Router anycast.
+        return any(address in net and address != net.network_address
+                   for net in self.internal_networks)  # fmt: skip
+
+    def lifetime(self, requested: int) -> int:
+        """The lease granted for `requested` seconds (RFC 6887 §15: clamp to the bounds)."""
+        return min(max(requested, self.min_lifetime), self.max_lifetime)
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeChange:
+    """What one operation did to the table: pinholes gone and pinholes (re)written."""
+
+    removed: tuple[Pinhole, ...] = ()
+    added: tuple[Pinhole, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.removed or self.added)
+
+
+class Pinholes:
+    """The pinhole table and every change to it."""
+
+    def __init__(self, rules: PinholeRules) -> None:
+        self.rules = rules
+        self._by_key: dict[PinholeKey, Pinhole] = {}
+        self._by_client: dict[IPv6Address, set[PinholeKey]] = {}
+        # Deadlines with lazy invalidation: an entry counts only if the pinhole still expires then.
+        self._deadlines: list[tuple[float, int, PinholeKey]] = []
+        self._sequence = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[Pinhole]:
+        return iter(list(self._by_key.values()))
+
+    def get(self, key: PinholeKey) -> Pinhole | None:
+        """The pinhole at `key`, if any."""
+        return self._by_key.get(key)
+
+    def of_client(self, client: IPv6Address) -> list[Pinhole]:
+        """The pinholes `client` holds."""
+        return [self._by_key[key] for key in self._by_client.get(client, ())]
+
+    def next_deadline(self) -> float | None:
+        """When the next pinhole expires, if any."""
+        while self._deadlines:
+            when, _, key = self._deadlines[0]
+            hole = self._by_key.get(key)
+            if hole is not None and hole.expires == when:
+                return when
+            heapq.heappop(self._deadlines)
+        return None
+
+    # -- operations -------------------------------------------------------------------------
+
+    def open(self, request: PinholeRequest, *, now: float) -> PinholeChange | Refusal:
+        """Open or renew a pinhole; the table changes at once on success."""
+        refusal = self.rules.judge(request)
+        if refusal is not None:
+            return refusal
+        existing = self._by_key.get(request.key)
+        if existing is not None and not _same_owner(existing.owner, request.owner):
+            # RFC 6887 §11.3: only the nonce that created a mapping may refresh it.
+            return Refusal.NOT_OWNER
+        if existing is None:
+            held = len(self._by_client.get(request.owner.client, ()))
+            if held >= self.rules.max_per_client:
+                return Refusal.QUOTA
+            if len(self._by_key) >= self.rules.max_pinholes:
+                return Refusal.FULL
+        hole = Pinhole(
+            key=request.key,
+            owner=request.owner,
+            created=existing.created if existing is not None else now,
+            expires=now + self.rules.lifetime(request.lifetime),
+            description=request.description,
+            filters=request.filters,
+        )
+        self._put(hole)
+        return PinholeChange((existing,) if existing is not None else (), (hole,))
+
+    def close(self, key: PinholeKey, owner: PinholeOwner) -> PinholeChange | Refusal:
+        """Delete `owner`'s pinhole at `key`; closing nothing is an empty change (§15)."""
+        existing = self._by_key.get(key)
+        if existing is None:
+            return PinholeChange()
+        if not _same_owner(existing.owner, owner):
+            return Refusal.NOT_OWNER
+        self._drop(key)
+        return PinholeChange((existing,), ())
+
+    def expire(self, *, now: float) -> PinholeChange:
+        """Remove every pinhole whose lease ended by `now`."""
+        gone: list[Pinhole] = []
+        while (deadline := self.next_deadline()) is not None and deadline <= now:
+            _, _, key = heapq.heappop(self._deadlines)
+            gone.append(self._by_key[key])
+            self._drop(key)
+        return PinholeChange(tuple(gone), ())
+
+    def restore(self, pinholes: Iterable[Pinhole], *, now: float) -> list[Pinhole]:
+        """Load persisted pinholes; returns those dropped (expired or no longer allowed)."""
+        dropped: list[Pinhole] = []
+        for hole in pinholes:
+            request = PinholeRequest(hole.key, hole.owner, 1, hole.description, hole.filters)
+            if hole.expires <= now or self.rules.judge(request) is not None:
+                dropped.append(hole)
+            elif hole.key not in self._by_key:
+                self._put(hole)
+        return dropped
+
+    def undo(self, change: PinholeChange) -> None:
+        """Take back `change` (its commit failed): only where the table still holds its result."""
+        for hole in change.added:
+            if self._by_key.get(hole.key) == hole:
+                self._drop(hole.key)
+        for hole in change.removed:
+            if hole.key not in self._by_key:
+                self._put(hole)
+
+    # -- the indexes ------------------------------------------------------------------------
+
+    def _put(self, hole: Pinhole) -> None:
+        old = self._by_key.get(hole.key)
+        if old is not None and old.owner.client != hole.owner.client:
+            self._forget_client(old)
+        self._by_key[hole.key] = hole
+        self._by_client.setdefault(hole.owner.client, set()).add(hole.key)
+        self._sequence += 1
+        heapq.heappush(self._deadlines, (hole.expires, self._sequence, hole.key))
+
+    def _drop(self, key: PinholeKey) -> None:
+        hole = self._by_key.pop(key)
+        self._forget_client(hole)
+
+    def _forget_client(self, hole: Pinhole) -> None:
+        keys = self._by_client.get(hole.owner.client)
+        if keys is not None:
+            keys.discard(hole.key)
+            if not keys:
+                del self._by_client[hole.owner.client]
+
+
+def _same_owner(held: PinholeOwner, asking: PinholeOwner) -> bool:
+    return (
+        held.mechanism == asking.mechanism
+        and held.client == asking.client
+        and (held.nonce == asking.nonce)
+    )

@@ -1,0 +1,198 @@
+"""PinholeService: the one door to IPv6 pinholes, for the PCP adapter and admin surfaces.
+
+Every command changes the core (`igd.pinhole.Pinholes`), then commits the change to the
+kernel and then to the lease store, and only then returns: a client told "open" holds a
+pinhole that survives `kill -9`. A failed commit is taken back in all three. Commands run one
+at a time (a lock), so a failing commit never meets an interleaved change; throughput is
+one nftables and one SQLite transaction per request (batching as in commits.py is not done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Protocol as TypingProtocol
+
+from igd.pinhole import (
+    Pinhole,
+    PinholeChange,
+    PinholeKey,
+    PinholeOwner,
+    PinholeRequest,
+    PinholeRules,
+    Pinholes,
+    Refusal,
+)
+from igd.server.backends import BackendError
+from igd.server.backends.pinholes import PinholeEntry
+from igd.server.pinhole_store import PinholeStore
+from igd.server.store import Clock
+
+log = logging.getLogger("igd.pinholes")
+
+EPOCH_KEY = "epoch_origin"
+"""Pinhole store meta: wall-clock second the IPv6 PCP epoch counts from (RFC 6887 §8.5)."""
+RETRY_DELAY = 1.0
+"""Seconds the expiry task waits after a failed removal before it tries again."""
+
+
+class PinholeBackend(TypingProtocol):
+    """What the service needs from a data plane (nftables, or memory in tests)."""
+
+    async def replace(self, pinholes: Iterable[Pinhole], *, now: float) -> None: ...
+    async def apply(
+        self, removed: Iterable[Pinhole], added: Iterable[Pinhole], *, now: float
+    ) -> None: ...
+    async def entries(self) -> set[PinholeEntry]: ...
+    async def close(self, *, flush: bool) -> None: ...
+
+
+class CommitError(RuntimeError):
+    """The kernel or the lease store refused a change; nothing of it took effect."""
+
+
+class PinholeService:
+    """Open, renew, close and expire pinholes; each command returns once it is committed."""
+
+    def __init__(self, rules: PinholeRules, backend: PinholeBackend, store: PinholeStore) -> None:
+        self._holes = Pinholes(rules)
+        self.backend = backend
+        self.store = store
+        self._lock = asyncio.Lock()
+        self._clock = Clock()
+        self._wake = asyncio.Event()
+        self._epoch_origin = time.monotonic()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def pinholes(self) -> list[Pinhole]:
+        """Every open pinhole."""
+        return list(self._holes)
+
+    def get(self, key: PinholeKey) -> Pinhole | None:
+        """The pinhole at `key`, if any."""
+        return self._holes.get(key)
+
+    def count(self) -> int:
+        return len(self._holes)
+
+    def epoch(self, *, now: float | None = None) -> int:
+        """Seconds since the pinhole state began (RFC 6887 §8.5: reset when state is lost)."""
+        now = time.monotonic() if now is None else now
+        return max(0, int(now - self._epoch_origin)) & 0xFFFFFFFF
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def restore(self, *, now: float, clock: Clock | None = None) -> int:
+        """Start-up: load the store, drop what expired or the rules refuse, make the kernel
+        hold exactly the rest; the epoch continues only if pinholes were kept."""
+        async with self._lock:
+            self._clock = clock or Clock(mono=now)
+            persisted = self.store.load(self._clock, now=now)
+            dropped = self._holes.restore(persisted, now=now)
+            kept = list(self._holes)
+            if dropped:
+                self.store.replace_all(kept, self._clock)
+            await self.backend.replace(kept, now=now)
+            origin = self.store.get_meta(EPOCH_KEY)
+            if kept and origin is not None:
+                self._epoch_origin = self._clock.to_mono(float(origin))
+            else:
+                self._epoch_origin = now
+                self.store.set_meta(EPOCH_KEY, repr(self._clock.to_wall(now)))
+            log.info(
+                "restored %d of %d persisted pinholes (%d dropped); kernel table replaced",
+                len(kept),
+                len(persisted),
+                len(dropped),
+            )
+            return len(kept)
+
+    async def open(self, request: PinholeRequest, *, now: float) -> Pinhole | Refusal:
+        """Open or renew a pinhole; CommitError if it could not be committed."""
+        async with self._lock:
+            change = self._holes.open(request, now=now)
+            if isinstance(change, Refusal):
+                log.info(
+                    "pinhole refused: %s asked %s: %s", request.owner.client, request.key,
+                    change.value,
+                )  # fmt: skip
+                return change
+            await self._commit(change, now=now)
+            hole = change.added[0]
+            log.info(
+                "pinhole %s: %s %s port %d for %s, %d s",
+                "renewed" if change.removed else "opened",
+                hole.key.internal_address, hole.key.protocol, hole.key.internal_port,
+                hole.owner.client, hole.remaining(now),
+            )  # fmt: skip
+            self._wake.set()
+            return hole
+
+    async def close(self, key: PinholeKey, owner: PinholeOwner, *, now: float) -> Refusal | None:
+        """Close `owner`'s pinhole at `key` (closing none is fine); CommitError on failure."""
+        async with self._lock:
+            change = self._holes.close(key, owner)
+            if isinstance(change, Refusal):
+                log.info("pinhole delete refused: %s asked %s: %s", owner.client, key, change.value)
+                return change
+            if change:
+                await self._commit(change, now=now)
+                log.info("pinhole closed by %s: %s", owner.client, key)
+            return None
+
+    async def expire(self, *, now: float) -> int:
+        """Close every pinhole whose lease ended; how many."""
+        async with self._lock:
+            change = self._holes.expire(now=now)
+            if change:
+                await self._commit(change, now=now)
+                for hole in change.removed:
+                    log.info("pinhole expired: %s (client %s)", hole.key, hole.owner.client)
+            return len(change.removed)
+
+    async def run_expiry(self) -> None:
+        """Sleep until the next deadline (re-armed by new pinholes) and expire; forever."""
+        while True:
+            deadline = self._holes.next_deadline()
+            delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if deadline is not None and time.monotonic() >= deadline:
+                try:
+                    await self.expire(now=time.monotonic())
+                except CommitError as error:
+                    log.error("could not close expired pinholes: %s", error)
+                    await asyncio.sleep(RETRY_DELAY)
+
+    async def stop(self, *, flush: bool) -> None:
+        """Keep the pinholes (kernel and store) or remove them all."""
+        await self.backend.close(flush=flush)
+        if flush:
+            self.store.replace_all([], self._clock)
+        self.store.close()
+
+    async def _commit(self, change: PinholeChange, *, now: float) -> None:
+        try:
+            await self.backend.apply(change.removed, change.added, now=now)
+        except BackendError as error:
+            self._holes.undo(change)
+            log.error("pinhole change not applied to the kernel: %s", error)
+            raise CommitError(str(error)) from error
+        try:
+            self.store.apply(change.removed, change.added, self._clock)
+        except sqlite3.Error as error:
+            self._holes.undo(change)
+            try:
+                await self.backend.apply(change.added, change.removed, now=now)
+            except BackendError as undo_error:
+                # The kernel keeps the change until its element timeouts end it; the next
+                # restart's reconcile makes it follow the store.
+                log.error("pinhole kernel undo failed too: %s", undo_error)
+            log.error("pinhole change not stored: %s", error)
+            raise CommitError(str(error)) from error
