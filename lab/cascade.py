@@ -63,9 +63,10 @@ class CascadeLab(Lab):
         middle_network: str = DEFAULT_MIDDLE_NETWORK,
         lan_network: str = DEFAULT_LAN_NETWORK,
     ) -> None:
+        # IPv4 only: the cascade builds its own gateway hosts, which carry no IPv6 addresses.
         super().__init__(
             prefix, wan_hosts=0, lan_hosts=lan_hosts, wan_network=middle_network,
-            lan_network=lan_network,
+            lan_network=lan_network, wan_network6=None, lan_network6=None,
         )  # fmt: skip
         self.public_network = ipaddress.IPv4Network(public_network)
         self.middle_network = self.wan_network
