@@ -14,8 +14,9 @@ from typing import Any
 
 import igd
 from igd.policy import Policy, PolicyFileError
+from igd.server.admin_cli import add_admin_commands
 from igd.server.config import Config, ConfigError
-from igd.server.control import NotRunning, ask
+from igd.server.control import NotRunning, Refused, ask
 from igd.server.policy_cli import add_policy_commands
 
 DEFAULT_CONFIG = "/etc/igd/config.toml"
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("--config", default=argparse.SUPPRESS)
     listing.add_argument("--socket", type=Path, help="control socket (default: from config)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    add_admin_commands(commands)
     add_policy_commands(commands)
     add_config_commands(commands)
     args = parser.parse_args(argv)
@@ -125,6 +127,9 @@ def _list(args: argparse.Namespace) -> int:
     except NotRunning as error:
         print(f"igd-server list: {error}", file=sys.stderr)
         return 3
+    except Refused as error:
+        print(f"igd-server list: {error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(mappings, indent=2))
         return 0

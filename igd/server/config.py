@@ -113,6 +113,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "burst_per_client": (integer(1), 1000),
     },
     "control": {"socket": (string, None)},
+    "log": {
+        "audit_file": (string, None),
+        "audit_max_bytes": (integer(0), 0),
+        "audit_keep": (integer(1, 1000), 5),
+    },
 }
 
 
@@ -147,6 +152,10 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    audit_file: Path | None = None
+    """The audit log (JSON lines, igd/server/audit.py); None: no audit log."""
+    audit_max_bytes: int = 0
+    audit_keep: int = 5
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -178,7 +187,7 @@ class Config:
         base = source.parent
         state = base / values["state"]["directory"]
         control = values["control"]["socket"]
-        upnp, limits = values["upnp"], values["limits"]
+        upnp, limits, audit = values["upnp"], values["limits"], values["log"]
         return cls(
             source=source,
             external_interface=net["external_interface"],
@@ -201,4 +210,7 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            audit_file=base / audit["audit_file"] if audit["audit_file"] else None,
+            audit_max_bytes=audit["audit_max_bytes"],
+            audit_keep=audit["audit_keep"],
         )

@@ -7,17 +7,21 @@ import ctypes
 import logging
 import signal
 import time
+from collections import Counter
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import igd
 from igd.gateway import ALWAYS_RESERVED, Gateway
 from igd.model import Protocol
 from igd.policy import Policy, PolicyFileError
+from igd.server.audit import AUDIT_QUEUE_BOUND, AUDITED, AuditLog, timestamp
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
 from igd.server.backends.nftables import NftablesBackend
+from igd.server.commands import admin_commands, mapping_row
 from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.hostports import HostPorts
@@ -55,8 +59,10 @@ class Daemon:
     def __init__(self, config: Config, *, dry_run: bool = False) -> None:
         self.config = config
         self.dry_run = dry_run
+        self.started = time.monotonic()
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
+        self.policy_loaded = time.time()
         for warning in self.policy.warnings():
             log.warning("policy %s", warning)
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
@@ -103,9 +109,14 @@ class Daemon:
             RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
             self.service,
         )
-        self.control = ControlServer(
-            config.control_socket, {"list": self.list_mappings, "status": self.status}
-        )
+        self.control = ControlServer(config.control_socket, admin_commands(self))
+        self.audit: AuditLog | None = None
+        if config.audit_file is not None:
+            self.audit = AuditLog(
+                config.audit_file, max_bytes=config.audit_max_bytes, keep=config.audit_keep
+            )
+            self.audit.open()  # a path the daemon cannot write stops it at start, not later
+            self._audited = self.service.subscribe("audit", AUDIT_QUEUE_BOUND, AUDITED)
         self.upnp: UpnpServer | None = None
         if config.upnp_enabled:
             self.upnp = UpnpServer(
@@ -137,6 +148,8 @@ class Daemon:
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
+            if self.audit is not None:
+                tasks.append(group.create_task(self.audit.follow(self._audited)))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -208,16 +221,22 @@ class Daemon:
         self.store.close()
 
     async def reload(self) -> None:
-        """SIGHUP: load the policy file again; keep the old policy if the new one is invalid."""
+        """SIGHUP: reopen the audit log, load the policy file again; keep the old policy if
+        the new one is invalid."""
+        await self.reopen_logs()
         try:
-            digest = file_digest(self.config.policy_file)
-            policy = Policy.load(self.config.policy_file)
+            await self.reload_policy()
         except (PolicyFileError, OSError) as error:
             log.error("policy reload failed; keeping the current policy:\n%s", error)
-            return
+
+    async def reload_policy(self) -> dict[str, Any]:
+        """Load the policy file again (PolicyFileError or OSError: the old policy stays)."""
+        digest = file_digest(self.config.policy_file)
+        policy = Policy.load(self.config.policy_file)
         self.policy = policy
         change = await self.service.reload(policy)
         self.policy_digest = digest
+        self.policy_loaded = time.time()
         self.store.set_meta(POLICY_KEY, digest)
         log.info(
             "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
@@ -225,33 +244,38 @@ class Daemon:
             len(policy.rules),
             len(change.removed),
         )
+        return {
+            "policy": str(self.config.policy_file),
+            "sha256": digest,
+            "rules": len(policy.rules),
+            "removed": [mapping_row(m, time.monotonic()) for m in change.removed],
+        }
+
+    async def reopen_logs(self) -> None:
+        """Reopen the audit log (logrotate renamed it; SIGHUP or `igd-server reload`)."""
+        if self.audit is not None:
+            await self.audit.reopen()
 
     def list_mappings(self) -> list[dict[str, Any]]:
         """The current mappings, for `igd-server list`."""
         now = time.monotonic()
-        return [
-            {
-                "protocol": str(m.protocol),
-                "external_port": m.external_port,
-                "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
-                "internal_address": str(m.internal_address),
-                "internal_port": m.internal_port,
-                "lease_remaining": m.remaining(now),
-                "mechanism": str(m.owner.mechanism),
-                "client": str(m.owner.client),
-                "description": m.description,
-            }
-            for m in self.service.mappings()
-        ]
+        return [mapping_row(m, now) for m in self.service.mappings()]
 
     def status(self) -> dict[str, Any]:
-        """A summary for scripts and tests."""
+        """A summary for `igd-server status`."""
+        by_mechanism = Counter(str(m.owner.mechanism) for m in self.service.mappings())
         return {
-            "mappings": self.service.count(),
-            "epoch": self.service.epoch(),
+            "version": igd.__version__,
+            "uptime": round(time.monotonic() - self.started),
             "external_address": str(self.external.current) if self.external.current else None,
+            "epoch": self.service.epoch(),
+            "mappings": self.service.count(),
+            "by_mechanism": dict(sorted(by_mechanism.items())),
             "policy": str(self.config.policy_file),
+            "policy_sha256": self.policy_digest,
+            "policy_loaded": timestamp(self.policy_loaded),
             "rules": len(self.policy.rules),
+            "audit_file": str(self.config.audit_file) if self.config.audit_file else None,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
