@@ -16,9 +16,12 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from igd.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("igd.control")
 
@@ -59,6 +62,9 @@ class ControlServer:
         """Peers that may ask: root, and the daemon's own user."""
         self.active = 0
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        # Any local user can connect at will: say so at most once a minute.
+        self._refusals = RateLimitedLog(log, logging.WARNING)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,10 +82,18 @@ class ControlServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self.active += 1
         try:
             reply = await self._answer(reader, writer)
@@ -96,7 +110,9 @@ class ControlServer:
     ) -> dict[str, Any]:
         uid = peer_uid(writer.get_extra_info("socket"))
         if uid not in self.allowed_uids:
-            log.warning("control socket: refused a request from uid %s (root only)", uid)
+            self._refusals.note(
+                time.monotonic(), "control socket: refused a peer with uid %s (root only)", uid
+            )
             return {"error": f"permission denied: the control socket serves root only (uid {uid})"}
         if self.active > MAX_CLIENTS:
             return {"error": f"busy: {MAX_CLIENTS} control requests are being served; try again"}
@@ -155,7 +171,10 @@ def ask(
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except BrokenPipeError:
+                pass  # answered (refused, busy) before reading: the answer is still there
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
