@@ -45,8 +45,7 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
 
     async def listing(args: dict[str, Any]) -> Any:
         _no_args(args, ())
-        now = time.monotonic()
-        return [mapping_row(m, now) for m in service.mappings()]
+        return daemon.list_mappings()
 
     async def status(args: dict[str, Any]) -> Any:
         _no_args(args, ())

@@ -130,7 +130,7 @@ class ControlServer:
         """The answer to one request line."""
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than ~1000
             return {"error": 'malformed request: want a JSON object line, e.g. {"command": "list"}'}
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
             return {"error": 'malformed request: want a JSON object with a "command" string'}

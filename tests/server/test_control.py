@@ -230,7 +230,8 @@ GARBAGE = [
     b'{"command": "status"',  # no newline, then the client shuts down writing
     b'{"command": "' + b"a" * 10_000 + b'"}\n',
     b"x" * (MAX_REQUEST * 4),
-    b'{"a": ' * 2000 + b"\n",  # nesting deep enough to hit the JSON parser's recursion
+    b"[" * 4000 + b"\n",  # nesting deep enough to hit the JSON parser's recursion limit
+    b'{"a": ' * 2000 + b"\n",
 ]
 
 
