@@ -163,7 +163,9 @@ def test_delete_and_flush_reach_the_kernel_gena_and_the_audit_log(lab: Lab, gate
     assert [(a["event"], a["cause"], a["mapping"]["external_port"]) for a in after] == [
         ("removal", "deleted-by-admin", 18081)
     ]
-    assert "Traceback" not in lab.gateway_log()
+    log = lab.gateway_log()
+    assert "(deleted by the admin)" in log and "(flushed by the admin)" in log
+    assert "Traceback" not in log
 
 
 def test_reload_shows_policy_errors_and_exits_non_zero(lab: Lab, gateway: Any) -> None:

@@ -311,3 +311,16 @@ def test_peer_credentials_name_the_connecting_user() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with left, right:
         assert peer_uid(left) == os.geteuid()
+
+
+def test_commands_without_a_daemon_or_with_bad_arguments(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "igd.server", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    gone = cli("status", "--socket", str(tmp_path / "none.sock"))
+    assert gone.returncode == 3 and "igd-server is not running" in gone.stderr
+    port = cli("delete", "tcp", "70000", "--socket", str(tmp_path / "none.sock"))
+    assert port.returncode == 2 and "want a port 1-65535" in port.stderr
+    client = cli("flush", "--client", "lan-host", "--socket", str(tmp_path / "none.sock"))
+    assert client.returncode == 2 and "not an IPv4 address" in client.stderr
