@@ -1,6 +1,6 @@
 """The admin's commands end to end: the real daemon in the lab's gateway, LAN hosts mapping with
 Debian's natpmpc, `igd-server delete` and `flush --client` run in the gateway, a WAN host that
-can no longer connect, a GENA subscriber (async-upnp-client) that hears each change, and the
+can no longer connect, a plain GENA subscriber that hears each change, and the
 audit log that records it all across a logrotate-style rename + SIGHUP."""
 
 from __future__ import annotations
@@ -19,37 +19,43 @@ from lab import Lab
 from lab.demo import DemoError, connect, igd_server_argv, natpmp_map, start_service
 from tests.lab.test_natpmp_gateway import kernel, listed, wait_until
 
-# Prints one JSON line per GENA event it receives (after "ready" once subscribed).
+# A plain GENA subscriber: finds the gateway by a unicast M-SEARCH, SUBSCRIBEs to the
+# WANIPConnection events, and prints "ready", then one JSON line per NOTIFY it receives.
 GENA_LISTENER = r"""
-import asyncio, json, sys
-from async_upnp_client.aiohttp import AiohttpNotifyServer, AiohttpRequester
-from async_upnp_client.client_factory import UpnpFactory
-from async_upnp_client.profiles.igd import IgdDevice
-from async_upnp_client.search import async_search
+import json, re, socket, sys, threading, time, urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import urljoin
 
-ME, SECONDS = sys.argv[1], float(sys.argv[2])
+ME, GATEWAY, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
 ST = "urn:schemas-upnp-org:device:InternetGatewayDevice:2"
+search = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+search.bind((ME, 0))
+search.settimeout(5)
+search.sendto(("M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n"
+               f'MAN: "ssdp:discover"\r\nMX: 1\r\nST: {ST}\r\n\r\n').encode(), (GATEWAY, 1900))
+answer = search.recv(4096).decode()
+location = re.search(r"(?im)^location:\s*(\S+)", answer).group(1)
+description = urllib.request.urlopen(location, timeout=5).read().decode()
+service = re.search(r"service:WANIPConnection:\d</serviceType>.*?<eventSubURL>([^<]+)<",
+                    description, re.S)
 
-async def main():
-    locations = []
-    async def found(headers):
-        locations.append(headers.get("location"))
-    await async_search(found, timeout=2, search_target=ST, source=(ME, 0))
-    requester = AiohttpRequester()
-    device = await UpnpFactory(requester).async_create_device(locations[0])
-    server = AiohttpNotifyServer(requester, (ME, 0))
-    await server.async_start_server()
-    igd = IgdDevice(device, server.event_handler)
-    def on_event(service, variables):
-        print(json.dumps({v.name: str(v.value) for v in variables}), flush=True)
-    igd.on_event = on_event
-    await igd.async_subscribe_services()
-    print("ready", flush=True)
-    await asyncio.sleep(SECONDS)
-    await igd.async_unsubscribe_services()
-    await server.async_stop_server()
+class Notified(BaseHTTPRequestHandler):
+    def do_NOTIFY(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        print(json.dumps(dict(re.findall(r"<(\w+)>([^<]*)</\1>", body))), flush=True)
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
 
-asyncio.run(main())
+server = HTTPServer((ME, 0), Notified)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+callback = f"<http://{ME}:{server.server_port}/>"
+subscribe = urllib.request.Request(urljoin(location, service.group(1)), method="SUBSCRIBE",
+    headers={"CALLBACK": callback, "NT": "upnp:event", "TIMEOUT": "Second-300"})
+urllib.request.urlopen(subscribe, timeout=5).close()
+print("ready", flush=True)
+time.sleep(SECONDS)
 """
 
 
@@ -115,7 +121,10 @@ def test_delete_and_flush_reach_the_kernel_gena_and_the_audit_log(lab: Lab, gate
             lab, lab.wan[0], lab.gateway.external_address, 18080
         )
         listener = lab.python_popen(
-            lan2, ["-c", GENA_LISTENER, lan2.address, "60"], stdout=subprocess.PIPE, text=True
+            lan2,
+            ["-c", GENA_LISTENER, lan2.address, lab.gateway.address, "60"],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         events = Events(listener)
         assert events.line(20) == "ready"
