@@ -48,6 +48,15 @@ def lines(*paths: Path) -> list[dict[str, Any]]:
     return found
 
 
+async def written(path: Path, count: int) -> None:
+    """Wait until the file holds `count` lines."""
+    for _ in range(500):
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} never held {count} lines")
+
+
 class Audited:
     """A service whose events an audit log writes, as the daemon wires them."""
 
@@ -60,12 +69,13 @@ class Audited:
 
     async def settle(self) -> None:
         """Let the writer catch up with everything published so far."""
-        for _ in range(200):
-            if not self.subscriber._queue:
-                await asyncio.sleep(0.02)  # the batch in flight
-                if not self.subscriber._queue:
-                    return
+        # Taking a batch and locking the file happen with no await between them, so an empty
+        # queue and a free lock mean every published event is on disk.
+        for _ in range(1000):
+            if not self.subscriber._queue and not self.audit._lock.locked():
+                return
             await asyncio.sleep(0.01)
+        raise AssertionError("the audit writer did not catch up")
 
 
 @pytest.fixture
@@ -194,7 +204,7 @@ async def test_the_daemon_writes_the_audit_log_and_reopens_it_on_sighup(tmp_path
         host = IPv4Address("127.0.0.2")
         ask = MapRequest(Mechanism.PCP, host, Protocol.UDP, host, 5000, 5000, 600)
         await daemon.service.map(ask)
-        await asyncio.sleep(0.2)
+        await written(path, 1)
         path.rename(tmp_path / "audit.jsonl.1")
         os.kill(os.getpid(), signal.SIGHUP)  # the daemon's own handler: reopen, reload
         for _ in range(100):
@@ -202,7 +212,7 @@ async def test_the_daemon_writes_the_audit_log_and_reopens_it_on_sighup(tmp_path
                 break
             await asyncio.sleep(0.05)
         await daemon.service.flush(client=host)
-        await asyncio.sleep(0.2)
+        await written(path, 1)
     finally:
         daemon.shutdown()
         await asyncio.wait_for(task, 10)

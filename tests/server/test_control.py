@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -256,16 +256,23 @@ async def test_a_silent_client_is_answered_and_dropped(running: Running) -> None
     assert "no complete request line" in answer["error"]
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
 async def test_concurrent_connections_are_bounded(running: Running) -> None:
+    control = running.daemon.control
     idle = [await asyncio.open_unix_connection(str(running.socket)) for _ in range(MAX_CLIENTS)]
-    await asyncio.sleep(0.2)
-    assert running.daemon.control.active == MAX_CLIENTS
+    await until(lambda: control.active == MAX_CLIENTS)
     with pytest.raises(Refused, match="busy"):
         await running.ask("list")
     for _, writer in idle:
         writer.close()
-    await asyncio.sleep(0.2)
-    assert running.daemon.control.active == 0
+    await until(lambda: control.active == 0)
     assert await running.ask("list") == []
 
 
