@@ -11,9 +11,13 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 # What the lab and its tests run: ip, nft, natpmpc, upnpc, miniupnpd (the reference
-# gateway), conntrack, socat, ping, sysctl/pgrep, and tshark: Wireshark's NAT-PMP/PCP
+# gateway), conntrack, socat, ping, sysctl/pgrep; tshark: Wireshark's NAT-PMP/PCP
 # dissector is the strict second reader of every answer the gateway sends (tests/dissect.py);
-# it only reads pcap files the tests write, so it needs no capture rights.
+# it only reads pcap files the tests write, so it needs no capture rights; systemd-analyze
+# (package systemd: it verifies the shipped unit and needs no running systemd) and setpriv
+# (util-linux: the lab test that starts the daemon with the unit's capabilities only, as an
+# unprivileged user, with Debian's python3 when the venv's interpreter lives where that user
+# cannot go, e.g. /root).
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -28,6 +32,9 @@ APT_PACKAGES=(
     iputils-ping
     procps
     tshark
+    systemd
+    util-linux
+    python3
 )
 
 die() {

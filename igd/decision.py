@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from igd.model import RemoteFilter
 from igd.ports import PortSet
 
 
@@ -54,6 +55,9 @@ class Allow:
     """External ports the gateway may assign."""
     restrictions: tuple[str, ...] = ()
     """Human-readable notes on what was narrowed (lease shortened, ports limited)."""
+    filters: tuple[RemoteFilter, ...] | None = None
+    """The remote sources the mapping admits when the rule's remote_hosts restrict them
+    (the request's FILTERs intersected with the rule's networks); None: as asked."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from igd.decision import Allow, Decision, Deny, Reason
-from igd.model import Mapping, MappingKey, MapRequest, Owner, Protocol
+from igd.model import STATIC_CLIENT, Mapping, MappingKey, MapRequest, Owner, Protocol
 from igd.policy import Policy
+from igd.policy.engine import sources_changed
 from igd.ports import PortSet
 from igd.table import MappingTable
 
@@ -103,7 +104,7 @@ class Gateway:
             return self._refuse(request, existing)
         renewal = existing is not None
         asked = replace(request, external_port=existing.external_port) if existing else request
-        decision = self.policy.evaluate(asked, self.table, now=now, renewal=renewal)
+        decision = self.policy.evaluate(asked, _Dynamic(self.table), now=now, renewal=renewal)
         if isinstance(decision, Allow):
             decision = self._vet_client(request.client, decision)
         if isinstance(decision, Deny):
@@ -124,7 +125,7 @@ class Gateway:
             created=created,
             expires=now + decision.lifetime,
             description=request.description,
-            filters=request.filters,
+            filters=request.filters if decision.filters is None else decision.filters,
             peer_port=request.peer_port,
         )
         previous = self.table.put(mapping)
@@ -161,11 +162,14 @@ class Gateway:
             log.info("expired %s", describe(mapping))
         return Change(removed=tuple(expired))
 
-    def reload(self, policy: Policy, *, now: float) -> Change:
-        """Switch to a new policy; remove and log the mappings it no longer allows."""
-        self.policy = policy
+    def reload(self, policy: Policy, *, now: float, wall: float) -> Change:
+        """Switch to a new policy; remove and log the mappings it no longer allows, and bring
+        the static forwards to what it declares (wall-clock `wall` for their `until`)."""
+        previous, self.policy = self.policy, policy
         doomed = []
         for mapping in self.table:
+            if mapping.is_static:
+                continue
             deny = self.recheck(mapping, now=now)
             if deny is not None:
                 doomed.append((mapping, deny))
@@ -179,13 +183,62 @@ class Gateway:
                 deny.reason,
                 deny.rule,
             )
-        return Change(removed=tuple(removed))
+        forwards = self.sync_forwards(previous, now=now, wall=wall)
+        return Change((*removed, *forwards.removed), forwards.added)
+
+    def sync_forwards(self, previous: Policy | None, *, now: float, wall: float) -> Change:
+        """Make the table hold exactly the current policy's forwards. A forward declared alike
+        in `previous` and still in the table is left alone (its kernel element never blinks);
+        a changed one is replaced in the same change; dynamic mappings in a forward's way
+        (its key, its port for one remote host, its companion port) are removed."""
+        wanted = self.policy.forward_mappings(now=now, wall=wall)
+        declared = self.policy.forward_index()
+        before = previous.forward_index() if previous is not None else {}
+        removed: list[Mapping] = []
+        added: list[Mapping] = []
+        for mapping in self.table.by_client(STATIC_CLIENT):
+            if not mapping.is_static:
+                continue
+            key = mapping.key
+            if key not in wanted:
+                self.table.remove(key)
+                removed.append(mapping)
+                log.info("removed forward %s: no longer declared", describe(mapping))
+            elif key in before and before[key] == declared.get(key):
+                del wanted[key]
+        for mapping in wanted.values():
+            problem = self.target_problem(mapping.internal_address)
+            if problem is not None:
+                log.warning("forward %r not installed: %s", mapping.description, problem)
+                continue
+            for other in self._in_the_way(mapping):
+                self.table.remove(other.key)
+                removed.append(other)
+                name = mapping.description
+                log.info("removed %s: forward %r takes its port", describe(other), name)
+            previous_mapping = self.table.put(mapping)
+            if previous_mapping is not None:
+                removed.append(previous_mapping)
+            added.append(mapping)
+            log.info("installed forward %r: %s", mapping.description, describe(mapping))
+        return Change(tuple(removed), tuple(added))
+
+    def _in_the_way(self, forward: Mapping) -> list[Mapping]:
+        """Dynamic mappings a forward displaces: on its port (any remote host) or its
+        companion port (RFC 6886 §3.3)."""
+        port = forward.external_port
+        found = self.table.port_users(forward.protocol, port)
+        found += self.table.port_users(_other(forward.protocol), port)
+        return [m for m in found if not m.is_static]
 
     def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
         """The Deny the current policy and addresses give an existing mapping, or None."""
         problem = self.target_problem(mapping.internal_address)
         if problem is not None:
             return Deny(Reason.INVALID_INTERNAL_ADDRESS, "gateway", problem)
+        if mapping.is_static:
+            # The forwards answer to the policy's [[forwards]] (sync_forwards), not its rules.
+            return None
         if mapping.owner.client not in self.own_addresses:
             return self.policy.recheck(mapping, now=now)
         # The own-address rule needs the deciding rule, which only an Allow names.
@@ -193,7 +246,9 @@ class Gateway:
         decision = self.policy.evaluate(request, self.table, now=now, renewal=True)
         if isinstance(decision, Allow):
             decision = self._vet_client(mapping.owner.client, decision)
-        return decision if isinstance(decision, Deny) else None
+        if isinstance(decision, Allow):
+            return sources_changed(decision, mapping)
+        return decision
 
     def forbidden(self, *, now: float) -> list[tuple[Mapping, Deny]]:
         """Mappings the gateway's current addresses forbid, with why (not yet removed)."""
@@ -237,10 +292,11 @@ class Gateway:
         return f"internal address {address} is outside the internal networks ({networks})"
 
     def restore(self, mappings: Iterable[Mapping], *, now: float) -> list[Mapping]:
-        """Put persisted mappings back at start; return those dropped as expired or clashing."""
+        """Put persisted mappings back at start; return those dropped as expired or clashing.
+        Persisted forwards are dropped too: the policy file declares them (sync_forwards)."""
         dropped = []
         for mapping in mappings:
-            if mapping.expires <= now or mapping.key in self.table:
+            if mapping.expires <= now or mapping.key in self.table or mapping.is_static:
                 dropped.append(mapping)
                 continue
             self.table.put(mapping)
@@ -412,6 +468,19 @@ class Gateway:
         return refused
 
 
+class _Dynamic:
+    """The table's counts without the static forwards: quotas are about clients' mappings."""
+
+    def __init__(self, table: MappingTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table) - self.table.count_for_client(STATIC_CLIENT)
+
+    def count_for_client(self, client: IPv4Address) -> int:
+        return self.table.count_for_client(client)
+
+
 @functools.lru_cache(maxsize=64)
 def _set_mask(ports: PortSet) -> int:
     """A PortSet as a bitmap (bit p: port p), cached: policies hold few distinct sets."""
@@ -445,8 +514,12 @@ def _request_of(mapping: Mapping) -> MapRequest:
         remote_host=mapping.key.remote_host,
         description=mapping.description,
         nonce=mapping.owner.nonce,
+        filters=mapping.filters,
+        peer_port=mapping.peer_port,
         exact_port=True,
     )
+
+
 def change_after(change: Change) -> dict[MappingKey, Mapping | None]:
     """What a change left at each key it touched (None: removed)."""
     after: dict[MappingKey, Mapping | None] = {m.key: None for m in change.removed}

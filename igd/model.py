@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -34,6 +35,16 @@ class Mechanism(enum.StrEnum):
     UPNP = "upnp"
     NATPMP = "natpmp"
     PCP = "pcp"
+    STATIC = "static"
+    """An admin-defined forward from the policy file: no protocol may renew or delete it."""
+
+
+REQUESTED = (Mechanism.UPNP, Mechanism.NATPMP, Mechanism.PCP)
+"""The mechanisms a client can request over (a rule's `via`, the client's `--via`)."""
+
+STATIC_CLIENT = IPv4Address("0.0.0.0")
+"""The owning client of every static forward: no requester ever has this address, so
+forwards conflict with every client's requests (RFC 6886 §3.3's companion ports too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +102,16 @@ class Mapping:
     def external_port(self) -> int:
         return self.key.external_port
 
+    @property
+    def is_static(self) -> bool:
+        """Whether this is an admin-defined forward (docs/policy.md, Forwards)."""
+        return self.owner.mechanism is Mechanism.STATIC
+
     def remaining(self, now: float) -> int:
-        """Whole seconds of lease left (never negative)."""
+        """Whole seconds of lease left (never negative); 0 for a mapping without end, as UPnP
+        writes a permanent lease."""
+        if self.expires == math.inf:
+            return 0
         return max(0, int(self.expires - now + 0.5))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lab import LAB_PREFIX, Lab, LabError, cleanup_stale, list_netns
 from lab.demo import DemoError, default_policy, run_demo
+from lab.miniupnpd import PUBLIC_LOOKING_WAN
 from lab.netns import check_name, netns_exec
 
 
@@ -22,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _prefix_option(up)
     up.add_argument("--wan-hosts", type=int, default=2)
     up.add_argument("--lan-hosts", type=int, default=2)
-    up.add_argument("--wan-network", default="203.0.113.0/24")
+    # miniupnpc's upnpc gives up on a gateway whose WAN address is private or reserved
+    # (documentation ranges too): the interactive lab's WAN looks public, so `upnpc -s`
+    # works out of the box. It exists only inside the lab's namespaces.
+    up.add_argument("--wan-network", default=PUBLIC_LOOKING_WAN)
     up.add_argument("--lan-network", default="192.168.77.0/24")
     up.add_argument("--external-interface", default="wan0")
 
@@ -80,7 +84,7 @@ def _up(args: argparse.Namespace) -> int:
         external_interface=args.external_interface,
     ).build()
     try:
-        config = lab.write_gateway_config(default_policy())
+        config = lab.write_gateway_config(default_policy(), upnp={"enabled": True})
     except DemoError:
         config = None
     lab.detach()
@@ -94,6 +98,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"Start the gateway:   ./dev.sh lab exec{opt} gw -- {server} --config {config}")
         print(f"Ask for a mapping:   ./dev.sh lab exec{opt} lan1 -- natpmpc -g "
               f"{lab.gateway.address} -a 8080 8080 tcp 3600")  # fmt: skip
+        print(f"      or over UPnP:  ./dev.sh lab exec{opt} lan1 -- upnpc -m eth0 -a "
+              f"{lab.lan[0].address} 8080 8080 tcp")  # fmt: skip
     print(f"Remove it all:       ./dev.sh lab down{opt}")
     return 0
 

@@ -182,7 +182,7 @@ def test_expire_and_reload(gateway: Gateway) -> None:
     keep = granted(gateway.map(request(port=2002, external=2002), now=0))
     assert gateway.expire(now=61).removed == (short.mapping,)
     stricter = Policy.parse(POLICY.replace('internal_ports = "23"', 'internal_ports = "2002"'))
-    change = gateway.reload(stricter, now=62)
+    change = gateway.reload(stricter, now=62, wall=0)
     assert change.removed == (keep.mapping,)
     assert len(gateway.table) == 0
 
@@ -318,7 +318,9 @@ def test_reload_drops_mappings_the_addresses_no_longer_allow() -> None:
     kept = granted(gateway.map(request(), now=0)).mapping
     doomed = granted(gateway.map(request(client=ROUTER, internal_address=B), now=0)).mapping
     gateway.own_addresses = gateway.own_addresses | {A}
-    change = gateway.reload(Policy.parse(THIRD_PARTY.replace('192.168.1.1"]', '10.9.9.9"]')), now=1)
+    change = gateway.reload(
+        Policy.parse(THIRD_PARTY.replace('192.168.1.1"]', '10.9.9.9"]')), now=1, wall=0
+    )
     assert set(change.removed) == {kept, doomed} and len(gateway.table) == 0
 
 

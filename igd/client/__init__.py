@@ -1,6 +1,7 @@
 """Client library: find the gateway, map a port over PCP, NAT-PMP or UPnP IGD, and keep the
 mapping working (docs/client.md)."""
 
+from igd.client.calls import MapCall
 from igd.client.errors import (
     Advice,
     GatewayTimeout,
@@ -24,6 +25,7 @@ from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult
 from igd.client.selection import AddressKind, Verdict
+from igd.client.state import Record, StateFile
 from igd.client.sync import SyncMapping, SyncPortMapper
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -34,6 +36,7 @@ __all__ = [
     "EventKind",
     "GatewayTimeout",
     "InvalidRequest",
+    "MapCall",
     "Mapping",
     "MappingEvent",
     "MappingRefused",
@@ -50,6 +53,8 @@ __all__ = [
     "ProbeResult",
     "Protocol",
     "ProtocolError",
+    "Record",
+    "StateFile",
     "SyncMapping",
     "SyncPortMapper",
     "TemporaryFailure",

@@ -18,8 +18,10 @@ from typing import Any
 
 import igd
 from igd.client.errors import (
+    GatewayTimeout,
     MappingRefused,
     NoGatewayError,
+    NoSuchMapping,
     PortMappingError,
     ProtocolError,
 )
@@ -28,7 +30,8 @@ from igd.client.mapping import Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
 from igd.client.probe import ProbeResult
-from igd.model import Mechanism, Protocol
+from igd.client.state import StateFile
+from igd.model import REQUESTED, Mechanism, Protocol
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -50,19 +53,51 @@ def _port_spec(text: str) -> tuple[int, Protocol]:
     return number, protocol
 
 
+DEFAULT_TIMEOUT = 10.0
+PROBE_SHARE = 0.8  # of --timeout, at most the library's 2 s: the rest is for the request
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # Accepted before and after the subcommand: the subcommand's copies default to
+    # SUPPRESS so that they do not overwrite what was given before it.
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--gateway", default=default(None),
+        help="gateway address (default: the default route's); the only device used",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+        help=f"seconds the whole command may take ({DEFAULT_TIMEOUT:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--state-file", default=default(None),
+        help="where this user's mappings are remembered (default: $XDG_STATE_HOME/igd/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default(0),
+        help="log what happens (-vv: debug trace)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="igd", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {igd.__version__}")
-    parser.add_argument("--gateway", help="gateway address (default: the default route's)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=2.0, help="probe budget in seconds")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("probe", help="what the gateway speaks, its external address, NAT verdict")
-    sub.add_parser("ip", help="the gateway's external address")
-    vias = [m.value for m in Mechanism]
-    add = sub.add_parser("map", help="map an external port to a local port")
+    sub.add_parser(
+        "probe", parents=[common], help="what the gateway speaks, its external address, NAT verdict"
+    )
+    sub.add_parser("ip", parents=[common], help="the gateway's external address")
+    vias = [m.value for m in REQUESTED]
+    add = sub.add_parser("map", parents=[common], help="map an external port to a local port")
     add.add_argument("port", type=_port_spec, metavar="PORT[/tcp|/udp]")
     add.add_argument("--external-port", type=int, help="suggested external port")
     add.add_argument("--exact", action="store_true", help="fail rather than take another port")
@@ -70,12 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--via", choices=vias, help="force a mechanism")
     add.add_argument("--description", default="igd", help="label stored on the gateway")
     add.add_argument("--keep", action="store_true", help="renew until interrupted, then release")
-    rm = sub.add_parser("unmap", help="delete a mapping of this host")
+    rm = sub.add_parser("unmap", parents=[common], help="delete a mapping of this host")
     rm.add_argument("port", type=_port_spec, metavar="PORT[/tcp|/udp]")
-    rm.add_argument("--via", choices=vias, help="mechanism the mapping was made with")
+    rm.add_argument("--via", choices=vias, help="mechanism, if igd did not make the mapping")
     rm.add_argument("--external-port", type=int, help="UPnP: the external port")
-    rm.add_argument("--nonce", help="PCP: the mapping nonce `igd map --json` printed (hex)")
-    sub.add_parser("list", help="the gateway's UPnP mapping list")
+    rm.add_argument("--nonce", help="PCP: the mapping nonce, if igd did not make the mapping")
+    ls = sub.add_parser("list", parents=[common], help="this user's mappings on the gateway")
+    ls.add_argument(
+        "--router", action="store_true", help="the gateway's whole UPnP mapping list instead"
+    )
     return parser
 
 
@@ -83,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `igd` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -117,15 +155,32 @@ def _error_dict(exc: PortMappingError, code: int) -> dict[str, Any]:
         "advice": exc.advice.value,
         "mechanism": exc.mechanism.value if exc.mechanism else None,
         "code": exc.code,
+        "retry_after": exc.retry_after,
+        "error_lifetime": exc.error_lifetime,
         "exit": code,
     }
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with PortMapper(args.gateway, probe_timeout=args.timeout) as mapper:
+    # --timeout bounds the whole command (probe, requests, closing); `map --keep` lifts the
+    # bound once the mapping exists.
+    scope = asyncio.timeout(args.timeout)
+    try:
+        async with scope:
+            return await _command(args, scope)
+    except TimeoutError:
+        if not scope.expired():
+            raise
+    raise GatewayTimeout(f"{args.command}: no result within --timeout {args.timeout:g} s")
+
+
+async def _command(args: argparse.Namespace, scope: asyncio.Timeout) -> int:
+    state = StateFile(args.state_file)
+    probe_budget = min(2.0, args.timeout * PROBE_SHARE)
+    async with PortMapper(args.gateway, probe_timeout=probe_budget, state=state) as mapper:
         if args.command == "probe":
             result = await mapper.probe()
-            _out(args, result.to_dict(), _describe_probe(result))
+            _out(args, result.to_dict(), _describe_probe(result, args.verbose > 0))
             return EXIT_OK if result.choice.mechanism else EXIT_NO_GATEWAY
         if args.command == "ip":
             address = await mapper.external_address()
@@ -133,18 +188,38 @@ async def _run(args: argparse.Namespace) -> int:
             _out(args, {"external_address": str(address), "verdict": verdict}, str(address))
             return EXIT_OK
         if args.command == "map":
-            return await _map(args, mapper)
+            return await _map(args, mapper, scope)
         if args.command == "unmap":
             return await _unmap(args, mapper)
-        entries = await mapper.list()
-        rows = [_row(entry) for entry in entries]
+        if args.router:
+            entries = await mapper.list()
+            rows = [_row(entry) for entry in entries]
+            text = "\n".join(
+                f"{r['protocol']:<4} {r['external_port']:>5} -> {r['internal_client']}:"
+                f"{r['internal_port']}  lease {r['lease']}  {r['description']}"
+                for r in rows
+            )
+            _out(args, rows, text or "(no mappings)")
+            return EXIT_OK
+        now = mapper.wall_clock()
+        records = mapper.stored()
+        rows = [{**r.to_dict(), "remaining": _rounded(r.remaining(now))} for r in records]
         text = "\n".join(
-            f"{r['protocol']:<4} {r['external_port']:>5} -> {r['internal_client']}:"
-            f"{r['internal_port']}  lease {r['lease']}  {r['description']}"
-            for r in rows
+            f"{r.protocol.value:<4} {r.external_address}:{r.external_port} -> "
+            f"{r.internal_address}:{r.internal_port} via {r.mechanism.value}, "
+            f"{_left(r.remaining(now))}  {r.description}"
+            for r in records
         )
-        _out(args, rows, text or "(no mappings)")
+        _out(args, rows, text or "(no mappings made by igd on this gateway)")
         return EXIT_OK
+
+
+def _rounded(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+def _left(remaining: float | None) -> str:
+    return "permanent" if remaining is None else f"{remaining:.0f} s left"
 
 
 def _row(entry: Any) -> dict[str, Any]:
@@ -155,7 +230,7 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
-def _describe_probe(result: ProbeResult) -> str:
+def _describe_probe(result: ProbeResult, verbose: bool = False) -> str:
     lines = [f"gateway {result.gateway} (this host {result.local_address})"]
     for r in result.reports:
         state = "yes" if r.available else "no "
@@ -174,18 +249,22 @@ def _describe_probe(result: ProbeResult) -> str:
     chosen = result.choice.mechanism.value if result.choice.mechanism else "none"
     lines.append(f"chosen: {chosen}")
     lines.append(f"verdict: {result.choice.verdict.value}: {result.choice.reason}")
+    if verbose:
+        lines.extend(["trace:", *(f"  {line}" for line in result.trace)])
     return "\n".join(lines)
 
 
 def _describe(mapping: Mapping) -> str:
+    expires_at = mapping.expires_at
+    until = f" (until {expires_at:%Y-%m-%d %H:%M:%S} UTC)" if expires_at else ""
     return (
         f"{mapping.external_address}:{mapping.external_port} -> {mapping.internal_address}:"
         f"{mapping.internal_port}/{mapping.protocol.value} via {mapping.mechanism.value}, "
-        f"lifetime {mapping.lifetime or 'permanent'}"
+        f"lifetime {mapping.lifetime or 'permanent'}{until}"
     )
 
 
-async def _map(args: argparse.Namespace, mapper: PortMapper) -> int:
+async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Timeout) -> int:
     port, protocol = args.port
     mapping = await mapper.map(
         port,
@@ -200,6 +279,7 @@ async def _map(args: argparse.Namespace, mapper: PortMapper) -> int:
     if not args.keep:
         await mapping.detach()  # stays on the gateway until its lease ends
         return EXIT_OK
+    scope.reschedule(None)  # mapped in time; now it lasts until interrupted
 
     def show(event: MappingEvent) -> None:
         data = {"event": event.kind.value, **mapping.to_dict()}
@@ -224,10 +304,41 @@ async def _map(args: argparse.Namespace, mapper: PortMapper) -> int:
 async def _unmap(args: argparse.Namespace, mapper: PortMapper) -> int:
     port, protocol = args.port
     via = Mechanism(args.via) if args.via else None
+    local = str(await mapper.local_address())
+    record = next(
+        (r for r in mapper.stored()
+         if (r.protocol, r.internal_port, r.internal_address) == (protocol, port, local)),
+        None,
+    )  # fmt: skip
+    if record and via in (None, record.mechanism) and not (args.nonce or args.external_port):
+        # A mapping igd made (any mechanism, any earlier run): the state file knows how.
+        await mapper.unmap(port, protocol)
+        done = f"{record.mechanism.value} (external port {record.external_port})"
+        data = {"deleted": [record.mechanism.value], **record.to_dict()}
+        _out(args, data, f"deleted over {done}")
+        return EXIT_OK
+    code = await _unmap_unknown(args, mapper, port, protocol, via)
+    if record is not None and mapper.state is not None:
+        mapper.state.remove(record.key, now=mapper.wall_clock())  # deleted by hand
+    return code
+
+
+async def _unmap_unknown(
+    args: argparse.Namespace,
+    mapper: PortMapper,
+    port: int,
+    protocol: Protocol,
+    via: Mechanism | None,
+) -> int:
+    """Delete a mapping igd has no record of, by what the user says about it."""
     done: list[str] = []
     if via is Mechanism.PCP or (via is None and args.nonce):
         if not args.nonce:
-            raise MappingRefused("PCP deletes need the mapping's nonce: pass --nonce")
+            raise NoSuchMapping(
+                f"igd has no record of {port}/{protocol.value} on {mapper.gateway}; a PCP "
+                "mapping made elsewhere is deleted only with its nonce: pass --nonce",
+                mechanism=Mechanism.PCP,
+            )
         async with PcpClient(mapper.gateway) as pcp:
             await pcp.unmap(protocol, port, nonce=bytes.fromhex(args.nonce))
         done.append("pcp")

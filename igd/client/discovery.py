@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,12 +55,52 @@ def default_gateways() -> list[GatewayCandidate]:
     return found
 
 
+PROC_ROUTE = Path("/proc/net/route")
+_RTF_UP, _RTF_GATEWAY = 0x1, 0x2
+
+
+def default_routes(table: Path = PROC_ROUTE) -> list[GatewayCandidate]:
+    """Every IPv4 default route's gateway, best metric first (Linux: /proc/net/route, which
+    lists them all; netifaces names only the best one default). Elsewhere: netifaces."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return [c for c in default_gateways() if c.default]
+    routes: list[tuple[int, GatewayCandidate]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue  # not a default route (destination and mask 0)
+        try:
+            flags, metric = int(fields[3], 16), int(fields[6])
+            address = IPv4Address(int(fields[2], 16).to_bytes(4, "little"))
+        except ValueError:
+            continue
+        if flags & _RTF_UP and flags & _RTF_GATEWAY:
+            routes.append((metric, GatewayCandidate(address, fields[0], False)))
+    routes.sort(key=lambda mc: mc[0])
+    return [replace(c, default=i == 0) for i, (_, c) in enumerate(routes)]
+
+
 def default_gateway() -> IPv4Address:
     """The default IPv4 gateway; NoGatewayError if the routing table has none."""
     found = default_gateways()
     if not found:
         raise NoGatewayError("no IPv4 default route: pass the gateway address explicitly")
     return found[0].address
+
+
+def source_toward(target: IPv4Address | None) -> IPv4Address | None:
+    """The source address the kernel picks toward `target` (a connected UDP socket sends
+    nothing); None without a route."""
+    if target is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect((str(target), 5351))
+        except OSError:
+            return None
+        return IPv4Address(udp.getsockname()[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +140,8 @@ async def ssdp_search(
     mx: int = 1,
     settle: float = SETTLE,
     cutoff: asyncio.Event | None = None,
+    only_gateway: bool = False,
+    trace: Callable[[str], None] | None = None,
 ) -> list[SsdpReply]:
     """Search for IGDs; return the distinct ones (by LOCATION), best first.
 
@@ -105,6 +150,7 @@ async def ssdp_search(
     multicast (some answer `ssdp:all` with their first descriptor only, Tailscale #3557).
     Returns `settle` seconds after the first IGD answer, after `budget` seconds, or when
     `cutoff` is set with no answer yet (the probe sets it once NAT-PMP or PCP answered).
+    With `only_gateway` (the user named the gateway), devices elsewhere are ignored.
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -117,6 +163,12 @@ async def ssdp_search(
         location = str(headers.get_lower("location"))
         if location in replies:
             return
+        if only_gateway and urlsplit(location).hostname != str(gateway):
+            # A named gateway is the only device used: another IGD on the LAN (a second
+            # router, a repeater) answering the multicast search would map on the wrong box.
+            if trace is not None:
+                trace(f"ssdp: ignoring {location}: not on the named gateway {gateway}")
+            return
         boot = headers.get_lower("bootid.upnp.org")
         replies[location] = SsdpReply(
             location=location,
@@ -127,6 +179,9 @@ async def ssdp_search(
             boot_id=int(boot) if boot and str(boot).isascii() and str(boot).isdigit() else None,
             seconds=time.monotonic() - started,
         )
+        if trace is not None:
+            reply = replies[location]
+            trace(f"ssdp: {reply.source[0]}:{reply.source[1]} names {location} ({reply.st})")
         first.set()
 
     listener = SsdpSearchListener(
@@ -149,6 +204,9 @@ async def ssdp_search(
             protocol.send_ssdp_packet(build_ssdp_search_packet(unicast, mx, "ssdp:all"), unicast)
         protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, "ssdp:all"), SSDP_GROUP)
         protocol.send_ssdp_packet(build_ssdp_search_packet(SSDP_GROUP, mx, IGD1), SSDP_GROUP)
+        if trace is not None:
+            unicast_to = f"unicast to {gateway}, " if gateway is not None else ""
+            trace(f"ssdp: searches sent ({unicast_to}multicast ssdp:all and IGD:1)")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
                 await _first_of(first, cutoff)

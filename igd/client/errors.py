@@ -44,11 +44,16 @@ class PortMappingError(Exception):
         mechanism: Mechanism | None = None,
         code: int | None = None,
         retry_after: float | None = None,
+        error_lifetime: float | None = None,
     ) -> None:
         super().__init__(message)
         self.mechanism = mechanism
         self.code = code
         self.retry_after = retry_after
+        """Seconds after which the same request may succeed; only on transient errors."""
+        self.error_lifetime = error_lifetime
+        """PCP: how long the gateway's answer holds (RFC 6887 §7.4): do not repeat the
+        same request sooner, whatever the error (a refusal stays a refusal after it)."""
 
 
 class NoGatewayError(PortMappingError):
@@ -119,8 +124,12 @@ class UnsupportedVersion(Unsupported):
         mechanism: Mechanism | None = None,
         code: int | None = None,
         retry_after: float | None = None,
+        error_lifetime: float | None = None,
     ) -> None:
-        super().__init__(message, mechanism=mechanism, code=code, retry_after=retry_after)
+        super().__init__(
+            message, mechanism=mechanism, code=code, retry_after=retry_after,
+            error_lifetime=error_lifetime,
+        )  # fmt: skip
         self.version = version
 
 
@@ -215,13 +224,20 @@ def pcp_error(result: PcpResult, lifetime: int, what: str = "request") -> Mappin
     """The typed error for a PCP result code; `lifetime` is how long the answer holds."""
     cls, text = PCP_ERRORS.get(result, (MappingRefused, "unknown result code"))
     message = f"PCP {what}: {text} ({result.name}, result {int(result)})"
-    # RFC 6887 §11.4: do not repeat the request before the error lifetime ends.
-    retry_after = float(lifetime) if result in _PCP_SHORT or lifetime else None
+    # RFC 6887 §7.4: do not repeat the request before the error lifetime ends. Only the
+    # short-lifetime errors are transient; after a long one (NOT_AUTHORIZED, 1800 s from
+    # igd-server) the same request is refused again, so it carries no `retry_after`.
+    held = float(lifetime)
+    retry_after = held if result in _PCP_SHORT else None
     if cls is UnsupportedVersion:
         return UnsupportedVersion(
-            message, version=2, mechanism=Mechanism.PCP, code=int(result), retry_after=retry_after
-        )
-    return cls(message, mechanism=Mechanism.PCP, code=int(result), retry_after=retry_after)
+            message, version=2, mechanism=Mechanism.PCP, code=int(result),
+            retry_after=retry_after, error_lifetime=held,
+        )  # fmt: skip
+    return cls(
+        message, mechanism=Mechanism.PCP, code=int(result), retry_after=retry_after,
+        error_lifetime=held,
+    )  # fmt: skip
 
 
 def upnp_error(code: int | None, description: str | None, what: str = "action") -> PortMappingError:

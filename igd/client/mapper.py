@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
 from ipaddress import AddressValueError, IPv4Address
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -20,9 +23,16 @@ from igd.client.announce import (
     SsdpNotify,
     SsdpNotifyListener,
 )
-from igd.client.discovery import default_gateway, ssdp_search
-from igd.client.errors import GatewayTimeout, MappingRefused, NoGatewayError, PortMappingError
-from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping
+from igd.client.calls import MapCall, bounded
+from igd.client.discovery import default_gateway, default_routes, ssdp_search
+from igd.client.errors import (
+    GatewayTimeout,
+    MappingRefused,
+    NoGatewayError,
+    NoSuchMapping,
+    PortMappingError,
+)
+from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
 from igd.client.mechanisms import (
     Driver,
     Grant,
@@ -33,9 +43,11 @@ from igd.client.mechanisms import (
     UpnpDriver,
 )
 from igd.client.natpmp import NatPmpClient
+from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
-from igd.client.probe import ProbeResult, probe, require_gateway
+from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
 from igd.client.selection import DEFAULT_PREFERENCE
+from igd.client.state import Key, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -46,13 +58,19 @@ log = logging.getLogger("igd.client")
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
 MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
+# Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
+# 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
+PROBE_MAX_AGE = 1800.0
+REFRESHED = "refreshed the mapping of an earlier run (state file)"
 
 
 class PortMapper:
     """Finds the gateway, picks the mechanism, makes and keeps mappings.
 
     `async with PortMapper() as pm: m = await pm.map(8080, "tcp")`. Every mapping still
-    held is released when the block ends.
+    held is released when the block ends. A named `gateway` is the only one used; `prefer`
+    orders the mechanisms, `disable` turns some off, `force` uses one without probing;
+    `state` remembers mappings across runs (state.py).
     """
 
     def __init__(
@@ -60,13 +78,45 @@ class PortMapper:
         gateway: IPv4Address | str | None = None,
         *,
         prefer: Sequence[Mechanism | str] = DEFAULT_PREFERENCE,
+        disable: Collection[Mechanism | str] = (),
+        force: Mechanism | str | None = None,
         probe_timeout: float = 2.0,
+        request_timeout: float = REQUEST_TIMEOUT,
         recovery_delay: float = 5.0,
         listen: bool = True,
+        state: StateFile | str | os.PathLike[str] | None = None,
+        pcp_addresses: Sequence[IPv4Address | str] = (),
+        network_check: float | None = NETWORK_CHECK,
     ) -> None:
         self._gateway = IPv4Address(gateway) if gateway else None
+        self.named_gateway = self._gateway is not None
+        """True if the caller named the gateway: then no other device is used (SSDP)."""
         self.prefer = tuple(Mechanism(m) for m in prefer)
+        off = {Mechanism(m) for m in disable}
+        self.force = Mechanism(force) if force is not None else None
+        if self.force is not None:
+            if self.force in off:
+                raise ValueError(f"{self.force.value} is both forced and disabled")
+            self.mechanisms: tuple[Mechanism, ...] = (self.force,)
+        else:
+            self.mechanisms = tuple(m for m in self.prefer if m not in off)
+        """The mechanisms this mapper may use, in order of preference."""
+        if not self.mechanisms:
+            raise ValueError("every mechanism is disabled")
         self.probe_timeout = probe_timeout
+        self.request_timeout = request_timeout
+        """Bound on one create or renewal, retransmissions included."""
+        if state is None or isinstance(state, StateFile):
+            self.state = state
+        else:
+            self.state = StateFile(state)
+        self.wall_clock: Callable[[], float] = time.time
+        self.network_check = network_check
+        self.pcp_addresses = tuple(IPv4Address(a) for a in pcp_addresses)
+        """The PCP server's other addresses (RFC 7488 §3), tried when one does not answer."""
+        """Seconds between checks for a new default route or local address (None: never)."""
+        self._watcher: NetworkWatch | None = None
+        self._probed_at = 0.0
         self.recovery_delay = recovery_delay
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
@@ -106,7 +156,7 @@ class PortMapper:
     async def _clients(self) -> tuple[NatPmpClient, PcpClient]:
         if self._natpmp is None or self._pcp is None:
             self._natpmp = NatPmpClient(self.gateway)
-            self._pcp = PcpClient(self.gateway)
+            self._pcp = PcpClient(self.gateway, also=self.pcp_addresses)
             self._pcp.on_unsolicited = self._pcp_unsolicited
             await self._pcp.open()
             await self._natpmp.open()
@@ -118,27 +168,90 @@ class PortMapper:
                     self._listener = listener
         return self._natpmp, self._pcp
 
-    async def probe(self, *, refresh: bool = False) -> ProbeResult:
-        """Probe every preferred mechanism at once (cached unless `refresh`)."""
+    async def probe(self, *, refresh: bool = False, timeout: float | None = None) -> ProbeResult:
+        """Probe every enabled mechanism at once (cached unless `refresh`)."""
+        return await bounded(self._probe(refresh, timeout), timeout, "probe")
+
+    async def _probe(self, refresh: bool, timeout: float | None) -> ProbeResult:
+        budget = self.probe_timeout if timeout is None else min(self.probe_timeout, timeout)
         async with self._lock:
-            if self.last_probe is None or refresh:
-                natpmp, pcp = await self._clients()
-                result = await probe(
-                    self.gateway, natpmp=natpmp, pcp=pcp, mechanisms=self.prefer,
-                    budget=self.probe_timeout,
-                )  # fmt: skip
+            stale = self.clock() - self._probed_at > PROBE_MAX_AGE
+            if self.last_probe is None or refresh or stale:
+                result = None
+                if not self.named_gateway and not self.mappings:
+                    result = await self._probe_default_routes(budget)
+                if result is None:
+                    natpmp, pcp = await self._clients()
+                    result = await probe(
+                        self.gateway, natpmp=natpmp, pcp=pcp, mechanisms=self.mechanisms,
+                        budget=budget, only_gateway=self.named_gateway,
+                    )  # fmt: skip
                 for report in result.reports:
                     if report.epoch is not None and report.mechanism in self._epochs:
                         self._epochs[report.mechanism].observe(report.epoch, now=self.clock())
                 if result.upnp is not None and self._upnp is None:
                     boot = (r.boot_id for r in result.ssdp if r.location == result.upnp.location)
                     self._use_upnp(result.upnp, next(boot, None))
-                self.last_probe = result
+                self.last_probe, self._probed_at = result, self.clock()
             return self.last_probe
 
-    async def external_address(self) -> IPv4Address:
-        """The external address of the chosen mechanism."""
+    async def _probe_default_routes(self, budget: float) -> ProbeResult | None:
+        """With several default routes, probe every route's gateway and switch to the best."""
+        routes = list(dict.fromkeys(c.address for c in default_routes()))
+        if len(routes) < 2:
+            return None
+        best = await probe_routes(routes, self.mechanisms, budget)
+        if best is not None and best.gateway != self._gateway:
+            self._switch(best.gateway)
+        return best
+
+    def _switch(self, gateway: IPv4Address | None) -> None:
+        """Drop what belongs to the current gateway and local address (sockets, listeners,
+        the UPnP device, epochs, the probe); the next call opens them again for `gateway`."""
+        for client in (self._natpmp, self._pcp):
+            if client is not None:
+                client.close()
+        for listener in (self._listener, self._ssdp_listener):
+            if listener is not None:
+                listener.close()
+        self._natpmp = self._pcp = None
+        self._listener = self._ssdp_listener = None
+        self._upnp = self._upnp_driver = None
+        self._upnp_boot, self._upnp_seen_at = None, ""
+        for tracker in self._epochs.values():
+            tracker.server = tracker.client = None
+        self.last_probe = None
+        self._gateway = gateway
+
+    # -- a change of network ---------------------------------------------------------------
+
+    def _look(self) -> NetworkView:
+        return look(self._gateway if self.named_gateway else None)
+
+    def _watch_network(self) -> None:
+        if self.network_check is not None and self._watcher is None:
+            self._watcher = NetworkWatch(
+                self._look, self._move_mappings, lambda: bool(self.mappings), self.network_check
+            )
+        if self._watcher is not None:
+            self._watcher.start()
+
+    async def _move_mappings(self, now: NetworkView) -> None:
+        """Re-make every mapping over the gateway and local address in use now."""
+        async with self._lock:
+            self._switch(self._gateway if self.named_gateway else now.route)
+        if self._gateway is None:
+            return  # no route: the keepers' renewals fail until the watcher sees one
         result = await self.probe()
+        require_gateway(result)
+        local = await self.local_address()
+        for mapping in list(self.mappings):
+            driver = await self.driver(result.choice.mechanism or mapping.mechanism)
+            mapping.move(driver, local)
+
+    async def external_address(self, *, timeout: float | None = None) -> IPv4Address:
+        """The external address of the chosen mechanism."""
+        result = await self.probe(timeout=timeout)
         require_gateway(result)
         address = result.choice.external_address
         if address is None:
@@ -154,8 +267,9 @@ class PortMapper:
         if self._upnp is None:
             _, pcp = await self._clients()
             replies = await ssdp_search(
-                self.gateway, local=pcp.local_address, budget=self.probe_timeout
-            )
+                self.gateway, local=pcp.local_address, budget=self.probe_timeout,
+                only_gateway=self.named_gateway,
+            )  # fmt: skip
             if not replies:
                 raise NoGatewayError(f"no UPnP IGD answered SSDP (gateway {self.gateway})")
             client = await UpnpIgdClient.connect(replies[0].location, server=replies[0].server)
@@ -178,11 +292,11 @@ class PortMapper:
             return self._upnp_driver
         if mechanism is Mechanism.NATPMP and not fallback:
             return NatPmpDriver(natpmp)
-        if mechanism is Mechanism.PCP and not fallback:
+        if mechanism is Mechanism.PCP and (not fallback or Mechanism.NATPMP not in self.mechanisms):
             return PcpDriver(pcp)
         return PxpDriver(PcpDriver(pcp), NatPmpDriver(natpmp))
 
-    async def map(
+    def map(
         self,
         internal_port: int,
         protocol: Protocol | str = Protocol.TCP,
@@ -192,16 +306,65 @@ class PortMapper:
         description: str = "",
         via: Mechanism | str | None = None,
         exact: bool = False,
-    ) -> Mapping:
+        timeout: float | None = None,
+    ) -> MapCall:
         """Get a mapping and keep it alive. `external_port` is a suggestion unless `exact`;
-        `via` forces a mechanism (otherwise the probe's choice, then the others ranked)."""
-        if len(self.mappings) >= MAX_MAPPINGS:
-            raise ValueError(f"a PortMapper holds at most {MAX_MAPPINGS} mappings")
+        `via` forces a mechanism (otherwise the probe's choice, then the others ranked);
+        `timeout` bounds the whole call. Mapping an internal port this mapper (or, with a
+        state file, an earlier run) already maps refreshes and returns that mapping."""
+        work = self._map(
+            internal_port, Protocol(protocol), external_port, lifetime, description,
+            Mechanism(via) if via is not None else self.force, exact,
+        )  # fmt: skip
+        return MapCall(bounded(work, timeout, f"map {internal_port}/{protocol}"))
+
+    async def _map(
+        self,
+        internal_port: int,
+        protocol: Protocol,
+        external_port: int | None,
+        lifetime: int,
+        description: str,
+        via: Mechanism | None,
+        exact: bool,
+    ) -> Mapping:
         if not 0 < internal_port < 65536 or lifetime <= 0:
             raise ValueError("internal_port must be 1..65535 and lifetime positive")
+        if via is not None and via not in self.mechanisms:
+            raise ValueError(f"{via.value} is disabled on this PortMapper")
+        # One mapping per internal port: a second PCP request with a new nonce is refused
+        # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
+        held = next(
+            (
+                m
+                for m in self.mappings
+                if (m.protocol, m.internal_port) == (protocol, internal_port)
+            ),
+            None,
+        )
+        if held is not None:
+            if via is None or via is held.mechanism:
+                held.spec = replace(held.spec, lifetime=lifetime, description=description)
+                await held.renew()
+                return held
+            await held.release()
+        if len(self.mappings) >= MAX_MAPPINGS:
+            raise ValueError(f"a PortMapper holds at most {MAX_MAPPINGS} mappings")
+        _, pcp = await self._clients()
+        spec = MapSpec(
+            protocol, internal_port, pcp.local_address, lifetime,
+            external_port, exact, description,
+        )  # fmt: skip
+        stored = self._stored(spec)
+        if stored is not None:
+            if via is None or via is stored.mechanism:
+                resumed = await self._resume(spec, stored)
+                if resumed is not None:
+                    return resumed
+            else:
+                await self._delete_stored(spec, stored)
         if via is not None:
-            order: list[Mechanism] = [Mechanism(via)]
-            drivers = [await self.driver(order[0], fallback=False)]
+            drivers = [await self.driver(via, fallback=False)]
         else:
             result = await self.probe()
             require_gateway(result)
@@ -209,19 +372,10 @@ class PortMapper:
             if Mechanism.PCP in order and Mechanism.NATPMP in order:
                 order.remove(Mechanism.NATPMP)  # the PCP driver falls back to it
             drivers = [await self.driver(m) for m in order]
-        _, pcp = await self._clients()
-        spec = MapSpec(
-            Protocol(protocol), internal_port, pcp.local_address, lifetime,
-            external_port, exact, description,
-        )  # fmt: skip
         error: PortMappingError | None = None
         for driver in drivers:
             try:
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    grant = await driver.create(spec, None)
-            except TimeoutError:
-                error = GatewayTimeout(f"no answer over {driver.name}")
-                continue
+                grant = await self._create(driver, spec, None)
             except MappingRefused as exc:
                 if exc.advice.value in ("other-mechanism",):
                     error = exc
@@ -230,19 +384,132 @@ class PortMapper:
             except PortMappingError as exc:
                 error = exc
                 continue
-            self.note_epoch(grant)
-            if grant.mechanism is Mechanism.UPNP:
-                await self._watch_upnp()
-            mapping = Mapping(self, driver, spec, grant)
-            self.mappings.append(mapping)
-            mapping._start()
-            mapping._emit(EventKind.CREATED)
-            return mapping
+            return await self._adopt(driver, spec, grant)
         raise error or NoGatewayError("no mechanism available")
 
-    async def list(self) -> list[UpnpEntry]:
+    async def _create(self, driver: Driver, spec: MapSpec, previous: Grant | None) -> Grant:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await driver.create(spec, previous)
+        except TimeoutError:
+            raise GatewayTimeout(f"no answer over {driver.name}") from None
+
+    async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping:
+        self.note_epoch(grant)
+        if grant.mechanism is Mechanism.UPNP:
+            await self._watch_upnp()
+        mapping = Mapping(self, driver, spec, grant)
+        self.mappings.append(mapping)
+        if self.state is not None:
+            mapping.subscribe(lambda event: self._remember(mapping, event))
+        mapping._start()
+        mapping._emit(EventKind.CREATED)
+        self._watch_network()
+        return mapping
+
+    # -- what earlier runs left (the state file) -------------------------------------------
+
+    def _key(self, protocol: Protocol, internal_address: IPv4Address, port: int) -> Key:
+        return (str(self.gateway), protocol.value, str(internal_address), port)
+
+    def _stored(self, spec: MapSpec) -> Record | None:
+        if self.state is None:
+            return None
+        key = self._key(spec.protocol, spec.internal_address, spec.internal_port)
+        try:
+            return self.state.find(key, now=self.wall_clock())
+        except OSError as exc:
+            log.warning("cannot read the state file %s: %s", self.state.path, exc)
+            return None
+
+    def _remember(self, mapping: Mapping, event: MappingEvent) -> None:
+        if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
+            return
+        now = self.wall_clock()
+        record = Record.of(str(self.gateway), mapping, now=now)
+        try:
+            if event.kind is EventKind.RELEASED:
+                self.state.remove(record.key, now=now)
+            else:
+                self.state.put(record, now=now)
+        except OSError as exc:
+            log.warning("cannot update the state file %s: %s", self.state.path, exc)
+
+    async def _resume(self, spec: MapSpec, record: Record) -> Mapping | None:
+        """Refresh a mapping an earlier run made (same mechanism, port and PCP nonce)."""
+        try:
+            driver = await self.driver(record.mechanism, fallback=False)
+            grant = await self._create(driver, spec, record.grant())
+        except GatewayTimeout:
+            raise
+        except (MappingRefused, NoGatewayError) as exc:
+            log.info(
+                "cannot refresh %s %d/%s of an earlier run (%s); mapping afresh",
+                record.mechanism.value, spec.internal_port, spec.protocol.value, exc,
+            )  # fmt: skip
+            return None
+        return await self._adopt(driver, spec, replace(grant, notes=(*grant.notes, REFRESHED)))
+
+    async def _delete_stored(self, spec: MapSpec, record: Record, *, strict: bool = False) -> None:
+        """Delete a mapping an earlier run made, and its record. `strict`: a failure is
+        raised and the record kept (unmap); otherwise it is logged (a mapping replaced)."""
+        try:
+            driver = await self.driver(record.mechanism, fallback=False)
+            try:
+                async with asyncio.timeout(self.request_timeout):
+                    await driver.delete(spec, record.grant())
+            except TimeoutError:
+                raise GatewayTimeout(f"no answer to the delete over {driver.name}") from None
+            except NoSuchMapping:
+                pass  # gone already (expired, or the gateway restarted): what we wanted
+        except PortMappingError as exc:
+            if strict:
+                raise
+            log.info("could not delete the %s mapping of an earlier run: %s",
+                     record.mechanism.value, exc)  # fmt: skip
+        if self.state is not None:
+            with contextlib.suppress(OSError):
+                self.state.remove(record.key, now=self.wall_clock())
+
+    def stored(self) -> list[Record]:
+        """This gateway's records in the state file (every mechanism, live leases only)."""
+        if self.state is None:
+            return []
+        return [
+            r for r in self.state.records(now=self.wall_clock()) if r.gateway == str(self.gateway)
+        ]
+
+    async def unmap(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        timeout: float | None = None,
+    ) -> bool:
+        """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
+        run left in the state file; False if neither knew one."""
+        return await bounded(self._unmap(internal_port, Protocol(protocol)), timeout, "unmap")
+
+    async def _unmap(self, internal_port: int, protocol: Protocol) -> bool:
+        for mapping in self.mappings:
+            if (mapping.protocol, mapping.internal_port) == (protocol, internal_port):
+                await mapping.release()
+                return True
+        local = await self.local_address()
+        spec = MapSpec(protocol, internal_port, local, 1)
+        record = self._stored(spec)
+        if record is None:
+            return False
+        await self._delete_stored(spec, record, strict=True)
+        return True
+
+    async def list(self, *, timeout: float | None = None) -> list[UpnpEntry]:
         """The router's UPnP mapping list (all hosts)."""
-        return await (await self.upnp()).list_mappings()
+
+        async def work() -> list[UpnpEntry]:
+            return await (await self.upnp()).list_mappings()
+
+        return await bounded(work(), timeout, "UPnP list")
 
     def forget(self, mapping: Mapping) -> None:
         with contextlib.suppress(ValueError):
@@ -330,6 +597,8 @@ class PortMapper:
                 client.close()
         for task in list(self._recoveries):
             task.cancel()
+        if self._watcher is not None:
+            await self._watcher.close()
         for listener in (self._listener, self._ssdp_listener):
             if listener is not None:
                 listener.close()

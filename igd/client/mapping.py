@@ -11,7 +11,8 @@ import enum
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -33,6 +34,8 @@ class MapperView(TypingProtocol):
     """What a mapping needs from the mapper that made it."""
 
     clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+    request_timeout: float
 
     def forget(self, mapping: Mapping) -> None:
         """Drop a released or detached mapping."""
@@ -153,8 +156,23 @@ class Mapping:
         """When the lease ends (the mapper's clock, monotonic); None if permanent."""
         return self.granted_at + self.grant.lifetime if self.grant.lifetime else None
 
+    @property
+    def remaining(self) -> float | None:
+        """Seconds until the lease ends (0 once it has); None if permanent."""
+        expires = self.expires
+        return None if expires is None else max(0.0, expires - self._mapper.clock())
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the lease ends, wall clock (UTC); None if permanent."""
+        remaining = self.remaining
+        if remaining is None:
+            return None
+        return datetime.fromtimestamp(self._mapper.wall_clock() + remaining, UTC)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
+        expires_at, remaining = self.expires_at, self.remaining
         return {
             "mechanism": self.mechanism.value,
             "protocol": self.protocol.value,
@@ -163,6 +181,8 @@ class Mapping:
             "external_address": str(self.external_address),
             "external_port": self.external_port,
             "lifetime": self.lifetime,
+            "expires_at": None if expires_at is None else expires_at.isoformat(timespec="seconds"),
+            "remaining": None if remaining is None else round(remaining),
             "description": self.spec.description,
             "nonce": self.grant.nonce.hex() if self.grant.nonce else None,
             "notes": list(self.grant.notes),
@@ -231,11 +251,21 @@ class Mapping:
             self._recover_after = delay
             self._wake.set()
 
-    async def renew(self) -> None:
-        """Renew now, outside the schedule."""
-        await self._apply(await self._request(self.grant), EventKind.RENEWED)
+    def move(self, driver: Driver, internal_address: IPv4Address) -> None:
+        """Re-create the mapping over `driver` from `internal_address` (a new network)."""
+        if self.released:
+            return
+        self._driver = driver
+        self.spec = replace(self.spec, internal_address=internal_address)
+        # RFC 7488 §4: another PCP server gets another nonce; the port is asked again.
+        self.grant = replace(self.grant, nonce=None)
+        self.recover(0.0)
 
-    async def release(self) -> None:
+    async def renew(self, *, timeout: float | None = None) -> None:
+        """Renew now, outside the schedule (`timeout`: the mapper's request timeout)."""
+        await self._apply(await self._request(self.grant, timeout), EventKind.RENEWED)
+
+    async def release(self, *, timeout: float = RELEASE_TIMEOUT) -> None:
         """Stop renewing and delete the mapping on the gateway (best effort, bounded)."""
         if self.released:
             return
@@ -245,7 +275,7 @@ class Mapping:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         try:
-            async with asyncio.timeout(RELEASE_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 await self._driver.delete(self.spec, self.grant)
         except (PortMappingError, TimeoutError) as exc:
             log.warning("could not delete %s on the gateway: %s", self, exc)
@@ -262,9 +292,9 @@ class Mapping:
                 await self._task
         self._mapper.forget(self)
 
-    async def _request(self, previous: Grant | None) -> Grant:
+    async def _request(self, previous: Grant | None, timeout: float | None = None) -> Grant:
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
+            async with asyncio.timeout(timeout or self._mapper.request_timeout):
                 grant = await self._driver.create(self.spec, previous)
         except TimeoutError:
             raise GatewayTimeout(f"no answer to the renewal of {self}") from None

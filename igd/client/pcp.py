@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from igd.client.errors import (
+    GatewayTimeout,
+    NoGatewayError,
     PortMappingError,
     PortUnavailable,
     ProtocolError,
@@ -66,23 +68,47 @@ class PcpGrant:
 
 class PcpClient(ChannelClient):
     """Talks PCP to one server. Keep it open: the server sends Mapping Updates and ANNOUNCEs
-    to the address and port the requests came from, and `on_unsolicited` receives them."""
+    to the address and port the requests came from, and `on_unsolicited` receives them.
+
+    A server with several addresses (`also`: its other addresses, in order of preference)
+    is reached as RFC 7488 §3 says: MRC 4 transmissions to one address, then the next one
+    (at once after a hard ICMP error); the address that answered is kept for later requests;
+    when none answers, `GatewayTimeout` says to repeat in 15 minutes (`retry_after`).
+    """
 
     def __init__(
         self,
         gateway: IPv4Address | str,
         *,
+        also: Sequence[IPv4Address | str] = (),
         transmissions: int = MAX_TRANSMISSIONS,
         first_wait: float = PCP_IRT,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.gateway = IPv4Address(gateway)
+        self.addresses = tuple(dict.fromkeys([self.gateway, *map(IPv4Address, also)]))
+        """Every address of the server; `gateway` is the one in use."""
         self.transmissions = transmissions
         self.first_wait = first_wait
         self.rand = rand
-        self.channel = UdpChannel(self.gateway, pcp.SERVER_PORT)
+        self.channel = self._channel(self.gateway)
         self.on_unsolicited: Callable[[PcpResponse], None] | None = None
-        self.channel.on_unsolicited = self._unsolicited
+        self._closed = False
+
+    def _channel(self, address: IPv4Address) -> UdpChannel:
+        channel = UdpChannel(address, pcp.SERVER_PORT)
+        channel.on_unsolicited = self._unsolicited
+        return channel
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._closed = True
+        super().close()
+
+    async def open(self) -> None:
+        """Open the socket."""
+        self._closed = False
+        await super().open()
 
     @property
     def local_address(self) -> IPv4Address:
@@ -226,11 +252,15 @@ class PcpClient(ChannelClient):
             if len(data) >= 4 and data[0] != pcp.VERSION and data[3] == PcpResult.UNSUPP_VERSION:
                 # RFC 6887 §9 and appendix A: a NAT-PMP server's "unsupported version" names
                 # version 0; the caller falls back to NAT-PMP for this request only.
+                # For a version this client cannot speak, RFC 6887 §9 step 5: retry in
+                # 30 minutes (or the answer's lifetime, if shorter): the server may have been
+                # upgraded by then.
                 return UnsupportedVersion(
                     f"the gateway does not speak PCP (it offers version {data[0]})",
                     version=data[0],
                     mechanism=Mechanism.PCP,
                     code=int(PcpResult.UNSUPP_VERSION),
+                    retry_after=None if data[0] == 0 else _version_retry(data),
                 )
             try:
                 response = pcp.decode_response(data)
@@ -238,13 +268,54 @@ class PcpClient(ChannelClient):
                 return None
             return response if match(response) else None
 
-        if waits is None:
-            waits = itertools.islice(
+        def schedule() -> Iterable[float]:
+            if waits is not None:
+                return waits
+            return itertools.islice(
                 pcp_waits(self.rand, irt=self.first_wait), transmissions or self.transmissions
             )
-        return await self.channel.exchange(
-            pcp.encode_request(request), matcher, waits, f"PCP {what}"
+
+        payload = pcp.encode_request(request)
+        if len(self.addresses) == 1:
+            return await self.channel.exchange(payload, matcher, schedule(), f"PCP {what}")
+        # RFC 7488 §3 step 6: the address that answered first, then the others in order.
+        failures = []
+        for address in (self.gateway, *(a for a in self.addresses if a != self.gateway)):
+            if address != self.gateway:
+                await self._use(address)
+            try:
+                return await self.channel.exchange(payload, matcher, schedule(), f"PCP {what}")
+            except NoGatewayError as exc:
+                # Step 4: no answer after MRC transmissions, or a hard ICMP error at once.
+                if self._closed:
+                    raise
+                failures.append(f"{address}: {exc}")
+        # Step 5: every address tried; repeat every 15 minutes until one answers.
+        raise GatewayTimeout(
+            f"no address of the PCP server answered the {what}: {'; '.join(failures)}",
+            mechanism=Mechanism.PCP,
+            retry_after=SERVER_RETRY,
         )
+
+    async def _use(self, address: IPv4Address) -> None:
+        """Talk to another address of the server from now on (a late answer to the one
+        given up on is dropped with its socket, RFC 7488 §3 step 4)."""
+        self.channel.close()
+        self.gateway, self.channel = address, self._channel(address)
+        await self.channel.open()
+
+
+SERVER_RETRY = 900.0  # RFC 7488 §3 step 5: no address answered; try again in 15 minutes
+VERSION_RETRY = 1800.0  # RFC 6887 §9: retry an unsupported-version server after 30 minutes
+
+
+def _version_retry(data: bytes) -> float:
+    """min(30 minutes, the answer's lifetime) for an UNSUPP_VERSION answer (RFC 6887 §9)."""
+    if len(data) >= 8:
+        lifetime = int.from_bytes(data[4:8], "big")  # where version 2 carries it
+        if lifetime:
+            return min(VERSION_RETRY, float(lifetime))
+    return VERSION_RETRY
 
 
 def _options(

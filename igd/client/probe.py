@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,9 +20,11 @@ from igd.client.errors import (
 )
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
-from igd.client.selection import DEFAULT_PREFERENCE, Choice, MechanismReport, choose
+from igd.client.selection import DEFAULT_PREFERENCE, Choice, MechanismReport, Verdict, choose
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism
+
+log = logging.getLogger("igd.client")
 
 MAX_DESCRIPTIONS = 3  # IGD descriptions fetched per probe, best-ranked first
 # Once NAT-PMP or PCP answered, an IGD on the same LAN gets this long to answer SSDP too
@@ -40,6 +43,8 @@ class ProbeResult:
     seconds: float
     upnp: UpnpIgdClient | None = field(default=None, repr=False)
     ssdp: tuple[SsdpReply, ...] = ()
+    trace: tuple[str, ...] = ()
+    """What the probe did and heard, in order, each line with its time since the start."""
 
     def report(self, mechanism: Mechanism) -> MechanismReport | None:
         return next((r for r in self.reports if r.mechanism is mechanism), None)
@@ -70,7 +75,25 @@ class ProbeResult:
                 {"location": s.location, "st": s.st, "server": s.server, "source": list(s.source)}
                 for s in self.ssdp
             ],
+            "trace": list(self.trace),
         }
+
+
+class Trace:
+    """The probe's debug trace: lines stamped with the time since the probe began, also
+    logged at DEBUG (`igd -vv`)."""
+
+    MAX_LINES = 200  # a LAN full of chatty devices cannot grow it without bound
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.lines: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        if len(self.lines) < self.MAX_LINES:
+            line = f"{time.monotonic() - self.started:7.3f} s  {text}"
+            self.lines.append(line)
+            log.debug("probe: %s", line)
 
 
 def _str(value: object) -> str | None:
@@ -86,9 +109,10 @@ def _attempts_within(budget: float, first: float = 0.25) -> int:
 
 
 async def _timed(
-    mechanism: Mechanism, work: Callable[[], Awaitable[MechanismReport]]
+    mechanism: Mechanism, work: Callable[[], Awaitable[MechanismReport]], trace: Trace
 ) -> MechanismReport:
     started = time.monotonic()
+    trace(f"{mechanism.value}: start")
     try:
         report = await work()
     except UpstreamNat as exc:
@@ -97,6 +121,12 @@ async def _timed(
         report = MechanismReport(mechanism, False, error=str(exc), refuses=True)
     except PortMappingError as exc:
         report = MechanismReport(mechanism, False, error=str(exc))
+    if report.available:
+        address = "" if report.external_address is None else f" external {report.external_address}"
+        epoch = "" if report.epoch is None else f" epoch {report.epoch}"
+        trace(f"{mechanism.value}: available{address}{epoch} {report.detail}".rstrip())
+    else:
+        trace(f"{mechanism.value}: not available: {report.error}")
     return replace(report, seconds=time.monotonic() - started)
 
 
@@ -114,7 +144,7 @@ async def probe_pcp(client: PcpClient, budget: float) -> MechanismReport:
         # RFC 6886 §1.1: not cached; every later request tries PCP again.
         detail = "NAT-PMP only for now (PCP is tried again on every request)"
         if exc.version != 0:
-            detail = f"server offers PCP version {exc.version}"
+            detail = f"server offers PCP version {exc.version}; retry after {exc.retry_after:g} s"
         return MechanismReport(Mechanism.PCP, False, error=str(exc), detail=detail)
     return MechanismReport(Mechanism.PCP, True, None, response.epoch)
 
@@ -124,15 +154,26 @@ async def probe_upnp(
     local: IPv4Address,
     budget: float,
     cutoff: asyncio.Event | None = None,
+    only_gateway: bool = False,
+    trace: Callable[[str], None] = lambda text: None,
 ) -> tuple[MechanismReport, UpnpIgdClient | None, list[SsdpReply]]:
     """SSDP search, then the best IGD's description and external address."""
     started = time.monotonic()
-    replies = await ssdp_search(gateway, local=local, budget=budget, cutoff=cutoff)
+    replies = await ssdp_search(
+        gateway, local=local, budget=budget, cutoff=cutoff, only_gateway=only_gateway,
+        trace=trace,
+    )  # fmt: skip
     if not replies:
-        return MechanismReport(Mechanism.UPNP, False, error="no IGD answered SSDP"), None, []
+        where = f" on {gateway}" if only_gateway else ""
+        return (
+            MechanismReport(Mechanism.UPNP, False, error=f"no IGD answered SSDP{where}"),
+            None,
+            [],
+        )
     errors = []
     for reply in replies[:MAX_DESCRIPTIONS]:
         left = max(0.5, budget - (time.monotonic() - started))
+        trace(f"upnp: reading {reply.location} ({reply.server})")
         try:
             client = await UpnpIgdClient.connect(
                 reply.location, http_timeout=left, server=reply.server
@@ -140,6 +181,7 @@ async def probe_upnp(
             address = await client.external_address()
         except PortMappingError as exc:
             errors.append(f"{reply.location}: {exc}")
+            trace(f"upnp: {reply.location}: {exc}")
             continue
         detail = f"{client.service_type} at {reply.location} ({reply.server})"
         if reply.host != str(gateway):
@@ -155,11 +197,18 @@ async def probe(
     pcp: PcpClient,
     mechanisms: Sequence[Mechanism] = DEFAULT_PREFERENCE,
     budget: float = 2.0,
+    only_gateway: bool = False,
 ) -> ProbeResult:
-    """Probe every mechanism in `mechanisms` at once (and only those); rank them."""
+    """Probe every mechanism in `mechanisms` at once (and only those); rank them.
+    `only_gateway`: UPnP devices other than `gateway` are ignored."""
     started = time.monotonic()
+    trace = Trace()
     await pcp.open()
     local = pcp.local_address
+    trace(
+        f"probing {gateway} from {local} over {', '.join(m.value for m in mechanisms)}"
+        f" ({budget:g} s){'; the named gateway only' if only_gateway else ''}"
+    )
     upnp: UpnpIgdClient | None = None
     ssdp: list[SsdpReply] = []
 
@@ -167,7 +216,7 @@ async def probe(
 
     async def run_upnp() -> MechanismReport:
         nonlocal upnp, ssdp
-        report, upnp, ssdp = await probe_upnp(gateway, local, budget, cutoff)
+        report, upnp, ssdp = await probe_upnp(gateway, local, budget, cutoff, only_gateway, trace)
         return report
 
     async def answered(report: Awaitable[MechanismReport]) -> MechanismReport:
@@ -182,18 +231,53 @@ async def probe(
         Mechanism.UPNP: run_upnp,
     }
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(_timed(m, work[m])) for m in mechanisms]
+        tasks = [group.create_task(_timed(m, work[m], trace)) for m in mechanisms]
     reports = [task.result() for task in tasks]
     reports = _share_address(reports)
+    choice = choose(reports, mechanisms)
+    trace(f"chosen: {choice.mechanism.value if choice.mechanism else 'none'}: {choice.reason}")
     return ProbeResult(
         gateway,
         local,
         tuple(reports),
-        choose(reports, mechanisms),
+        choice,
         time.monotonic() - started,
         upnp,
         tuple(ssdp),
+        tuple(trace.lines),
     )
+
+
+async def probe_routes(
+    routes: Sequence[IPv4Address], mechanisms: Sequence[Mechanism], budget: float
+) -> ProbeResult | None:
+    """Probe the gateway of every default route at once, each for its own devices only, and
+    return the best: one that answers, with a public address if any, else the first route's
+    (RFC 7488 §4: every server configured is contacted). None if none answers."""
+
+    async def one(address: IPv4Address) -> ProbeResult | None:
+        try:
+            async with NatPmpClient(address) as natpmp, PcpClient(address) as pcp:
+                return await probe(
+                    address, natpmp=natpmp, pcp=pcp, mechanisms=mechanisms, budget=budget,
+                    only_gateway=True,
+                )  # fmt: skip
+        except PortMappingError as exc:  # no route to it after all, no socket
+            log.info("cannot probe the default route's gateway %s: %s", address, exc)
+            return None
+
+    found = await asyncio.gather(*(one(address) for address in routes))
+    results = [r for r in found if r is not None]
+    usable = [(i, r) for i, r in enumerate(results) if r.choice.mechanism is not None]
+    if not usable:
+        return None  # the caller falls back to the first route's gateway, any device
+    _, best = min(usable, key=lambda ir: (ir[1].choice.verdict is not Verdict.PUBLIC, ir[0]))
+    others = [
+        f"default route via {r.gateway}: "
+        f"{r.choice.mechanism.value if r.choice.mechanism else 'nothing'} answers"
+        for r in results
+    ]
+    return replace(best, trace=(*others, f"using {best.gateway}", *best.trace))
 
 
 def _share_address(reports: list[MechanismReport]) -> list[MechanismReport]:

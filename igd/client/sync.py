@@ -1,62 +1,195 @@
 """A synchronous wrapper for programs without asyncio: the mapper runs on its own event loop
-in a background thread, which renews mappings while the program does other things."""
+in a background thread, which renews mappings while the program does other things. Every
+method blocks until its asyncio twin is done and returns the same typed value."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import queue
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from datetime import datetime
 from ipaddress import IPv4Address
 from types import TracebackType
 from typing import Any, TypeVar
 
 from igd.client.mapper import PortMapper
-from igd.client.mapping import EventKind, Mapping, MappingEvent
+from igd.client.mapping import (
+    MAX_QUEUED_EVENTS,
+    REQUEST_TIMEOUT,
+    EventKind,
+    Mapping,
+    MappingEvent,
+)
+from igd.client.network import NETWORK_CHECK
 from igd.client.probe import ProbeResult
+from igd.client.selection import DEFAULT_PREFERENCE
+from igd.client.state import Record, StateFile
+from igd.client.upnp import UpnpEntry
 from igd.model import Mechanism, Protocol
 
 T = TypeVar("T")
 
 
 class SyncMapping:
-    """A `Mapping` seen from another thread; reads are safe, `release()` blocks."""
+    """A `Mapping` seen from another thread; every read and action runs on the mapper's
+    thread (whose event loop keeps the clock) and blocks until done.
+
+    `with pm.map(8080, "tcp") as m:` releases the mapping when the block ends.
+    """
 
     def __init__(self, owner: SyncPortMapper, mapping: Mapping) -> None:
         self._owner = owner
         self.mapping = mapping
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.mapping, name)
+        """The asyncio mapping underneath (use it only on the mapper's thread)."""
 
     def __repr__(self) -> str:
         return repr(self.mapping)
 
+    def __enter__(self) -> SyncMapping:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.mapping.protocol
+
+    @property
+    def internal_port(self) -> int:
+        return self.mapping.internal_port
+
+    @property
+    def internal_address(self) -> IPv4Address:
+        return self.mapping.internal_address
+
+    @property
+    def external_address(self) -> IPv4Address:
+        return self.mapping.external_address
+
+    @property
+    def external_port(self) -> int:
+        return self.mapping.external_port
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return self.mapping.mechanism
+
+    @property
+    def lifetime(self) -> int:
+        """Seconds granted at the last renewal; 0 for a permanent UPnP lease."""
+        return self.mapping.lifetime
+
+    @property
+    def expires(self) -> float | None:
+        """When the lease ends on the mapper's monotonic clock; None if permanent."""
+        return self._owner._run(_call(lambda: self.mapping.expires))
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the lease ends, wall clock (UTC); None if permanent."""
+        return self._owner._run(_call(lambda: self.mapping.expires_at))
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds until the lease ends; None if permanent."""
+        return self._owner._run(_call(lambda: self.mapping.remaining))
+
+    @property
+    def released(self) -> bool:
+        return self.mapping.released
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return self._owner._run(_call(self.mapping.to_dict))
+
     def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
-        """`callback` runs on the mapper's thread."""
-        return self.mapping.subscribe(callback)
+        """`callback` runs on the mapper's thread; returns the function that unsubscribes."""
+        return self._owner._run(_call(self.mapping.subscribe, callback))
+
+    def events(self) -> Iterator[MappingEvent]:
+        """Every event from now on, until the mapping is released; blocks between events."""
+        events: queue.Queue[MappingEvent] = queue.Queue(MAX_QUEUED_EVENTS)
+
+        def put(event: MappingEvent) -> None:
+            with contextlib.suppress(queue.Full):  # a consumer that stopped reading
+                events.put_nowait(event)
+
+        unsubscribe = self.subscribe(put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.kind is EventKind.RELEASED:
+                    return
+        finally:
+            if self._owner._thread.is_alive():
+                self._owner._run(_call(unsubscribe))
 
     def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
-        """Block until the next event of one of `kinds`."""
+        """Block until the next event of one of `kinds` (any kind if none given)."""
         return self._owner._run(self.mapping.wait_for(*kinds, within=within))
+
+    def renew(self, *, timeout: float | None = None) -> None:
+        """Renew now, outside the schedule; blocks until the gateway answered."""
+        self._owner._run(self.mapping.renew(timeout=timeout))
 
     def release(self) -> None:
         """Delete the mapping on the gateway and stop renewing it."""
         self._owner._run(self.mapping.release())
 
+    def detach(self) -> None:
+        """Stop renewing, leave the mapping on the gateway until its lease ends."""
+        self._owner._run(self.mapping.detach())
+
 
 class SyncPortMapper:
-    """`with SyncPortMapper() as pm: m = pm.map(8080, "tcp")`; same arguments as PortMapper."""
+    """`with SyncPortMapper() as pm: m = pm.map(8080, "tcp")`; the arguments of PortMapper."""
 
-    def __init__(self, gateway: IPv4Address | str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        gateway: IPv4Address | str | None = None,
+        *,
+        prefer: Sequence[Mechanism | str] = DEFAULT_PREFERENCE,
+        disable: Collection[Mechanism | str] = (),
+        force: Mechanism | str | None = None,
+        probe_timeout: float = 2.0,
+        request_timeout: float = REQUEST_TIMEOUT,
+        recovery_delay: float = 5.0,
+        listen: bool = True,
+        state: StateFile | str | os.PathLike[str] | None = None,
+        pcp_addresses: Sequence[IPv4Address | str] = (),
+        network_check: float | None = NETWORK_CHECK,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="igd-client", daemon=True
         )
         self._thread.start()
-        self._mapper: PortMapper = self._run(_make(gateway, options))
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        async def make() -> PortMapper:
+            return PortMapper(
+                gateway, prefer=prefer, disable=disable, force=force,
+                probe_timeout=probe_timeout, request_timeout=request_timeout,
+                recovery_delay=recovery_delay, listen=listen, state=state,
+                pcp_addresses=pcp_addresses, network_check=network_check,
+            )  # fmt: skip
+
+        try:
+            self._mapper = self._run(make())
+        except BaseException:
+            self._stop()
+            raise
+
+    def _run(self, work: Awaitable[T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SyncPortMapper methods cannot run on its own thread")
+        return asyncio.run_coroutine_threadsafe(_wait(work), self._loop).result()
 
     def __enter__(self) -> SyncPortMapper:
         return self
@@ -66,11 +199,22 @@ class SyncPortMapper:
     ) -> None:
         self.close()
 
-    def probe(self, *, refresh: bool = False) -> ProbeResult:
-        return self._run(self._mapper.probe(refresh=refresh))
+    @property
+    def mapper(self) -> PortMapper:
+        """The asyncio mapper underneath (use it only on the mapper's thread)."""
+        return self._mapper
 
-    def external_address(self) -> IPv4Address:
-        return self._run(self._mapper.external_address())
+    @property
+    def gateway(self) -> IPv4Address:
+        return self._run(_call(lambda: self._mapper.gateway))
+
+    def probe(self, *, refresh: bool = False, timeout: float | None = None) -> ProbeResult:
+        """Probe every enabled mechanism at once (cached unless `refresh`)."""
+        return self._run(self._mapper.probe(refresh=refresh, timeout=timeout))
+
+    def external_address(self, *, timeout: float | None = None) -> IPv4Address:
+        """The external address of the chosen mechanism."""
+        return self._run(self._mapper.external_address(timeout=timeout))
 
     def map(
         self,
@@ -82,14 +226,30 @@ class SyncPortMapper:
         description: str = "",
         via: Mechanism | str | None = None,
         exact: bool = False,
+        timeout: float | None = None,
     ) -> SyncMapping:
+        """Get a mapping and keep it alive on the background thread (see PortMapper.map)."""
         mapping = self._run(
             self._mapper.map(
                 internal_port, protocol, external_port=external_port, lifetime=lifetime,
-                description=description, via=via, exact=exact,
+                description=description, via=via, exact=exact, timeout=timeout,
             )
         )  # fmt: skip
         return SyncMapping(self, mapping)
+
+    def unmap(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        timeout: float | None = None,
+    ) -> bool:
+        """Delete the mapping held or remembered for `internal_port` (see PortMapper.unmap)."""
+        return self._run(self._mapper.unmap(internal_port, protocol, timeout=timeout))
+
+    def stored(self) -> list[Record]:
+        """This gateway's records in the state file."""
+        return self._run(_call(self._mapper.stored))
 
     def close(self) -> None:
         """Release every mapping and stop the background thread."""
@@ -98,10 +258,22 @@ class SyncPortMapper:
         try:
             self._run(self._mapper.close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+            self._stop()
+
+    def list(self, *, timeout: float | None = None) -> list[UpnpEntry]:
+        """The router's UPnP mapping list (all hosts)."""
+        return self._run(self._mapper.list(timeout=timeout))
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
 
-async def _make(gateway: IPv4Address | str | None, options: dict[str, Any]) -> PortMapper:
-    return PortMapper(gateway, **options)
+async def _wait(work: Awaitable[T]) -> T:
+    return await work
+
+
+async def _call(function: Callable[..., T], *args: Any) -> T:
+    """Run a plain function on the mapper's thread (mappings are not thread-safe)."""
+    return function(*args)

@@ -7,17 +7,28 @@ narrow the ports it may choose instead of refusing the request (see docs/policy.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 from igd.decision import Allow, Decision, Deny, Reason
-from igd.model import Mapping, MapRequest, Mechanism
+from igd.model import (
+    STATIC_CLIENT,
+    Mapping,
+    MappingKey,
+    MapRequest,
+    Mechanism,
+    Owner,
+    RemoteFilter,
+)
 from igd.policy.file import (
     DEFAULTS_NAME,
     Action,
     Defaults,
+    Forward,
     PolicyFileError,
     PolicyIssue,
     Rule,
@@ -30,6 +41,7 @@ __all__ = [
     "DEFAULTS_NAME",
     "Action",
     "Defaults",
+    "Forward",
     "Policy",
     "PolicyFileError",
     "PolicyIssue",
@@ -66,22 +78,71 @@ class Policy:
     defaults: Defaults
     rules: tuple[Rule, ...]
     source: str = "<string>"
+    forwards: tuple[Forward, ...] = ()
+    """The admin's static forwards ([[forwards]]), in file order."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
         """Read a policy file; raise PolicyFileError listing every problem."""
-        defaults, rules = read_file(path)
-        return cls(defaults, rules, os.fspath(path))
+        parts = read_file(path)
+        return cls(parts.defaults, parts.rules, os.fspath(path), parts.forwards)
 
     @classmethod
     def parse(cls, text: str, source: str = "<string>") -> Policy:
         """Parse policy text; raise PolicyFileError listing every problem."""
-        defaults, rules = read_text(text, source)
-        return cls(defaults, rules, source)
+        parts = read_text(text, source)
+        return cls(parts.defaults, parts.rules, source, parts.forwards)
 
-    def warnings(self) -> list[PolicyIssue]:
-        """Valid but risky settings, for `policy check` and the daemon's log."""
+    def forward_mappings(self, *, now: float, wall: float) -> dict[MappingKey, Mapping]:
+        """The mappings the forwards hold at wall-clock time `wall` (monotonic `now`): one per
+        protocol and port; a forward whose `until` has passed holds none."""
+        found: dict[MappingKey, Mapping] = {}
+        owner = Owner(Mechanism.STATIC, STATIC_CLIENT)
+        for forward in self.forwards:
+            if forward.until is not None and forward.until <= wall:
+                continue
+            # Monotonic expiry: the table's expiry removes a temporary forward at `until`.
+            expires = math.inf if forward.until is None else now + (forward.until - wall)
+            filters = tuple(RemoteFilter(n) for n in forward.remote_hosts or ())
+            for protocol in sorted(forward.protocols):
+                for offset, port in enumerate(forward.ports()):
+                    key = MappingKey(protocol, port)
+                    found[key] = Mapping(
+                        key=key,
+                        internal_address=forward.internal_address,
+                        internal_port=forward.internal_port + offset,
+                        owner=owner,
+                        created=now,
+                        expires=expires,
+                        description=forward.name,
+                        filters=filters,
+                    )
+        return found
+
+    def forward_index(self) -> dict[MappingKey, Forward]:
+        """The forward holding each key (one per protocol and port)."""
+        return {
+            MappingKey(protocol, port): forward
+            for forward in self.forwards
+            for protocol in forward.protocols
+            for port in forward.ports()
+        }
+
+    def warnings(self, *, wall: float | None = None) -> list[PolicyIssue]:
+        """Valid but risky settings, for `policy check` and the daemon's log; with the
+        wall-clock time `wall`, forwards whose `until` has passed too."""
         found = []
+        for index, forward in enumerate(self.forwards):
+            if wall is not None and forward.until is not None and forward.until <= wall:
+                found.append(
+                    PolicyIssue(
+                        self.source,
+                        forward.until_line,
+                        f"forwards[{index}].until",
+                        f"warning: forward {forward.name!r} ended at {_instant(forward.until)};"
+                        " it is not installed",
+                    )
+                )
         if not self.defaults.secure_mode:
             found.append(
                 PolicyIssue(
@@ -169,10 +230,14 @@ class Policy:
             remote_host=mapping.key.remote_host,
             description=mapping.description,
             nonce=mapping.owner.nonce,
+            filters=mapping.filters,
+            peer_port=mapping.peer_port,
             exact_port=True,
         )
         decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
-        return decision if isinstance(decision, Deny) else None
+        if isinstance(decision, Allow):
+            return sources_changed(decision, mapping)
+        return decision
 
     def _decide(
         self,
@@ -244,7 +309,17 @@ class Policy:
                 detail = f"the gateway holds {total} mappings (limit {defaults.max_mappings})"
                 return Deny(Reason.GATEWAY_QUOTA, DEFAULTS_NAME, detail)
 
+        filters: tuple[RemoteFilter, ...] | None = None
+        if rule is not None and rule.remote_hosts is not None:
+            restricted = _restrict(rule.remote_hosts, request)
+            if isinstance(restricted, str):
+                return Deny(Reason.POLICY_DENIED, name, restricted)
+            filters = restricted
+
         lifetime, notes = self._lease(rule, request.lifetime)
+        if filters is not None and filters != request.filters:
+            sources = ", ".join(_filter_text(f) for f in filters)
+            notes.append(f"remote sources limited to {sources} by rule {name!r}")
         if allowed != PortSet.full():
             notes.append(f"external ports limited to {allowed} by {', '.join(narrowed_by)}")
         if not fixed and request.external_port and request.external_port not in allowed:
@@ -252,7 +327,7 @@ class Policy:
                 f"suggested external port {request.external_port} is not allowed;"
                 " the gateway assigns another"
             )
-        return Allow(name, lifetime, allowed, tuple(notes))
+        return Allow(name, lifetime, allowed, tuple(notes), filters)
 
     def _lease(self, rule: Rule | None, requested: int) -> tuple[int, list[str]]:
         """Clamp a requested lease to the rule's and the defaults' bounds."""
@@ -266,6 +341,49 @@ class Policy:
             note = f"lease lengthened from {requested} s to {lifetime} s (defaults.min_lease)"
             return lifetime, [note]
         return lifetime, []
+
+
+def sources_changed(decision: Allow, mapping: Mapping) -> Deny | None:
+    """The Deny for an existing mapping that admits more sources than its rule now allows."""
+    if decision.filters is None or decision.filters == mapping.filters:
+        return None
+    detail = f"rule {decision.rule!r} now admits other remote sources than the mapping"
+    return Deny(Reason.POLICY_DENIED, decision.rule, detail)
+
+
+def _restrict(
+    allowed: tuple[IPv4Network, ...], request: MapRequest
+) -> tuple[RemoteFilter, ...] | str:
+    """The FILTERs a mapping gets under a rule's remote_hosts, or why none is left."""
+    sources = ", ".join(map(str, allowed))
+    remote = request.remote_host
+    if remote is not None:
+        # The key already admits this one host (UPnP NewRemoteHost, PCP PEER).
+        if not any(remote in network for network in allowed):
+            return f"remote host {remote} is outside the rule's remote_hosts ({sources})"
+        return request.filters
+    if not request.filters:
+        return tuple(RemoteFilter(network) for network in allowed)
+    found: set[RemoteFilter] = set()
+    for asked in request.filters:
+        for network in allowed:
+            # Two prefixes overlap only when one holds the other: the narrower is the overlap.
+            if asked.network.subnet_of(network):
+                found.add(asked)
+            elif network.subnet_of(asked.network):
+                found.add(RemoteFilter(network, asked.port))
+    if not found:
+        asked_text = ", ".join(_filter_text(f) for f in request.filters)
+        return f"the FILTERs asked for ({asked_text}) admit no source in remote_hosts ({sources})"
+    return tuple(sorted(found))
+
+
+def _filter_text(remote: RemoteFilter) -> str:
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
+
+
+def _instant(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _matches(rule: Rule, request: MapRequest) -> bool:

@@ -8,7 +8,8 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from datetime import datetime
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, ip_network
 from typing import Any, TypeVar
 
 from igd.model import Mechanism, Protocol
@@ -20,6 +21,7 @@ from igd.policy.reader import (
     Reader,
     at_least,
     boolean,
+    integer,
     kind,
     parse_toml,
     read_path,
@@ -68,8 +70,43 @@ class Rule:
     max_lease: int | None = None
     max_mappings_per_client: int | None = None
     allow_third_party: bool = False
+    remote_hosts: tuple[IPv4Network, ...] | None = None
+    """Mappings this rule grants admit traffic only from these sources (None: any)."""
     line: int | None = field(default=None, compare=False)
     """Line of the rule's table header in its file, for messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One [[forwards]] entry: a static mapping the admin declares (docs/policy.md)."""
+
+    name: str
+    protocols: frozenset[Protocol]
+    first_port: int
+    last_port: int
+    """External ports first..last, mapped 1:1 onto internal_port onwards."""
+    internal_address: IPv4Address
+    internal_port: int
+    remote_hosts: tuple[IPv4Network, ...] | None = None
+    until: float | None = None
+    """Wall-clock end (POSIX seconds) of temporary access; None: no end."""
+    owner: str = ""
+    purpose: str = ""
+    line: int | None = field(default=None, compare=False)
+    until_line: int | None = field(default=None, compare=False)
+
+    def ports(self) -> range:
+        """The external ports."""
+        return range(self.first_port, self.last_port + 1)
+
+
+MAX_FORWARD_PORTS = 1024
+"""Largest external port range one forward may hold (each port is a table entry)."""
+MAX_REMOTE_HOSTS = 64
+"""Most sources a forward or rule may list: the kernel keeps at most this many FILTERs per
+mapping (nft_payload.MAX_FILTERS)."""
+# RFC 6887 §11.3: the port-mapping service's own ports are never mapped.
+_SERVICE_PORTS = range(5350, 5352)
 
 
 PolicyIssue = FileIssue
@@ -80,18 +117,27 @@ class PolicyFileError(FileError):
     """A policy file that cannot be used; `issues` holds every problem found, in file order."""
 
 
-def read_file(path: str | os.PathLike[str]) -> tuple[Defaults, tuple[Rule, ...]]:
+@dataclass(frozen=True, slots=True)
+class PolicyParts:
+    """What a policy file holds."""
+
+    defaults: Defaults
+    rules: tuple[Rule, ...]
+    forwards: tuple[Forward, ...] = ()
+
+
+def read_file(path: str | os.PathLike[str]) -> PolicyParts:
     """Read and validate a policy file; raise PolicyFileError."""
     return read_text(read_path(path, PolicyFileError), os.fspath(path))
 
 
-def read_text(text: str, source: str = "<string>") -> tuple[Defaults, tuple[Rule, ...]]:
+def read_text(text: str, source: str = "<string>") -> PolicyParts:
     """Parse and validate policy text, collecting every issue; raise PolicyFileError."""
     document = parse_toml(text, source, PolicyFileError)
     reader = _Reader(source, text)
-    defaults, rules = reader.document(document)
+    parts = reader.document(document)
     reader.raise_issues(PolicyFileError)
-    return defaults, rules
+    return parts
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -118,14 +164,26 @@ _RULE_KEYS = (
     "max_lease",
     "max_mappings_per_client",
     "allow_third_party",
+    "remote_hosts",
 )
-_TOP_KEYS = ("defaults", "rules")
+_FORWARD_KEYS = (
+    "name",
+    "protocols",
+    "external_ports",
+    "internal_address",
+    "internal_port",
+    "remote_hosts",
+    "until",
+    "owner",
+    "purpose",
+)
+_TOP_KEYS = ("defaults", "rules", "forwards")
 
 
 class _Reader(Reader):
     """Turns a parsed TOML document into Defaults and Rules, recording issues as it goes."""
 
-    def document(self, document: dict[str, Any]) -> tuple[Defaults, tuple[Rule, ...]]:
+    def document(self, document: dict[str, Any]) -> PolicyParts:
         self.unknown_keys((), document, _TOP_KEYS)
         defaults = self.defaults(self.section(document, "defaults"))
         entries = document.get("rules", [])
@@ -147,7 +205,93 @@ class _Reader(Reader):
             elif rule.name:
                 first_use[rule.name] = self.line_of((*path, "name"))
             rules.append(rule)
-        return defaults, tuple(rules)
+        return PolicyParts(defaults, tuple(rules), self.forwards(document))
+
+    def forwards(self, document: dict[str, Any]) -> tuple[Forward, ...]:
+        entries = document.get("forwards", [])
+        if not isinstance(entries, list):
+            wanted = "want an array of tables ([[forwards]])"
+            self.issue(("forwards",), f"{wanted}, got {kind(entries)}")
+            return ()
+        forwards: list[Forward] = []
+        names: dict[str, int | None] = {}
+        ports: dict[tuple[Protocol, int], Forward] = {}
+        for index, entry in enumerate(entries):
+            path: KeyPath = ("forwards", index)
+            if not isinstance(entry, dict):
+                self.issue(path, f"want a table, got {kind(entry)}")
+                continue
+            forward = self.forward(path, entry)
+            if forward is None:
+                continue
+            if forward.name in names:
+                line = names[forward.name]
+                earlier = f" (first used on line {line})" if line is not None else ""
+                self.issue((*path, "name"), f"duplicate forward name {forward.name!r}{earlier}")
+                continue
+            names[forward.name] = self.line_of((*path, "name"))
+            clash = next(
+                (
+                    (protocol, port)
+                    for protocol in sorted(forward.protocols)
+                    for port in forward.ports()
+                    if (protocol, port) in ports
+                ),
+                None,
+            )
+            if clash is not None:
+                other = ports[clash]
+                self.issue(
+                    (*path, "external_ports"),
+                    f"{clash[0]} port {clash[1]} is already forwarded by {other.name!r}"
+                    f" (line {other.line})",
+                )
+                continue
+            ports.update(((p, n), forward) for p in forward.protocols for n in forward.ports())
+            forwards.append(forward)
+        return tuple(forwards)
+
+    def forward(self, path: KeyPath, table: dict[str, Any]) -> Forward | None:
+        self.unknown_keys(path, table, _FORWARD_KEYS)
+        self.required(table, path, ("name", "protocols", "external_ports", "internal_address"))
+        before = len(self.issues)
+        name = self.value(table, path, "name", _name, "")
+        nothing: frozenset[Protocol] = frozenset()
+        protocols = self.value(table, path, "protocols", _members(Protocol), nothing)
+        external = self.value(table, path, "external_ports", _port_range, (0, 0))
+        address = self.value(table, path, "internal_address", _address, IPv4Address(0))
+        internal = self.value(table, path, "internal_port", integer(1, 65535), external[0])
+        remote_hosts = self.value(table, path, "remote_hosts", _remote_hosts, None)
+        until = self.value(table, path, "until", _instant, None)
+        owner = self.value(table, path, "owner", _text, "")
+        purpose = self.value(table, path, "purpose", _text, "")
+        if external[0] and internal + (external[1] - external[0]) > 65535:
+            self.issue(
+                (*path, "internal_port"),
+                f"internal ports {internal}-{internal + external[1] - external[0]} run past 65535"
+                " (the external range maps 1:1 onto internal ports from internal_port)",
+            )
+        if Protocol.UDP in protocols and any(p in _SERVICE_PORTS for p in range(*_span(external))):
+            # RFC 6887 §11.3: the port-mapping service's own ports are never mapped.
+            self.issue(
+                (*path, "external_ports"), "UDP 5350-5351 are the port-mapping service's own ports"
+            )
+        if len(self.issues) > before:
+            return None
+        return Forward(
+            name=name,
+            protocols=protocols,
+            first_port=external[0],
+            last_port=external[1],
+            internal_address=address,
+            internal_port=internal,
+            remote_hosts=remote_hosts,
+            until=until,
+            owner=owner,
+            purpose=purpose,
+            line=self.lines.get(path),
+            until_line=self.lines.get((*path, "until")),
+        )
 
     def defaults(self, table: dict[str, Any]) -> Defaults:
         path: KeyPath = ("defaults",)
@@ -193,6 +337,7 @@ class _Reader(Reader):
                 table, path, "max_mappings_per_client", at_least(0), None
             ),
             allow_third_party=self.value(table, path, "allow_third_party", boolean, False),
+            remote_hosts=self.value(table, path, "remote_hosts", _remote_hosts, None),
             line=self.lines.get(path),
         )
         if rule.max_lease is not None and self.valid(table, path, "max_lease"):
@@ -278,6 +423,61 @@ def _network(text: str) -> IPv4Network:
             f" or '{host}/32' for the host"
         )
     return network
+
+
+def _remote_hosts(value: object) -> tuple[IPv4Network, ...]:
+    networks = _networks(value)
+    if len(set(networks)) > MAX_REMOTE_HOSTS:
+        raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
+    return tuple(dict.fromkeys(networks))
+
+
+def _address(value: object) -> IPv4Address:
+    if not isinstance(value, str):
+        raise Bad(f'want an IPv4 address string such as "192.168.1.10", got {kind(value)}')
+    try:
+        return IPv4Address(value.strip())
+    except AddressValueError:
+        raise Bad(f"{value!r} is not an IPv4 address") from None
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    ports = _ports(value)
+    if len(ports.intervals) != 1:
+        raise Bad('want one port or one range N-M, e.g. "443" or "8000-8009"')
+    first, last = ports.intervals[0]
+    if first == 0:
+        raise Bad("port 0 cannot be forwarded")
+    if last - first + 1 > MAX_FORWARD_PORTS:
+        raise Bad(f"{last - first + 1} ports; a forward holds at most {MAX_FORWARD_PORTS}")
+    return first, last
+
+
+def _span(ports: tuple[int, int]) -> tuple[int, int]:
+    return ports[0], ports[1] + 1
+
+
+def _instant(value: object) -> float:
+    """A point in time with its offset: a TOML offset date-time or an RFC 3339 string."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            raise Bad(f'{value!r} is not a date and time such as "2027-01-31T18:00:00Z"') from None
+    if not isinstance(value, datetime):
+        raise Bad(f"want a date and time such as 2027-01-31T18:00:00Z, got {kind(value)}")
+    if value.tzinfo is None:
+        # A local time would move with the router's time zone: say which one is meant.
+        raise Bad(f"{value.isoformat()} has no UTC offset; add Z or +HH:MM")
+    return value.timestamp()
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise Bad(f"want a string, got {kind(value)}")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise Bad("holds control characters")
+    return value
 
 
 def _ports(value: object) -> PortSet:

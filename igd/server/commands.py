@@ -13,7 +13,7 @@ import time
 from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
 
-from igd.model import Mapping, MappingKey, Mechanism, Protocol
+from igd.model import REQUESTED, Mapping, MappingKey, Mechanism, Protocol, RemoteFilter
 from igd.policy import PolicyFileError
 from igd.server.backends import BackendError
 from igd.server.control import Command, CommandError
@@ -36,7 +36,13 @@ def mapping_row(mapping: Mapping, now: float) -> dict[str, Any]:
         "mechanism": str(mapping.owner.mechanism),
         "client": str(mapping.owner.client),
         "description": mapping.description,
+        "remote_sources": [_source(f) for f in mapping.filters],
     }
+
+
+def _source(remote: RemoteFilter) -> str:
+    """A FILTER as text: the network, and its port when one is named."""
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
 
 
 def admin_commands(daemon: Daemon) -> dict[str, Command]:
@@ -58,6 +64,12 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
             _port(args.get("external_port")),
             _address(args.get("remote_host"), "remote_host"),
         )
+        held = service.holder(key)
+        if held is not None and held.is_static:
+            raise CommandError(
+                f"{key.protocol} {key.external_port} is a static forward of the policy file:"
+                " remove it there and reload"
+            )
         try:
             mapping = await service.delete(key)
         except BackendError as error:
@@ -91,14 +103,15 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
 
     async def reload(args: dict[str, Any]) -> Any:
         _no_args(args, ())
-        await daemon.reopen_logs()
         try:
-            return await daemon.reload_policy()
+            return await daemon.reload_checked()
         except PolicyFileError as error:
+            log.error("policy reload failed; keeping the current policy: %s", error)
             raise CommandError(
                 f"policy not reloaded; keeping the current policy:\n{error}"
             ) from None
         except OSError as error:
+            log.error("policy reload failed; keeping the current policy: %s", error)
             raise CommandError(
                 f"policy not reloaded; keeping the current policy: {error}"
             ) from None
@@ -146,7 +159,8 @@ def _address(value: object, name: str) -> IPv4Address | None:
 def _mechanism(value: object) -> Mechanism | None:
     if value is None:
         return None
-    names = [str(m) for m in Mechanism]
+    # Static forwards are the policy file's: no flush removes them.
+    names = [str(m) for m in REQUESTED]
     if isinstance(value, str) and value.lower() in names:
         return Mechanism(value.lower())
     raise CommandError(f"mechanism: want {', '.join(names)}, not {_show(value)}")

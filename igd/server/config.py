@@ -93,6 +93,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "extra_external_addresses": (_addresses, ()),
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
+        "wait_for_interfaces": (boolean, False),
     },
     "state": {"directory": (string, "/var/lib/igd")},
     "policy": {"file": (string, "/etc/igd/policy.toml")},
@@ -114,6 +115,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "control": {"socket": (string, None)},
     "log": {
+        "level": (_choice("debug", "info", "warning", "error"), "info"),
         "audit_file": (string, None),
         "audit_max_bytes": (integer(0), 0),
         "audit_keep": (integer(1, 1000), 5),
@@ -137,6 +139,8 @@ class Config:
     """Further addresses whose inbound packets mappings apply to (besides the interface's)."""
     allow_private_external: bool
     address_poll_interval: float
+    wait_for_interfaces: bool
+    """Wait at start for missing interfaces and addresses instead of refusing to start."""
     state_directory: Path
     policy_file: Path
     natpmp_enabled: bool
@@ -152,6 +156,7 @@ class Config:
     requests_per_second_per_client: float
     burst_per_client: int
     control_socket: Path
+    log_level: str
     audit_file: Path | None = None
     """The audit log (JSON lines, igd/server/audit.py); None: no audit log."""
     audit_max_bytes: int = 0
@@ -196,6 +201,7 @@ class Config:
             extra_external_addresses=net["extra_external_addresses"],
             allow_private_external=net["allow_private_external"],
             address_poll_interval=net["address_poll_interval"],
+            wait_for_interfaces=net["wait_for_interfaces"],
             state_directory=state,
             policy_file=base / values["policy"]["file"],
             natpmp_enabled=values["natpmp"]["enabled"],
@@ -210,6 +216,7 @@ class Config:
             requests_per_second_per_client=limits["requests_per_second_per_client"],
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
+            log_level=values["log"]["level"],
             audit_file=base / audit["audit_file"] if audit["audit_file"] else None,
             audit_max_bytes=audit["audit_max_bytes"],
             audit_keep=audit["audit_keep"],

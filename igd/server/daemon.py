@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import signal
+import socket
 import time
 from collections import Counter
 from ipaddress import IPv4Address
@@ -25,13 +26,23 @@ from igd.server.commands import admin_commands, mapping_row
 from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.hostports import HostPorts
+from igd.server.instance import (
+    InstanceLock,
+    Port,
+    StartError,
+    acquire,
+    check_ports,
+    interface_problems,
+)
 from igd.server.interfaces import ExternalAddress, internal_interface, ipv4_interfaces
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
 from igd.server.pcp_options import Limits as PcpLimits
+from igd.server.pxp import SERVER_PORT as PXP_PORT
 from igd.server.pxp import PxpServer, RateLimiter
 from igd.server.service import Service
 from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
+from igd.server.systemd import ready, reloading, stopping
 from igd.server.upnp import UpnpServer
 
 log = logging.getLogger("igd.daemon")
@@ -56,15 +67,38 @@ def release_free_heap() -> None:
 class Daemon:
     """One running gateway."""
 
-    def __init__(self, config: Config, *, dry_run: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, dry_run: bool = False, lock: InstanceLock | None = None
+    ) -> None:
         self.config = config
         self.dry_run = dry_run
         self.started = time.monotonic()
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
         self.policy_loaded = time.time()
-        for warning in self.policy.warnings():
+        # Before the lease store, the kernel or any socket: a second instance touches nothing.
+        self.lock = acquire(config.state_directory) if lock is None else lock
+        try:
+            self._build(config, dry_run)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, config: Config, dry_run: bool) -> None:
+        for warning in self.policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
+        problems = interface_problems(
+            config.external_interface,
+            config.internal_interfaces,
+            need_address=config.external_address is None,
+        )
+        if problems:
+            raise StartError("; ".join(problems))
+        if config.external_interface not in {name for _, name in socket.if_nameindex()}:
+            log.warning(
+                "external interface %r does not exist: nothing is forwarded until it does",
+                config.external_interface,
+            )
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
         self.external = ExternalAddress(
             config.external_interface,
@@ -133,7 +167,12 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            self.store.close()
+            self.lock.release()
+            raise
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.shutdown)
         loop.add_signal_handler(signal.SIGINT, self.shutdown)
@@ -155,8 +194,10 @@ class Daemon:
                 self.service.count(),
                 self.service.epoch(),
             )
+            ready(f"serving {self.service.count()} mappings")
             await self._stop.wait()
             log.info("stopping")
+            stopping()
             self.pxp.close()
             for task in (*tasks, *self._side_tasks):
                 task.cancel()
@@ -166,8 +207,24 @@ class Daemon:
         """Ask a running daemon to stop (what SIGTERM does)."""
         self._stop.set()
 
+    def ports(self) -> list[Port]:
+        """Every socket the daemon binds, as `start` will bind it."""
+        ports = [
+            # Exclusive: any other NAT-PMP/PCP server on the LAN side is a conflict, even one
+            # that, like us, sets SO_REUSEADDR.
+            Port(socket.SOCK_DGRAM, "0.0.0.0", PXP_PORT, i.name, False, "NAT-PMP/PCP")
+            for i in self.interfaces
+        ]
+        if self.upnp is not None:
+            for i in self.interfaces:
+                port = self.config.upnp_http_port
+                ports.append(Port(socket.SOCK_STREAM, str(i.address), port, i.name, True, "UPnP"))
+                ports.append(Port(socket.SOCK_DGRAM, "0.0.0.0", SSDP_PORT, i.name, True, "SSDP"))
+        return ports
+
     async def start(self) -> None:
-        """Restore leases, reconcile the kernel, open sockets."""
+        """Check the ports, restore leases, reconcile the kernel, open sockets."""
+        check_ports(self.ports())
         self.external.refresh()
         self.service.set_own_addresses(self.own_addresses())
         await self.backend.open()
@@ -219,35 +276,50 @@ class Daemon:
         else:
             log.info("kept %d mappings in the kernel and the lease store", self.service.count())
         self.store.close()
+        self.lock.release()
 
     async def reload(self) -> None:
         """SIGHUP: reopen the audit log, load the policy file again; keep the old policy if
         the new one is invalid."""
-        await self.reopen_logs()
         try:
-            await self.reload_policy()
+            await self.reload_checked()
         except (PolicyFileError, OSError) as error:
-            log.error("policy reload failed; keeping the current policy:\n%s", error)
+            log.error("policy reload failed; keeping the current policy: %s", error)
+
+    async def reload_checked(self) -> dict[str, Any]:
+        """What SIGHUP does, raising PolicyFileError or OSError (`igd-server reload`)."""
+        reloading()
+        try:
+            await self.reopen_logs()
+            return await self.reload_policy()
+        finally:
+            ready(f"serving {self.service.count()} mappings")
 
     async def reload_policy(self) -> dict[str, Any]:
         """Load the policy file again (PolicyFileError or OSError: the old policy stays)."""
         digest = file_digest(self.config.policy_file)
         policy = Policy.load(self.config.policy_file)
+        for warning in policy.warnings(wall=time.time()):
+            log.warning("policy %s", warning)
         self.policy = policy
         change = await self.service.reload(policy)
         self.policy_digest = digest
         self.policy_loaded = time.time()
         self.store.set_meta(POLICY_KEY, digest)
         log.info(
-            "policy reloaded from %s: %d rules; %d mappings it no longer allows removed",
+            "policy reloaded from %s: %d rules, %d forwards; %d mappings removed, %d forward"
+            " entries installed",
             self.config.policy_file,
             len(policy.rules),
+            len(policy.forwards),
             len(change.removed),
+            len(change.added),
         )
         return {
             "policy": str(self.config.policy_file),
             "sha256": digest,
             "rules": len(policy.rules),
+            "forwards": len(policy.forwards),
             "removed": [mapping_row(m, time.monotonic()) for m in change.removed],
         }
 
@@ -324,3 +396,4 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+

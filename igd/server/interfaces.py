@@ -72,6 +72,7 @@ class ExternalAddress:
         self.allow_private = allow_private
         self.current: IPv4Address | None = None
         self._warned: IPv4Address | None = None
+        self._read_once = False
 
     def read(self) -> IPv4Address | None:
         """The interface's address now (or the override), vetted; None when unusable."""
@@ -83,13 +84,17 @@ class ExternalAddress:
     def refresh(self) -> bool:
         """Re-read the address; True when what the gateway reports changed."""
         address = self.read()
-        if address == self.current:
-            return False
-        log.warning(
-            "external address on %s changed: %s -> %s", self.interface, self.current, address
-        )
+        first, self._read_once = not self._read_once, True
+        if first:
+            # The first reading is no change: say what it is, without a warning.
+            log.info("external address on %s: %s", self.interface, address or "none usable")
+        elif address != self.current:
+            log.warning(
+                "external address on %s changed: %s -> %s", self.interface, self.current, address
+            )
+        changed = address != self.current
         self.current = address
-        return True
+        return changed
 
     def _vet(self, address: IPv4Address) -> IPv4Address | None:
         if is_public(address):

@@ -138,11 +138,26 @@ class OptionRules:
 
     @staticmethod
     def echo(options: Options, mapping: Mapping) -> tuple[PcpOption, ...]:
-        """Only processed options go back (§7.3); DESCRIPTION as stored (RFC 7220 §3)."""
-        return tuple(
-            PcpDescription(mapping.description) if isinstance(o, PcpDescription) else o
-            for o in options.processed
-        )
+        """Only processed options go back (§7.3); DESCRIPTION as stored (RFC 7220 §3); the
+        FILTERs the mapping holds when they differ from those sent (a rule's remote_hosts
+        narrowed them), as §13.3 lets FILTER appear in a response to a request with FILTER."""
+        sent = [o for o in options.processed if isinstance(o, PcpFilter)]
+        named = {_remote_filter(o) for o in sent if o.prefix_length}
+        narrowed = bool(sent) and named != set(mapping.filters)
+        echoed: list[PcpOption] = []
+        for option in options.processed:
+            if isinstance(option, PcpDescription):
+                echoed.append(PcpDescription(mapping.description))
+            elif not isinstance(option, PcpFilter) or not narrowed:
+                echoed.append(option)
+            elif option is sent[0]:
+                echoed += [
+                    PcpFilter(
+                        96 + f.network.prefixlen, f.port, pcp.mapped(f.network.network_address)
+                    )
+                    for f in mapping.filters
+                ]
+        return tuple(echoed)
 
 
 def _check_filter(option: PcpFilter) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
 from igd.decision import Allow, Decision
-from igd.model import MapRequest, Mechanism, Protocol
+from igd.model import REQUESTED, MapRequest, Mechanism, Protocol
 from igd.policy import DEFAULTS_NAME, EMPTY_VIEW, Policy, PolicyFileError
 
 EXIT_ALLOW = 0
@@ -28,7 +29,11 @@ DEFAULT_LIFETIME = 7200
 def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `policy` command and its `check` and `explain` subcommands."""
     policy = subparsers.add_parser(
-        "policy", help="check a policy file or explain its decisions", description=__doc__
+        "policy",
+        help="check a policy file or explain its decisions",
+        description="Check policy files for mistakes, or show which rule decides a request and"
+        " why. The policy file says which LAN clients may map which ports; reference:"
+        " docs/policy.md.",
     )
     commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
 
@@ -48,7 +53,7 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "--client", required=True, type=_address, metavar="ADDRESS", help="requesting address"
     )
     explain.add_argument("--protocol", required=True, type=_lower, choices=list(Protocol))
-    explain.add_argument("--via", required=True, type=_lower, choices=list(Mechanism))
+    explain.add_argument("--via", required=True, type=_lower, choices=list(REQUESTED))
     explain.add_argument("--internal-port", required=True, type=_port(1), metavar="PORT")
     explain.add_argument(
         "--external-port",
@@ -106,10 +111,12 @@ def run_check(args: argparse.Namespace) -> int:
                 print(issue, file=sys.stderr)
             status = 1
             continue
-        for warning in policy.warnings():
+        for warning in policy.warnings(wall=time.time()):
             print(warning, file=sys.stderr)
         count = len(policy.rules)
-        print(f"{path}: OK ({count} rule{'' if count == 1 else 's'})")
+        forwards = len(policy.forwards)
+        also = f", {forwards} forward{'' if forwards == 1 else 's'}" if forwards else ""
+        print(f"{path}: OK ({count} rule{'' if count == 1 else 's'}{also})")
     return status
 
 
@@ -163,6 +170,7 @@ def explanation(policy: Policy, request: MapRequest, decision: Decision) -> dict
             "suggested_port": request.external_port or None,
             "suggested_port_honoured": _honoured(request, decision),
             "restrictions": list(decision.restrictions),
+            "remote_sources": _sources(decision),
         }
     else:
         result |= {"reason": str(decision.reason), "detail": decision.detail}
@@ -188,12 +196,24 @@ def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
         lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
         lines.append(f"external ports: {decision.external_ports}")
         lines.append(f"suggested port: {_suggestion(request, decision)}")
+        sources = _sources(decision)
+        if sources is not None:
+            lines.append(f"remote sources: {', '.join(sources)}")
         for index, note in enumerate(decision.restrictions or ("none",)):
             lines.append(f"{'restrictions:' if index == 0 else '':<15} {note}")
     else:
         lines.append(f"reason:         {decision.reason}")
         lines.append(f"detail:         {decision.detail}")
     return "\n".join(lines)
+
+
+def _sources(decision: Allow) -> list[str] | None:
+    """The sources a rule's remote_hosts let the mapping admit; None: any the request asks."""
+    if decision.filters is None:
+        return None
+    return [str(f.network) + (f" port {f.port}" if f.port else "") for f in decision.filters] or [
+        "the remote host asked for"
+    ]
 
 
 def _honoured(request: MapRequest, decision: Allow) -> bool | None:

@@ -114,7 +114,8 @@ class PxpServer:
         loop = self._loop = asyncio.get_running_loop()
         for interface in self.interfaces:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # No SO_REUSEADDR: UDP needs none to rebind after a restart, and without it no
+            # process started later can bind 5351 beside us (one socket per device is allowed).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             # Bound to the device, so a request arriving on the external interface (even one
             # addressed to a LAN address) never reaches us (RFC 6886 §3.3, RFC 6887 §8.2).

@@ -180,7 +180,11 @@ class Service:
         self, mappings: Iterable[Mapping], *, why: str, cause: RemovalCause = RemovalCause.CLIENT
     ) -> Change:
         """Remove mappings (as found by a query) from the table, the kernel and the store;
-        BackendError if the kernel or the store refused (the mappings then stay)."""
+        BackendError if the kernel or the store refused (the mappings then stay). A static
+        forward is removed only by its `until`, a reload or an address change: no client
+        and no admin command takes it (the policy file declares it)."""
+        if cause in (RemovalCause.CLIENT, RemovalCause.ADMIN):
+            mappings = [m for m in mappings if not m.is_static]
         change = self.gateway.remove(mappings, why=why)
         if change:
             self._changes += 1
@@ -193,9 +197,10 @@ class Service:
         return change
 
     async def delete(self, key: MappingKey) -> Mapping | None:
-        """Admin: remove the mapping with this key, whoever holds it; None if there is none."""
+        """Admin: remove the mapping with this key, whoever holds it; None if there is none
+        (a static forward is the policy file's to remove)."""
         mapping = self.holder(key)
-        if mapping is None:
+        if mapping is None or mapping.is_static:
             return None
         await self.remove([mapping], why="deleted by the admin", cause=RemovalCause.ADMIN)
         return mapping
@@ -211,7 +216,7 @@ class Service:
 
     async def reload(self, policy: Policy) -> Change:
         """Switch policy; mappings it refuses are removed."""
-        change = self.gateway.reload(policy, now=self.now())
+        change = self.gateway.reload(policy, now=self.now(), wall=time.time())
         if change:
             await self._commit_or_log(change, "policy reload", RemovalCause.POLICY_RELOAD)
         return change
@@ -248,9 +253,15 @@ class Service:
         forbidden = self.gateway.forbidden(now=self.now())
         for mapping, deny in forbidden:
             log.info("removing %s: %s (rule %r)", describe(mapping), deny.detail, deny.rule)
-        return await self.remove(
+        change = await self.remove(
             [m for m, _ in forbidden], why=ADDRESS_CHANGE, cause=RemovalCause.ADDRESS_CHANGE
         )
+        # Forwards the old addresses kept out (a target that was no LAN host) come back.
+        policy = self.gateway.policy
+        forwards = self.gateway.sync_forwards(policy, now=self.now(), wall=time.time())
+        if forwards:
+            await self._commit_or_log(forwards, "address change", RemovalCause.ADDRESS_CHANGE)
+        return Change((*change.removed, *forwards.removed), forwards.added)
 
     def publish(self, event: Event) -> None:
         """Report something an adapter saw (a dropped datagram) to every subscriber."""
@@ -277,15 +288,20 @@ class Service:
         """Put persisted mappings back at start (before anything is served): those dropped as
         expired or clashing, and those `recheck`'s policy refuses, leave the store too."""
         dropped = self.gateway.restore(persisted, now=now)
+        wall = time.time()
+        # The forwards come from the policy file, whatever the store held (docs/policy.md):
+        # `restore` dropped the stored ones, and both branches install the file's.
         if recheck is not None:
-            refused = self.gateway.reload(recheck, now=now)
+            refused = self.gateway.reload(recheck, now=now, wall=wall)
         else:
             # Same policy, but the addresses may differ: drop what points off the LAN.
             forbidden = self.gateway.forbidden(now=now)
-            refused = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
-        self.store.apply([*dropped, *refused.removed], [], Clock(mono=now))
+            gone = self.gateway.remove([m for m, _ in forbidden], why=ADDRESS_CHANGE)
+            forwards = self.gateway.sync_forwards(None, now=now, wall=wall)
+            refused = Change((*gone.removed, *forwards.removed), forwards.added)
+        self.store.apply([*dropped, *refused.removed], refused.added, Clock(mono=now))
         self._changes += 1
-        return dropped, refused
+        return dropped, Change(refused.removed, ())
 
     async def reconcile(self, *, now: float, audit_limit: int) -> ReconcileReport:
         """Make the kernel hold exactly the table's mappings (at start)."""
@@ -315,7 +331,12 @@ class Service:
 
     async def _commit_or_log(self, change: Change, what: str, cause: RemovalCause) -> bool:
         self._changes += 1
-        events = tuple(MappingRemoved(m, cause) for m in change.removed)
+        events: tuple[Event, ...] = tuple(MappingRemoved(m, cause) for m in change.removed)
+        # Only forwards are added by a reload or an address change: installed by the admin.
+        events += tuple(
+            MappingGranted(m, _forward_request(m), f"forward {m.description!r}")
+            for m in change.added
+        )
         try:
             await self.committer.commit(change, events)
         except BackendError as error:
@@ -333,6 +354,22 @@ class Service:
     def _watch_deadline(self, expires: float) -> None:
         if self._armed is None or expires < self._armed:
             self._rearm.set()
+
+
+def _forward_request(mapping: Mapping) -> MapRequest:
+    """What the admin's forward "asked" for, for the event that reports its installation."""
+    return MapRequest(
+        mechanism=mapping.owner.mechanism,
+        client=mapping.owner.client,
+        protocol=mapping.protocol,
+        internal_address=mapping.internal_address,
+        internal_port=mapping.internal_port,
+        external_port=mapping.external_port,
+        lifetime=1,
+        description=mapping.description,
+        filters=mapping.filters,
+        exact_port=True,
+    )
 
 
 __all__ = ["MAX_BATCH", "Granted", "Refused", "Service", "merge"]

@@ -44,3 +44,13 @@ def test_upnp_codes() -> None:
     assert upnp_error(725, None).advice is Advice.CHANGE_REQUEST
     assert upnp_error(714, None).advice is Advice.NOT_FOUND
     assert upnp_error(899, "vendor").code == 899
+
+
+def test_only_transient_pcp_errors_suggest_a_retry() -> None:
+    # RFC 6887 §7.4: a long-lifetime error (policy) holds for its lifetime and is not a
+    # "try again later"; a short one (quota, no resources) is.
+    refused = pcp_error(PcpResult.NOT_AUTHORIZED, 1800)
+    assert (refused.retry_after, refused.error_lifetime) == (None, 1800)
+    assert refused.advice is Advice.NOT_AUTHORIZED
+    busy = pcp_error(PcpResult.NO_RESOURCES, 30)
+    assert (busy.retry_after, busy.error_lifetime, busy.advice) == (30, 30, Advice.RETRY_LATER)

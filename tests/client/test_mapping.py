@@ -92,6 +92,8 @@ class Gateway:
 class Owner:
     def __init__(self, time: FakeTime) -> None:
         self.clock = time
+        self.wall_clock = lambda: 1_800_000_000.0 + time.now
+        self.request_timeout = 30.0
         self.forgotten: list[Mapping] = []
         self.epochs: list[int | None] = []
 

@@ -12,9 +12,15 @@ from lab import Lab
 IGD = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "igd")
 
 
-def igd(lab: Lab, *args: str, stdin: str | None = None) -> tuple[int, Any]:
-    """`igd --json ARGS` on lan1: its exit code and its last JSON line (or its stderr)."""
-    proc = lab.run("lan1", [IGD, "--json", *args], check=False, timeout=60, input=stdin)
+def state_file(lab: Lab) -> str:
+    """The lab's own `igd` state file (the user's real one is never touched by tests)."""
+    return str(lab.workdir / "igd-state.json")
+
+
+def igd(lab: Lab, *args: str, stdin: str | None = None, host: str = "lan1") -> tuple[int, Any]:
+    """`igd --json ARGS` on `host`: its exit code and its last JSON line (or its stderr)."""
+    argv = [IGD, "--json", "--state-file", state_file(lab), *args]
+    proc = lab.run(host, argv, check=False, timeout=60, input=stdin)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("{", "["))]
     return proc.returncode, json.loads(lines[-1]) if lines else proc.stderr
 

@@ -10,6 +10,7 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from lab import Lab
 from lab.bench_client import client_python
 from lab.demo import DemoError, connect, start_service, wait_for_gateway
-from tests.lab.client_run import IGD, igd, renew_script
+from tests.lab.client_run import IGD, igd, renew_script, state_file
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "lab.toml"
@@ -186,6 +187,10 @@ def test_policy_refusal_is_a_typed_error_and_exit_code_4(lab: Lab, via: str) -> 
     )  # fmt: skip
     if via == "upnp":
         assert error["code"] == 606  # IGD:2 Action Not Authorized
+    # A policy refusal is not "try again later" (RFC 6887 §7.4: it holds for its lifetime).
+    assert error["retry_after"] is None
+    if via == "pcp":
+        assert error["error_lifetime"] > 0
     assert kernel_ports(lab) == []
     assert "refused" in lab.gateway_log()
 
@@ -228,6 +233,10 @@ def test_probe_sees_all_three_mechanisms_and_a_public_address(public_lab: Lab) -
     assert "igd-server" in upnp
     [device] = {d["location"]: d for d in report["upnp_devices"]}.values()
     assert device["source"] == [lab.gateway.address, 1900]
+    trace = report["trace"]
+    assert "chosen: pcp" in trace[-1]
+    for heard in ("pcp: available", "natpmp: available", f"{lab.gateway.address}:1900 names"):
+        assert any(heard in line for line in trace), (heard, trace)
 
 
 def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
@@ -238,9 +247,193 @@ def test_cli_map_leaves_the_mapping_and_unmap_removes_it(lab: Lab) -> None:
     assert kernel_ports(lab) == []
 
 
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp", ""])
+def test_cli_map_twice_refreshes_and_list_unmap_work_across_runs(lab: Lab, via: str) -> None:
+    forced = ["--via", via] if via else []
+    code, first = igd(lab, "map", "8080/tcp", *forced, "--lifetime", "300")
+    assert code == 0, first
+    port, mechanism = first["external_port"], first["mechanism"]
+    assert mechanism == (via or "pcp")
+    # The lease end, wall clock: what a user compares with `date`.
+    left = datetime.fromisoformat(first["expires_at"]) - datetime.now(UTC)
+    assert 290 < left.total_seconds() <= 301 and 290 < first["remaining"] <= 300
+    # A second run refreshes the same mapping (PCP: same nonce; a new one is refused).
+    code, second = igd(lab, "map", "8080/tcp", *forced, "--lifetime", "300")
+    assert code == 0, second
+    assert (second["mechanism"], second["external_port"], second["nonce"]) == (
+        mechanism, port, first["nonce"],
+    )  # fmt: skip
+    assert any("earlier run" in note for note in second["notes"])
+    assert kernel_ports(lab) == [port]
+    code, rows = igd(lab, "list")  # this user's mappings, whatever the mechanism
+    assert code == 0
+    assert [(r["mechanism"], r["internal_port"], r["external_port"]) for r in rows] == [
+        (mechanism, 8080, port)
+    ]
+    assert igd(lab, "unmap", "8080/tcp")[0] == 0  # no --via, no --nonce: the state knows
+    assert kernel_ports(lab) == []
+    assert igd(lab, "list") == (0, [])
+
+
+# In the lab's LAN, where no host answers (the packets stay in the test's namespaces).
+ABSENT = "192.168.77.99"
+
+
+def test_timeout_bounds_the_whole_command(lab: Lab) -> None:
+    started = time.monotonic()
+    code, error = igd(
+        lab, "--timeout", "1", "--gateway", ABSENT, "map", "8080/tcp", "--via", "natpmp"
+    )
+    assert time.monotonic() - started < 5  # was 30 s: the library's request timeout
+    assert (code, error["type"], error["advice"]) == (3, "GatewayTimeout", "check-network")
+
+
+def test_a_named_gateway_is_the_only_one_used(lab: Lab) -> None:
+    # igd-server on the real gateway answers the multicast SSDP search; it must not be used
+    # when the user named another address.
+    code, error = igd(lab, "map", "8080/tcp", "--via", "upnp", "--gateway", ABSENT)
+    assert code == 3, error
+    assert ABSENT in error["error"]
+    assert kernel_ports(lab) == []
+    code, report = igd(lab, "probe", "--gateway", ABSENT, "--timeout", "3")
+    assert (code, report["chosen"]) == (3, None)
+    assert not report["mechanisms"]["upnp"]["available"]
+    assert report["upnp_devices"] == []
+    # The debug trace shows why: the real gateway answered and was left out.
+    ignored = f"ignoring http://{lab.gateway.address}:5000/"
+    assert any(ignored in line for line in report["trace"]), report["trace"]
+
+
+_ASYNC_WITH = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper(**json.loads(sys.argv[1])) as pm:
+        async with pm.map(8080, "tcp", lifetime=600) as m:
+            again = await pm.map(8080, "tcp", lifetime=600)
+            probed = pm.last_probe and sorted(r.mechanism.value for r in pm.last_probe.reports)
+            print(json.dumps({"mechanism": m.mechanism.value, "port": m.external_port,
+                              "same": again is m, "probed": probed}), flush=True)
+            sys.stdin.readline()
+        print(json.dumps({"held": len(pm.mappings)}), flush=True)
+        sys.stdin.readline()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "mechanism", "probed"),
+    [
+        ({}, "pcp", ["natpmp", "pcp", "upnp"]),
+        ({"disable": ["pcp", "natpmp"]}, "upnp", ["upnp"]),
+        ({"force": "natpmp"}, "natpmp", None),  # forced: no probe at all
+    ],
+)
+def test_async_with_releases_and_mechanisms_can_be_turned_off_or_forced(
+    lab: Lab, options: dict[str, Any], mechanism: str, probed: list[str] | None
+) -> None:
+    proc = lab.python_popen(
+        "lan1", ["-c", _ASYNC_WITH, json.dumps(options)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the client did not map in time"
+    inside = json.loads(proc.stdout.readline())
+    # Mapping the same port again in one process gives the same mapping, not a refusal.
+    assert (inside["mechanism"], inside["same"], inside["probed"]) == (mechanism, True, probed)
+    assert kernel_ports(lab) == [inside["port"]]
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"held": 0}
+    assert kernel_ports(lab) == []  # released at the end of the block, mapper still open
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.wait(15) == 0
+
+
+def test_every_default_route_gateway_is_probed(lab: Lab) -> None:
+    # The preferred default route leads to an address where nothing answers; the second
+    # one to the gateway. Probing only the first route's gateway found nothing.
+    for command in (
+        ["ip", "route", "del", "default"],
+        ["ip", "route", "add", "default", "via", ABSENT, "metric", "10"],
+        ["ip", "route", "add", "default", "via", lab.gateway.address, "metric", "20"],
+    ):
+        lab.run("lan1", command)
+    code, report = igd(lab, "probe")
+    assert code == 0, report
+    assert (report["gateway"], report["chosen"]) == (lab.gateway.address, "pcp")
+    assert f"default route via {ABSENT}: nothing answers" in report["trace"]
+    code, mapping = igd(lab, "map", "8080/tcp", "--lifetime", "300")
+    assert code == 0, mapping
+    assert kernel_ports(lab) == [mapping["external_port"]]
+    assert igd(lab, "unmap", "8080/tcp")[0] == 0
+    assert kernel_ports(lab) == []
+
+
+_MOVE = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper(network_check=0.5, recovery_delay=0.5) as pm:
+        m = await pm.map(8080, "tcp", lifetime=120)
+        m.subscribe(lambda e: print(json.dumps({"event": e.kind.value, "port": e.external_port,
+                                                 "internal": str(m.internal_address)}),
+                                    flush=True))
+        print(json.dumps({"event": "mapped", "port": m.external_port,
+                          "internal": str(m.internal_address)}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def test_a_new_local_address_is_noticed_and_the_mapping_made_again(lab: Lab) -> None:
+    start_service(lab, "lan1", 8080)
+    proc = lab.python_popen(
+        "lan1", ["-c", _MOVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    mapped = _next_event(proc, "mapped", 20)
+    assert mapped["internal"] == lab.lan[0].address
+    moved = "192.168.77.50"
+    lab.run("lan1", ["ip", "address", "add", f"{moved}/24", "dev", "eth0"])
+    # From now on the host speaks from the new address (as after a DHCP renumbering).
+    lan = "192.168.77.0/24"
+    lab.run("lan1", ["ip", "route", "replace", lan, "dev", "eth0", "scope", "link", "src", moved])
+    event = _next_event(proc, "recreated", 10)
+    assert event["internal"] == moved
+    # The gateway still holds the old mapping until its lease ends, so the new one may have
+    # another port; whichever it got, it reaches the service at the new address.
+    assert event["port"] in kernel_ports(lab)
+    assert "hello" in connect(lab, "wan1", lab.gateway.external_address, event["port"])
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    proc.wait(15)
+
+
+def doc_examples() -> list[str]:
+    """The complete programs of docs/client.md (its ```python blocks)."""
+    text = (REPO / "docs" / "client.md").read_text()
+    return [block.split("\n```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_every_python_example_in_the_docs_runs(lab: Lab) -> None:
+    examples = doc_examples()
+    assert len(examples) >= 6
+    # The examples use the default state directory; point it into the lab's workdir.
+    prelude = f"import os; os.environ['XDG_STATE_HOME'] = {str(lab.workdir)!r}\n"
+    for example in examples:
+        proc = lab.python("lan1", prelude + example, check=False, timeout=60)
+        assert proc.returncode == 0, (example, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert kernel_ports(lab) == []  # every example cleaned up after itself
+
+
 def test_no_gateway_is_exit_code_3(lab: Lab) -> None:
     lab.stop_gateway()
-    proc = lab.run("lan1", [IGD, "--timeout", "0.5", "probe"], check=False, timeout=60)
+    argv = [IGD, "--timeout", "0.5", "--state-file", state_file(lab), "probe"]
+    proc = lab.run("lan1", argv, check=False, timeout=60)
     assert proc.returncode == 3
 
 
@@ -257,6 +450,12 @@ with SyncPortMapper() as pm:
     time.sleep(3)  # past the first lifetime: the background thread renews
     renewed = m.wait_for(EventKind.RENEWED, within=5)
     print(json.dumps({"renewed": renewed.kind.value, "port": m.external_port}), flush=True)
+    before = m.expires_at
+    answer = m.renew()  # blocks until the gateway granted the lease again
+    print(json.dumps({"renew": answer, "later": m.expires_at > before}), flush=True)
+    events = m.events()  # a blocking iterator: the next renewal comes within a second
+    print(json.dumps({"next": next(events).kind.value}), flush=True)
+    events.close()
     sys.stdin.readline()
     m.release()
     print(json.dumps({"released": m.released}), flush=True)
@@ -288,6 +487,8 @@ def test_sync_wrapper_maps_reads_renews_and_releases(lab: Lab, via: str) -> None
         "renewed": "renewed", "port": mapping["external_port"],
     }  # fmt: skip
     assert kernel_ports(lab) == [mapping["external_port"]]  # still there after 2 lifetimes
+    assert json.loads(proc.stdout.readline()) == {"renew": None, "later": True}
+    assert json.loads(proc.stdout.readline()) == {"next": "renewed"}
     proc.stdin.write("\n")
     proc.stdin.flush()
     assert json.loads(proc.stdout.readline()) == {"released": True}

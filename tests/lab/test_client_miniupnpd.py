@@ -15,7 +15,7 @@ from lab import Lab
 from lab.bench_client import CLIENT_OPTIONS, client_python
 from lab.demo import DemoError, connect, start_service
 from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd
-from tests.lab.client_run import IGD, igd, renew_script
+from tests.lab.client_run import IGD, igd, renew_script, state_file
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,10 @@ def test_probe_finds_all_three_and_a_public_address(lab: Lab) -> None:
 def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(
     lab: Lab, mini: Miniupnpd, via: str
 ) -> None:
+    argv = [IGD, "--json", "--state-file", state_file(lab), "map", "8080/tcp", "--via", via]
     proc = lab.popen(
         "lan1",
-        [IGD, "--json", "map", "8080/tcp", "--via", via, "--lifetime", "300", "--keep"],
+        [*argv, "--lifetime", "300", "--keep"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -75,12 +76,37 @@ def test_map_is_reachable_from_the_wan_and_release_removes_the_rule(
 
 def test_upnp_list_and_unmap(lab: Lab) -> None:
     assert igd(lab, "map", "8080/udp", "--via", "upnp", "--description", "listed")[0] == 0
-    code, rows = igd(lab, "list")
+    code, rows = igd(lab, "list", "--router")
     assert code == 0
     assert [(r["external_port"], r["protocol"], r["description"]) for r in rows] == [
         (8080, "udp", "listed")
     ]
     assert igd(lab, "unmap", "8080/udp", "--via", "upnp")[0] == 0
+    assert igd(lab, "list", "--router") == (0, [])
+    assert igd(lab, "list") == (0, [])
+
+
+@pytest.mark.parametrize("via", ["pcp", "natpmp", "upnp"])
+def test_map_twice_refreshes_and_unmap_needs_no_nonce(lab: Lab, mini: Miniupnpd, via: str) -> None:
+    code, first = igd(lab, "map", "8082/tcp", "--via", via, "--lifetime", "300")
+    assert code == 0, first
+    port = first["external_port"]
+    # Another run, no --via: the state file says how the mapping was made (PCP: its nonce;
+    # a new nonce for the same internal port would be refused).
+    code, second = igd(lab, "map", "8082/tcp", "--lifetime", "300")
+    assert code == 0, second
+    assert (second["mechanism"], second["external_port"], second["nonce"]) == (
+        via, port, first["nonce"],
+    )  # fmt: skip
+    assert mini.dnat_rules().count(f"dport {port} dnat") == 1
+    code, rows = igd(lab, "list")
+    assert code == 0
+    assert [(r["mechanism"], r["internal_port"], r["external_port"]) for r in rows] == [
+        (via, 8082, port)
+    ]
+    assert 250 < rows[0]["remaining"] <= 300
+    assert igd(lab, "unmap", "8082/tcp")[0] == 0  # no --via, no --nonce
+    assert mini.dnat_rules() == ""
     assert igd(lab, "list") == (0, [])
 
 

@@ -428,6 +428,17 @@ def test_office_policy() -> None:
     guest_request = request(client=guest, internal_address=guest)
     assert verdict(office, guest_request) == ("policy-denied", "guest network")
 
+    portal, erp = office.forwards
+    assert (portal.first_port, str(portal.internal_address), portal.internal_port) == (
+        443,
+        "10.20.0.60",
+        8443,
+    )
+    assert erp.until is not None
+    # Before its end both are installed; after it only the portal.
+    assert len(office.forward_mappings(now=0, wall=erp.until - 1)) == 2
+    assert len(office.forward_mappings(now=0, wall=erp.until)) == 1
+
 
 def test_lab_policy() -> None:
     lab = Policy.load(POLICIES / "lab.toml")

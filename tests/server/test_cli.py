@@ -168,3 +168,21 @@ def test_refuses_extra_external_addresses_that_are_not_ipv4(tmp_path: Path) -> N
     assert "network.extra_external_addresses: not an IPv4 address: '2001:db8::1'" in started.stderr
     assert "network.extra_external_addresses: want a string, got integer" in started.stderr
     assert "198.51.100.9" not in started.stderr
+
+
+def test_help_texts_are_written_for_admins() -> None:
+    top = run("--help").stdout
+    assert "igd-server init /etc/igd" in top and "exit status:" in top
+    policy = run("policy", "--help").stdout
+    assert "docs/policy.md" in policy
+    assert "add_policy_commands" not in policy and "args.handler" not in policy
+    started = run("run", "--help").stdout
+    assert "configuration file (default /etc/igd/config.toml)" in started
+    assert "kept in memory only (no nftables table, no lease file)" in " ".join(started.split())
+
+
+def test_log_level_is_a_checked_setting(tmp_path: Path) -> None:
+    config = write_config(tmp_path, GOOD_POLICY, '[log]\nlevel = "loud"\n')
+    result = run("config", "check", str(config))
+    assert result.returncode == 1
+    assert 'log.level: want "debug", "info", "warning" or "error", not \'loud\'' in result.stderr

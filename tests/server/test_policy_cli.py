@@ -147,6 +147,7 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
             "external ports limited to 1024-65535 by deny rule 'privileged external ports'",
             "suggested external port 80 is not allowed; the gateway assigns another",
         ],
+        "remote_sources": None,
     }
     assert main(explain("--internal-port", "445", "--json")) == 1
     deny = json.loads(capsys.readouterr().out)
@@ -194,3 +195,37 @@ def test_commands_plug_into_the_daemons_parser(capsys: pytest.CaptureFixture[str
     assert args.handler(args) == 0
     assert capsys.readouterr().out == f"{HOME}: OK (3 rules)\n"
     assert not hasattr(parser.parse_args(["run"]), "handler")
+
+
+def test_explain_shows_the_sources_a_rule_admits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[[rules]]\nname = "partners"\naction = "allow"\nremote_hosts = ["198.51.100.0/24"]\n'
+    )
+    args = ["policy", "explain", "--policy", str(policy), "--client", "192.168.1.20"]
+    args += ["--protocol", "tcp", "--via", "pcp", "--internal-port", "8080"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "remote sources: 198.51.100.0/24\n" in out
+    assert "remote sources limited to 198.51.100.0/24 by rule 'partners'" in out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["remote_sources"] == ["198.51.100.0/24"]
+
+
+def test_check_counts_forwards_and_warns_of_one_that_ended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        '[[forwards]]\nname = "old"\nprotocols = ["tcp"]\nexternal_ports = "8000"\n'
+        'internal_address = "192.168.1.5"\nuntil = 2020-01-01T00:00:00Z\n'
+    )
+    assert main(["policy", "check", str(policy)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{policy}: OK (0 rules, 1 forward)\n"
+    assert captured.err == (
+        f"{policy}:6: forwards[0].until: warning: forward 'old' ended at 2020-01-01T00:00:00Z;"
+        " it is not installed\n"
+    )

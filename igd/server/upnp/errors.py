@@ -93,9 +93,14 @@ class UpnpError(Exception):
         return SoapFault(self.code, f"{name}: {self.detail}" if self.detail else name)
 
 
+_SAME_MECHANISM = (None, Mechanism.UPNP, Mechanism.STATIC)
+
+
 def refusal_code(reason: Reason, version: int, holder: Mechanism | None = None) -> int:
     """The code refusing a mapping request; v2 tells a port held over NAT-PMP/PCP apart."""
-    if version >= 2 and reason is Reason.PORT_IN_USE and holder not in (None, Mechanism.UPNP):
+    # A static forward is the admin's entry in the same table: 718, as miniupnpd answers
+    # for a port its own permanent rules hold.
+    if version >= 2 and reason is Reason.PORT_IN_USE and holder not in _SAME_MECHANISM:
         # WANIPConnection:2: 729 when the port is taken by another mapping mechanism.
         return CONFLICT_WITH_OTHER_MECHANISMS
     return CODE_FOR[min(version, 2)][reason]

@@ -108,6 +108,10 @@ class MappingActions:
         mapping = self.service.holder(key)
         if mapping is None:
             raise UpnpError(errors.NO_SUCH_ENTRY, "no such mapping")
+        if mapping.is_static and self.manager(client):
+            # Read-only: the admin declared it in the policy file, which alone removes it.
+            code = errors.NOT_AUTHORIZED if version >= 2 else errors.NO_SUCH_ENTRY
+            raise UpnpError(code, "the mapping is a forward declared by the admin")
         if mapping.owner.client != client and not self.manager(client):
             # v1 has no 606 for this action; miniupnpd answers 714 there as well.
             code = errors.NOT_AUTHORIZED if version >= 2 else errors.NO_SUCH_ENTRY
@@ -116,7 +120,9 @@ class MappingActions:
 
     async def delete_range(self, args: Args, client: IPv4Address) -> None:
         """DeletePortMappingRange (v2)."""
-        doomed = self._select(args, client)
+        doomed = [m for m in self._select(args, client) if not m.is_static]
+        if not doomed:
+            raise UpnpError(errors.NOT_FOUND, "only forwards declared by the admin in that range")
         await self._remove(doomed, client)
 
     async def _remove(self, mappings: list[Mapping], client: IPv4Address) -> None:

@@ -16,7 +16,7 @@ from igd.proto import soap, ssdp
 from igd.server.upnp import http
 from igd.server.upnp.ssdp import SsdpResponder
 from tests.server.upnp.rig import Rig
-from tests.server.upnp.test_ssdp import searcher, started, unicast
+from tests.server.upnp.test_ssdp_abuse import searcher, started, unicast
 
 # Inputs per run: the hypothesis profile's example count (100 normally, far more with
 # --hypothesis-profile=fuzz), times these factors.

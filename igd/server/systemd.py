@@ -1,0 +1,105 @@
+"""Living under a service manager: sd_notify readiness messages and log lines for journald.
+
+No dependency: the notify protocol is one datagram on the Unix socket named by $NOTIFY_SOCKET
+(sd_notify(3)); journald reads a `<priority>` prefix on each line of a stream (SyslogLevelPrefix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from typing import TextIO
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+# syslog(3) priorities for journald's "<N>" line prefix.
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def notify(*fields: str) -> bool:
+    """Send `READY=1`-style fields to the service manager; False when none listens."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError:
+        return False
+    return True
+
+
+def ready(status: str) -> bool:
+    """Tell the manager the daemon serves (after the kernel was reconciled)."""
+    return notify("READY=1", f"STATUS={status}")
+
+
+def reloading() -> bool:
+    """Tell the manager a reload began; `ready` ends it."""
+    # MONOTONIC_USEC lets Type=notify-reload managers (systemd 253+) match the reload.
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify("RELOADING=1", f"MONOTONIC_USEC={now}")
+
+
+def stopping() -> bool:
+    """Tell the manager the daemon is stopping."""
+    return notify("STOPPING=1")
+
+
+def journal_stream(stream: TextIO) -> bool:
+    """Whether `stream` is connected to journald ($JOURNAL_STREAM names its device:inode)."""
+    wanted = os.environ.get("JOURNAL_STREAM", "")
+    if not wanted:
+        return False
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        info = os.fstat(stream.fileno())
+        return wanted == f"{info.st_dev}:{info.st_ino}"
+    return False
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every record on one line: continuation lines and tracebacks joined with ` | `."""
+
+    def __init__(self, *, timestamps: bool, priority: bool) -> None:
+        stamp = "%(asctime)s " if timestamps else ""
+        level = "" if priority else "%(levelname)s "
+        super().__init__(f"{stamp}{level}%(name)s: %(message)s")
+        self.priority = priority
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line, with journald's priority prefix when asked."""
+        text = " | ".join(line.strip() for line in super().format(record).splitlines() if line)
+        if self.priority:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+        return text
+
+
+def setup_logging(level: int, stream: TextIO | None = None) -> None:
+    """Log to stderr, one line per record; no timestamps when systemd adds its own."""
+    stream = sys.stderr if stream is None else stream
+    journal = journal_stream(stream)
+    # Under systemd (INVOCATION_ID) whatever collects the output stamps each line already.
+    managed = journal or bool(os.environ.get("INVOCATION_ID"))
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLineFormatter(timestamps=not managed, priority=journal))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
