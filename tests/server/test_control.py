@@ -331,3 +331,19 @@ def test_commands_without_a_daemon_or_with_bad_arguments(tmp_path: Path) -> None
     assert port.returncode == 2 and "want a port 1-65535" in port.stderr
     client = cli("flush", "--client", "lan-host", "--socket", str(tmp_path / "none.sock"))
     assert client.returncode == 2 and "not an IPv4 address" in client.stderr
+
+
+async def test_a_static_forward_is_the_policy_files_to_remove(running: Running) -> None:
+    (running.folder / "policy.toml").write_text(
+        POLICY + '\n[[forwards]]\nname = "web"\nprotocols = ["tcp"]\nexternal_ports = "8443"\n'
+        'internal_address = "127.0.0.9"\n'
+    )
+    await running.ask("reload")
+    await running.map(Mechanism.NATPMP, A, 4000)
+    with pytest.raises(Refused, match="static forward of the policy file"):
+        await running.ask("delete", {"protocol": "tcp", "external_port": 8443})
+    result = await running.ask("flush")
+    assert [m["external_port"] for m in result["removed"]] == [4000]  # type: ignore[index]
+    with pytest.raises(Refused, match="mechanism: want"):
+        await running.ask("flush", {"mechanism": "static"})
+    assert running.ports() == await running.kernel_ports() == {8443}
