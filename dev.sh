@@ -28,6 +28,7 @@ APT_PACKAGES=(
     miniupnpc
     miniupnpd-nftables
     conntrack
+    hping3
     socat
     iputils-ping
     procps

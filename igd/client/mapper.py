@@ -188,7 +188,9 @@ class PortMapper:
                     )  # fmt: skip
                 for report in result.reports:
                     if report.epoch is not None and report.mechanism in self._epochs:
-                        self._epochs[report.mechanism].observe(report.epoch, now=self.clock())
+                        # Through the epoch test: a probe that finds the gateway restarted
+                        # re-creates the mappings, as an answer or announcement would.
+                        self._epoch(report.mechanism, report.epoch)
                 if result.upnp is not None and self._upnp is None:
                     boot = (r.boot_id for r in result.ssdp if r.location == result.upnp.location)
                     self._use_upnp(result.upnp, next(boot, None))

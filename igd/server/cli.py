@@ -286,7 +286,10 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
     """A table for people."""
     if not mappings:
         return "no mappings"
-    header = ("PROTO", "EXTERNAL", "INTERNAL", "LEASE", "VIA", "CLIENT", "DESCRIPTION")
+    header = (
+        "PROTO", "EXTERNAL", "INTERNAL", "LEASE", "PACKETS", "BYTES", "VIA", "CLIENT",
+        "DESCRIPTION",
+    )  # fmt: skip
     rows = [header]
     for m in mappings:
         external = str(m["external_port"])
@@ -302,6 +305,8 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
                 "-"
                 if m["mechanism"] == "static" and not m["lease_remaining"]
                 else f"{m['lease_remaining']}s",
+                str(m.get("packets", 0)),
+                str(m.get("bytes", 0)),
                 m["mechanism"],
                 m["client"],
                 m["description"],

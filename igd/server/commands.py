@@ -51,7 +51,7 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
 
     async def listing(args: dict[str, Any]) -> Any:
         _no_args(args, ())
-        return daemon.list_mappings()
+        return await daemon.list_mappings()
 
     async def status(args: dict[str, Any]) -> Any:
         _no_args(args, ())

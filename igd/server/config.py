@@ -94,6 +94,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
         "wait_for_interfaces": (boolean, False),
+        "hairpin": (boolean, True),
     },
     "state": {"directory": (string, "/var/lib/igd")},
     "policy": {"file": (string, "/etc/igd/policy.toml")},
@@ -108,7 +109,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "http_port": (integer(1, 65535), 5000),
         "igd_version": (_choice(1, 2, "auto"), "auto"),
     },
-    "nftables": {"table": (string, "igd"), "on_stop": (_choice("keep", "flush"), "keep")},
+    "nftables": {
+        "table": (string, "igd"),
+        "on_stop": (_choice("keep", "flush"), "keep"),
+        "counters": (boolean, True),
+    },
     "limits": {
         "requests_per_second_per_client": (_number, 500.0),
         "burst_per_client": (integer(1), 1000),
@@ -120,7 +125,31 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "audit_max_bytes": (integer(0), 0),
         "audit_keep": (integer(1, 1000), 5),
     },
+    "upstream": {
+        "mode": (_choice("off", "auto", "pcp", "natpmp", "upnp"), "off"),
+        "gateway": (_address, None),
+        "reply_wait": (_number, 2.0),
+        "lifetime": (integer(30, 86400), 3600),
+        "check_interval": (_number, 30.0),
+    },
 }
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """The `[upstream]` section (igd/server/upstream.py): double NAT mirroring."""
+
+    mode: str = "off"
+    """off, auto (only behind a private, shared or reserved external address), or a
+    mechanism: pcp, natpmp, upnp."""
+    address: IPv4Address | None = None
+    """The upstream gateway (key `gateway`); None: the default route's."""
+    reply_wait: float = 2.0
+    """How long a NAT-PMP/PCP reply waits for the upstream mapping."""
+    lifetime: int = 3600
+    """The upstream lease asked for (renewed on its own schedule)."""
+    check_interval: float = 30.0
+    """How often the upstream is probed: noticed gone, restarted (epoch), back."""
 
 
 class ConfigError(FileError):
@@ -157,6 +186,11 @@ class Config:
     burst_per_client: int
     control_socket: Path
     log_level: str
+    hairpin: bool = True
+    """LAN hosts reach mappings through the external address (NAT loopback)."""
+    traffic_counters: bool = True
+    """Count packets and bytes per mapping in the kernel."""
+    upstream: UpstreamSettings = UpstreamSettings()
     audit_file: Path | None = None
     """The audit log (JSON lines, igd/server/audit.py); None: no audit log."""
     audit_max_bytes: int = 0
@@ -217,6 +251,15 @@ class Config:
             burst_per_client=limits["burst_per_client"],
             control_socket=base / control if control else state / "control.sock",
             log_level=values["log"]["level"],
+            hairpin=net["hairpin"],
+            traffic_counters=values["nftables"]["counters"],
+            upstream=UpstreamSettings(
+                mode=values["upstream"]["mode"],
+                address=values["upstream"]["gateway"],
+                reply_wait=values["upstream"]["reply_wait"],
+                lifetime=values["upstream"]["lifetime"],
+                check_interval=values["upstream"]["check_interval"],
+            ),
             audit_file=base / audit["audit_file"] if audit["audit_file"] else None,
             audit_max_bytes=audit["audit_max_bytes"],
             audit_keep=audit["audit_keep"],

@@ -44,6 +44,7 @@ from igd.server.service import Service
 from igd.server.store import POLICY_KEY, Clock, LeaseStore, file_digest
 from igd.server.systemd import ready, reloading, stopping
 from igd.server.upnp import UpnpServer
+from igd.server.upstream import Upstream
 
 log = logging.getLogger("igd.daemon")
 
@@ -100,10 +101,12 @@ class Daemon:
                 config.external_interface,
             )
         self.interfaces = [internal_interface(name) for name in config.internal_interfaces]
+        mirroring = config.upstream.mode != "off"
         self.external = ExternalAddress(
             config.external_interface,
             override=config.external_address,
-            allow_private=config.allow_private_external,
+            # Behind a double NAT the private address is served, and mirrored upstream.
+            allow_private=config.allow_private_external or mirroring,
         )
         if dry_run:
             self.store = LeaseStore(Path(":memory:"))
@@ -116,7 +119,11 @@ class Daemon:
                 config.upnp_http_port if config.upnp_enabled else None,
             )
             self.backend = NftablesBackend(
-                config.nftables_table, config.external_interface, guard=guard
+                config.nftables_table,
+                config.external_interface,
+                guard=guard,
+                hairpin=config.hairpin,
+                counters=config.traffic_counters,
             )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
@@ -131,6 +138,10 @@ class Daemon:
         self.service = Service(gateway, self.backend, self.store)
         self.host_ports = HostPorts(self.destinations)
         self.service.before_map = self._refresh_host_ports
+        self.upstream: Upstream | None = None
+        if mirroring:
+            self.upstream = Upstream(config.upstream, self.external)
+            self.service.upstream = self.upstream
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
         if config.pcp_enabled:
@@ -162,6 +173,8 @@ class Daemon:
                 igd_version=config.upnp_igd_version,
                 store=self.store,
             )
+        self.kernel_restores = 0
+        """Times the nftables table was restored after another program removed it."""
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -182,6 +195,7 @@ class Daemon:
                 group.create_task(self.service.run_committer()),
                 group.create_task(self.service.run_expiry()),
                 group.create_task(self._watch_address()),
+                group.create_task(self.backend.watch(self._restore_kernel)),
                 group.create_task(self.pxp.announce()),
                 group.create_task(self.pxp.run()),
             ]
@@ -189,6 +203,8 @@ class Daemon:
                 tasks.append(group.create_task(self.upnp.run()))
             if self.audit is not None:
                 tasks.append(group.create_task(self.audit.follow(self._audited)))
+            if self.upstream is not None:
+                tasks.append(group.create_task(self.upstream.run(self.service)))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -268,6 +284,8 @@ class Daemon:
         if self.upnp is not None:
             await self.upnp.stop()
         await self.control.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         flush = self.config.flush_on_stop
         await self.backend.close(flush=flush)
         if flush:
@@ -328,10 +346,27 @@ class Daemon:
         if self.audit is not None:
             await self.audit.reopen()
 
-    def list_mappings(self) -> list[dict[str, Any]]:
-        """The current mappings, for `igd-server list`."""
+    async def list_mappings(self) -> list[dict[str, Any]]:
+        """The current mappings with their traffic, for `igd-server list`."""
+        try:
+            counts = await self.backend.counters()
+        except BackendError as error:
+            log.error("cannot read the traffic counters: %s", error)
+            counts = {}
         now = time.monotonic()
-        return [mapping_row(m, now) for m in self.service.mappings()]
+        rows = []
+        for m in self.service.mappings():
+            packets, octets = counts.get(m.key, (0, 0))
+            rows.append(
+                mapping_row(m, now)
+                | {
+                    # Behind a double NAT: where the Internet reaches it (server/upstream.py).
+                    "public": self.upstream.endpoint(m) if self.upstream is not None else None,
+                    "packets": packets,
+                    "bytes": octets,
+                }
+            )
+        return rows
 
     def status(self) -> dict[str, Any]:
         """A summary for `igd-server status`."""
@@ -347,6 +382,8 @@ class Daemon:
             "policy_sha256": self.policy_digest,
             "policy_loaded": timestamp(self.policy_loaded),
             "rules": len(self.policy.rules),
+            "kernel_restores": self.kernel_restores,
+            "upstream": self.upstream.status() if self.upstream is not None else None,
             "audit_file": str(self.config.audit_file) if self.config.audit_file else None,
         }
 
@@ -391,6 +428,25 @@ class Daemon:
                 # its subscribers (RFC 6886 §3.2.1 announcements, §14.2 Mapping Update, GENA).
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
                 self.service.address_changed(previous, self.external.current)
+
+    async def _restore_kernel(self, reason: str) -> None:
+        # Another program removed (part of) our table: a firewall reload or `nft flush
+        # ruleset`. Recreate it and put every mapping back in one transaction.
+        started = time.perf_counter()
+        self.kernel_restores += 1
+        log.warning("nftables: %s; restoring table and mappings", reason)
+        try:
+            wanted = list(self.service.mappings())
+            await self.backend.restore(wanted, now=self.service.now())
+        except BackendError as error:
+            log.error("could not restore the nftables table: %s", error)
+            return
+        log.warning(
+            "nftables table restored with %d mappings in %.0f ms (restore %d since start)",
+            len(wanted),
+            (time.perf_counter() - started) * 1000,
+            self.kernel_restores,
+        )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -71,8 +71,18 @@ class ExternalAddress:
         self.override = override
         self.allow_private = allow_private
         self.current: IPv4Address | None = None
+        self.public: IPv4Address | None = None
+        """The upstream gateway's public address, when mappings are mirrored there
+        (igd/server/upstream.py): what clients are told instead of `current`."""
         self._warned: IPv4Address | None = None
         self._read_once = False
+
+    @property
+    def reported(self) -> IPv4Address | None:
+        """The address clients are told: the upstream's public one behind a double NAT."""
+        if self.current is None:
+            return None
+        return self.public or self.current
 
     def read(self) -> IPv4Address | None:
         """The interface's address now (or the override), vetted; None when unusable."""

@@ -20,6 +20,7 @@ from igd.proto.natpmp import (
 from igd.server.backends import BackendError
 from igd.server.interfaces import ExternalAddress
 from igd.server.service import Service
+from igd.server.upstream import UpstreamRefusal
 
 log = logging.getLogger("igd.natpmp")
 
@@ -58,7 +59,7 @@ class NatPmpHandler:
             # Responses (opcode >= 128) and truncated requests: RFC 6886 gives no answer.
             return None
         if isinstance(request, NatPmpExternalAddressRequest):
-            address = self.external.current
+            address = self.external.reported
             result = NatPmpResult.SUCCESS if address else NatPmpResult.NETWORK_FAILURE
             return natpmp.encode_response(
                 NatPmpExternalAddressResponse(result, epoch, address or IPv4Address(0))
@@ -88,13 +89,20 @@ class NatPmpHandler:
         if isinstance(result, Refused):
             return self._refusal(request, RESULT_FOR[result.deny.reason])
         mapping = result.mapping
+        port, lifetime = mapping.external_port, result.decision.lifetime
+        public = await self.service.public(mapping, lifetime)
+        if isinstance(public, UpstreamRefusal):
+            return self._refusal(request, RESULT_FOR[public.reason])
+        if public is not None:
+            # Double NAT: the upstream's public port, for the lesser of both leases.
+            port, lifetime = public.port, public.lifetime
         return NatPmpMapResponse(
             request.protocol,
             NatPmpResult.SUCCESS,
             self.service.epoch(),
             request.internal_port,
-            mapping.external_port,
-            result.decision.lifetime,
+            port,
+            lifetime,
         )
 
     async def _delete(self, request: NatPmpMapRequest, client: IPv4Address) -> NatPmpMapResponse:
@@ -136,7 +144,7 @@ class NatPmpHandler:
 
     def announcement(self) -> bytes | None:
         """The unsolicited external address response (RFC 6886 §3.2.1), if there is one."""
-        address = self.external.current
+        address = self.external.reported
         if address is None:
             return None
         return natpmp.encode_response(

@@ -32,6 +32,7 @@ from igd.server.backends import BackendError
 from igd.server.interfaces import ExternalAddress
 from igd.server.pcp_options import DEFAULT_LIMITS, Limits, OptionRules, Options, PcpError
 from igd.server.service import Service
+from igd.server.upstream import UpstreamRefusal
 
 log = logging.getLogger("igd.pcp")
 
@@ -158,13 +159,24 @@ class PcpHandler:
             filters=self.options.filters(options, existing),
         )
         mapping, granted = await self._grant(ask)
+        port, address = mapping.external_port, self._external()
+        public = await self.service.public(mapping, granted)
+        if isinstance(public, UpstreamRefusal):
+            # A PCP proxy (RFC 7648) relays the server's refusal to its client.
+            raise PcpError(RESULT_FOR[public.reason], public.detail, None)
+        if public is not None:
+            # Double NAT (RFC 7648): the upstream's endpoint, for the lesser of both leases;
+            # the nonce is ours to match with the client, the upstream sees the proxy's own.
+            port, granted = public.port, public.lifetime
+            if public.address is not None:
+                address = pcp.mapped(public.address)
         self._remember(mapping, source)
         return PcpResponse(
             PcpOpcode.MAP,
             PcpResult.SUCCESS,
             granted,
             self.service.epoch(),
-            replace(data, external_port=mapping.external_port, external_address=self._external()),
+            replace(data, external_port=port, external_address=address),
             self.options.echo(options, mapping),
         )
 
@@ -329,7 +341,7 @@ class PcpHandler:
     def mapping_updates(self) -> list[tuple[bytes, tuple[str, int]]]:
         """Unsolicited responses telling each PCP client its mappings' new external address
         (§14.2), with where to send them."""
-        address = self.external.current
+        address = self.external.reported
         if address is None:
             return []
         self.follow()

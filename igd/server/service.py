@@ -33,6 +33,7 @@ from igd.server.backends import Backend, BackendError, ReconcileReport
 from igd.server.commits import MAX_BATCH, Committer, merge
 from igd.server.feed import DEFAULT_QUEUE_BOUND, EventFeed, Subscriber
 from igd.server.store import Clock, LeaseStore
+from igd.server.upstream import Public, Upstream, UpstreamRefusal
 
 log = logging.getLogger("igd.service")
 
@@ -69,6 +70,8 @@ class Service:
         self.epoch_start = time.time()
         self.before_map: Callable[[float], None] | None = None
         """Called with `now` before each request reaches the core (fresh host ports)."""
+        self.upstream: Upstream | None = None
+        """The double-NAT mirror (igd/server/upstream.py), when `[upstream]` is on."""
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -145,6 +148,20 @@ class Service:
     def epoch(self) -> int:
         """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
         return int(time.time() - self.epoch_start) & 0xFFFFFFFF
+
+    async def public(self, mapping: Mapping, lifetime: int) -> Public | UpstreamRefusal | None:
+        """Behind a double NAT, what to tell the client about a mapping just granted with
+        `lifetime` (the upstream's endpoint, or pending); None without an upstream. A refusal
+        from the upstream removes the local mapping again, so the client's refusal is whole."""
+        if self.upstream is None:
+            return None
+        answer = await self.upstream.public(mapping, lifetime)
+        if isinstance(answer, UpstreamRefusal):
+            try:
+                await self.remove([mapping], why=answer.detail, cause=RemovalCause.CLIENT)
+            except BackendError as error:
+                log.error("could not remove %s after the upstream refused: %s", mapping, error)
+        return answer
 
     # -- commands ----------------------------------------------------------------------------
 

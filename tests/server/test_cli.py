@@ -69,6 +69,8 @@ def test_format_mappings() -> None:
             "mechanism": "natpmp",
             "client": "192.168.1.10",
             "description": "web",
+            "packets": 12,
+            "bytes": 3400,
         }
     ]
     text = format_mappings(rows).splitlines()
@@ -77,6 +79,8 @@ def test_format_mappings() -> None:
         "EXTERNAL",
         "INTERNAL",
         "LEASE",
+        "PACKETS",
+        "BYTES",
         "VIA",
         "CLIENT",
         "DESCRIPTION",
@@ -88,6 +92,8 @@ def test_format_mappings() -> None:
         "198.51.100.9",
         "192.168.1.10:80",
         "42s",
+        "12",
+        "3400",
         "natpmp",
         "192.168.1.10",
         "web",
@@ -109,7 +115,7 @@ def test_config_check_lists_every_error_with_its_line_and_a_hint(tmp_path: Path)
         tmp_path,
         GOOD_POLICY,
         '[nftable]\ntable = "x"\n'  # lines 8-9
-        '[upnp]\nhttp_prot = 5001\nigd_version = 3\n'  # lines 10-12
+        "[upnp]\nhttp_prot = 5001\nigd_version = 3\n"  # lines 10-12
         "[limits]\nburst_per_client = 0\n",  # lines 13-14
     )
     result = run("config", "check", str(config))
@@ -117,8 +123,7 @@ def test_config_check_lists_every_error_with_its_line_and_a_hint(tmp_path: Path)
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"{config}:8: nftable: unknown section [nftable] (did you mean [nftables]?)",
-        f"{config}:11: upnp.http_prot: unknown key 'http_prot' in upnp"
-        " (did you mean 'http_port'?)",
+        f"{config}:11: upnp.http_prot: unknown key 'http_prot' in upnp (did you mean 'http_port'?)",
         f'{config}:12: upnp.igd_version: want 1, 2 or "auto", not 3',
         f"{config}:14: limits.burst_per_client: 0 is below the minimum 1",
     ]
@@ -159,6 +164,8 @@ def test_version_is_the_installed_package_version() -> None:
     assert result.returncode == 0
     assert result.stdout == f"igd-server {version('igd')}\n"
     assert igd.__version__ == version("igd")
+
+
 def test_refuses_extra_external_addresses_that_are_not_ipv4(tmp_path: Path) -> None:
     config = write_config(tmp_path, GOOD_POLICY)
     extra = 'extra_external_addresses = ["198.51.100.9", "2001:db8::1", 7]\n'

@@ -151,4 +151,4 @@ def test_list_shows_a_forwards_sources_and_no_lease() -> None:
     }
     line = format_mappings([row]).splitlines()[1].split()
     assert line[:6] == ["tcp", "443", "only", "from", "198.51.100.0/24", "192.168.2.100:8443"]
-    assert line[6:8] == ["-", "static"]
+    assert line[6:10] == ["-", "0", "0", "static"]  # lease, packets, bytes, mechanism

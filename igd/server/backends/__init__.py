@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Protocol as TypingProtocol
 
-from igd.model import Mapping, Protocol, RemoteFilter
+from igd.model import Mapping, MappingKey, Protocol, RemoteFilter
 
 
 class BackendError(RuntimeError):
@@ -79,8 +79,20 @@ class Backend(TypingProtocol):
         `audit` the kernel is not read first (reading 50,000 elements costs seconds) and the
         report says nothing about what differed."""
 
+    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+        """After a loss reported by `watch`: recreate what the backend owns and hold exactly
+        `wanted`, as fast as possible (not necessarily in one transaction)."""
+
     async def entries(self) -> set[KernelEntry]:
         """What the data plane holds now."""
+
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """Packets and bytes (both directions) of the flows each mapping admitted, since the
+        mapping was made or the daemon started; mappings without traffic may be absent."""
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Until cancelled: await restore(what happened) whenever another program removed
+        part of what the backend holds (the caller then opens and reconciles again)."""
 
     async def close(self, *, flush: bool) -> None:
         """Release resources; with flush, remove every entry and the table itself."""

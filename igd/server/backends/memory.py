@@ -10,10 +10,11 @@ behaviour without a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from ipaddress import IPv4Address
 
-from igd.model import Mapping, Protocol
+from igd.model import Mapping, MappingKey, Protocol
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import check_entry, element_timeout, entry_order
 
@@ -133,9 +134,24 @@ class MemoryBackend:
         self.transactions += 1
         return report
 
+    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+        """Hold exactly `wanted` again (what reconcile does, without the report)."""
+        await self.reconcile(wanted, now=now, audit=False)
+
     async def entries(self) -> set[KernelEntry]:
         """What the pretend data plane holds."""
         return set(self._entries.values())
+
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """No packets pass a pretend data plane: zero for every entry."""
+        return {
+            MappingKey(e.protocol, e.external_port, e.remote_host): (0, 0)
+            for e in self._entries.values()
+        }
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Nothing else can change a pretend data plane: wait until cancelled."""
+        await asyncio.Event().wait()
 
     async def close(self, *, flush: bool) -> None:
         """Mark closed; with flush, forget every entry."""

@@ -28,6 +28,8 @@ from enum import IntEnum
 from igd.server.backends import BackendError, KernelEntry
 from igd.server.backends.nft_payload import (
     CONTAINERS,
+    COUNTED,
+    COUNTED_REMOTE,
     REMOTE_MAP,
     WILDCARD_MAP,
     check_entry,
@@ -160,19 +162,33 @@ def container(entry: KernelEntry) -> str:
     return WILDCARD_MAP if entry.remote_host is None else REMOTE_MAP
 
 
+def counter_set(entry: KernelEntry) -> str:
+    """The set that counts an entry's traffic (its key is the map's key, without data)."""
+    return COUNTED if entry.remote_host is None else COUNTED_REMOTE
+
+
+_Item = tuple[str, KernelEntry, int | None]
+"""One element to write: its set, the entry it belongs to, its timeout in seconds."""
+
+
 def plain_ops(
     removed: Iterable[KernelEntry], added: Iterable[tuple[KernelEntry, int | None]]
 ) -> list[SetOp]:
     """The messages of `nft_payload.replace_elements` for plain entries, in the same order:
     re-add what is removed (so deleting an element the kernel already timed out succeeds),
-    delete it, add the new entries; timeouts in seconds, None = none."""
-    gone = [(_checked(e), None) for e in removed]
+    delete it, add the new entries; timeouts in seconds, None = none. A renewal (key removed
+    and added) keeps its counter element, as there."""
     new = [(_checked(e), t) for e, t in added]
-    return [
-        *_ops(True, gone),
-        *_ops(False, gone),
-        *_ops(True, new),
-    ]
+    kept = {(e.protocol, e.external_port, e.remote_host) for e, _ in new}
+    gone: list[_Item] = []
+    for entry in map(_checked, removed):
+        gone.append((container(entry), entry, None))
+        if (entry.protocol, entry.external_port, entry.remote_host) not in kept:
+            gone.append((counter_set(entry), entry, None))
+    fresh: list[_Item] = []
+    for entry, timeout in new:
+        fresh += [(container(entry), entry, timeout), (counter_set(entry), entry, None)]
+    return [*_ops(True, gone), *_ops(False, gone), *_ops(True, fresh)]
 
 
 def _checked(entry: KernelEntry) -> KernelEntry:
@@ -182,18 +198,19 @@ def _checked(entry: KernelEntry) -> KernelEntry:
     return entry
 
 
-def _ops(add: bool, items: Sequence[tuple[KernelEntry, int | None]]) -> list[SetOp]:
+def _ops(add: bool, items: Sequence[_Item]) -> list[SetOp]:
     groups: dict[str, list[tuple[KernelEntry, int | None]]] = {n: [] for n in CONTAINERS}
-    for entry, timeout in items:
-        groups[container(entry)].append((entry, timeout))
+    for name, entry, timeout in items:
+        groups[name].append((entry, timeout))
     ops = []
     for name, group in groups.items():
+        counter = name in (COUNTED, COUNTED_REMOTE)
         for start in range(0, len(group), MAX_ELEMENTS_PER_MESSAGE):
             chunk = group[start : start + MAX_ELEMENTS_PER_MESSAGE]
             found = tuple(
                 Element(
                     entry_key(e),
-                    entry_data(e) if add else None,
+                    entry_data(e) if add and not counter else None,
                     None if t is None or not add else t * 1000,
                 )
                 for e, t in chunk
@@ -205,9 +222,9 @@ def _ops(add: bool, items: Sequence[tuple[KernelEntry, int | None]]) -> list[Set
 def _describe(add: bool, name: str, chunk: list[tuple[KernelEntry, int | None]]) -> str:
     texts = []
     for entry, timeout in chunk[:3]:
-        (el,) = elements(entry)
+        el = next(e for e in elements(entry) if e.container == name)
         text = el.key
-        if add:
+        if add and el.data is not None:
             text += "" if timeout is None else f" timeout {timeout}s"
             text += f" : {el.data}"
         texts.append(text)

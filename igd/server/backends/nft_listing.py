@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, summarize_address_range
 from typing import Any
 
-from igd.model import Protocol, RemoteFilter
+from igd.model import MappingKey, Protocol, RemoteFilter
 from igd.server.backends import KernelEntry
 from igd.server.backends.libnft import NftError
 from igd.server.backends.nft_payload import (
     ALLOWED,
     CONTAINERS,
+    COUNTED,
+    COUNTED_REMOTE,
     FILTERED,
     FILTERED_REMOTE,
     FILTERS_REMOTE,
@@ -161,3 +163,29 @@ def parse_listing(doc: dict[str, Any], table: str) -> Listing:
 def parse_entries(doc: dict[str, Any], table: str) -> set[KernelEntry]:
     """The entries in a JSON listing of our table."""
     return set(parse_listing(doc, table).entries)
+
+
+Counts = tuple[int, int]
+"""Packets and bytes."""
+
+
+def parse_counters(doc: dict[str, Any], table: str) -> dict[MappingKey, Counts]:
+    """Packets and bytes per mapping key, from a listing of the `counted` sets."""
+    found = _elements(doc, table)
+    counts: dict[MappingKey, Counts] = {}
+
+    def read(name: str, item: Any) -> None:
+        body = item["elem"]
+        fields = _fields(body["val"])
+        remote = IPv4Address(fields.pop(0)) if name == COUNTED_REMOTE else None
+        key = MappingKey(_protocol(fields[0]), _port(fields[1]), remote)
+        counter = body.get("counter") or {"packets": 0, "bytes": 0}
+        counts[key] = (int(counter["packets"]), int(counter["bytes"]))
+
+    for name in (COUNTED, COUNTED_REMOTE):
+        for item in found[name]:
+            try:
+                read(name, item)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise NftError(f"unexpected element in {name}: {item!r}") from exc
+    return counts

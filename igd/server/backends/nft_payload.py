@@ -26,11 +26,17 @@ FILTERED_REMOTE = "filtered_remote"
 ALLOWED_REMOTE = "allowed_remote"
 FILTERS_REMOTE = "filters_remote"
 PEERS = "peers"
+COUNTED = "counted"
+COUNTED_REMOTE = "counted_remote"
 CONTAINERS = (
     WILDCARD_MAP, REMOTE_MAP, FILTERED, ALLOWED, FILTERED_REMOTE, ALLOWED_REMOTE,
-    FILTERS_REMOTE, PEERS,
+    FILTERS_REMOTE, PEERS, COUNTED, COUNTED_REMOTE,
 )  # fmt: skip
 """Every set and map of the table, in the order commands list them."""
+COUNTERS = (COUNTED, COUNTED_REMOTE)
+"""Sets with a packet and byte counter per mapping key. Their elements carry no timeout and
+a renewal leaves them alone (they are keyed by the mapping key only, like the mapping table),
+so a mapping's counts survive its renewals; they go when the mapping goes."""
 
 DESTINATIONS = "destinations"
 """The addresses DNAT applies to: the external interface's own, plus configured extras."""
@@ -45,6 +51,7 @@ INPUT = "input"
 POSTROUTING = "postrouting"
 ADMIT = "admit"
 ADMIT_REMOTE = "admit_remote"
+FORWARD = "forward"
 
 KERNEL_GRACE = 60
 """Seconds a kernel element outlives its lease: the daemon deletes on expiry itself; the kernel
@@ -72,6 +79,8 @@ _TYPES = {
     FILTERS_REMOTE: "ipv4_addr . inet_proto . inet_service . inet_service"
     " : ipv4_addr . ipv4_addr . inet_service",
     PEERS: "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service : inet_service",
+    COUNTED: "inet_proto . inet_service",
+    COUNTED_REMOTE: "ipv4_addr . inet_proto . inet_service",
 }
 """Key (and data) type of every set and map; each a hash with per-element timeouts."""
 
@@ -154,7 +163,7 @@ def elements(entry: KernelEntry) -> list[Element]:
     target = f"{entry.internal_address} . {entry.internal_port}"
     remote = entry.remote_host
     if remote is None:
-        found = [Element(WILDCARD_MAP, service, target)]
+        found = [Element(WILDCARD_MAP, service, target), Element(COUNTED, service)]
         if entry.filters:
             # RFC 6887 §13.3: only these peers may use the mapping; port 0 = any port.
             found.append(Element(FILTERED, service))
@@ -164,7 +173,7 @@ def elements(entry: KernelEntry) -> list[Element]:
             ]
         return found
     key = f"{remote} . {service}"
-    found = [Element(REMOTE_MAP, key, target)]
+    found = [Element(REMOTE_MAP, key, target), Element(COUNTED_REMOTE, key)]
     if entry.filters:
         # Only `remote` can reach this entry: the filters reduce to the source ports they
         # allow it (none if no filter covers it). The filters themselves are kept whole in
@@ -201,7 +210,7 @@ def _commands(verb: str, table: str, items: Iterable[tuple[Element, int | None]]
     groups: dict[str, list[str]] = {name: [] for name in CONTAINERS}
     for element, timeout in items:
         text = element.key
-        if verb == "add":
+        if verb == "add" and element.container not in COUNTERS:
             text += "" if timeout is None else f" timeout {timeout}s"
             text += "" if element.data is None else f" : {element.data}"
         groups[element.container].append(text)
@@ -210,6 +219,13 @@ def _commands(verb: str, table: str, items: Iterable[tuple[Element, int | None]]
         for name, texts in groups.items()
         if texts
     ]
+
+
+def _counter_key(element: Element) -> tuple[Protocol, int, IPv4Address | None]:
+    """The mapping key a counter element stands for."""
+    fields = element.key.split(" . ")
+    remote = IPv4Address(fields.pop(0)) if element.container == COUNTED_REMOTE else None
+    return Protocol(fields[0]), int(fields[1]), remote
 
 
 def _expand(
@@ -225,7 +241,15 @@ def replace_elements(
 
     Keys are unique within `removed` and within `added` (the mapping table's key space)."""
     check_table_name(table)
-    gone = _expand((e, None) for e in removed)
+    added = list(added)
+    # A renewal (same key removed and added) keeps its counter element, and with it the
+    # counts: adding an element that exists is a no-op.
+    kept = {(e.protocol, e.external_port, e.remote_host) for e, _ in added}
+    gone = [
+        (element, timeout)
+        for element, timeout in _expand((e, None) for e in removed)
+        if element.container not in COUNTERS or _counter_key(element) not in kept
+    ]
     lines = [
         # Add first: a no-op when the element is there, and it makes the delete succeed when
         # the kernel already timed the element out (or never had it). Without it, a renewal
@@ -290,6 +314,13 @@ def reconcile_plan(
 
 def _kinds() -> list[tuple[str, str]]:
     return [(name, "map" if ":" in _TYPES[name] else "set") for name in CONTAINERS]
+
+
+def _declaration(name: str) -> str:
+    if name in COUNTERS:
+        # No timeouts: the daemon adds and deletes these with the mapping (see COUNTERS).
+        return f"type {_TYPES[name]}; counter;"
+    return f"type {_TYPES[name]}; flags timeout;"
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -362,13 +393,19 @@ def destination_commands(table: str, addresses: Iterable[IPv4Address]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def admit_rules() -> list[str]:
+def admit_rules(lengths: Iterable[int] | None = None) -> list[str]:
     """The `admit` chain: return if a filter of the packet's mapping covers its source, else
     drop. A filter is held as (first address, last address, port) of its prefix; masking the
-    source at each prefix length in turn makes every test one hash lookup. Longest first."""
+    source at each prefix length in turn makes every test one hash lookup. Longest first.
+
+    `lengths`: only the prefix lengths some wildcard entry's filter has (None: all 33). Each
+    length costs two lookups per new flow to a filtered mapping (docs/performance.md)."""
     rules = []
     tail = "meta l4proto . th dport @" + ALLOWED + " return"
-    for length in range(32, -1, -1):
+    wanted = range(33) if lengths is None else set(lengths)
+    for length in sorted(wanted, reverse=True):
+        if not 0 <= length <= 32:
+            raise ValueError(f"invalid prefix length {length!r}")
         net = IPv4Network((0, length))
         if length == 32:
             span = "ip saddr . ip saddr"
@@ -377,6 +414,19 @@ def admit_rules() -> list[str]:
         # `th sport & 0` is 0 for every packet: the lookup of filters for any port.
         rules += [f"{span} . th sport . {tail}", f"{span} . th sport & 0 . {tail}"]
     return [*rules, "drop"]
+
+
+def filter_lengths(entries: Iterable[KernelEntry]) -> set[int]:
+    """Prefix lengths of the filters the `admit` chain must test for these entries."""
+    return {f.network.prefixlen for e in entries if e.remote_host is None for f in e.filters}
+
+
+def admit_commands(table: str, lengths: Iterable[int] | None) -> str:
+    """Rewrite the `admit` chain for these prefix lengths (part of a larger transaction)."""
+    t = check_table_name(table)
+    lines = [f"flush chain ip {t} {ADMIT}"]
+    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(lengths)]
+    return "".join(line + "\n" for line in lines)
 
 
 def admit_remote_rules() -> list[str]:
@@ -390,20 +440,26 @@ def open_commands(
     external_interface: str,
     destinations: Iterable[IPv4Address] | None = None,
     guard: Guard | None = None,
+    *,
+    hairpin: bool = True,
+    counters: bool = True,
+    admit_lengths: Iterable[int] | None = None,
 ) -> str:
     """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
 
     `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
-    input chain's rate limits."""
+    input chain's rate limits; `hairpin` lets LAN hosts use mappings through the external
+    address (NAT loopback); `counters` counts every packet of every mapped flow;
+    `admit_lengths` the FILTER prefix lengths to test (None: all)."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
     # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
-    # host's own address, to the gateway's LAN address) is never taken by a mapping.
-    inbound = f'iifname "{ifname}" ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}'
+    # host's own address, to the gateway's LAN address) is never taken by a mapping. With
+    # hairpin, such packets from any interface (a LAN host using the public address and
+    # port, RFC 4787 §6 / RFC 5382 §5 "hairpinning"), else only from the external one.
+    arriving = "" if hairpin else f'iifname "{ifname}" '
+    inbound = f"{arriving}ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}"
     lines = [f"add table ip {t}"]
-    lines += [
-        f"add {kind} ip {t} {name} {{ type {_TYPES[name]}; flags timeout; }}"
-        for name, kind in _kinds()
-    ]
+    lines += [f"add {kind} ip {t} {name} {{ {_declaration(name)} }}" for name, kind in _kinds()]
     lines += [
         f"add chain ip {t} {PREROUTING} {{ type nat hook prerouting priority dstnat;"
         " policy accept; }",
@@ -412,6 +468,9 @@ def open_commands(
         # Before srcnat: the first NAT chain to bind a flow wins, and a PEER flow must get
         # its external port here, not whatever port the admin's masquerade would pick.
         f"add chain ip {t} {POSTROUTING} {{ type nat hook postrouting priority srcnat - 10;"
+        " policy accept; }",
+        # Before the admin's filter chains, so counts include what they later drop.
+        f"add chain ip {t} {FORWARD} {{ type filter hook forward priority filter - 10;"
         " policy accept; }",
         f"add set ip {t} {DESTINATIONS} {{ type ipv4_addr; }}",
         *(
@@ -425,7 +484,7 @@ def open_commands(
     ]
     # Flushing a chain drops its rules, never set elements: mappings survive a restart, and
     # a changed external interface name replaces the old rules in the same commit.
-    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING, INPUT)
+    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING, INPUT, FORWARD)
     lines += [f"flush chain ip {t} {chain}" for chain in chains]
     # A NAT chain sees only the first packet of each flow: exactly the packets a FILTER must
     # judge. Dropping here refuses the flow; replies of flows already admitted (or started
@@ -438,7 +497,7 @@ def open_commands(
         f"dnat ip to meta l4proto . th dport map @{WILDCARD_MAP}",
     ]
     lines += [f"add rule ip {t} {PREROUTING} {inbound} {rule}" for rule in prerouting]
-    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules()]
+    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(admit_lengths)]
     lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
     # masquerade, not snat: the kernel takes the interface's current address for each new
     # flow, so an address change needs no rewrite. Only the port comes from the map.
@@ -446,6 +505,27 @@ def open_commands(
         f'add rule ip {t} {POSTROUTING} oifname "{ifname}" meta l4proto {{ tcp, udp }}'
         f" masquerade to : ip saddr . meta l4proto . th sport . ip daddr . th dport map @{PEERS}"
     )
+    if hairpin:
+        # A LAN client's flow DNATed back into the LAN leaves with the gateway's LAN address
+        # as source: the service's replies then come back through the gateway to be un-NATed
+        # (answered directly, the client would drop them: they come from the wrong address).
+        # In postrouting the input interface is the one the packet was forwarded from.
+        lines.append(
+            f'add rule ip {t} {POSTROUTING} iifname != "{ifname}" oifname != "{ifname}"'
+            f" ct status dnat ct original ip daddr @{DESTINATIONS} masquerade"
+        )
+    if counters:
+        # Every packet of a flow a mapping admitted, both directions: the original tuple's
+        # destination is the mapping's key. A hit in the remote-host set ends the chain so
+        # a flow is counted once. One hash lookup per forwarded packet of a mapped flow.
+        # (nft types `ct original proto-dst` only after a transport protocol match.)
+        mapped = f"ct status dnat ct original ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}"
+        key = "meta l4proto . ct original proto-dst"
+        lines += [
+            f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key} @{COUNTED_REMOTE}"
+            " accept",
+            f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED}",
+        ]
     if guard is not None:
         lines += [f"add rule ip {t} {INPUT} {rule}" for rule in guard_rules(guard)]
     text = "".join(line + "\n" for line in lines)
@@ -456,6 +536,12 @@ def close_commands(table: str) -> str:
     """Delete the table; the `add` first makes this succeed when it is already gone."""
     t = check_table_name(table)
     return f"add table ip {t}\ndelete table ip {t}\n"
+
+
+def list_counters_commands(table: str) -> tuple[str, str]:
+    """Listings of the two counter sets (nft 1.0.6 lists only one per call)."""
+    t = check_table_name(table)
+    return tuple(f"list set ip {t} {name}" for name in COUNTERS)  # type: ignore[return-value]
 
 
 def list_command(table: str) -> str:

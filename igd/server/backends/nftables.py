@@ -29,18 +29,20 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
-from igd.model import Mapping
+from igd.model import Mapping, MappingKey
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.libnft import Nft
 from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops
-from igd.server.backends.nft_listing import Listing, parse_listing
+from igd.server.backends.nft_listing import Listing, parse_counters, parse_listing
 from igd.server.backends.nft_payload import (
     Guard,
+    admit_commands,
     apply_commands,
     check_entry,
     check_ifname,
@@ -48,10 +50,13 @@ from igd.server.backends.nft_payload import (
     close_commands,
     destination_commands,
     element_timeout,
+    filter_lengths,
     list_command,
+    list_counters_commands,
     open_commands,
     reconcile_plan,
 )
+from igd.server.backends.watch import RulesetWatcher, Transactions
 
 __all__ = ["NftablesBackend", "check_netns_name", "enter_netns"]
 
@@ -66,6 +71,11 @@ CLONE_NEWNET = 0x40000000
 MAX_FAST_ELEMENTS = 1024
 """Largest change (in elements) sent as one raw netlink batch; bigger ones (a client's
 mappings deleted at once) go through libnftables, which splits batches itself."""
+
+
+RESTORE_CHUNK = 1000
+"""Plain mappings per netlink batch when restoring (two elements each, ~90 KiB a batch:
+below netlink.MAX_BATCH)."""
 
 
 def check_netns_name(name: str) -> str:
@@ -108,9 +118,13 @@ class NftablesBackend:
         netns: str | None = None,
         fast_path: bool = True,
         guard: Guard | None = None,
+        hairpin: bool = True,
+        counters: bool = True,
     ) -> None:
         self.table = check_table_name(table)
         self.guard = guard
+        self.hairpin = hairpin
+        self.count_traffic = counters
         self.destinations: frozenset[IPv4Address] | None = None
         self.external_interface = check_ifname(external_interface)
         self.netns = None if netns is None else check_netns_name(netns)
@@ -126,6 +140,12 @@ class NftablesBackend:
         self._sets: NetlinkSets | None = None
         self._sets_tried = False
         self._closed = False
+        # FILTER prefix lengths the `admit` chain tests: None = all 33 (not known yet). Grows
+        # with apply, is set exactly by reconcile; a superset only costs lookups.
+        self._lengths: frozenset[int] | None = None
+        self._own_threads: set[int] = set()  # native ids of the threads that commit for us
+        self.restores = 0
+        """Times the table was restored after another program removed part of it."""
 
     async def open(self) -> None:
         """Create table, sets, chains and rules idempotently, keeping existing elements."""
@@ -153,7 +173,8 @@ class NftablesBackend:
                     return
             commands = apply_commands(self.table, removed, added, now=now)
         if commands:
-            await self._call(functools.partial(self._run, commands))
+            lengths = filter_lengths(KernelEntry.of(m) for m in added)
+            await self._call(functools.partial(self._run_with_lengths, commands, lengths))
 
     async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
         """Make DNAT apply to packets addressed to exactly these addresses."""
@@ -177,9 +198,63 @@ class NftablesBackend:
                 raise BackendError(f"invalid mapping: {exc}") from exc
         return await self._call(functools.partial(self._reconcile, list(wanted), now, audit))
 
+    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+        """After another program removed (part of) the table: recreate it and put `wanted`
+        back, quickly rather than atomically (the table is broken already). Everything but
+        plain mappings goes in one libnftables transaction that also flushes every set;
+        plain ones follow as raw netlink batches of RESTORE_CHUNK, about five times faster
+        than the same through libnftables. The lock is held throughout, so a change made
+        meanwhile (a mapping deleted) is applied after the restore, never undone by it."""
+        entries = [(KernelEntry.of(m), m) for m in wanted]
+        for entry, _ in entries:
+            try:
+                check_entry(entry)
+            except ValueError as exc:
+                raise BackendError(f"invalid mapping: {exc}") from exc
+        async with self._lock:
+            await self._submit(functools.partial(self._run, self._open_commands()))
+            sets = await self._netlink() if self.fast_path else None
+            plain = [(e, m) for e, m in entries if is_plain(e)] if sets is not None else []
+            rest = [m for e, m in entries if sets is None or not is_plain(e)]
+            await self._submit(functools.partial(self._reconcile, rest, now, False))
+            for start in range(0, len(plain), RESTORE_CHUNK):
+                chunk = plain[start : start + RESTORE_CHUNK]
+                ops = plain_ops([], [(e, element_timeout(m, now)) for e, m in chunk])
+                assert sets is not None
+                await sets.transact(self.table, ops)
+
     async def entries(self) -> set[KernelEntry]:
         """What the table holds now, as entries (filters and PEER ports included)."""
         return await self._call(self._entries)
+
+    async def counters(self) -> dict[MappingKey, tuple[int, int]]:
+        """Packets and bytes per mapping, read from the kernel's counter sets."""
+        return await self._call(self._counters)
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Until cancelled: after another program's transaction removed (part of) our table
+        (a `nft flush ruleset`, a firewall reload, an element deleted by hand), await
+        restore(what happened). Our own transactions are recognised and ignored."""
+        watcher = await self._submit(self._open_watcher)
+        if watcher is None:
+            return
+        # The fast path commits from the event loop's thread, libnftables from the worker.
+        self._own_threads.add(threading.get_native_id())
+        transactions = Transactions(self.table, self._own_threads)
+        try:
+            while True:
+                reason: str | None = await watcher.next_change(transactions)
+                while reason is not None:
+                    self.restores += 1
+                    await restore(reason)
+                    # Changes by others during the restore are still queued (and restored
+                    # again); if our own notifications overflowed the buffer, those may be
+                    # lost: then check that the table is there at least.
+                    reason, overflowed = watcher.drain(transactions)
+                    if reason is None and overflowed and not await self._call(self._intact):
+                        reason = "the table is missing (notifications were lost)"
+        finally:
+            watcher.close()
 
     async def close(self, *, flush: bool) -> None:
         """Stop the worker; with flush, delete the table (every mapping) first."""
@@ -196,7 +271,13 @@ class NftablesBackend:
 
     def _open_commands(self) -> str:
         return open_commands(
-            self.table, self.external_interface, self.destinations, guard=self.guard
+            self.table,
+            self.external_interface,
+            self.destinations,
+            guard=self.guard,
+            hairpin=self.hairpin,
+            counters=self.count_traffic,
+            admit_lengths=self._lengths,
         )
 
     def _fast_ops(
@@ -205,7 +286,7 @@ class NftablesBackend:
         """The netlink batch for this change, or None when it needs libnftables."""
         gone = [KernelEntry.of(m) for m in removed]
         new = [(KernelEntry.of(m), m) for m in added]
-        if len(gone) * 2 + len(new) > MAX_FAST_ELEMENTS:
+        if len(gone) * 4 + len(new) * 2 > MAX_FAST_ELEMENTS:
             return None
         if not all(is_plain(e) for e in gone) or not all(is_plain(e) for e, _ in new):
             return None
@@ -246,6 +327,20 @@ class NftablesBackend:
         if not self._in_netns and self.netns is not None:
             enter_netns(self.netns)
         self._in_netns = True
+        self._own_threads.add(threading.get_native_id())
+
+    def _open_watcher(self) -> RulesetWatcher | None:
+        self._enter()
+        try:
+            return RulesetWatcher()
+        except OSError as exc:
+            log.warning(
+                "cannot watch the nftables ruleset (%s): a firewall reload that removes"
+                " table ip %s goes unnoticed until the next start",
+                exc.strerror or exc,
+                self.table,
+            )
+            return None
 
     def _context(self) -> Nft:
         if self._nft is None:
@@ -268,8 +363,31 @@ class NftablesBackend:
     def _run(self, commands: str) -> None:
         self._context().run(commands)
 
+    def _run_with_lengths(self, commands: str, lengths: set[int]) -> None:
+        # On the worker, so transactions see (and extend) the lengths one after another.
+        known = self._lengths
+        if known is None or lengths <= known:
+            self._context().run(commands)
+            return
+        grown = known | lengths
+        self._context().run(admit_commands(self.table, grown) + commands)
+        self._lengths = grown
+
+    def _intact(self) -> bool:
+        try:
+            self._context().run(f"list chain ip {self.table} prerouting")
+        except BackendError:
+            return False
+        return True
+
     def _listing(self) -> Listing:
         return parse_listing(self._context().run_json(list_command(self.table)), self.table)
+
+    def _counters(self) -> dict[MappingKey, tuple[int, int]]:
+        counts: dict[MappingKey, tuple[int, int]] = {}
+        for command in list_counters_commands(self.table):
+            counts.update(parse_counters(self._context().run_json(command), self.table))
+        return counts
 
     def _entries(self) -> set[KernelEntry]:
         return set(self._listing().entries)
@@ -285,8 +403,12 @@ class NftablesBackend:
             # the listing.
             commands, _ = reconcile_plan(self.table, set(), wanted, now=now, held=1)
             report = ReconcileReport((), (), audited=False)
+        lengths = frozenset(filter_lengths(KernelEntry.of(m) for m in wanted))
+        if lengths != self._lengths:
+            commands = admit_commands(self.table, lengths) + commands
         if commands:
             self._context().run(commands)
+        self._lengths = lengths
         return report
 
     def _shutdown(self, flush: bool) -> None:

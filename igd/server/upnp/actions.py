@@ -115,7 +115,7 @@ class Actions:
     ) -> Out:
         match action:
             case "GetExternalIPAddress":
-                current = self.external.current
+                current = self.external.reported
                 return [("NewExternalIPAddress", str(current) if current else "")]
             case "GetStatusInfo":
                 return [
@@ -171,7 +171,7 @@ class Actions:
 
     def value(self, tree: DeviceTree, name: str) -> str | None:
         """A state variable's current wire value, None if it has no standing value."""
-        current = self.external.current
+        current = self.external.reported
         values: dict[str, Callable[[], ArgumentValue]] = {
             "ConnectionType": lambda: CONNECTION_TYPE,
             "PossibleConnectionTypes": lambda: CONNECTION_TYPE,

@@ -20,6 +20,7 @@ from igd.server.interfaces import ExternalAddress
 from igd.server.service import Service
 from igd.server.upnp import errors
 from igd.server.upnp.errors import UpnpError
+from igd.server.upstream import UpstreamRefusal
 
 log = logging.getLogger("igd.upnp")
 
@@ -84,6 +85,12 @@ class MappingActions:
             holder = result.existing.owner.mechanism if result.existing else None
             code = errors.refusal_code(result.deny.reason, version, holder)
             raise UpnpError(code, f"{result.deny.reason}: {result.deny.detail}".rstrip(": "))
+        # Double NAT: a refusal upstream refuses here too (RFC 6970 §4.3's table of PCP
+        # errors to UPnP codes, through the neutral reasons). The port stays the local one:
+        # UPnP names mappings by external port (docs/upstream.md).
+        public = await self.service.public(result.mapping, result.decision.lifetime)
+        if isinstance(public, UpstreamRefusal):
+            raise UpnpError(errors.refusal_code(public.reason, version, None), public.detail)
         return result.mapping.external_port
 
     def _lifetime(self, lease: int, version: int) -> int:

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
+from igd.server.backends.nft_payload import COUNTERS
 from lab.netns import add_veth, ip, sysctl
 from tests.netns import Netns, netns_group
 
@@ -68,6 +69,8 @@ def timeouts(ns: Netns) -> dict[str, int | None]:
     found: dict[str, int | None] = {}
     for obj in ruleset(ns):
         body = obj.get("map") or obj.get("set") or {}
+        if body.get("name") in COUNTERS:
+            continue  # keyed like the maps, never with a timeout
         for item in body.get("elem", []):
             key = item[0] if isinstance(item, list) else item
             elem = key.get("elem", {"val": key})

@@ -148,3 +148,13 @@ async def test_entries_the_kernel_cannot_hold_are_refused_like_nftables_does() -
     with pytest.raises(BackendError, match="invalid mapping"):
         await backend.reconcile([mapping(1, filters=(only("203.0.113.2/32"),) * 2)], now=0.0)
     assert await backend.entries() == set() and backend.transactions == 0
+
+
+async def test_counters_are_zero_per_mapping_and_restore_holds_exactly_what_is_wanted() -> None:
+    backend = MemoryBackend()
+    a, b = mapping(1), mapping(2, remote="203.0.113.2")
+    await backend.apply([], [a, b], now=0.0)
+    assert await backend.counters() == {a.key: (0, 0), b.key: (0, 0)}
+    await backend.restore([b], now=0.0)
+    assert await backend.entries() == {KernelEntry.of(b)}
+    assert await backend.counters() == {b.key: (0, 0)}

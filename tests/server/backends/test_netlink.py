@@ -106,8 +106,11 @@ def test_batch_is_framed_by_begin_and_end_for_nftables() -> None:
     begin, *body, end = framed
     # NFNL_MSG_BATCH_BEGIN / END: AF_UNSPEC, res_id NFNL_SUBSYS_NFTABLES in network order.
     assert begin == (0x10, 0x1, 100, bytes([0, 0, 0, 10]))
-    assert end == (0x11, 0x1, 103, bytes([0, 0, 0, 10]))
-    assert [(kind & 0xFF, seq) for kind, _, seq, _ in body] == [(12, 101), (12, 102)]
+    assert end == (0x11, 0x1, 105, bytes([0, 0, 0, 10]))
+    # One message per set: the two maps, then the two counter sets.
+    assert [(kind & 0xFF, seq) for kind, _, seq, _ in body] == [
+        (12, 101), (12, 102), (12, 103), (12, 104)
+    ]  # fmt: skip
 
 
 def test_renewal_re_adds_deletes_then_adds_like_the_text_path() -> None:
@@ -115,21 +118,29 @@ def test_renewal_re_adds_deletes_then_adds_like_the_text_path() -> None:
     assert [(op.add, op.container) for op in ops] == [
         (True, "portmap"),
         (True, "portmap_remote"),
+        (True, "counted_remote"),
         (False, "portmap"),
         (False, "portmap_remote"),
+        (False, "counted_remote"),
         (True, "portmap"),
+        (True, "counted"),
     ]
     # The re-add carries the old data and no timeout; the final add the new timeout in ms.
     assert ops[0].elements == (Element(entry_key(WILD), entry_data(WILD), None),)
-    assert ops[2].elements == (Element(entry_key(WILD)),)
-    assert ops[4].elements == (Element(entry_key(WILD), entry_data(WILD), 120_000),)
-    assert ops[4].text == "add element portmap { tcp . 18080 timeout 120s : 192.168.78.10 . 8080 }"
+    assert ops[3].elements == (Element(entry_key(WILD)),)
+    assert ops[6].elements == (Element(entry_key(WILD), entry_data(WILD), 120_000),)
+    assert ops[6].text == "add element portmap { tcp . 18080 timeout 120s : 192.168.78.10 . 8080 }"
+    # The renewed mapping's counter element is neither deleted nor given a timeout: adding
+    # it again is a no-op that keeps its counts. The removed one's counter goes with it.
+    assert ops[7].elements == (Element(entry_key(WILD)),)
+    assert ops[5].elements == (Element(entry_key(REMOTE)),)
 
 
 def test_large_changes_split_into_messages_per_set() -> None:
     many = [KernelEntry(Protocol.TCP, p, None, LAN, 80) for p in range(1, 601)]
     ops = plain_ops(many, [])
-    assert [len(op.elements) for op in ops] == [256, 256, 88, 256, 256, 88]
+    # Re-add and delete, each of the map and of the counter set.
+    assert [len(op.elements) for op in ops] == [256, 256, 88] * 4
 
 
 def test_only_plain_valid_entries_are_encoded() -> None:
@@ -167,7 +178,7 @@ def test_replies_are_acks_or_errors_with_the_kernels_words() -> None:
 
 
 def test_failure_message_names_the_change_and_the_errno() -> None:
-    op = plain_ops([WILD], [])[1]
+    op = plain_ops([WILD], [])[2]
     assert describe_failure(Reply(3, 2), op) == (
         "nftables refused delete element portmap { tcp . 18080 }: No such file or directory;"
         " nothing was changed"

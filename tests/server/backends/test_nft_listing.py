@@ -6,9 +6,12 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from igd.model import Protocol, RemoteFilter
+import pytest
+
+from igd.model import MappingKey, Protocol, RemoteFilter
 from igd.server.backends import KernelEntry
-from igd.server.backends.nft_listing import parse_entries, parse_listing
+from igd.server.backends.libnft import NftError
+from igd.server.backends.nft_listing import parse_counters, parse_entries, parse_listing
 from igd.server.backends.nft_payload import elements
 
 LAN = IPv4Address("192.168.78.10")
@@ -85,10 +88,23 @@ def test_parse_reads_filters_and_peer_ports_back_exactly() -> None:
         ),
         KernelEntry(Protocol.UDP, 40000, IPv4Address("198.51.100.7"), LAN, 4000, (), 7000),
     }
-    assert listing.elements == 11
+    assert listing.elements == 14
     # Those entries written again give exactly the elements listed.
     written = {(e.container, e.key) for entry in listing.entries for e in elements(entry)}
     assert len(written) == listing.elements
+
+
+def test_counters_are_read_per_mapping_key() -> None:
+    doc = {"nftables": json.loads(GOLDEN.read_text())}
+    assert parse_counters(doc, "igd") == {
+        MappingKey(Protocol.TCP, 18081, None): (12, 3400),
+        MappingKey(Protocol.UDP, 5000, HOST): (0, 0),
+        MappingKey(Protocol.UDP, 40000, IPv4Address("198.51.100.7")): (5, 420),
+    }
+    assert parse_counters({"nftables": []}, "igd") == {}
+    bad = {"nftables": [{"set": {"name": "counted", "table": "igd", "elem": ["tcp"]}}]}
+    with pytest.raises(NftError, match="counted"):
+        parse_counters(bad, "igd")
 
 
 def test_parse_shows_only_what_the_rules_enforce() -> None:
@@ -101,4 +117,4 @@ def test_parse_shows_only_what_the_rules_enforce() -> None:
             body["elem"].append({"concat": ["203.0.113.1", "203.0.113.2", 0, "tcp", 18081]})
     listing = parse_listing(doc, "igd")
     assert listing.entries == {KernelEntry(Protocol.TCP, 18081, None, LAN, 8080)}
-    assert listing.elements == 8
+    assert listing.elements == 11  # the three counter elements included

@@ -13,6 +13,7 @@ from igd.server.backends import KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import (
     MAX_ELEMENT_TIMEOUT,
     Guard,
+    admit_commands,
     admit_rules,
     apply_commands,
     check_ifname,
@@ -21,6 +22,7 @@ from igd.server.backends.nft_payload import (
     destination_commands,
     element_timeout,
     elements,
+    filter_lengths,
     list_command,
     open_commands,
     reconcile_plan,
@@ -51,9 +53,9 @@ def mapping(
 
 
 def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> None:
-    lines = open_commands("igd", "wan0").splitlines()
+    lines = open_commands("igd", "wan0", hairpin=False, counters=False).splitlines()
     inbound = 'iifname "wan0" ip daddr @destinations meta l4proto { tcp, udp }'
-    assert lines[:19] == [
+    assert lines[:22] == [
         "add table ip igd",
         "add map ip igd portmap { type inet_proto . inet_service"
         " : ipv4_addr . inet_service; flags timeout; }",
@@ -70,10 +72,14 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         " . inet_service : ipv4_addr . ipv4_addr . inet_service; flags timeout; }",
         "add map ip igd peers { type ipv4_addr . inet_proto . inet_service . ipv4_addr"
         " . inet_service : inet_service; flags timeout; }",
+        "add set ip igd counted { type inet_proto . inet_service; counter; }",
+        "add set ip igd counted_remote { type ipv4_addr . inet_proto . inet_service; counter; }",
         "add chain ip igd prerouting { type nat hook prerouting priority dstnat; policy accept; }",
         "add chain ip igd admit",
         "add chain ip igd admit_remote",
         "add chain ip igd postrouting { type nat hook postrouting priority srcnat - 10;"
+        " policy accept; }",
+        "add chain ip igd forward { type filter hook forward priority filter - 10;"
         " policy accept; }",
         "add set ip igd destinations { type ipv4_addr; }",
         *(
@@ -84,12 +90,13 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         "add chain ip igd input { type filter hook input priority filter - 10; policy accept; }",
     ]
     # Every rule is rewritten (and only rules: no set is ever flushed here).
-    assert lines[19:24] == [
+    assert lines[22:28] == [
         f"flush chain ip igd {chain}"
-        for chain in ("prerouting", "admit", "admit_remote", "postrouting", "input")
+        for chain in ("prerouting", "admit", "admit_remote", "postrouting", "input", "forward")
     ]
     rules = [line for line in lines if line.startswith("add rule")]
-    assert len(rules) == len(lines) - 24
+    assert len(rules) == len(lines) - 28
+    assert not [r for r in rules if " forward " in r]  # no counters asked for
     assert not [r for r in rules if " input " in r]  # no guard asked for
     assert [r for r in rules if " prerouting " in r] == [
         f"add rule ip igd prerouting {inbound} ip saddr . meta l4proto . th dport"
@@ -114,6 +121,32 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
     assert "flush map" not in open_commands("igd", "wan0")
 
 
+def test_hairpin_takes_packets_for_the_external_address_from_any_side_and_masquerades() -> None:
+    rules = [r for r in open_commands("igd", "wan0").splitlines() if r.startswith("add rule")]
+    prerouting = [r for r in rules if " prerouting " in r]
+    # RFC 4787 §6: LAN hosts use the external address and port too; still only packets
+    # addressed to the gateway's own external addresses.
+    assert len(prerouting) == 4
+    assert all(
+        r.startswith("add rule ip igd prerouting ip daddr @destinations meta l4proto")
+        for r in prerouting
+    )
+    assert [r for r in rules if " postrouting " in r][-1] == (
+        'add rule ip igd postrouting iifname != "wan0" oifname != "wan0"'
+        " ct status dnat ct original ip daddr @destinations masquerade"
+    )
+
+
+def test_counters_count_every_packet_of_mapped_flows_once() -> None:
+    rules = [r for r in open_commands("igd", "wan0").splitlines() if " forward " in r]
+    mapped = "ct status dnat ct original ip daddr @destinations meta l4proto { tcp, udp }"
+    assert rules[-2:] == [
+        f"add rule ip igd forward {mapped} ct original ip saddr . meta l4proto"
+        " . ct original proto-dst @counted_remote accept",
+        f"add rule ip igd forward {mapped} meta l4proto . ct original proto-dst @counted",
+    ]
+
+
 def test_admit_tests_every_prefix_length_longest_first_then_drops() -> None:
     rules = admit_rules()
     # Two lookups (this source port, any port) for each prefix length 32..0, then drop.
@@ -127,12 +160,30 @@ def test_admit_tests_every_prefix_length_longest_first_then_drops() -> None:
     assert rules[-2] == f"ip saddr & 0.0.0.0 . ip saddr | 255.255.255.255 . th sport & 0 . {tail}"
 
 
+def test_admit_can_test_only_the_prefix_lengths_in_use() -> None:
+    rules = admit_rules([24, 32, 24])
+    assert rules == [*admit_rules()[:2], *admit_rules()[16:18], "drop"]
+    assert admit_rules([]) == ["drop"]
+    with pytest.raises(ValueError, match="prefix length"):
+        admit_rules([33])
+    entries = [
+        KernelEntry(Protocol.TCP, 1, None, LAN, 1, (RemoteFilter(NET24), RemoteFilter(HOST2))),
+        KernelEntry(Protocol.TCP, 2, HOST2, LAN, 1, (RemoteFilter(IPv4Network("10.0.0.0/8")),)),
+    ]
+    assert filter_lengths(entries) == {24, 32}  # remote-host entries use admit_remote
+    text = admit_commands("igd", [32])
+    assert text.splitlines()[0] == "flush chain ip igd admit"
+    assert len(text.splitlines()) == 4
+
+
 def test_apply_renewal_re_adds_before_deleting_then_adds_with_timeout() -> None:
     old, new = mapping(expires=1000.0), mapping(expires=4600.0)
     assert apply_commands("igd", [old], [new], now=1000.0) == (
         "add element ip igd portmap { tcp . 18080 : 192.168.78.10 . 8080 }\n"
         "delete element ip igd portmap { tcp . 18080 }\n"
         "add element ip igd portmap { tcp . 18080 timeout 3660s : 192.168.78.10 . 8080 }\n"
+        # The counter element is kept (adding it again is a no-op): the counts survive.
+        "add element ip igd counted { tcp . 18080 }\n"
     )
 
 
@@ -141,10 +192,13 @@ def test_remote_host_entries_go_to_the_remote_map_with_saddr_first() -> None:
     assert apply_commands("igd", [], [m], now=1099.5) == (
         "add element ip igd portmap_remote"
         " { 203.0.113.3 . udp . 5000 timeout 61s : 192.168.78.10 . 5001 }\n"
+        "add element ip igd counted_remote { 203.0.113.3 . udp . 5000 }\n"
     )
     assert apply_commands("igd", [m], [], now=0.0) == (
         "add element ip igd portmap_remote { 203.0.113.3 . udp . 5000 : 192.168.78.10 . 5001 }\n"
+        "add element ip igd counted_remote { 203.0.113.3 . udp . 5000 }\n"
         "delete element ip igd portmap_remote { 203.0.113.3 . udp . 5000 }\n"
+        "delete element ip igd counted_remote { 203.0.113.3 . udp . 5000 }\n"
     )
 
 
@@ -156,6 +210,7 @@ def test_filtered_mapping_is_marked_and_lists_the_peers_its_filters_admit() -> N
         # A prefix is held as its first and last address; peer port 0 = any port.
         "add element ip igd allowed { 203.0.113.0 . 203.0.113.255 . 0 . tcp . 18080"
         " timeout 160s, 203.0.113.2 . 203.0.113.2 . 5000 . tcp . 18080 timeout 160s }\n"
+        "add element ip igd counted { tcp . 18080 }\n"
     )
 
 
@@ -170,6 +225,7 @@ def test_renewal_with_other_filters_swaps_them_in_the_same_transaction() -> None
         "delete element ip igd filtered { tcp . 18080 }\n"
         "delete element ip igd allowed { 203.0.113.2 . 203.0.113.2 . 0 . tcp . 18080 }\n"
         "add element ip igd portmap { tcp . 18080 timeout 160s : 192.168.78.10 . 8080 }\n"
+        "add element ip igd counted { tcp . 18080 }\n"
     )
 
 
@@ -185,6 +241,7 @@ def test_filters_of_a_remote_host_entry_reduce_to_that_host_and_are_kept_whole()
         "add element ip igd filters_remote"
         " { 203.0.113.3 . udp . 5000 . 0 timeout 60s : 198.51.100.0 . 198.51.100.255 . 9,"
         " 203.0.113.3 . udp . 5000 . 1 timeout 60s : 203.0.113.0 . 203.0.113.255 . 7 }\n"
+        "add element ip igd counted_remote { 203.0.113.3 . udp . 5000 }\n"
     )
 
 
@@ -196,10 +253,12 @@ def test_peer_entry_forwards_from_its_peer_and_names_the_port_its_flow_leaves_wi
         " { 198.51.100.7 . udp . 40000 timeout 60s : 192.168.78.10 . 4000 }\n"
         "add element ip igd peers"
         " { 192.168.78.10 . udp . 4000 . 198.51.100.7 . 7000 timeout 60s : 40000 }\n"
+        "add element ip igd counted_remote { 198.51.100.7 . udp . 40000 }\n"
     )
-    assert apply_commands("igd", [peer], [], now=0.0).splitlines()[-2:] == [
+    assert apply_commands("igd", [peer], [], now=0.0).splitlines()[-3:] == [
         "delete element ip igd portmap_remote { 198.51.100.7 . udp . 40000 }",
         "delete element ip igd peers { 192.168.78.10 . udp . 4000 . 198.51.100.7 . 7000 }",
+        "delete element ip igd counted_remote { 198.51.100.7 . udp . 40000 }",
     ]
 
 
@@ -250,7 +309,8 @@ def test_reconcile_flushes_and_refills_every_set_and_reports_the_difference() ->
         for kind, name in [
             ("map", "portmap"), ("map", "portmap_remote"), ("set", "filtered"),
             ("set", "allowed"), ("set", "filtered_remote"), ("set", "allowed_remote"),
-            ("map", "filters_remote"), ("map", "peers"),
+            ("map", "filters_remote"), ("map", "peers"), ("set", "counted"),
+            ("set", "counted_remote"),
         ]
     ]  # fmt: skip
     assert commands.splitlines() == [
@@ -260,6 +320,7 @@ def test_reconcile_flushes_and_refills_every_set_and_reports_the_difference() ->
         " tcp . 3 timeout 360s : 192.168.78.10 . 9999 }",
         "add element ip igd filtered { tcp . 2 timeout 260s }",
         "add element ip igd allowed { 203.0.113.2 . 203.0.113.2 . 0 . tcp . 2 timeout 260s }",
+        "add element ip igd counted { tcp . 1, tcp . 2, tcp . 3 }",
     ]
 
 
@@ -267,7 +328,7 @@ def test_reconcile_clears_elements_that_make_up_no_entry() -> None:
     # A hand-edited table: elements, but none of them a whole entry.
     commands, report = reconcile_plan("igd", set(), [], now=0.0, held=2)
     assert report == ReconcileReport((), ())
-    assert commands.count("flush ") == 8 and "add element" not in commands
+    assert commands.count("flush ") == 10 and "add element" not in commands
 
 
 def test_many_elements_make_one_command_per_map_and_kind() -> None:
@@ -275,9 +336,14 @@ def test_many_elements_make_one_command_per_map_and_kind() -> None:
     assert apply_commands("igd", [remote, wild], [mapping(3, expires=1060.0)], now=1000.0) == (
         "add element ip igd portmap { tcp . 1 : 192.168.78.10 . 8080 }\n"
         "add element ip igd portmap_remote { 198.51.100.7 . tcp . 2 : 192.168.78.10 . 8080 }\n"
+        "add element ip igd counted { tcp . 1 }\n"
+        "add element ip igd counted_remote { 198.51.100.7 . tcp . 2 }\n"
         "delete element ip igd portmap { tcp . 1 }\n"
         "delete element ip igd portmap_remote { 198.51.100.7 . tcp . 2 }\n"
+        "delete element ip igd counted { tcp . 1 }\n"
+        "delete element ip igd counted_remote { 198.51.100.7 . tcp . 2 }\n"
         "add element ip igd portmap { tcp . 3 timeout 120s : 192.168.78.10 . 8080 }\n"
+        "add element ip igd counted { tcp . 3 }\n"
     )
 
 
@@ -294,7 +360,8 @@ def test_close_and_list_commands() -> None:
     "name", ["eth0", "wan0", "enp3s0f1", "br-lan", "ppp0.100", "a@b", "x" * 15]
 )
 def test_valid_interface_names_are_quoted_verbatim(name: str) -> None:
-    assert f'iifname "{name}" ip daddr' in open_commands("igd", check_ifname(name))
+    text = open_commands("igd", check_ifname(name), hairpin=False)
+    assert f'iifname "{name}" ip daddr' in text
 
 
 @pytest.mark.parametrize(

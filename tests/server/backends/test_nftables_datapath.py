@@ -96,8 +96,24 @@ async def test_wan_host_reaches_lan_server_through_mapping(
     assert connect(WAN2, 18081) == "8080 203.0.113.2"
 
 
-async def test_filter_admits_only_the_peers_it_names(net: tuple[Lab, NftablesBackend]) -> None:
+def admit_lookups(the_lab: Lab) -> int:
+    """Rules of the `admit` chain that look up a prefix length (two per length)."""
+    out = the_lab.gw.run("nft", "list", "chain", "ip", "igd", "admit").stdout
+    return sum(1 for line in out.splitlines() if "@allowed" in line)
+
+
+@pytest.mark.parametrize("reconciled", [False, True])
+async def test_filter_admits_only_the_peers_it_names(
+    net: tuple[Lab, NftablesBackend], reconciled: bool
+) -> None:
     the_lab, backend = net
+    if reconciled:
+        # After a reconcile the `admit` chain tests only the prefix lengths in use (none yet),
+        # and each change that brings a new length rewrites it in the same transaction.
+        await backend.reconcile([], now=NOW)
+        assert admit_lookups(the_lab) == 0
+    else:
+        assert admit_lookups(the_lab) == 2 * 33
 
     def connect(src: str, sport: int = 0) -> str:
         return the_lab.connect(src, 18080, sport=sport, wait=0.7)
@@ -117,6 +133,7 @@ async def test_filter_admits_only_the_peers_it_names(net: tuple[Lab, NftablesBac
     wider = replace(with_port, filters=(only("203.0.113.0/30"), only(f"{WAN2}/32", 40123)))
     await backend.apply([with_port], [wider], now=NOW)
     assert connect(WAN3, 40124) == "8080 203.0.113.3"
+    assert admit_lookups(the_lab) == (2 * 2 if reconciled else 2 * 33)  # /32 and /30
     # A renewal without filters admits everyone again.
     cleared = replace(wider, filters=())
     await backend.apply([wider], [cleared], now=NOW)

@@ -1,0 +1,292 @@
+"""Double NAT end to end (lab/cascade.py): igd-server behind another gateway mirrors what it
+grants upstream, and LAN clients are told the endpoint the WAN really reaches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.cascade import CascadeLab, UpstreamSite
+from lab.demo import DemoError, connect, natpmp_map, public_address, start_service
+from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
+from lab.miniupnpd import version as miniupnpd_version
+from lab.netns import LabCommandError, LabError
+
+REPO = Path(__file__).resolve().parents[2]
+IGD_SERVER = str(Path(os.sys.executable).parent / "igd-server")
+UPSTREAM_POLICY = REPO / "policies" / "lab-upstream.toml"
+LAN_POLICY = REPO / "policies" / "lab.toml"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = condition()
+        except (DemoError, LabError, LabCommandError):
+            found = None  # not answering yet
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def upstream_listed(lab: CascadeLab) -> list[dict[str, Any]]:
+    """`igd-server list --json` of the upstream gateway."""
+    argv = [IGD_SERVER, "list", "--json", "--config", str(lab.workdir / "upstream.toml")]
+    return json.loads(lab.run(lab.upstream, argv).stdout)  # type: ignore[no-any-return]
+
+
+def status(lab: CascadeLab) -> dict[str, Any]:
+    """Our gateway's status over its control socket (what `igd-server status` shows)."""
+    code = (
+        "import json, sys\n"
+        "from igd.server.config import Config\n"
+        "from igd.server.control import ask\n"
+        "print(json.dumps(ask(Config.load(sys.argv[1]).control_socket, 'status')))\n"
+    )
+    out = lab.python(lab.gateway, ["-c", code, str(lab.gateway_config)]).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def cascade() -> Iterator[CascadeLab]:
+    with CascadeLab() as built:
+        yield built
+
+
+# A restart is told from the epoch (RFC 6887 §8.5, RFC 6886 §3.6): an upstream killed a
+# second or two after it started has an epoch its successor soon catches up with, which no
+# client can tell apart. Real gateways run longer; the lab's upstream is this old at least.
+MIN_UPSTREAM_AGE = 6.0
+
+
+def start_both(lab: CascadeLab, **upstream: Any) -> float:
+    """Start the upstream igd-server and ours (mirroring `auto` unless told); when the
+    upstream started (monotonic)."""
+    started = time.monotonic()
+    lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY))
+    # The upstream answers NAT-PMP on the middle network (natpmpc in our gateway's host).
+    wait_until(
+        lambda: "Public IP address" in lab.run(
+            lab.gateway, ["natpmpc", "-g", lab.upstream.address], check=False, timeout=10
+        ).stdout,
+        15, "the upstream gateway",
+    )  # fmt: skip
+    config = lab.write_gateway_config(
+        LAN_POLICY, upstream={"mode": "auto", **upstream}, network={"address_poll_interval": 0.5}
+    )
+    lab.start_gateway(config)
+    # Our gateway reports the upstream's public address once it has probed it.
+    wait_until(
+        lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
+        20, "the public address over NAT-PMP",
+    )  # fmt: skip
+    return started
+
+
+def age_upstream(started: float) -> None:
+    time.sleep(max(0.0, started + MIN_UPSTREAM_AGE - time.monotonic()))
+
+
+def test_natpmpc_mapping_reaches_through_both_nats_and_delete_closes_both(
+    cascade: CascadeLab,
+) -> None:
+    lab = cascade
+    start_both(lab)
+    service = start_service(lab, lab.lan[0], 8080)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18080, 8080)
+        assert mapped.public_port == 18080
+        assert 0 < mapped.lifetime <= 3600
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        held = upstream_listed(lab)
+        assert [(m["external_port"], m["internal_address"], m["internal_port"]) for m in held] == [
+            (18080, lab.gateway.external_address, 18080)
+        ]
+        chain = status(lab)["upstream"]
+        assert chain["public_address"] == lab.upstream.external_address
+        assert chain["local_external_address"] == lab.gateway.external_address
+        assert (chain["mirrored"], chain["failing"]) == (1, 0)
+        natpmp_map(lab, lab.lan[0], 18080, 8080, lifetime=0)
+        wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
+        with pytest.raises(DemoError):
+            connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+    finally:
+        service.kill()
+
+
+def test_client_library_over_pcp_gets_the_public_endpoint(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab)
+    service = start_service(lab, lab.lan[0], 8081)
+    code = (
+        "import asyncio, json\n"
+        "from igd.client import PortMapper\n"
+        "async def main():\n"
+        "    pm = PortMapper()\n"
+        "    m = await pm.map(8081, 'tcp', external_port=28081, lifetime=600, via='pcp')\n"
+        "    print(json.dumps(m.to_dict()), flush=True)\n"
+        "    await m.detach()\n"
+        "    await pm.close()\n"
+        "asyncio.run(main())\n"
+    )
+    try:
+        got = json.loads(lab.python(lab.lan[0], code, timeout=60).stdout.splitlines()[-1])
+        assert got["external_address"] == lab.upstream.external_address
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, got["external_port"])
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_upstream_refusal_reaches_the_client(cascade: CascadeLab) -> None:
+    lab = cascade
+    start_both(lab)
+    # Our policy grants 2323; the upstream's refuses it: NAT-PMP NOT_AUTHORIZED (2).
+    argv = ["natpmpc", "-g", lab.gateway.address, "-a", "2323", "2323", "tcp", "600"]
+    out = lab.run(lab.lan[0], argv, check=False, timeout=10)
+    assert out.returncode != 0
+    assert "not authorized" in out.stdout + out.stderr
+    assert "Mapped public port" not in out.stdout
+    # Nothing is left behind: the local mapping went with the refusal.
+    assert upstream_listed(lab) == []
+    chain = status(lab)["upstream"]
+    assert chain["last_error"] and "2323" in chain["last_error"]
+
+
+def test_upstream_restart_is_repaired(cascade: CascadeLab) -> None:
+    lab = cascade
+    started = start_both(lab)
+    service = start_service(lab, lab.lan[0], 8082)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18082, 8082)
+        age_upstream(started)
+        # The upstream loses its state: killed, its lease store and kernel table gone.
+        lab.stop_upstream(signal.SIGKILL)
+        for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
+            path.unlink()
+        lab.run(lab.upstream, ["nft", "delete", "table", "ip", "igd"])
+        with pytest.raises(DemoError):
+            connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        lab.start_upstream(lab.workdir / "upstream.toml")
+        # Its new epoch reaches our mirror (announcement or next answer), which maps again.
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18082],
+            20, "the upstream mapping to be re-created",
+        )  # fmt: skip
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_upstream_that_goes_away_is_reported_then_repaired(cascade: CascadeLab) -> None:
+    lab = cascade
+    started = start_both(lab, check_interval=1.0)
+    service = start_service(lab, lab.lan[0], 8085)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18085, 8085)
+        age_upstream(started)
+        lab.stop_upstream(signal.SIGKILL)
+        for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
+            path.unlink()
+        lab.run(lab.upstream, ["nft", "delete", "table", "ip", "igd"])
+        wait_until(lambda: not status(lab)["upstream"]["reachable"], 15, "the outage reported")
+        assert "does not answer" in status(lab)["upstream"]["last_error"]
+        lab.start_upstream(lab.workdir / "upstream.toml")
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18085],
+            20, "the upstream mapping to be re-created",
+        )  # fmt: skip
+        wait_until(lambda: status(lab)["upstream"]["reachable"], 10, "the upstream back")
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+@pytest.mark.parametrize("mode", ["natpmp", "pcp"])
+def test_our_restart_keeps_one_upstream_mapping(cascade: CascadeLab, mode: str) -> None:
+    lab = cascade
+    start_both(lab, mode=mode)
+    service = start_service(lab, lab.lan[0], 8083)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18083, 8083)
+        config = lab.gateway_config
+        assert config is not None
+        lab.stop_gateway()
+        lab.start_gateway(config)
+        wait_until(
+            lambda: [m["external_port"] for m in upstream_listed(lab)] == [18083],
+            20, "the upstream mapping after our restart",
+        )  # fmt: skip
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        assert len(upstream_listed(lab)) == 1
+    finally:
+        service.kill()
+
+
+@pytest.mark.skipif(miniupnpd_version() is None, reason="Debian's miniupnpd is not installed")
+def test_miniupnpd_upstream_natpmpc_reaches_through_both_nats() -> None:
+    # miniupnpd refuses a private or documentation WAN address: a public-looking one.
+    with CascadeLab(public_network=PUBLIC_LOOKING_WAN) as lab:
+        site = UpstreamSite(lab).as_lab()
+        with Miniupnpd(site, MiniupnpdOptions(min_lifetime=2)) as mini:
+            config = lab.write_gateway_config(LAN_POLICY, upstream={"mode": "auto"})
+            lab.start_gateway(config)
+            wait_until(
+                lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
+                20, "the public address over NAT-PMP",
+            )  # fmt: skip
+            service = start_service(lab, lab.lan[0], 8084)
+            try:
+                mapped = natpmp_map(lab, lab.lan[0], 18084, 8084)
+                answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+                assert "hello from the LAN service" in answer
+                chain = status(lab)["upstream"]
+                assert (chain["mirrored"], chain["mechanism"]) == (1, "pcp")
+                assert mini.rule_count() == 1
+                natpmp_map(lab, lab.lan[0], 18084, 8084, lifetime=0)
+                wait_until(lambda: mini.rule_count() == 0, 10, "miniupnpd to drop its rule")
+                with pytest.raises(DemoError):
+                    connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+            finally:
+                service.kill()
+
+
+def test_upnp_mirroring_onto_igd_server(cascade: CascadeLab) -> None:
+    lab = cascade
+    lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY, upnp={"enabled": True}))
+    wait_until(
+        lambda: "Public IP address" in lab.run(
+            lab.gateway, ["natpmpc", "-g", lab.upstream.address], check=False, timeout=10
+        ).stdout,
+        15, "the upstream gateway",
+    )  # fmt: skip
+    lab.start_gateway(lab.write_gateway_config(LAN_POLICY, upstream={"mode": "upnp"}))
+    service = start_service(lab, lab.lan[0], 8086)
+    try:
+        mapped = wait_until(
+            lambda: natpmp_map(lab, lab.lan[0], 18086, 8086), 20, "our gateway to answer"
+        )
+        mapped = natpmp_map(lab, lab.lan[0], 18086, 8086)  # the renewal finds the public port
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+        held = upstream_listed(lab)
+        assert [(m["mechanism"], m["internal_port"]) for m in held] == [("upnp", 18086)]
+        assert status(lab)["upstream"]["mechanism"] == "upnp"
+        natpmp_map(lab, lab.lan[0], 18086, 8086, lifetime=0)
+        wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
+    finally:
+        service.kill()
