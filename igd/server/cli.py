@@ -16,8 +16,9 @@ from typing import Any
 import igd
 from igd.policy import Policy, PolicyFileError
 from igd.server.admin.cli import add_console_commands
+from igd.server.admin_cli import add_admin_commands
 from igd.server.config import Config, ConfigError
-from igd.server.control import NotRunning, ask
+from igd.server.control import NotRunning, Refused, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
 from igd.server.forwards_cli import add_forwards_commands
 from igd.server.instance import StartError, acquire, interface_problems
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     listing.add_argument("--socket", type=Path, help="control socket (default: from config)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--pinholes", action="store_true", help="the IPv6 pinholes instead")
+    add_admin_commands(commands)
     add_policy_commands(commands)
     add_config_commands(commands)
     init = commands.add_parser(
@@ -273,6 +275,9 @@ def _list(args: argparse.Namespace) -> int:
     except NotRunning as error:
         print(f"igd-server list: {error}", file=sys.stderr)
         return 3
+    except Refused as error:
+        print(f"igd-server list: {error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(mappings, indent=2))
         return 0

@@ -156,7 +156,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "burst_per_client": (integer(1), 1000),
     },
     "control": {"socket": (string, None)},
-    "log": {"level": (_choice("debug", "info", "warning", "error"), "info")},
+    "log": {
+        "level": (_choice("debug", "info", "warning", "error"), "info"),
+        "audit_file": (string, None),
+        "audit_max_bytes": (integer(0), 0),
+        "audit_keep": (integer(1, 1000), 5),
+    },
     "upstream": {
         "mode": (_choice("off", "auto", "pcp", "natpmp", "upnp"), "off"),
         "gateway": (_address, None),
@@ -275,6 +280,10 @@ class Config:
     admin_names: tuple[str, ...] = ()
     """Host names the console may be reached by besides its address (DNS rebinding guard)."""
     ipv6: Ipv6Config = field(default_factory=Ipv6Config)
+    audit_file: Path | None = None
+    """The audit log (JSON lines, igd/server/audit.py); None: no audit log."""
+    audit_max_bytes: int = 0
+    audit_keep: int = 5
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -321,7 +330,7 @@ class Config:
         base = source.parent
         state = base / values["state"]["directory"]
         control = values["control"]["socket"]
-        upnp, limits = values["upnp"], values["limits"]
+        upnp, limits, audit = values["upnp"], values["limits"], values["log"]
         return cls(
             source=source,
             external_interface=net["external_interface"],
@@ -360,4 +369,7 @@ class Config:
             admin_password_hash=admin["password_hash"],
             admin_names=admin["names"],
             ipv6=Ipv6Config(**{_IPV6_FIELDS.get(k, k): v for k, v in six.items()}),
+            audit_file=base / audit["audit_file"] if audit["audit_file"] else None,
+            audit_max_bytes=audit["audit_max_bytes"],
+            audit_keep=audit["audit_keep"],
         )

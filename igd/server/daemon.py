@@ -8,20 +8,24 @@ import logging
 import signal
 import socket
 import time
+from collections import Counter
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, cast
 
+import igd
 from igd.gateway import ALWAYS_RESERVED, Gateway
-from igd.model import Protocol, RemoteFilter
+from igd.model import Protocol
 from igd.pinhole import PinholeRules
 from igd.policy import Policy, PolicyFileError
 from igd.server.admin.server import AdminServer, listener_device
+from igd.server.audit import AUDIT_QUEUE_BOUND, AUDITED, AuditLog, timestamp
 from igd.server.backends import Backend, BackendError
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.backends.pinholes import Firewall, MemoryPinholeBackend, NftPinholeBackend
+from igd.server.commands import admin_commands, mapping_row
 from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.hostports import HostPorts
@@ -80,8 +84,10 @@ class Daemon:
     ) -> None:
         self.config = config
         self.dry_run = dry_run
+        self.started = time.monotonic()
         self.policy_digest = file_digest(config.policy_file)
         self.policy = Policy.load(config.policy_file)
+        self.policy_loaded = time.time()
         # Before the lease store, the kernel or any socket: a second instance touches nothing.
         self.lock = acquire(config.state_directory) if lock is None else lock
         try:
@@ -159,10 +165,14 @@ class Daemon:
             RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
             self.service,
         )
-        self.control = ControlServer(
-            config.control_socket,
-            {"list": self.list_mappings, "status": self.status, "pinholes": self.list_pinholes},
-        )
+        self.control = ControlServer(config.control_socket, admin_commands(self))
+        self.audit: AuditLog | None = None
+        if config.audit_file is not None:
+            self.audit = AuditLog(
+                config.audit_file, max_bytes=config.audit_max_bytes, keep=config.audit_keep
+            )
+            self.audit.open()  # a path the daemon cannot write stops it at start, not later
+            self._audited = self.service.subscribe("audit", AUDIT_QUEUE_BOUND, AUDITED)
         self.upnp: UpnpServer | None = None
         if config.upnp_enabled:
             self.upnp = UpnpServer(
@@ -259,6 +269,8 @@ class Daemon:
             ]
             if self.upnp is not None:
                 tasks.append(group.create_task(self.upnp.run()))
+            if self.audit is not None:
+                tasks.append(group.create_task(self.audit.follow(self._audited)))
             if self.upstream is not None:
                 tasks.append(group.create_task(self.upstream.run(self.service)))
             if self.pinholes is not None:
@@ -368,25 +380,32 @@ class Daemon:
         self.lock.release()
 
     async def reload(self) -> None:
-        """SIGHUP: load the policy file again; keep the old policy if the new one is invalid."""
+        """SIGHUP: reopen the audit log, load the policy file again; keep the old policy if
+        the new one is invalid."""
+        try:
+            await self.reload_checked()
+        except (PolicyFileError, OSError) as error:
+            log.error("policy reload failed; keeping the current policy: %s", error)
+
+    async def reload_checked(self) -> dict[str, Any]:
+        """What SIGHUP does, raising PolicyFileError or OSError (`igd-server reload`)."""
         reloading()
         try:
-            await self._reload()
+            await self.reopen_logs()
+            return await self.reload_policy()
         finally:
             ready(f"serving {self.service.count()} mappings")
 
-    async def _reload(self) -> None:
-        try:
-            digest = file_digest(self.config.policy_file)
-            policy = Policy.load(self.config.policy_file)
-        except (PolicyFileError, OSError) as error:
-            log.error("policy reload failed; keeping the current policy: %s", error)
-            return
+    async def reload_policy(self) -> dict[str, Any]:
+        """Load the policy file again (PolicyFileError or OSError: the old policy stays)."""
+        digest = file_digest(self.config.policy_file)
+        policy = Policy.load(self.config.policy_file)
         for warning in policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
         self.policy = policy
         change = await self.service.reload(policy)
         self.policy_digest = digest
+        self.policy_loaded = time.time()
         self.store.set_meta(POLICY_KEY, digest)
         log.info(
             "policy reloaded from %s: %d rules, %d forwards; %d mappings removed, %d forward"
@@ -397,6 +416,18 @@ class Daemon:
             len(change.removed),
             len(change.added),
         )
+        return {
+            "policy": str(self.config.policy_file),
+            "sha256": digest,
+            "rules": len(policy.rules),
+            "forwards": len(policy.forwards),
+            "removed": [mapping_row(m, time.monotonic()) for m in change.removed],
+        }
+
+    async def reopen_logs(self) -> None:
+        """Reopen the audit log (logrotate renamed it; SIGHUP or `igd-server reload`)."""
+        if self.audit is not None:
+            await self.audit.reopen()
 
     async def list_mappings(self) -> list[dict[str, Any]]:
         """The current mappings with their traffic, for `igd-server list`."""
@@ -410,17 +441,8 @@ class Daemon:
         for m in self.service.mappings():
             packets, octets = counts.get(m.key, (0, 0))
             rows.append(
-                {
-                    "protocol": str(m.protocol),
-                    "external_port": m.external_port,
-                    "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
-                    "internal_address": str(m.internal_address),
-                    "internal_port": m.internal_port,
-                    "lease_remaining": m.remaining(now),
-                    "mechanism": str(m.owner.mechanism),
-                    "client": str(m.owner.client),
-                    "description": m.description,
-                    "remote_sources": [_source(f) for f in m.filters],
+                mapping_row(m, now)
+                | {
                     # Behind a double NAT: where the Internet reaches it (server/upstream.py).
                     "public": self.upstream.endpoint(m) if self.upstream is not None else None,
                     "packets": packets,
@@ -449,15 +471,22 @@ class Daemon:
         ]
 
     def status(self) -> dict[str, Any]:
-        """A summary for scripts and tests."""
+        """A summary for `igd-server status`."""
+        by_mechanism = Counter(str(m.owner.mechanism) for m in self.service.mappings())
         return {
-            "mappings": self.service.count(),
-            "epoch": self.service.epoch(),
+            "version": igd.__version__,
+            "uptime": round(time.monotonic() - self.started),
             "external_address": str(self.external.current) if self.external.current else None,
+            "epoch": self.service.epoch(),
+            "mappings": self.service.count(),
+            "by_mechanism": dict(sorted(by_mechanism.items())),
             "policy": str(self.config.policy_file),
+            "policy_sha256": self.policy_digest,
+            "policy_loaded": timestamp(self.policy_loaded),
             "rules": len(self.policy.rules),
             "kernel_restores": self.kernel_restores,
             "upstream": self.upstream.status() if self.upstream is not None else None,
+            "audit_file": str(self.config.audit_file) if self.config.audit_file else None,
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
@@ -548,7 +577,3 @@ class Daemon:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-
-def _source(remote: RemoteFilter) -> str:
-    """A FILTER as text: the network, and its port when one is named."""
-    return str(remote.network) + (f" port {remote.port}" if remote.port else "")

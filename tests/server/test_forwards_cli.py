@@ -105,9 +105,13 @@ async def test_all_adds_the_running_daemons_dynamic_mappings(
             "remote_sources": [],
         },
     ]
-    server = ControlServer(
-        socket, {"list": lambda: listing, "status": lambda: {"external_address": "192.0.2.1"}}
-    )
+    async def listed(args: object) -> object:
+        return listing
+
+    async def status(args: object) -> object:
+        return {"external_address": "192.0.2.1"}
+
+    server = ControlServer(socket, {"list": listed, "status": status})
     await server.start()
     try:
         args = export(tmp_path, "--all", "--socket", str(socket), "--format", "json")

@@ -1,0 +1,176 @@
+"""The admin's commands on the control socket (igd/server/control.py): list, status, delete,
+flush and reload, each checking its arguments and acting through the service's door.
+
+Removals go through `Service.delete`/`Service.flush`, so they reach the kernel and the lease
+store before the answer, are logged, and are published as `MappingRemoved(cause=ADMIN)` like
+any other removal (GENA subscribers and the audit log see them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from ipaddress import AddressValueError, IPv4Address
+from typing import TYPE_CHECKING, Any
+
+from igd.model import REQUESTED, Mapping, MappingKey, Mechanism, Protocol, RemoteFilter
+from igd.policy import PolicyFileError
+from igd.server.backends import BackendError
+from igd.server.control import Command, CommandError
+
+if TYPE_CHECKING:
+    from igd.server.daemon import Daemon
+
+log = logging.getLogger("igd.control")
+
+
+def mapping_row(mapping: Mapping, now: float) -> dict[str, Any]:
+    """One mapping as `igd-server list --json` shows it."""
+    return {
+        "protocol": str(mapping.protocol),
+        "external_port": mapping.external_port,
+        "remote_host": str(mapping.key.remote_host) if mapping.key.remote_host else None,
+        "internal_address": str(mapping.internal_address),
+        "internal_port": mapping.internal_port,
+        "lease_remaining": mapping.remaining(now),
+        "mechanism": str(mapping.owner.mechanism),
+        "client": str(mapping.owner.client),
+        "description": mapping.description,
+        "remote_sources": [_source(f) for f in mapping.filters],
+    }
+
+
+def _source(remote: RemoteFilter) -> str:
+    """A FILTER as text: the network, and its port when one is named."""
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
+
+
+def admin_commands(daemon: Daemon) -> dict[str, Command]:
+    """The control socket's commands for this daemon."""
+    service = daemon.service
+
+    async def listing(args: dict[str, Any]) -> Any:
+        _no_args(args, ())
+        return await daemon.list_mappings()
+
+    async def status(args: dict[str, Any]) -> Any:
+        _no_args(args, ())
+        return daemon.status()
+
+    async def delete(args: dict[str, Any]) -> Any:
+        _no_args(args, ("protocol", "external_port", "remote_host"))
+        key = MappingKey(
+            _protocol(args.get("protocol")),
+            _port(args.get("external_port")),
+            _address(args.get("remote_host"), "remote_host"),
+        )
+        held = service.holder(key)
+        if held is not None and held.is_static:
+            raise CommandError(
+                f"{key.protocol} {key.external_port} is a static forward of the policy file:"
+                " remove it there and reload"
+            )
+        try:
+            mapping = await service.delete(key)
+        except BackendError as error:
+            raise CommandError(
+                f"not deleted (the kernel or the lease store refused): {error}"
+            ) from None
+        if mapping is None:
+            remote = f" from {key.remote_host}" if key.remote_host else ""
+            raise CommandError(f"no mapping {key.protocol} {key.external_port}{remote}")
+        log.info("admin deleted %s %d", key.protocol, key.external_port)
+        return mapping_row(mapping, time.monotonic())
+
+    async def flush(args: dict[str, Any]) -> Any:
+        _no_args(args, ("client", "mechanism"))
+        client = _address(args.get("client"), "client")
+        mechanism = _mechanism(args.get("mechanism"))
+        now = time.monotonic()
+        try:
+            change = await service.flush(client=client, mechanism=mechanism)
+        except BackendError as error:
+            raise CommandError(
+                f"nothing flushed (the kernel or the lease store refused): {error}"
+            ) from None
+        log.info(
+            "admin flushed %d mappings (client %s, mechanism %s)",
+            len(change.removed),
+            client or "any",
+            mechanism or "any",
+        )
+        return {"removed": [mapping_row(m, now) for m in change.removed]}
+
+    async def reload(args: dict[str, Any]) -> Any:
+        _no_args(args, ())
+        try:
+            return await daemon.reload_checked()
+        except PolicyFileError as error:
+            log.error("policy reload failed; keeping the current policy: %s", error)
+            raise CommandError(
+                f"policy not reloaded; keeping the current policy:\n{error}"
+            ) from None
+        except OSError as error:
+            log.error("policy reload failed; keeping the current policy: %s", error)
+            raise CommandError(
+                f"policy not reloaded; keeping the current policy: {error}"
+            ) from None
+
+    async def pinholes(args: dict[str, Any]) -> Any:
+        _no_args(args, ())
+        return daemon.list_pinholes()
+
+    return {
+        "list": listing,
+        "pinholes": pinholes,
+        "status": status,
+        "delete": delete,
+        "flush": flush,
+        "reload": reload,
+    }
+
+
+def _no_args(args: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        takes = ", ".join(allowed) if allowed else "nothing"
+        raise CommandError(f"unknown argument {shown} (this command takes {takes})")
+
+
+def _protocol(value: object) -> Protocol:
+    if isinstance(value, str) and value.lower() in ("tcp", "udp"):
+        return Protocol(value.lower())
+    raise CommandError(f"protocol: want tcp or udp, not {_show(value)}")
+
+
+def _port(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise CommandError(f"external port: want 1-65535, not {_show(value)}")
+
+
+def _address(value: object, name: str) -> IPv4Address | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return IPv4Address(value)
+        except AddressValueError:
+            pass
+    raise CommandError(f"{name}: want an IPv4 address, not {_show(value)}")
+
+
+def _mechanism(value: object) -> Mechanism | None:
+    if value is None:
+        return None
+    # Static forwards are the policy file's: no flush removes them.
+    names = [str(m) for m in REQUESTED]
+    if isinstance(value, str) and value.lower() in names:
+        return Mechanism(value.lower())
+    raise CommandError(f"mechanism: want {', '.join(names)}, not {_show(value)}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
