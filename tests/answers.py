@@ -30,6 +30,7 @@ from igd.proto.pcp import (
     PcpThirdParty,
     PcpUnknownOption,
 )
+from igd.server.pxp import RECEIVE_SIZE
 from tests.dissect import Dissection, dissect
 
 NONCE = bytes(range(1, 13))
@@ -181,8 +182,9 @@ def unanswered(request: bytes, *, natpmp_on: bool = True, pcp_on: bool = True) -
     """Whether the gateway must stay silent: shorter than 2 octets, the R bit (a response:
     RFC 6886 §3.5, RFC 6887 §8.2), a PCP request shorter than its header (§8.2), a NAT-PMP
     map request shorter than 12 octets (RFC 6886 defines no answer to it). A version the
-    gateway has turned off is an unsupported version, answered whatever its length."""
-    if len(request) < 2 or request[1] & 0x80:
+    gateway has turned off is an unsupported version, answered whatever its length. A datagram
+    longer than the daemon reads (pxp.RECEIVE_SIZE) is dropped: a cut copy is no answer."""
+    if len(request) < 2 or request[1] & 0x80 or len(request) > RECEIVE_SIZE:
         return True
     if request[0] == pcp.VERSION and pcp_on:
         return len(request) < 24

@@ -36,8 +36,10 @@ MAX_ACTIVE = 128
 request per client per round), so a client that asks once is answered after at most one
 round however much other clients send."""
 RECEIVE_SIZE = 2048
-"""Octets read per datagram: above pcp.MAX_SIZE, so an over-long request is answered as one
-(RFC 6887 §8.3) rather than cut to a valid-looking 1100."""
+"""The longest datagram answered: above pcp.MAX_SIZE, so an over-long PCP request is answered
+as one (RFC 6887 §8.3) rather than cut to a valid-looking 1100. One octet more is read, so a
+longer datagram is seen whole-or-longer and dropped: echoing a cut copy (NAT-PMP's unknown
+opcode answer, RFC 6886 §3.5) would not be the request back."""
 DRAIN_BATCH = 256
 """Datagrams read from a socket per wake-up: the socket is emptied into the per-client
 queues (where fairness applies) instead of one datagram per event-loop turn."""
@@ -157,7 +159,7 @@ class PxpServer:
         for _ in range(DRAIN_BATCH):
             try:
                 # More than PCP's 1100 octets, so the decoder sees an over-long request.
-                data, address = sock.recvfrom(RECEIVE_SIZE)
+                data, address = sock.recvfrom(RECEIVE_SIZE + 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # an ICMP error for an earlier reply
@@ -238,6 +240,8 @@ class PxpServer:
         """The reply to one datagram from a LAN client, or None to stay silent."""
         if len(data) < 2:
             return None  # RFC 6887 §8.2; NAT-PMP has no packet this short either
+        if len(data) > RECEIVE_SIZE:
+            return None  # longer than any message of either protocol (see RECEIVE_SIZE)
         version = data[0]
         if version == natpmp.VERSION and self.natpmp is not None:
             return await self.natpmp.handle(data, IPv4Address(source[0]))
