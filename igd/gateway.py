@@ -242,7 +242,7 @@ class Gateway:
         if mapping.owner.client not in self.own_addresses:
             return self.policy.recheck(mapping, now=now)
         # The own-address rule needs the deciding rule, which only an Allow names.
-        request = _request_of(mapping)
+        request = MapRequest.renewing(mapping)
         decision = self.policy.evaluate(request, self.table, now=now, renewal=True)
         if isinstance(decision, Allow):
             decision = self._vet_client(mapping.owner.client, decision)
@@ -500,24 +500,6 @@ def _lowest_bit(bits: int) -> int:
 def _other(protocol: Protocol) -> Protocol:
     return Protocol.UDP if protocol is Protocol.TCP else Protocol.TCP
 
-
-def _request_of(mapping: Mapping) -> MapRequest:
-    """The request that would renew a mapping as it stands (its port fixed)."""
-    return MapRequest(
-        mechanism=mapping.owner.mechanism,
-        client=mapping.owner.client,
-        protocol=mapping.protocol,
-        internal_address=mapping.internal_address,
-        internal_port=mapping.internal_port,
-        external_port=mapping.external_port,
-        lifetime=1,
-        remote_host=mapping.key.remote_host,
-        description=mapping.description,
-        nonce=mapping.owner.nonce,
-        filters=mapping.filters,
-        peer_port=mapping.peer_port,
-        exact_port=True,
-    )
 
 
 def change_after(change: Change) -> dict[MappingKey, Mapping | None]:

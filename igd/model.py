@@ -137,6 +137,25 @@ class MapRequest:
     """True when the protocol cannot accept another external port (UPnP AddPortMapping,
     PCP PREFER_FAILURE); False lets the gateway pick another allowed port."""
 
+    @classmethod
+    def renewing(cls, mapping: Mapping, lifetime: int = 1) -> MapRequest:
+        """The request that would renew a mapping as it stands (its external port fixed)."""
+        return cls(
+            mechanism=mapping.owner.mechanism,
+            client=mapping.owner.client,
+            protocol=mapping.protocol,
+            internal_address=mapping.internal_address,
+            internal_port=mapping.internal_port,
+            external_port=mapping.external_port,
+            lifetime=lifetime,
+            remote_host=mapping.key.remote_host,
+            description=mapping.description,
+            nonce=mapping.owner.nonce,
+            filters=mapping.filters,
+            peer_port=mapping.peer_port,
+            exact_port=True,
+        )
+
     @property
     def third_party(self) -> bool:
         """Whether the mapping would point at an address other than the requester's."""

@@ -219,21 +219,7 @@ class Policy:
 
     def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
         """The Deny this policy gives an existing mapping (after a reload), or None if allowed."""
-        request = MapRequest(
-            mechanism=mapping.owner.mechanism,
-            client=mapping.owner.client,
-            protocol=mapping.protocol,
-            internal_address=mapping.internal_address,
-            internal_port=mapping.internal_port,
-            external_port=mapping.external_port,
-            lifetime=max(1, mapping.remaining(now)),
-            remote_host=mapping.key.remote_host,
-            description=mapping.description,
-            nonce=mapping.owner.nonce,
-            filters=mapping.filters,
-            peer_port=mapping.peer_port,
-            exact_port=True,
-        )
+        request = MapRequest.renewing(mapping, max(1, mapping.remaining(now)))
         decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
         if isinstance(decision, Allow):
             return sources_changed(decision, mapping)

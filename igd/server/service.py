@@ -366,7 +366,7 @@ class Service:
         events: tuple[Event, ...] = tuple(MappingRemoved(m, cause) for m in change.removed)
         # Only forwards are added by a reload or an address change: installed by the admin.
         events += tuple(
-            MappingGranted(m, _forward_request(m), f"forward {m.description!r}")
+            MappingGranted(m, MapRequest.renewing(m), f"forward {m.description!r}")
             for m in change.added
         )
         try:
@@ -387,21 +387,6 @@ class Service:
         if self._armed is None or expires < self._armed:
             self._rearm.set()
 
-
-def _forward_request(mapping: Mapping) -> MapRequest:
-    """What the admin's forward "asked" for, for the event that reports its installation."""
-    return MapRequest(
-        mechanism=mapping.owner.mechanism,
-        client=mapping.owner.client,
-        protocol=mapping.protocol,
-        internal_address=mapping.internal_address,
-        internal_port=mapping.internal_port,
-        external_port=mapping.external_port,
-        lifetime=1,
-        description=mapping.description,
-        filters=mapping.filters,
-        exact_port=True,
-    )
 
 
 __all__ = ["MAX_BATCH", "Granted", "Refused", "Service", "merge"]
