@@ -403,11 +403,14 @@ class Lab:
         policy_path: str | Path,
         *,
         filename: str = "gateway.toml",
+        host: GatewayHost | None = None,
+        state_name: str = "state",
         **sections: Mapping[str, TomlValue],
     ) -> Path:
-        """Write the daemon's TOML config for this lab; `sections` update its tables."""
-        gw = self.gateway
-        state = self.workdir / "state"
+        """Write the daemon's TOML config for this lab (for `host`, by default the gateway);
+        `sections` update its tables."""
+        gw = self.gateway if host is None else host
+        state = self.workdir / check_name(state_name)
         state.mkdir(mode=0o700, exist_ok=True)
         config: dict[str, dict[str, TomlValue]] = {
             "network": {

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +34,6 @@ from lab import (
     TomlValue,
     _exited,
     _stop_group,
-    dump_toml,
 )
 from lab.netns import (
     LabError,
@@ -137,29 +135,13 @@ class CascadeLab(Lab):
         self, policy_path: str | Path, **sections: Mapping[str, TomlValue]
     ) -> Path:
         """The upstream igd-server's config: its LAN is the middle network."""
-        up = self.upstream
-        state = self.workdir / "upstream-state"
-        state.mkdir(mode=0o700, exist_ok=True)
-        config: dict[str, dict[str, TomlValue]] = {
-            "network": {
-                "external_interface": up.external_interface,
-                "internal_interfaces": [up.interface],
-                "allow_private_external": not ipaddress.IPv4Address(up.external_address).is_global,
-            },
-            "state": {"directory": str(state)},
-            "policy": {"file": str(Path(policy_path).resolve())},
-            "natpmp": {"enabled": True},
-            "pcp": {"enabled": True},
-            "upnp": {"enabled": False},
-            "nftables": {"table": "igd"},
-        }
-        for section, values in sections.items():
-            config.setdefault(section, {}).update(values)
-        text = dump_toml(config)
-        tomllib.loads(text)
-        path = self.workdir / "upstream.toml"
-        path.write_text(text)
-        return path
+        return self.write_gateway_config(
+            policy_path,
+            filename="upstream.toml",
+            host=self.upstream,
+            state_name="upstream-state",
+            **sections,
+        )
 
     def start_upstream(self, config_path: str | Path) -> subprocess.Popen[bytes]:
         """Start igd-server in the upstream gateway, logging to `upstream_log_path`."""
