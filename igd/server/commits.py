@@ -310,18 +310,3 @@ class Committer:
     def _kernel_values(self, keys: Iterable[MappingKey]) -> list[Mapping]:
         return [m for m in map(self._kernel_value, keys) if m is not None]
 
-
-def merge(changes: Iterable[Change]) -> Change:
-    """The net effect of several changes applied in order."""
-    before: dict[MappingKey, Mapping | None] = {}
-    after: dict[MappingKey, Mapping | None] = {}
-    for change in changes:
-        for mapping in change.removed:
-            before.setdefault(mapping.key, mapping)
-            after[mapping.key] = None
-        for mapping in change.added:
-            before.setdefault(mapping.key, None)
-            after[mapping.key] = mapping
-    removed = tuple(m for k, m in before.items() if m is not None and after[k] != m)
-    added = tuple(m for k, m in after.items() if m is not None and before[k] != m)
-    return Change(removed, added)

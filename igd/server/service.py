@@ -30,7 +30,7 @@ from igd.gateway import Change, Gateway, Granted, MapResult, Refused, describe
 from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Protocol
 from igd.policy import Policy
 from igd.server.backends import Backend, BackendError, ReconcileReport
-from igd.server.commits import MAX_BATCH, Committer, merge
+from igd.server.commits import MAX_BATCH, Committer
 from igd.server.feed import DEFAULT_QUEUE_BOUND, EventFeed, Subscriber
 from igd.server.store import Clock, LeaseStore
 from igd.server.upstream import Public, Upstream, UpstreamRefusal
@@ -389,4 +389,4 @@ class Service:
 
 
 
-__all__ = ["MAX_BATCH", "Granted", "Refused", "Service", "merge"]
+__all__ = ["MAX_BATCH", "Granted", "Refused", "Service"]

@@ -18,12 +18,12 @@ from igd.events import (
     RemovalCause,
     RequestRefused,
 )
-from igd.gateway import Change, Gateway, Granted, Refused
+from igd.gateway import Gateway, Granted, Refused
 from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Owner, Protocol
 from igd.policy import Policy
 from igd.server.backends import BackendError
 from igd.server.backends.memory import MemoryBackend
-from igd.server.service import Service, merge
+from igd.server.service import Service
 from igd.server.store import Clock, LeaseStore
 
 CLIENT = IPv4Address("192.168.1.10")
@@ -39,14 +39,6 @@ def mapping(port: int, expires: float) -> Mapping:
 
 def request(port: int, lifetime: int = 600) -> MapRequest:
     return MapRequest(Mechanism.NATPMP, CLIENT, Protocol.TCP, CLIENT, port, port, lifetime)
-
-
-def test_merge_nets_out_changes_in_order() -> None:
-    a1, a2, b = mapping(1, 10), mapping(1, 20), mapping(2, 10)
-    net = merge([Change((), (a1,)), Change((a1,), (a2,)), Change((), (b,)), Change((b,), ())])
-    assert net == Change((), (a2,))
-    renewal = merge([Change((a1,), (a2,))])
-    assert renewal == Change((a1,), (a2,))
 
 
 class SlowBackend(MemoryBackend):
