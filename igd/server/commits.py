@@ -101,6 +101,10 @@ class Committer:
         """Whether no change is being committed or waiting to be."""
         return not self._busy and not self._waiting
 
+    def in_flight(self, key: MappingKey) -> bool:
+        """Whether a change to this key is being committed or waiting to be."""
+        return key in self._inflight
+
     async def commit(
         self, change: Change, events: tuple[Event, ...] = (), request: MapRequest | None = None
     ) -> None:

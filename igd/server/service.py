@@ -257,9 +257,16 @@ class Service:
         """Remove every mapping whose lease has ended (what the expiry timer does); False if
         the kernel or the store refused (the mappings then stay, to be tried again)."""
         change = self.gateway.expire(now=self.now())
-        if not change:
-            return True
-        return await self._commit_or_log(change, "expiry", RemovalCause.EXPIRED)
+        # A key whose change is still being committed is not expired yet: that change may
+        # fail and be undone (a failing renewal puts back the mapping it replaced), and an
+        # expiry of the uncommitted state would take the client's granted mapping with it.
+        waiting = [m for m in change.removed if self.committer.in_flight(m.key)]
+        if waiting:
+            for mapping in waiting:
+                self.gateway.table.put(mapping)
+            change = Change(tuple(m for m in change.removed if m not in waiting))
+        done = await self._commit_or_log(change, "expiry", RemovalCause.EXPIRED) if change else True
+        return done and not waiting
 
     def address_changed(self, previous: IPv4Address | None, current: IPv4Address | None) -> None:
         """The external address changed: a new epoch (RFC 6887 §8.5), and tell subscribers
