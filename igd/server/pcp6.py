@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from igd.model import Mechanism, Protocol
@@ -38,7 +38,7 @@ from igd.server.interfaces import bind_to_device
 from igd.server.pcp import LONG_ERROR_LIFETIME, SHORT_ERROR_LIFETIME, SHORT_ERRORS
 from igd.server.pcp_options import PcpError
 from igd.server.pinholes import CommitError, PinholeService
-from igd.server.pxp import RateLimiter
+from igd.server.pxp import ANNOUNCE_COPIES, ANNOUNCE_FIRST_GAP, RateLimiter
 from igd.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("igd.pcp6")
@@ -247,6 +247,7 @@ class Pcp6Server:
         self.failed = RateLimitedLog(log, logging.ERROR)
         self._sockets: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._announcer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the sockets and send the ANNOUNCE of a (re)start to each LAN (§14.1.3)."""
@@ -268,12 +269,26 @@ class Pcp6Server:
             loop.add_reader(sock.fileno(), self._drain, sock)
             self._sockets[name] = sock
             log.info("PCP over IPv6 listening on %s UDP [::]:%d", name, SERVER_PORT)
-            with contextlib.suppress(OSError):
-                sock.sendto(self.handler.announcement(), (ALL_NODES, CLIENT_PORT))
+        self._announcer = loop.create_task(self.announce())
+
+    async def announce(self, pause: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """RFC 6887 §14.1.3: the restart ANNOUNCE to [ff02::1]:5350 on every LAN, ten times,
+        250 ms then doubling gaps, each copy with the epoch of its sending."""
+        gap = ANNOUNCE_FIRST_GAP
+        for copy in range(ANNOUNCE_COPIES):
+            message = self.handler.announcement()
+            for sock in list(self._sockets.values()):
+                with contextlib.suppress(OSError):
+                    sock.sendto(message, (ALL_NODES, CLIENT_PORT))
+            if copy + 1 < ANNOUNCE_COPIES:
+                await pause(gap)
+                gap *= 2
 
     def close(self) -> None:
         """Close every socket; answers in flight are dropped."""
         loop = asyncio.get_running_loop()
+        if self._announcer is not None:
+            self._announcer.cancel()
         for sock in self._sockets.values():
             loop.remove_reader(sock.fileno())
             sock.close()

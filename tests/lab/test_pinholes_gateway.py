@@ -66,17 +66,24 @@ except TimeoutError:
 
 
 _LISTEN = """
-import socket, sys
+import socket, sys, time
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("::", 5350))
-s.settimeout(float(sys.argv[1]))
+first_wait, then = float(sys.argv[1]), float(sys.argv[2])
+s.settimeout(first_wait)
 print("ready", flush=True)
-try:
-    data, peer = s.recvfrom(2048)
-    print(data.hex(), peer[0])
-except TimeoutError:
-    print("none")
+end = None
+while end is None or time.monotonic() < end:
+    try:
+        data, peer = s.recvfrom(2048)
+    except TimeoutError:
+        break
+    now = time.monotonic()
+    if end is None:
+        end = now + then
+    s.settimeout(max(0.01, end - now))
+    print(data.hex(), peer[0], now, flush=True)
 """
 
 
@@ -225,18 +232,31 @@ def test_only_lan_sources_get_answers_and_the_client_field_must_be_the_source(
     assert kernel(lab) == []
 
 
-def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan(
+def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan_again_and_again(
     lab: Lab, gateway: StartGateway
 ) -> None:
-    listener = lab.python_popen("lan2", ["-c", _LISTEN, "15"], stdout=subprocess.PIPE, text=True)
+    # Listen 15 s for the first copy, then 2 s more: copies 1-4 (gaps 0.25, 0.5, 1 s).
+    argv = ["-c", _LISTEN, "15", "2"]
+    listener = lab.python_popen("lan2", argv, stdout=subprocess.PIPE, text=True)
     assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
     start(lab, gateway)
     out, _ = listener.communicate(timeout=30)
-    data, source = out.split()
-    # RFC 6887 §14.1.3: an unsolicited ANNOUNCE to [ff02::1]:5350 from the gateway's LAN link.
-    announcement = pcp.decode_response(bytes.fromhex(data))
-    assert announcement.opcode is PcpOpcode.ANNOUNCE and announcement.result is PcpResult.SUCCESS
-    assert IPv6Address(source.split("%")[0]).is_link_local
+    copies = [line.split() for line in out.splitlines()]
+    assert len(copies) >= 3, out
+    epochs, times = [], []
+    for data, source, when in copies:
+        # RFC 6887 §14.1.3: an unsolicited ANNOUNCE to [ff02::1]:5350 from the LAN link.
+        announcement = pcp.decode_response(bytes.fromhex(data))
+        assert announcement.opcode is PcpOpcode.ANNOUNCE
+        assert announcement.result is PcpResult.SUCCESS
+        assert IPv6Address(source.split("%")[0]).is_link_local
+        epochs.append(announcement.epoch)
+        times.append(float(when))
+    # Sent again with the epoch of each sending, at least 250 ms apart, the gaps doubling.
+    assert epochs == sorted(epochs)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[0] >= 0.2, gaps
+    assert all(later >= 1.6 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
 
 
 def test_the_pinhole_benchmark_runs_small_and_restores_every_seeded_pinhole() -> None:

@@ -146,3 +146,34 @@ def test_only_lan_and_link_local_sources_are_answered() -> None:
     server = Pcp6Server(["br-lan"], handler, [LAN], RateLimiter(10, 10))
     assert server.is_lan_source(A) and server.is_lan_source(IPv6Address("fe80::1"))
     assert not server.is_lan_source(IPv6Address("2001:db8:0:1::2"))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+async def test_the_restart_announce_goes_out_ten_times_with_doubling_gaps() -> None:
+    handler, service, _ = make()
+    await service.restore(now=100.0)
+    server = Pcp6Server(["lan0", "lan1"], handler, [LAN], RateLimiter(10, 10))
+    sockets = {"lan0": _Recorder(), "lan1": _Recorder()}
+    server._sockets = sockets  # type: ignore[assignment]
+    gaps: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        gaps.append(seconds)
+
+    await server.announce(pause)
+    # RFC 6887 §14.1.3: up to ten copies, first gap at least 250 ms, each gap at least double.
+    assert gaps == [0.25 * 2**i for i in range(9)]
+    for recorder in sockets.values():
+        assert len(recorder.sent) == 10
+        assert {address for _, address in recorder.sent} == {("ff02::1", 5350)}
+        for data, _ in recorder.sent:
+            response = pcp.decode_response(data)
+            assert response.opcode is PcpOpcode.ANNOUNCE and response.result is PcpResult.SUCCESS
