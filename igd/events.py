@@ -3,7 +3,9 @@
 The server's `Service` publishes these on its feed (igd/server/feed.py); GENA eventing, the
 NAT-PMP/PCP announcements and PCP's Mapping Update bookkeeping consume them, and metrics, an
 admin console or an audit log can subscribe the same way. Grants, renewals and removals are
-published once the kernel and the lease store hold them; refusals as they are decided.
+published once the kernel and the lease store hold them; refusals as they are decided. IPv6
+pinholes (igd/pinhole.py) have their own four kinds, published by the pinhole service on the
+same feed under the same rules.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from ipaddress import IPv4Address
 
 from igd.decision import Reason
 from igd.model import Mapping, MapRequest
+from igd.pinhole import Pinhole, PinholeRequest, Refusal
 
 
 class RemovalCause(enum.StrEnum):
@@ -25,7 +28,8 @@ class RemovalCause(enum.StrEnum):
     ADMIN = "deleted-by-admin"
     ADDRESS_CHANGE = "address-change"
     """The gateway's addresses changed and the mapping now points off the LAN (or its client
-    became one of the gateway's own addresses)."""
+    became one of the gateway's own addresses); for a pinhole, its internal address left the
+    LAN prefixes."""
 
 
 class DropReason(enum.StrEnum):
@@ -101,6 +105,44 @@ class DatagramDropped:
     reason: DropReason
 
 
+@dataclass(frozen=True, slots=True)
+class PinholeOpened:
+    """A new pinhole is in the pinhole table, the kernel and the lease store."""
+
+    pinhole: Pinhole
+    rule: str
+    restrictions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeRenewed:
+    """A pinhole's lease (or description, filters) was refreshed by its owner."""
+
+    pinhole: Pinhole
+    previous: Pinhole
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeRefused:
+    """A pinhole request (open, renew or delete) was refused; nothing changed."""
+
+    request: PinholeRequest
+    refusal: Refusal
+    rule: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeRemoved:
+    """A pinhole is gone from the pinhole table, the kernel and the lease store."""
+
+    pinhole: Pinhole
+    cause: RemovalCause
+
+
+PINHOLE_EVENTS = (PinholeOpened, PinholeRenewed, PinholeRefused, PinholeRemoved)
+
 Event = (
     MappingGranted
     | MappingRenewed
@@ -109,4 +151,8 @@ Event = (
     | CommitFailed
     | ExternalAddressChanged
     | DatagramDropped
+    | PinholeOpened
+    | PinholeRenewed
+    | PinholeRefused
+    | PinholeRemoved
 )

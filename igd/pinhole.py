@@ -4,12 +4,14 @@ On IPv6 there is no NAT: a pinhole admits new inbound flows to one LAN host's po
 the gateway's default-deny firewall. Pinholes are their own small core, beside the IPv4
 mapping table (whose types assume IPv4 throughout). Rules of the table:
 
-- every pinhole state change happens in `Pinholes` (open, close, expire, restore, undo),
-  which returns what changed as a `PinholeChange` for the server to commit;
+- every pinhole state change happens in `Pinholes` (open, close, expire, restore, undo,
+  readdress), which returns what changed as a `PinholeChange` for the server to commit;
 - one pinhole per key (internal address, protocol, internal port, remote or wildcard);
   only its owner (mechanism, client and, for PCP, nonce) renews or deletes it;
-- each client holds at most `PinholeRules.max_per_client` pinholes, and all together at
-  most `PinholeRules.max_pinholes`.
+- a pinhole points only at a unicast host of the LAN prefixes (`PinholeRules`, the network
+  side), whatever the policy says; the policy (`PinholePolicy`: the policy file's engine in
+  the daemon, or `PinholeRules` itself on its own) decides the rest, and all pinholes
+  together are at most `PinholeRules.max_pinholes` (the kernel table's bound).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, IPv6Network
+from typing import Protocol as TypingProtocol
 
 from igd.model import Mechanism, Protocol
 
@@ -96,7 +99,7 @@ class PinholeRequest:
 class Refusal(enum.Enum):
     """Why a pinhole request was refused; each adapter maps these to its codes."""
 
-    NOT_ALLOWED = "not allowed by the [ipv6] rules"
+    NOT_ALLOWED = "not allowed by the policy"
     THIRD_PARTY = "secure mode: a client opens pinholes only to its own address"
     NOT_OWNER = "the pinhole belongs to another client or nonce"
     QUOTA = "the client holds as many pinholes as it may"
@@ -104,8 +107,42 @@ class Refusal(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class PinholeAllow:
+    """The policy's grant of a pinhole request."""
+
+    rule: str
+    lifetime: int
+    notes: tuple[str, ...] = ()
+    filters: tuple[PinholeFilter, ...] | None = None
+    """The remote sources the pinhole admits under the rule's remote_hosts (None: as asked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PinholeDeny:
+    """Why a pinhole request was refused, and by which rule ("gateway": no policy could)."""
+
+    refusal: Refusal
+    rule: str
+    detail: str = ""
+
+
+GATEWAY_RULE = "gateway"
+"""The rule a refusal names when the network side, not the policy, refused."""
+
+
+class PinholePolicy(TypingProtocol):
+    """Decides pinhole requests (the policy file's engine, or `PinholeRules` on its own)."""
+
+    def evaluate_pinhole(
+        self, request: PinholeRequest, *, held: int, total: int, now: float, renewal: bool = False
+    ) -> PinholeAllow | PinholeDeny: ...
+
+
+@dataclass(frozen=True, slots=True)
 class PinholeRules:
-    """The admin's rules for pinholes (`[ipv6]` in the configuration)."""
+    """The network side of pinholes (the `[ipv6]` section: LAN prefixes, the gateway's own
+    addresses, the table's bound), and a small policy of its own for use without a policy
+    file (tests, embedding): the daemon decides through the policy file instead."""
 
     internal_networks: tuple[IPv6Network, ...]
     """The LAN prefixes: pinholes point only into these."""
@@ -130,6 +167,18 @@ class PinholeRules:
             return Refusal.NOT_ALLOWED
         return None
 
+    def evaluate_pinhole(
+        self, request: PinholeRequest, *, held: int, total: int, now: float, renewal: bool = False
+    ) -> PinholeAllow | PinholeDeny:
+        """These rules as a policy: `judge`, the per-client quota and the lifetime bounds."""
+        refusal = self.judge(request)
+        if refusal is not None:
+            return PinholeDeny(refusal, "ipv6", refusal.value)
+        if not renewal and held >= self.max_per_client:
+            detail = f"client {request.owner.client} holds {held} pinholes"
+            return PinholeDeny(Refusal.QUOTA, "ipv6", f"{detail} (limit {self.max_per_client})")
+        return PinholeAllow("ipv6", self.lifetime(request.lifetime))
+
     def is_lan_host(self, address: IPv6Address) -> bool:
         """Whether `address` may be a pinhole's target: a unicast LAN address, not the gateway's."""
         if address in self.own_addresses or address.is_multicast or address.is_link_local:
@@ -149,6 +198,10 @@ class PinholeChange:
 
     removed: tuple[Pinhole, ...] = ()
     added: tuple[Pinhole, ...] = ()
+    rule: str = ""
+    """The rule that granted what was added."""
+    notes: tuple[str, ...] = ()
+    """What the policy narrowed (lease, remote sources)."""
 
     def __bool__(self) -> bool:
         return bool(self.removed or self.added)
@@ -157,8 +210,9 @@ class PinholeChange:
 class Pinholes:
     """The pinhole table and every change to it."""
 
-    def __init__(self, rules: PinholeRules) -> None:
+    def __init__(self, rules: PinholeRules, policy: PinholePolicy | None = None) -> None:
         self.rules = rules
+        self.policy: PinholePolicy = policy if policy is not None else rules
         self._by_key: dict[PinholeKey, Pinhole] = {}
         self._by_client: dict[IPv6Address, set[PinholeKey]] = {}
         # Deadlines with lazy invalidation: an entry counts only if the pinhole still expires then.
@@ -191,41 +245,89 @@ class Pinholes:
 
     # -- operations -------------------------------------------------------------------------
 
-    def open(self, request: PinholeRequest, *, now: float) -> PinholeChange | Refusal:
-        """Open or renew a pinhole; the table changes at once on success."""
-        refusal = self.rules.judge(request)
-        if refusal is not None:
-            return refusal
+    def decide(
+        self, request: PinholeRequest, *, now: float, policy: PinholePolicy | None = None
+    ) -> PinholeAllow | PinholeDeny:
+        """What the network side and the policy say to `request` now (no change made)."""
+        internal = request.key.internal_address
+        if not self.rules.is_lan_host(internal):
+            detail = f"internal address {internal} is no host of the LAN prefixes"
+            return PinholeDeny(Refusal.NOT_ALLOWED, GATEWAY_RULE, detail)
         existing = self._by_key.get(request.key)
         if existing is not None and not _same_owner(existing.owner, request.owner):
             # RFC 6887 §11.3: only the nonce that created a mapping may refresh it.
-            return Refusal.NOT_OWNER
-        if existing is None:
-            held = len(self._by_client.get(request.owner.client, ()))
-            if held >= self.rules.max_per_client:
-                return Refusal.QUOTA
+            detail = f"the pinhole belongs to {existing.owner.client} ({existing.owner.mechanism})"
+            return PinholeDeny(Refusal.NOT_OWNER, GATEWAY_RULE, detail)
+        held = len(self._by_client.get(request.owner.client, ()))
+        renewal = existing is not None
+        decision = (policy or self.policy).evaluate_pinhole(
+            request, held=held, total=len(self._by_key), now=now, renewal=renewal
+        )
+        if isinstance(decision, PinholeAllow) and not renewal:
             if len(self._by_key) >= self.rules.max_pinholes:
-                return Refusal.FULL
+                detail = f"the gateway holds {len(self._by_key)} pinholes ([ipv6] max_pinholes)"
+                return PinholeDeny(Refusal.FULL, GATEWAY_RULE, detail)
+        return decision
+
+    def open(self, request: PinholeRequest, *, now: float) -> PinholeChange | PinholeDeny:
+        """Open or renew a pinhole; the table changes at once on success."""
+        decision = self.decide(request, now=now)
+        if isinstance(decision, PinholeDeny):
+            return decision
+        existing = self._by_key.get(request.key)
         hole = Pinhole(
             key=request.key,
             owner=request.owner,
             created=existing.created if existing is not None else now,
-            expires=now + self.rules.lifetime(request.lifetime),
+            expires=now + decision.lifetime,
             description=request.description,
-            filters=request.filters,
+            filters=request.filters if decision.filters is None else decision.filters,
         )
         self._put(hole)
-        return PinholeChange((existing,) if existing is not None else (), (hole,))
+        removed = (existing,) if existing is not None else ()
+        return PinholeChange(removed, (hole,), decision.rule, decision.notes)
 
-    def close(self, key: PinholeKey, owner: PinholeOwner) -> PinholeChange | Refusal:
+    def close(self, key: PinholeKey, owner: PinholeOwner) -> PinholeChange | PinholeDeny:
         """Delete `owner`'s pinhole at `key`; closing nothing is an empty change (§15)."""
         existing = self._by_key.get(key)
         if existing is None:
             return PinholeChange()
         if not _same_owner(existing.owner, owner):
-            return Refusal.NOT_OWNER
+            detail = f"the pinhole belongs to {existing.owner.client} ({existing.owner.mechanism})"
+            return PinholeDeny(Refusal.NOT_OWNER, GATEWAY_RULE, detail)
         self._drop(key)
         return PinholeChange((existing,), ())
+
+    def remove(self, keys: Iterable[PinholeKey]) -> PinholeChange:
+        """Remove these pinholes whoever holds them (the admin, a reload, an address change)."""
+        gone = [self._by_key[key] for key in dict.fromkeys(keys) if key in self._by_key]
+        for hole in gone:
+            self._drop(hole.key)
+        return PinholeChange(tuple(gone), ())
+
+    def refused(self, *, now: float, policy: PinholePolicy | None = None) -> list[Pinhole]:
+        """The pinholes the network side or `policy` (default: the table's) no longer allow,
+        each judged as its renewal would be."""
+        found = []
+        for hole in self._by_key.values():
+            request = PinholeRequest(hole.key, hole.owner, max(1, hole.remaining(now)),
+                                     hole.description, hole.filters)  # fmt: skip
+            decision = self.decide(request, now=now, policy=policy)
+            if isinstance(decision, PinholeDeny) or (
+                decision.filters is not None and decision.filters != hole.filters
+            ):
+                found.append(hole)
+        return found
+
+    def set_rules(self, rules: PinholeRules) -> None:
+        """New network side (LAN prefixes, own addresses); call `refused` for what it ends."""
+        if isinstance(self.policy, PinholeRules):
+            self.policy = rules
+        self.rules = rules
+
+    def set_policy(self, policy: PinholePolicy) -> None:
+        """A new policy for every request from now on (a reload)."""
+        self.policy = policy
 
     def expire(self, *, now: float) -> PinholeChange:
         """Remove every pinhole whose lease ended by `now`."""
@@ -240,12 +342,14 @@ class Pinholes:
         """Load persisted pinholes; returns those dropped (expired or no longer allowed)."""
         dropped: list[Pinhole] = []
         for hole in pinholes:
-            request = PinholeRequest(hole.key, hole.owner, 1, hole.description, hole.filters)
-            if hole.expires <= now or self.rules.judge(request) is not None:
+            if hole.expires <= now:
                 dropped.append(hole)
             elif hole.key not in self._by_key:
                 self._put(hole)
-        return dropped
+        refused = self.refused(now=now)
+        for hole in refused:
+            self._drop(hole.key)
+        return dropped + refused
 
     def undo(self, change: PinholeChange) -> None:
         """Take back `change` (its commit failed): only where the table still holds its result."""

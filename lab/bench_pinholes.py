@@ -27,7 +27,7 @@ from igd.server.store import Clock
 from lab import Lab
 
 REPO = Path(__file__).resolve().parents[1]
-POLICY = REPO / "policies" / "lab.toml"
+POLICY = REPO / "policies" / "bench.toml"
 PORT = 8080
 
 _SERVICE = """

@@ -7,6 +7,7 @@ from ipaddress import IPv6Address, IPv6Network
 from igd.model import Mechanism, Protocol
 from igd.pinhole import (
     PinholeChange,
+    PinholeDeny,
     PinholeKey,
     PinholeOwner,
     PinholeRequest,
@@ -27,6 +28,10 @@ def request(client: IPv6Address = A, internal: IPv6Address | None = None, port: 
     return PinholeRequest(key, PinholeOwner(Mechanism.PCP, client, nonce), lifetime)
 
 
+def why(result: object) -> Refusal | None:
+    return result.refusal if isinstance(result, PinholeDeny) else None
+
+
 def table(**rules: object) -> Pinholes:
     return Pinholes(PinholeRules((LAN,), own_addresses=frozenset({GW}), **rules))  # type: ignore[arg-type]
 
@@ -45,25 +50,25 @@ def test_a_lan_host_opens_renews_and_closes_its_own_pinhole() -> None:
 def test_default_deny_outside_the_lan_prefixes_low_ports_and_the_gateway() -> None:
     holes = table()
     outsider = IPv6Address("2001:db8:0:1::2")
-    assert holes.open(request(client=outsider), now=0) is Refusal.NOT_ALLOWED
-    assert holes.open(request(port=22), now=0) is Refusal.NOT_ALLOWED
-    assert holes.open(request(client=GW), now=0) is Refusal.NOT_ALLOWED
-    assert holes.open(request(client=LAN.network_address), now=0) is Refusal.NOT_ALLOWED
+    assert why(holes.open(request(client=outsider), now=0)) is Refusal.NOT_ALLOWED
+    assert why(holes.open(request(port=22), now=0)) is Refusal.NOT_ALLOWED
+    assert why(holes.open(request(client=GW), now=0)) is Refusal.NOT_ALLOWED
+    assert why(holes.open(request(client=LAN.network_address), now=0)) is Refusal.NOT_ALLOWED
     assert len(holes) == 0
 
 
 def test_secure_mode_refuses_third_party_pinholes_unless_turned_off() -> None:
-    assert table().open(request(internal=B), now=0) is Refusal.THIRD_PARTY
+    assert why(table().open(request(internal=B), now=0)) is Refusal.THIRD_PARTY
     assert isinstance(table(secure_mode=False).open(request(internal=B), now=0), PinholeChange)
 
 
 def test_another_client_or_nonce_cannot_touch_a_pinhole() -> None:
     holes = table(secure_mode=False)
     holes.open(request(), now=0)
-    assert holes.open(request(nonce=b"x" * 12), now=1) is Refusal.NOT_OWNER
+    assert why(holes.open(request(nonce=b"x" * 12), now=1)) is Refusal.NOT_OWNER
     thief = request(client=B, internal=A)
-    assert holes.open(thief, now=1) is Refusal.NOT_OWNER
-    assert holes.close(thief.key, thief.owner) is Refusal.NOT_OWNER
+    assert why(holes.open(thief, now=1)) is Refusal.NOT_OWNER
+    assert why(holes.close(thief.key, thief.owner)) is Refusal.NOT_OWNER
     assert holes.get(request().key).expires == 600  # type: ignore[union-attr]
 
 
@@ -71,7 +76,7 @@ def test_quota_per_client() -> None:
     holes = table(max_per_client=2)
     for port in (2000, 2001):
         assert isinstance(holes.open(request(port=port), now=0), PinholeChange)
-    assert holes.open(request(port=2002), now=0) is Refusal.QUOTA
+    assert why(holes.open(request(port=2002), now=0)) is Refusal.QUOTA
     assert isinstance(holes.open(request(port=2000), now=1), PinholeChange)  # renewal
     assert isinstance(holes.open(request(client=B, port=2002), now=0), PinholeChange)
 
@@ -81,7 +86,7 @@ def test_the_whole_table_is_bounded_too() -> None:
     clients = [IPv6Address(f"2001:db8:0:77::{i:x}") for i in range(0x10, 0x13)]
     assert isinstance(holes.open(request(client=clients[0]), now=0), PinholeChange)
     assert isinstance(holes.open(request(client=clients[1]), now=0), PinholeChange)
-    assert holes.open(request(client=clients[2]), now=0) is Refusal.FULL
+    assert why(holes.open(request(client=clients[2]), now=0)) is Refusal.FULL
     assert isinstance(holes.open(request(client=clients[0]), now=1), PinholeChange)  # renewal
 
 

@@ -3,6 +3,9 @@
 Rules are tried in file order and the first that matches decides. Deny rules that restrict
 only external ports are the exception: when the gateway may choose the external port, they
 narrow the ports it may choose instead of refusing the request (see docs/policy.md).
+IPv6 pinhole requests go through the same rules (`evaluate_pinhole`): a rule's IPv4
+networks match mappings, its IPv6 networks pinholes, and a pinhole's external port is its
+internal port (a pure firewall translates nothing).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from igd.decision import Allow, Decision, Deny, Reason
@@ -24,11 +27,13 @@ from igd.model import (
     Owner,
     RemoteFilter,
 )
+from igd.pinhole import PinholeAllow, PinholeDeny, PinholeFilter, PinholeRequest, Refusal
 from igd.policy.file import (
     DEFAULTS_NAME,
     Action,
     Defaults,
     Forward,
+    Network,
     PolicyFileError,
     PolicyIssue,
     Rule,
@@ -204,6 +209,81 @@ class Policy:
             return port_denied or Deny(Reason.POLICY_DENIED, DEFAULTS_NAME, detail)
         return self._decide(None, request, view, fixed, renewal, carved, carved_by, port_denied)
 
+    def evaluate_pinhole(
+        self, request: PinholeRequest, *, held: int, total: int, now: float, renewal: bool = False
+    ) -> PinholeAllow | PinholeDeny:
+        """Decide an IPv6 pinhole request by the same rules as mappings: `held` is the
+        client's pinholes and `total` all pinholes (counted apart from mappings against the
+        same limits); a renewal is exempt from quotas."""
+        # `now` belongs to the core's calling convention; no rule depends on time yet.
+        port = request.key.internal_port
+        for rule in self.rules:
+            if not _pinhole_matches(rule, request):
+                continue
+            if rule.action is Action.ALLOW:
+                return self._grant_pinhole(rule, request, held, total, renewal)
+            # A pinhole's external port is its internal port: a deny rule's external_ports
+            # refuse it when they hold that port, and let later rules decide otherwise.
+            if rule.external_ports is None or port in rule.external_ports:
+                detail = f"{_describe_pinhole(request)} is denied"
+                return PinholeDeny(Refusal.NOT_ALLOWED, rule.name, detail)
+        if self.defaults.action is Action.DENY:
+            detail = f"no rule matches {_describe_pinhole(request)} and the default action is deny"
+            return PinholeDeny(Refusal.NOT_ALLOWED, DEFAULTS_NAME, detail)
+        return self._grant_pinhole(None, request, held, total, renewal)
+
+    def recheck_pinhole(self, request: PinholeRequest, *, now: float) -> PinholeDeny | None:
+        """The refusal this policy gives an existing pinhole (after a reload), or None."""
+        decision = self.evaluate_pinhole(request, held=0, total=0, now=now, renewal=True)
+        if isinstance(decision, PinholeDeny):
+            return decision
+        if decision.filters is not None and decision.filters != request.filters:
+            detail = f"rule {decision.rule!r} now admits other remote sources than the pinhole"
+            return PinholeDeny(Refusal.NOT_ALLOWED, decision.rule, detail)
+        return None
+
+    def _grant_pinhole(
+        self, rule: Rule | None, request: PinholeRequest, held: int, total: int, renewal: bool
+    ) -> PinholeAllow | PinholeDeny:
+        """Apply an allowing rule (None: the default action) to a pinhole request."""
+        name = DEFAULTS_NAME if rule is None else rule.name
+        port = request.key.internal_port
+        if rule is not None and rule.external_ports is not None and port not in rule.external_ports:
+            detail = (
+                f"port {port} (a pinhole's external port is its internal port) is outside"
+                f" the allowed ports {rule.external_ports}"
+            )
+            return PinholeDeny(Refusal.NOT_ALLOWED, name, detail)
+        client, internal = request.owner.client, request.key.internal_address
+        third_party_allowed = rule is not None and rule.allow_third_party
+        if internal != client and self.defaults.secure_mode and not third_party_allowed:
+            detail = (
+                f"internal address {internal} is not the requester {client}"
+                " (secure mode; set allow_third_party on the rule)"
+            )
+            return PinholeDeny(Refusal.THIRD_PARTY, name, detail)
+        if not renewal:
+            limit, limit_by = self.defaults.max_mappings_per_client, DEFAULTS_NAME
+            if rule and rule.max_mappings_per_client is not None:
+                limit, limit_by = rule.max_mappings_per_client, name
+            if held >= limit:
+                detail = f"client {client} holds {held} pinholes (limit {limit})"
+                return PinholeDeny(Refusal.QUOTA, limit_by, detail)
+            if total >= self.defaults.max_mappings:
+                detail = f"the gateway holds {total} pinholes (limit {self.defaults.max_mappings})"
+                return PinholeDeny(Refusal.FULL, DEFAULTS_NAME, detail)
+        filters: tuple[PinholeFilter, ...] | None = None
+        if rule is not None and rule.remote_hosts is not None:
+            restricted = _restrict_pinhole(rule.remote_hosts, request)
+            if isinstance(restricted, str):
+                return PinholeDeny(Refusal.NOT_ALLOWED, name, restricted)
+            filters = restricted
+        lifetime, notes = self._lease(rule, request.lifetime)
+        if filters is not None and filters != request.filters:
+            sources = ", ".join(_pinhole_filter_text(f) for f in filters)
+            notes.append(f"remote sources limited to {sources} by rule {name!r}")
+        return PinholeAllow(name, lifetime, tuple(notes), filters)
+
     def may_manage(self, client: IPv4Address, mechanism: Mechanism) -> bool:
         """Whether a client may see and remove other hosts' mappings (UPnP NewManage): the
         same grant as third-party mapping, secure mode off or an allow rule for this client
@@ -338,9 +418,12 @@ def sources_changed(decision: Allow, mapping: Mapping) -> Deny | None:
 
 
 def _restrict(
-    allowed: tuple[IPv4Network, ...], request: MapRequest
+    listed: tuple[Network, ...], request: MapRequest
 ) -> tuple[RemoteFilter, ...] | str:
     """The FILTERs a mapping gets under a rule's remote_hosts, or why none is left."""
+    allowed = tuple(n for n in listed if isinstance(n, IPv4Network))
+    if not allowed:
+        return f"the rule's remote_hosts ({', '.join(map(str, listed))}) hold no IPv4 source"
     sources = ", ".join(map(str, allowed))
     remote = request.remote_host
     if remote is not None:
@@ -362,6 +445,40 @@ def _restrict(
         asked_text = ", ".join(_filter_text(f) for f in request.filters)
         return f"the FILTERs asked for ({asked_text}) admit no source in remote_hosts ({sources})"
     return tuple(sorted(found))
+
+
+def _restrict_pinhole(
+    listed: tuple[Network, ...], request: PinholeRequest
+) -> tuple[PinholeFilter, ...] | str:
+    """The FILTERs a pinhole gets under a rule's remote_hosts, or why none is left."""
+    allowed = tuple(n for n in listed if isinstance(n, IPv6Network))
+    if not allowed:
+        return f"the rule's remote_hosts ({', '.join(map(str, listed))}) hold no IPv6 source"
+    sources = ", ".join(map(str, allowed))
+    remote = request.key.remote
+    if remote is not None:
+        # The key already admits this one source (UPnP RemoteHost).
+        if not any(remote.network.subnet_of(network) for network in allowed):
+            return f"remote host {remote.network} is outside the rule's remote_hosts ({sources})"
+        return request.filters
+    if not request.filters:
+        return tuple(PinholeFilter(network) for network in allowed)
+    found: set[PinholeFilter] = set()
+    for asked in request.filters:
+        for network in allowed:
+            # Two prefixes overlap only when one holds the other: the narrower is the overlap.
+            if asked.network.subnet_of(network):
+                found.add(asked)
+            elif network.subnet_of(asked.network):
+                found.add(PinholeFilter(network, asked.port))
+    if not found:
+        asked_text = ", ".join(_pinhole_filter_text(f) for f in request.filters)
+        return f"the FILTERs asked for ({asked_text}) admit no source in remote_hosts ({sources})"
+    return tuple(sorted(found))
+
+
+def _pinhole_filter_text(remote: PinholeFilter) -> str:
+    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
 
 
 def _filter_text(remote: RemoteFilter) -> str:
@@ -386,7 +503,31 @@ def _matches(rule: Rule, request: MapRequest) -> bool:
     )
 
 
-def _requester_matches(rule: Rule, *, request_client: IPv4Address, mechanism: Mechanism) -> bool:
+def _pinhole_matches(rule: Rule, request: PinholeRequest) -> bool:
+    """Whether the rule applies to the pinhole request (its IPv6 networks do)."""
+    key = request.key
+    return (
+        _requester_matches(rule, request_client=request.owner.client,
+                           mechanism=request.owner.mechanism)
+        and (
+            rule.internal_addresses is None
+            or any(key.internal_address in net for net in rule.internal_addresses)
+        )
+        and (rule.protocols is None or key.protocol in rule.protocols)
+        and (rule.internal_ports is None or key.internal_port in rule.internal_ports)
+        and (rule.description is None or rule.description.search(request.description) is not None)
+    )
+
+
+def _describe_pinhole(request: PinholeRequest) -> str:
+    key, owner = request.key, request.owner
+    target = f"[{key.internal_address}]:{key.internal_port}"
+    return f"pinhole {key.protocol} {target} for {owner.client} via {owner.mechanism}"
+
+
+def _requester_matches(
+    rule: Rule, *, request_client: IPv4Address | IPv6Address, mechanism: Mechanism
+) -> bool:
     """Whether the rule applies to this requester and mechanism, whatever it asks for."""
     return (rule.clients is None or any(request_client in net for net in rule.clients)) and (
         rule.via is None or mechanism in rule.via

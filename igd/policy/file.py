@@ -9,7 +9,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, ip_network
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Network,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any, TypeVar
 
 from igd.model import Mechanism, Protocol
@@ -30,6 +37,9 @@ from igd.ports import PortRangeError, PortSet
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.Enum)
+
+Network = IPv4Network | IPv6Network
+"""A rule's address criterion: IPv4 ones match mappings, IPv6 ones pinholes."""
 
 DEFAULTS_NAME = "defaults"
 """The rule name a decision carries when no rule matched; reserved in the file."""
@@ -60,8 +70,8 @@ class Rule:
 
     name: str
     action: Action
-    clients: tuple[IPv4Network, ...] | None = None
-    internal_addresses: tuple[IPv4Network, ...] | None = None
+    clients: tuple[Network, ...] | None = None
+    internal_addresses: tuple[Network, ...] | None = None
     internal_ports: PortSet | None = None
     external_ports: PortSet | None = None
     protocols: frozenset[Protocol] | None = None
@@ -70,8 +80,9 @@ class Rule:
     max_lease: int | None = None
     max_mappings_per_client: int | None = None
     allow_third_party: bool = False
-    remote_hosts: tuple[IPv4Network, ...] | None = None
-    """Mappings this rule grants admit traffic only from these sources (None: any)."""
+    remote_hosts: tuple[Network, ...] | None = None
+    """Mappings (IPv4 sources) and pinholes (IPv6 sources) this rule grants admit traffic
+    only from these sources (None: any)."""
     line: int | None = field(default=None, compare=False)
     """Line of the rule's table header in its file, for messages."""
 
@@ -261,7 +272,7 @@ class _Reader(Reader):
         external = self.value(table, path, "external_ports", _port_range, (0, 0))
         address = self.value(table, path, "internal_address", _address, IPv4Address(0))
         internal = self.value(table, path, "internal_port", integer(1, 65535), external[0])
-        remote_hosts = self.value(table, path, "remote_hosts", _remote_hosts, None)
+        remote_hosts = self.value(table, path, "remote_hosts", _remote_hosts4, None)
         until = self.value(table, path, "until", _instant, None)
         owner = self.value(table, path, "owner", _text, "")
         purpose = self.value(table, path, "purpose", _text, "")
@@ -404,29 +415,46 @@ def _elements(value: object, example: str, convert: Callable[[str], _T]) -> list
     return converted
 
 
-def _networks(value: object) -> tuple[IPv4Network, ...]:
-    return tuple(_elements(value, '"192.168.1.0/24"', _network))
+def _networks(value: object) -> tuple[Network, ...]:
+    return tuple(_elements(value, '"192.168.1.0/24", "2001:db8:1::/64"', _network))
 
 
-def _network(text: str) -> IPv4Network:
+def _networks4(value: object) -> tuple[IPv4Network, ...]:
+    return tuple(_elements(value, '"192.168.1.0/24"', _network4))
+
+
+def _network(text: str) -> Network:
     try:
         network = ip_network(text.strip(), strict=False)
     except ValueError:
-        raise Bad(f"{text!r} is not an IPv4 address or network") from None
-    if not isinstance(network, IPv4Network):
-        raise Bad(f"{text!r} is IPv6; the gateway maps IPv4 only")
+        raise Bad(f"{text!r} is not an IPv4 or IPv6 address or network") from None
     host = text.strip().split("/")[0]
-    if network.network_address != IPv4Address(host):
+    if network.network_address != ip_address(host):
         # Host bits set is ambiguous in an access list: the network or the one host?
         raise Bad(
             f"{text!r} has host bits set; write '{network}' for the network"
-            f" or '{host}/32' for the host"
+            f" or '{host}/{network.max_prefixlen}' for the host"
         )
     return network
 
 
-def _remote_hosts(value: object) -> tuple[IPv4Network, ...]:
+def _network4(text: str) -> IPv4Network:
+    network = _network(text)
+    if not isinstance(network, IPv4Network):
+        # Forwards are IPv4 port mappings; pinholes come from PCP and UPnP over IPv6.
+        raise Bad(f"{text!r} is IPv6; a forward maps IPv4 only")
+    return network
+
+
+def _remote_hosts(value: object) -> tuple[Network, ...]:
     networks = _networks(value)
+    if len(set(networks)) > MAX_REMOTE_HOSTS:
+        raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
+    return tuple(dict.fromkeys(networks))
+
+
+def _remote_hosts4(value: object) -> tuple[IPv4Network, ...]:
+    networks = _networks4(value)
     if len(set(networks)) > MAX_REMOTE_HOSTS:
         raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
     return tuple(dict.fromkeys(networks))

@@ -180,15 +180,20 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "firewall": (_choice("own", "external"), "own"),
         "table": (string, "igd6"),
         "lan_prefixes": (_prefixes, ()),
-        "clients": (_prefixes, ()),
-        "secure_mode": (boolean, True),
-        "min_port": (integer(1, 65535), 1024),
-        "max_pinholes_per_client": (integer(1, 65535), 64),
         "max_pinholes": (integer(1, 1_000_000), 16384),
-        "min_lifetime": (integer(1, 86400), 120),
-        "max_lifetime": (integer(1, 86400), 86400),
     },
 }
+
+_MOVED_IPV6_KEYS = {
+    "clients": "list the prefixes in an allow rule's clients",
+    "secure_mode": "[defaults] secure_mode, and allow_third_party on a rule",
+    "min_port": 'internal_ports = "1024-65535" on the allow rule',
+    "max_pinholes_per_client": "max_mappings_per_client ([defaults] or the rule), which counts"
+    " a client's pinholes apart from its mappings",
+    "min_lifetime": "[defaults] min_lease",
+    "max_lifetime": "[defaults] max_lease, or max_lease on the rule",
+}
+"""[ipv6] keys that were pinhole policy: the policy file's rules decide pinholes now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,15 +227,20 @@ class Ipv6Config:
     nftables_table: str = "igd6"
     """The `table` key: the daemon's own `ip6` table."""
     lan_prefixes: tuple[IPv6Network, ...] = ()
-    """Empty: the global prefixes on the internal interfaces at start."""
-    clients: tuple[IPv6Network, ...] = ()
-    """Who may open pinholes; empty: anyone in the LAN prefixes."""
-    secure_mode: bool = True
-    min_port: int = 1024
-    max_pinholes_per_client: int = 64
+    """Empty: the global prefixes on the internal interfaces, followed as they change."""
     max_pinholes: int = 16384
-    min_lifetime: int = 120
-    max_lifetime: int = 86400
+    """The kernel table's bound on all pinholes, whatever the policy's quotas."""
+
+
+def _moved_ipv6_keys(reader: Reader, table: dict[str, Any]) -> dict[str, Any]:
+    """An issue naming the policy-file equivalent of each moved [ipv6] key; the rest."""
+    for key in table.keys() & _MOVED_IPV6_KEYS.keys():
+        reader.issue(
+            ("ipv6", key),
+            f"moved to the policy file, whose rules decide pinholes like mappings: use"
+            f" {_MOVED_IPV6_KEYS[key]} (docs/policy.md#ipv6-pinholes)",
+        )
+    return {key: value for key, value in table.items() if key not in _MOVED_IPV6_KEYS}
 
 
 class ConfigError(FileError):
@@ -299,6 +309,8 @@ class Config:
         values: dict[str, dict[str, Any]] = {}
         for section, keys in _SCHEMA.items():
             table = reader.section(document, section)
+            if section == "ipv6":
+                table = _moved_ipv6_keys(reader, table)
             reader.unknown_keys((section,), table, keys)
             reader.required(table, (section,), [k for k, (_, d) in keys.items() if d is _REQUIRED])
             values[section] = {
@@ -320,12 +332,6 @@ class Config:
                 " (make one with `igd-server admin hash-password`)",
             )
         six = values["ipv6"]
-        if (
-            isinstance(six["min_lifetime"], int)
-            and isinstance(six["max_lifetime"], int)
-            and six["min_lifetime"] > six["max_lifetime"]
-        ):
-            reader.issue(("ipv6", "min_lifetime"), "must not be above max_lifetime")
         reader.raise_issues(ConfigError)
         base = source.parent
         state = base / values["state"]["directory"]

@@ -211,13 +211,7 @@ class Daemon:
             log.warning("[ipv6] enabled, but the internal interfaces have no IPv6 prefix")
         rules = PinholeRules(
             internal_networks=lan,
-            clients=six.clients,
-            secure_mode=six.secure_mode,
-            min_port=six.min_port,
-            max_per_client=six.max_pinholes_per_client,
             max_pinholes=six.max_pinholes,
-            min_lifetime=six.min_lifetime,
-            max_lifetime=six.max_lifetime,
             own_addresses=self.own_addresses6(),
         )
         firewall = cast(Firewall, six.firewall)
@@ -229,7 +223,10 @@ class Daemon:
                 six.nftables_table, self.config.external_interface, lan, firewall
             )
             store = PinholeStore(self.config.state_directory / "leases.sqlite")
-        self.pinholes = PinholeService(rules, backend, store)
+        # The policy file decides pinholes like mappings; events go on the one feed.
+        self.pinholes = PinholeService(
+            rules, backend, store, policy=self.policy, feed=self.service.feed
+        )
         handler = Pcp6Handler(
             self.pinholes,
             max_filters=self.config.pcp_max_filters,
@@ -404,6 +401,8 @@ class Daemon:
             log.warning("policy %s", warning)
         self.policy = policy
         change = await self.service.reload(policy)
+        if self.pinholes is not None:
+            await self.pinholes.set_policy(policy, now=time.monotonic())
         self.policy_digest = digest
         self.policy_loaded = time.time()
         self.store.set_meta(POLICY_KEY, digest)

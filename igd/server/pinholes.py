@@ -5,6 +5,9 @@ kernel and then to the lease store, and only then returns: a client told "open" 
 pinhole that survives `kill -9`. A failed commit is taken back in all three. Commands run one
 at a time (a lock), so a failing commit never meets an interleaved change; throughput is
 one nftables and one SQLite transaction per request (batching as in commits.py is not done).
+What happened is published on the event feed it is given (the mapping service's, so GENA,
+metrics, the console and the audit log see pinholes beside mappings): `PinholeOpened`,
+`PinholeRenewed`, `PinholeRefused`, `PinholeRemoved` with its cause (igd/events.py).
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ import time
 from collections.abc import Iterable
 from typing import Protocol as TypingProtocol
 
+from igd.events import (
+    PinholeOpened,
+    PinholeRefused,
+    PinholeRemoved,
+    PinholeRenewed,
+    RemovalCause,
+)
 from igd.pinhole import (
     Pinhole,
     PinholeChange,
+    PinholeDeny,
     PinholeKey,
     PinholeOwner,
+    PinholePolicy,
     PinholeRequest,
     PinholeRules,
     Pinholes,
@@ -29,6 +41,7 @@ from igd.pinhole import (
 )
 from igd.server.backends import BackendError
 from igd.server.backends.pinholes import PinholeEntry
+from igd.server.feed import EventFeed
 from igd.server.pinhole_store import PinholeStore
 from igd.server.store import Clock
 
@@ -58,8 +71,17 @@ class CommitError(RuntimeError):
 class PinholeService:
     """Open, renew, close and expire pinholes; each command returns once it is committed."""
 
-    def __init__(self, rules: PinholeRules, backend: PinholeBackend, store: PinholeStore) -> None:
-        self._holes = Pinholes(rules)
+    def __init__(
+        self,
+        rules: PinholeRules,
+        backend: PinholeBackend,
+        store: PinholeStore,
+        *,
+        policy: PinholePolicy | None = None,
+        feed: EventFeed | None = None,
+    ) -> None:
+        self._holes = Pinholes(rules, policy)
+        self.feed = feed if feed is not None else EventFeed()
         self.backend = backend
         self.store = store
         self._lock = asyncio.Lock()
@@ -80,6 +102,11 @@ class PinholeService:
     def count(self) -> int:
         return len(self._holes)
 
+    @property
+    def rules(self) -> PinholeRules:
+        """The network side in force (LAN prefixes, own addresses, bound)."""
+        return self._holes.rules
+
     def epoch(self, *, now: float | None = None) -> int:
         """Seconds since the pinhole state began (RFC 6887 §8.5: reset when state is lost)."""
         now = time.monotonic() if now is None else now
@@ -94,6 +121,9 @@ class PinholeService:
             self._clock = clock or Clock(mono=now)
             persisted = self.store.load(self._clock, now=now)
             dropped = self._holes.restore(persisted, now=now)
+            for hole in dropped:
+                if hole.expires > now:
+                    log.info("restored pinhole %s no longer allowed: dropped", hole.key)
             kept = list(self._holes)
             if dropped:
                 self.store.replace_all(kept, self._clock)
@@ -116,20 +146,21 @@ class PinholeService:
         """Open or renew a pinhole; CommitError if it could not be committed."""
         async with self._lock:
             change = self._holes.open(request, now=now)
-            if isinstance(change, Refusal):
-                log.info(
-                    "pinhole refused: %s asked %s: %s", request.owner.client, request.key,
-                    change.value,
-                )  # fmt: skip
-                return change
+            if isinstance(change, PinholeDeny):
+                self._refused(request, change)
+                return change.refusal
             await self._commit(change, now=now)
             hole = change.added[0]
             log.info(
-                "pinhole %s: %s %s port %d for %s, %d s",
+                "pinhole %s: %s %s port %d for %s, %d s, rule %r",
                 "renewed" if change.removed else "opened",
                 hole.key.internal_address, hole.key.protocol, hole.key.internal_port,
-                hole.owner.client, hole.remaining(now),
+                hole.owner.client, hole.remaining(now), change.rule,
             )  # fmt: skip
+            if change.removed:
+                self.feed.publish(PinholeRenewed(hole, change.removed[0], change.rule))
+            else:
+                self.feed.publish(PinholeOpened(hole, change.rule, change.notes))
             self._wake.set()
             return hole
 
@@ -137,13 +168,42 @@ class PinholeService:
         """Close `owner`'s pinhole at `key` (closing none is fine); CommitError on failure."""
         async with self._lock:
             change = self._holes.close(key, owner)
-            if isinstance(change, Refusal):
-                log.info("pinhole delete refused: %s asked %s: %s", owner.client, key, change.value)
-                return change
+            if isinstance(change, PinholeDeny):
+                self._refused(PinholeRequest(key, owner, 0), change, deleting=True)
+                return change.refusal
             if change:
                 await self._commit(change, now=now)
                 log.info("pinhole closed by %s: %s", owner.client, key)
+                self._publish_removed(change, RemovalCause.CLIENT)
             return None
+
+    async def remove(self, keys: Iterable[PinholeKey], *, cause: RemovalCause, now: float) -> int:
+        """Remove these pinholes whoever holds them (admin, reload, address change)."""
+        async with self._lock:
+            change = self._holes.remove(keys)
+            if change:
+                await self._commit(change, now=now)
+                for hole in change.removed:
+                    log.info("pinhole removed (%s): %s (client %s)", cause, hole.key,
+                             hole.owner.client)  # fmt: skip
+                self._publish_removed(change, cause)
+            return len(change.removed)
+
+    async def set_policy(self, policy: PinholePolicy, *, now: float) -> int:
+        """A reloaded policy: every request from now on, and the pinholes it no longer
+        allows removed (cause policy-reload); how many."""
+        self._holes.set_policy(policy)
+        return await self._drop_refused(RemovalCause.POLICY_RELOAD, now=now)
+
+    async def set_rules(self, rules: PinholeRules, *, now: float) -> int:
+        """New LAN prefixes or own addresses: the pinholes now pointing off the LAN are
+        removed (cause address-change); how many."""
+        self._holes.set_rules(rules)
+        return await self._drop_refused(RemovalCause.ADDRESS_CHANGE, now=now)
+
+    async def _drop_refused(self, cause: RemovalCause, *, now: float) -> int:
+        gone = [hole.key for hole in self._holes.refused(now=now)]
+        return await self.remove(gone, cause=cause, now=now) if gone else 0
 
     async def expire(self, *, now: float) -> int:
         """Close every pinhole whose lease ended; how many."""
@@ -153,7 +213,20 @@ class PinholeService:
                 await self._commit(change, now=now)
                 for hole in change.removed:
                     log.info("pinhole expired: %s (client %s)", hole.key, hole.owner.client)
+                self._publish_removed(change, RemovalCause.EXPIRED)
             return len(change.removed)
+
+    def _refused(
+        self, request: PinholeRequest, deny: PinholeDeny, *, deleting: bool = False
+    ) -> None:
+        what = "delete" if deleting else "request"
+        log.info("pinhole %s refused: %s asked %s: %s (rule %r)", what, request.owner.client,
+                 request.key, deny.detail or deny.refusal.value, deny.rule)  # fmt: skip
+        self.feed.publish(PinholeRefused(request, deny.refusal, deny.rule, deny.detail))
+
+    def _publish_removed(self, change: PinholeChange, cause: RemovalCause) -> None:
+        for hole in change.removed:
+            self.feed.publish(PinholeRemoved(hole, cause))
 
     async def run_expiry(self) -> None:
         """Sleep until the next deadline (re-armed by new pinholes) and expire; forever."""

@@ -3,11 +3,13 @@ raw PCP requests over IPv6 from LAN hosts and TCP connections from WAN hosts."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
 import time
 from ipaddress import IPv6Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,8 +120,11 @@ def kernel(lab: Lab) -> Any:
     return [e["elem"]["val"]["concat"] for e in items[0].get("elem", [])]
 
 
-def start(lab: Lab, gateway: StartGateway, **ipv6: Any) -> subprocess.Popen[bytes]:
-    proc = gateway(ipv6={"enabled": True, **ipv6})
+def start(
+    lab: Lab, gateway: StartGateway, policy: Path | None = None, **ipv6: Any
+) -> subprocess.Popen[bytes]:
+    sections = {"ipv6": {"enabled": True, **ipv6}}
+    proc = gateway(policy, **sections) if policy is not None else gateway(**sections)
     announce = pcp.encode_request(
         PcpRequest(PcpOpcode.ANNOUNCE, 0, IPv6Address(lab.lan[0].address6))
     )
@@ -174,7 +179,7 @@ def test_an_expired_pinhole_closes(
     lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
 ) -> None:
     lan1 = lab.lan[0]
-    start(lab, gateway, min_lifetime=2)
+    start(lab, gateway)  # the lab policy's min_lease is 2 s
     assert ask(lab, lan1, map_wire(lan1, 2)).lifetime == 2
     assert reaches(lab, "wan1", lan1)
     time.sleep(3)
@@ -228,8 +233,45 @@ def test_only_lan_sources_get_answers_and_the_client_field_must_be_the_source(
     mismatch = ask(lab, lan1, map_wire(lan1, 600, client=lab.lan[1].address6))
     assert mismatch.result is PcpResult.ADDRESS_MISMATCH  # RFC 6887 §8.2
     low = ask(lab, lan1, map_wire(lan1, 600, port=22))
-    assert low.result is PcpResult.NOT_AUTHORIZED  # [ipv6] min_port 1024 by default
+    assert low.result is PcpResult.NOT_AUTHORIZED  # the lab policy allows 1024-65535
     assert kernel(lab) == []
+
+
+_PREFIX_POLICY = """
+[defaults]
+action = "deny"
+min_lease = 2
+max_lease = 3600
+
+[[rules]]
+name = "not lan2"
+action = "deny"
+clients = ["{lan2}/128"]
+
+[[rules]]
+name = "LAN pinholes"
+action = "allow"
+clients = ["{prefix}"]
+internal_ports = "1024-65535"
+max_lease = 600
+"""
+
+
+def test_a_policy_rule_for_an_ipv6_prefix_decides_pcp_maps_over_ipv6(
+    lab: Lab, gateway: StartGateway, tmp_path: Path
+) -> None:
+    lan1, lan2 = lab.lan[0], lab.lan[1]
+    policy = tmp_path / "six.toml"
+    policy.write_text(_PREFIX_POLICY.format(lan2=lan2.address6, prefix="2001:db8:0:77::/64"))
+    start(lab, gateway, policy)
+    refused = ask(lab, lan2, map_wire(lan2, 600))
+    assert refused.result is PcpResult.NOT_AUTHORIZED  # RFC 6887 §7.4: policy says no
+    assert kernel(lab) == []
+    granted = ask(lab, lan1, map_wire(lan1, 3000))
+    assert granted.result is PcpResult.SUCCESS and granted.lifetime == 600  # the rule's max_lease
+    assert len(kernel(lab)) == 1
+    log = lab.gateway_log()
+    assert "rule 'not lan2'" in log and "rule 'LAN pinholes'" in log
 
 
 def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan_again_and_again(
@@ -254,9 +296,9 @@ def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan_again_and_again(
         times.append(float(when))
     # Sent again with the epoch of each sending, at least 250 ms apart, the gaps doubling.
     assert epochs == sorted(epochs)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 0.2, gaps
-    assert all(later >= 1.6 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+    assert all(later >= 1.6 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
 
 
 def test_the_pinhole_benchmark_runs_small_and_restores_every_seeded_pinhole() -> None:

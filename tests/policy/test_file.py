@@ -107,14 +107,14 @@ def test_absent_defaults_are_the_documented_ones() -> None:
             RULE + 'clients = "192.168.1.0/24"\n',
             4,
             "rules[0].clients",
-            'want an array of strings, e.g. ["192.168.1.0/24"], got string',
+            'want an array of strings, e.g. ["192.168.1.0/24", "2001:db8:1::/64"], got string',
         ),
         (RULE + "clients = [10]\n", 4, "rules[0].clients", "want a string, got integer"),
         (RULE + "allow_third_party = 1\n", 4, "rules[0].allow_third_party", "want true or false"),
         (RULE + "max_lease = 1.5\n", 4, "rules[0].max_lease", "want an integer, got float"),
         (RULE + "internal_ports = [80]\n", 4, "rules[0].internal_ports", "got array"),
         # Addresses.
-        (RULE + 'clients = ["lan"]\n', 4, "rules[0].clients", "'lan' is not an IPv4 address"),
+        (RULE + 'clients = ["lan"]\n', 4, "rules[0].clients", "'lan' is not an IPv4 or IPv6"),
         (RULE + 'clients = ["192.168.1.300"]\n', 4, "rules[0].clients", "not an IPv4"),
         (
             RULE + 'clients = ["192.168.1.1/24"]\n',
@@ -122,7 +122,19 @@ def test_absent_defaults_are_the_documented_ones() -> None:
             "rules[0].clients",
             "host bits set; write '192.168.1.0/24' for the network or '192.168.1.1/32'",
         ),
-        (RULE + 'internal_addresses = ["fd00::/8"]\n', 4, "rules[0].internal_addresses", "IPv6"),
+        (
+            RULE + 'internal_addresses = ["2001:db8:0:77::1/64"]\n',
+            4,
+            "rules[0].internal_addresses",
+            "write '2001:db8:0:77::/64' for the network or '2001:db8:0:77::1/128' for the host",
+        ),
+        (
+            '[[forwards]]\nname = "f"\nprotocols = ["tcp"]\nexternal_ports = "80"\n'
+            'internal_address = "192.168.1.2"\nremote_hosts = ["2001:db8::/32"]\n',
+            6,
+            "forwards[0].remote_hosts",
+            "'2001:db8::/32' is IPv6; a forward maps IPv4 only",
+        ),
         (RULE + "clients = []\n", 4, "rules[0].clients", "empty array matches nothing"),
         # Port ranges.
         (RULE + 'internal_ports = "80-70"\n', 4, "rules[0].internal_ports", "runs backwards"),
@@ -192,7 +204,7 @@ action = "allow"
 clients = [
     "192.168.1.0/24",
     "192.168.2.7/24",   # host bits
-    "fe80::/10",
+    "fe80::1/10",       # host bits
 ]
 protocols = ["tcp", "icmp"]
 

@@ -50,7 +50,7 @@ def test_check_lists_every_error_with_file_and_line(
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         f'{bad}:2: defaults.action: unknown action \'permit\' (want "allow" or "deny")',
-        f"{bad}:7: rules[0].clients: '192.168.1.0/33' is not an IPv4 address or network",
+        f"{bad}:7: rules[0].clients: '192.168.1.0/33' is not an IPv4 or IPv6 address or network",
     ]
     assert captured.out == f"{HOME}: OK (3 rules)\n"
 
