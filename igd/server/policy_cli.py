@@ -11,11 +11,12 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from igd.decision import Allow, Decision
 from igd.model import REQUESTED, MapRequest, Mechanism, Protocol
+from igd.pinhole import PinholeAllow, PinholeDeny, PinholeKey, PinholeOwner, PinholeRequest
 from igd.policy import DEFAULTS_NAME, EMPTY_VIEW, Policy, PolicyFileError
 
 EXIT_ALLOW = 0
@@ -46,7 +47,8 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     explain = commands.add_parser(
         "explain",
         help="show how a policy decides one request",
-        description="Show how a policy decides one request, as if the gateway held no mappings.",
+        description="Show how a policy decides one request, as if the gateway held no mappings."
+        " An IPv6 client asks for a pinhole (its external port is its internal port).",
     )
     explain.add_argument("--policy", required=True, metavar="FILE", help="policy file (TOML)")
     explain.add_argument(
@@ -66,7 +68,8 @@ def add_policy_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "--internal-address",
         type=_address,
         metavar="ADDRESS",
-        help="address the mapping points at (default: the client; another is third party)",
+        help="address the mapping or pinhole points at (default: the client; another is"
+        " third party)",
     )
     explain.add_argument(
         "--lifetime",
@@ -122,6 +125,10 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     """Evaluate one request against an empty table and print why it is allowed or denied."""
+    if isinstance(args.client, IPv6Address):
+        return _explain_pinhole(args)
+    if args.internal_address is not None and not isinstance(args.internal_address, IPv4Address):
+        return _usage("an IPv4 client's mapping points at an IPv4 --internal-address")
     if (args.exact or args.renewal) and not args.external_port:
         print(
             "igd-server policy explain: error: --exact and --renewal need --external-port",
@@ -151,6 +158,106 @@ def run_explain(args: argparse.Namespace) -> int:
     else:
         print(render(policy, request, decision))
     return EXIT_ALLOW if isinstance(decision, Allow) else EXIT_DENY
+
+
+def _usage(message: str) -> int:
+    print(f"igd-server policy explain: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _explain_pinhole(args: argparse.Namespace) -> int:
+    """`explain` for an IPv6 client: a pinhole request, decided like the gateway would."""
+    internal = args.internal_address or args.client
+    if not isinstance(internal, IPv6Address):
+        return _usage("an IPv6 client's pinhole points at an IPv6 --internal-address")
+    if args.external_port or args.exact:
+        return _usage("a pinhole's external port is its internal port: drop --external-port")
+    mechanism = Mechanism(args.via)
+    if mechanism not in (Mechanism.PCP, Mechanism.UPNP):
+        return _usage(f"{mechanism} has no IPv6 pinholes; use --via pcp or --via upnp")
+    try:
+        policy = Policy.load(args.policy)
+    except PolicyFileError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    key = PinholeKey(internal, Protocol(args.protocol), args.internal_port)
+    request = PinholeRequest(key, PinholeOwner(mechanism, args.client), args.lifetime,
+                             args.description)  # fmt: skip
+    decision = policy.evaluate_pinhole(request, held=0, total=0, now=0.0, renewal=args.renewal)
+    if args.json:
+        print(json.dumps(pinhole_explanation(policy, request, decision), indent=2))
+    else:
+        print(render_pinhole(policy, request, decision))
+    return EXIT_ALLOW if isinstance(decision, PinholeAllow) else EXIT_DENY
+
+
+def pinhole_explanation(
+    policy: Policy, request: PinholeRequest, decision: PinholeAllow | PinholeDeny
+) -> dict[str, Any]:
+    """A pinhole decision as a JSON-ready dict."""
+    rule = policy.rule(decision.rule)
+    result: dict[str, Any] = {
+        "decision": "allow" if isinstance(decision, PinholeAllow) else "deny",
+        "kind": "pinhole",
+        "rule": decision.rule,
+        "rule_line": rule.line if rule else None,
+        "policy": policy.source,
+    }
+    if isinstance(decision, PinholeAllow):
+        result |= {
+            "lifetime": decision.lifetime,
+            "requested_lifetime": request.lifetime,
+            "restrictions": list(decision.notes),
+            "remote_sources": _pinhole_sources(decision),
+        }
+    else:
+        reason = decision.refusal.name.lower().replace("_", "-")
+        result |= {"reason": reason, "detail": decision.detail}
+    return result
+
+
+def render_pinhole(
+    policy: Policy, request: PinholeRequest, decision: PinholeAllow | PinholeDeny
+) -> str:
+    """A pinhole decision as text for people, in the shape of `render`."""
+    key, owner = request.key, request.owner
+    headline = (
+        f"pinhole {key.protocol} [{key.internal_address}]:{key.internal_port}"
+        f" for {owner.client} via {owner.mechanism}"
+    )
+    lines = [f"{'ALLOW' if isinstance(decision, PinholeAllow) else 'DENY':<6} {headline}"]
+    lines.append(f"rule:           {_rule_text(policy, decision.rule)}")
+    if isinstance(decision, PinholeAllow):
+        lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
+        lines.append(f"external port:  {key.internal_port} (a pinhole translates nothing)")
+        sources = _pinhole_sources(decision)
+        if sources is not None:
+            lines.append(f"remote sources: {', '.join(sources)}")
+        for index, note in enumerate(decision.notes or ("none",)):
+            lines.append(f"{'restrictions:' if index == 0 else '':<15} {note}")
+    else:
+        lines.append(f"reason:         {decision.refusal.name.lower().replace('_', '-')}")
+        lines.append(f"detail:         {decision.detail}")
+    return "\n".join(lines)
+
+
+def _rule_text(policy: Policy, name: str) -> str:
+    rule = policy.rule(name)
+    if rule is not None:
+        where = f"{policy.source}:{rule.line}" if rule.line else policy.source
+        return f"{rule.name} ({where})"
+    if name == DEFAULTS_NAME:
+        return f"{DEFAULTS_NAME} ({policy.source} [defaults])"
+    return name
+
+
+def _pinhole_sources(decision: PinholeAllow) -> list[str] | None:
+    if decision.filters is None:
+        return None
+    return [str(f.network) + (f" port {f.port}" if f.port else "") for f in decision.filters] or [
+        "the remote host asked for"
+    ]
 
 
 def decide(policy: Policy, request: MapRequest, *, renewal: bool = False) -> Decision:
@@ -238,11 +345,11 @@ def _suggestion(request: MapRequest, decision: Allow) -> str:
     return f"{request.external_port} is not allowed; the gateway picks another allowed port"
 
 
-def _address(text: str) -> IPv4Address:
+def _address(text: str) -> IPv4Address | IPv6Address:
     try:
-        return IPv4Address(text)
+        return ip_address(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
 def _lower(text: str) -> str:

@@ -229,3 +229,74 @@ def test_check_counts_forwards_and_warns_of_one_that_ended(
         f"{policy}:6: forwards[0].until: warning: forward 'old' ended at 2020-01-01T00:00:00Z;"
         " it is not installed\n"
     )
+
+
+SIX = """
+[defaults]
+action = "deny"
+max_lease = 3600
+
+[[rules]]
+name = "guests"
+action = "deny"
+clients = ["2001:db8:0:77:8000::/65"]
+
+[[rules]]
+name = "LAN pinholes"
+action = "allow"
+clients = ["192.168.1.0/24", "2001:db8:0:77::/64"]
+internal_ports = "1024-65535"
+remote_hosts = ["2001:db8:0:1::/64"]
+"""
+
+
+def explain6(policy: Path, client: str, *extra: str) -> list[str]:
+    return ["policy", "explain", "--policy", str(policy), "--client", client,
+            "--protocol", "tcp", "--via", "pcp", "--internal-port", "8080", *extra]  # fmt: skip
+
+
+def test_check_accepts_ipv6_prefixes_in_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "six.toml"
+    path.write_text(SIX)
+    assert main(["policy", "check", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: OK (2 rules)\n"
+
+
+def test_explain_a_pinhole_names_the_rule_and_the_lifetime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "six.toml"
+    path.write_text(SIX)
+    assert main(explain6(path, "2001:db8:0:77::a")) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ALLOW  pinhole tcp [2001:db8:0:77::a]:8080 for 2001:db8:0:77::a via pcp",
+        f"rule:           LAN pinholes ({path}:11)",
+        "lease:          3600 s (requested 7200 s)",
+        "external port:  8080 (a pinhole translates nothing)",
+        "remote sources: 2001:db8:0:1::/64",
+        "restrictions:   lease shortened from 7200 s to 3600 s (defaults.max_lease)",
+        "                remote sources limited to 2001:db8:0:1::/64 by rule 'LAN pinholes'",
+    ]
+    assert main(explain6(path, "2001:db8:0:77:8000::1", "--json")) == 1
+    denied = json.loads(capsys.readouterr().out)
+    assert (denied["decision"], denied["kind"], denied["rule"]) == ("deny", "pinhole", "guests")
+    assert (denied["rule_line"], denied["reason"]) == (6, "not-allowed")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--external-port", "80"], "a pinhole's external port is its internal port"),
+        (["--internal-address", "192.168.1.20"], "points at an IPv6 --internal-address"),
+        (["--via", "natpmp"], "natpmp has no IPv6 pinholes"),
+    ],
+)
+def test_explain_a_pinhole_refuses_what_a_pinhole_cannot_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    path = tmp_path / "six.toml"
+    path.write_text(SIX)
+    assert main(explain6(path, "2001:db8:0:77::a", *extra)) == 2
+    assert message in capsys.readouterr().err
