@@ -1,4 +1,5 @@
-"""The audit log: one JSON object per line for every grant, renewal, refusal and removal.
+"""The audit log: one JSON object per line for every grant, renewal, refusal and removal, of
+mappings and of IPv6 pinholes ("event": "pinhole-open", "pinhole-renewal", ...).
 
 It is a subscriber of the service's event feed (igd/server/feed.py), so writing never slows a
 request: events queue (at most AUDIT_QUEUE_BOUND) and are written in batches off the event
@@ -19,8 +20,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from igd.events import Event, MappingGranted, MappingRemoved, MappingRenewed, RequestRefused
+from igd.events import (
+    PINHOLE_EVENTS,
+    Event,
+    MappingGranted,
+    MappingRemoved,
+    MappingRenewed,
+    PinholeOpened,
+    PinholeRefused,
+    PinholeRemoved,
+    PinholeRenewed,
+    RequestRefused,
+)
 from igd.model import Mapping, MapRequest
+from igd.pinhole import Pinhole, PinholeRequest
 from igd.server.feed import Subscriber
 from igd.server.ratelog import RateLimitedLog
 
@@ -28,7 +41,7 @@ log = logging.getLogger("igd.audit")
 
 AUDIT_QUEUE_BOUND = 4096
 """Events waiting to be written before the oldest are dropped (and counted in a "lost" line)."""
-AUDITED = (MappingGranted, MappingRenewed, RequestRefused, MappingRemoved)
+AUDITED = (MappingGranted, MappingRenewed, RequestRefused, MappingRemoved, *PINHOLE_EVENTS)
 FILE_MODE = 0o600
 
 
@@ -63,6 +76,47 @@ def _mapping(mapping: Mapping, now: float) -> dict[str, Any]:
     }
 
 
+def _pinhole_request(request: PinholeRequest) -> dict[str, Any]:
+    key = request.key
+    return {
+        "protocol": str(key.protocol),
+        "internal_address": str(key.internal_address),
+        "internal_port": key.internal_port,
+        "remote_host": str(key.remote.network) if key.remote else None,
+        "lifetime": request.lifetime,
+        "description": request.description,
+    }
+
+
+def _pinhole(hole: Pinhole, now: float) -> dict[str, Any]:
+    key = hole.key
+    return {
+        "protocol": str(key.protocol),
+        "internal_address": str(key.internal_address),
+        "internal_port": key.internal_port,
+        "remote_host": str(key.remote.network) if key.remote else None,
+        "filters": [str(f.network) + (f" port {f.port}" if f.port else "") for f in hole.filters],
+        "lease_remaining": hole.remaining(now),
+        "description": hole.description,
+    }
+
+
+def _pinhole_entry(
+    kind: str, hole: Pinhole, decision: str | None, rule: str | None, cause: str | None, now: float
+) -> dict[str, Any]:
+    request = PinholeRequest(hole.key, hole.owner, hole.remaining(now), hole.description)
+    return {
+        "event": kind,
+        "client": str(hole.owner.client),
+        "mechanism": str(hole.owner.mechanism),
+        "request": _pinhole_request(request) if decision else None,
+        "decision": decision,
+        "rule": rule,
+        "cause": cause,
+        "pinhole": _pinhole(hole, now),
+    }
+
+
 def record(event: Event, *, wall: float, now: float) -> dict[str, Any] | None:
     """The audit line for an event (None for kinds the audit log does not record)."""
     line: dict[str, Any] = {"time": timestamp(wall)}
@@ -91,6 +145,26 @@ def record(event: Event, *, wall: float, now: float) -> dict[str, Any] | None:
                 "cause": str(cause),
                 "mapping": _mapping(mapping, now),
             }
+        case PinholeOpened(hole, rule, restrictions):
+            line |= _pinhole_entry("pinhole-open", hole, "allow", rule, None, now)
+            if restrictions:
+                line["restrictions"] = list(restrictions)
+        case PinholeRenewed(hole, _, rule):
+            line |= _pinhole_entry("pinhole-renewal", hole, "allow", rule, None, now)
+        case PinholeRefused(request, refusal, rule, detail):
+            line |= {
+                "event": "pinhole-refusal",
+                "client": str(request.owner.client),
+                "mechanism": str(request.owner.mechanism),
+                "request": _pinhole_request(request),
+                "decision": "deny",
+                "rule": rule,
+                "cause": refusal.name.lower().replace("_", "-"),
+            }
+            if detail:
+                line["detail"] = detail
+        case PinholeRemoved(hole, cause):
+            line |= _pinhole_entry("pinhole-removal", hole, None, None, str(cause), now)
         case _:
             return None
     return line

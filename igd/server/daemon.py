@@ -236,6 +236,10 @@ class Daemon:
             self.config.requests_per_second_per_client, self.config.burst_per_client
         )
         self.pcp6 = Pcp6Server(self.config.internal_interfaces, handler, lan, limiter)
+        if self.admin is not None:
+            # Metrics and the console show pinholes beside mappings.
+            self.admin.metrics.state.pinholes = self.pinholes.pinholes
+            self.admin.log.pinholes = self.pinholes
         log.info("IPv6 pinholes for %s (firewall %s)", ", ".join(map(str, lan)), six.firewall)
 
     def own_addresses6(self) -> frozenset[IPv6Address]:

@@ -1,5 +1,5 @@
 """What the web console shows that the table does not keep: the rule behind each mapping's
-latest grant, and the recent refusals; both fed by a subscriber of the event feed."""
+and pinhole's latest grant, and the recent refusals; fed by a subscriber of the event feed."""
 
 from __future__ import annotations
 
@@ -7,12 +7,25 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from igd.events import MappingGranted, MappingRemoved, MappingRenewed, RequestRefused
+from igd.events import (
+    MappingGranted,
+    MappingRemoved,
+    MappingRenewed,
+    PinholeOpened,
+    PinholeRefused,
+    PinholeRemoved,
+    PinholeRenewed,
+    RequestRefused,
+)
 from igd.model import Mapping, MappingKey
+from igd.pinhole import Pinhole, PinholeKey
 from igd.policy import Policy
 from igd.server.service import Service
+
+if TYPE_CHECKING:
+    from igd.server.pinholes import PinholeService
 
 REFUSALS_KEPT = 200  # the console's ring buffer of recent refusals
 CONSOLE_QUEUE_BOUND = 4096  # the console subscriber's queue (events)
@@ -25,7 +38,7 @@ class Refusal:
 
     at: float
     """Wall-clock time (Unix seconds)."""
-    event: RequestRefused
+    event: RequestRefused | PinholeRefused
 
 
 class ConsoleLog:
@@ -38,10 +51,15 @@ class ConsoleLog:
         leaves when its mapping is removed)."""
         self.refusals: deque[Refusal] = deque(maxlen=kept)
         self.lost = 0
+        self.pinholes: PinholeService | None = None
+        """The IPv6 pinhole service, when `[ipv6]` is enabled."""
+        self.pinhole_rules: dict[PinholeKey, str] = {}
+        """The rule of each pinhole's latest grant (bounded like `rules`)."""
 
     async def follow(self) -> None:
         """Keep up with the feed until cancelled."""
-        kinds = (MappingGranted, MappingRenewed, MappingRemoved, RequestRefused)
+        kinds = (MappingGranted, MappingRenewed, MappingRemoved, RequestRefused,
+                 PinholeOpened, PinholeRenewed, PinholeRemoved, PinholeRefused)  # fmt: skip
         subscriber = self.service.subscribe("console", CONSOLE_QUEUE_BOUND, kinds)
         try:
             while True:
@@ -50,6 +68,10 @@ class ConsoleLog:
                     # Removals may be among the lost: forget rules of keys no longer held.
                     self.lost += lost
                     self.rules = {k: r for k, r in self.rules.items() if self.service.holder(k)}
+                    held = self.pinholes
+                    self.pinhole_rules = {
+                        k: r for k, r in self.pinhole_rules.items() if held and held.get(k)
+                    }
                 for event in events:
                     self.note(event, at=time.time())
         except asyncio.CancelledError:
@@ -64,8 +86,35 @@ class ConsoleLog:
             case MappingRemoved(mapping=m):
                 if self.service.holder(m.key) is None:
                     self.rules.pop(m.key, None)
-            case RequestRefused():
+            case RequestRefused() | PinholeRefused():
                 self.refusals.append(Refusal(at, event))
+            case PinholeOpened(pinhole=h, rule=rule) | PinholeRenewed(pinhole=h, rule=rule):
+                self.pinhole_rules[h.key] = rule
+            case PinholeRemoved(pinhole=h):
+                if self.pinholes is None or self.pinholes.get(h.key) is None:
+                    self.pinhole_rules.pop(h.key, None)
+
+    def pinhole_rows(self, *, now: float) -> tuple[list[dict[str, Any]], int]:
+        """Up to MAX_LISTED pinholes as JSON-ready rows, and how many there are."""
+        if self.pinholes is None:
+            return [], 0
+        holes = self.pinholes.pinholes()
+        return [self.pinhole_row(h, now=now) for h in holes[:MAX_LISTED]], len(holes)
+
+    def pinhole_row(self, h: Pinhole, *, now: float) -> dict[str, Any]:
+        """One pinhole for the page."""
+        return {
+            "protocol": str(h.key.protocol),
+            "internal": f"[{h.key.internal_address}]:{h.key.internal_port}",
+            "remote_host": str(h.key.remote.network) if h.key.remote else None,
+            "filters": [str(f.network) for f in h.filters],
+            "client": str(h.owner.client),
+            "mechanism": str(h.owner.mechanism),
+            "description": h.description,
+            "rule": self.pinhole_rules.get(h.key),
+            "age": max(0, int(now - h.created)),
+            "remaining": h.remaining(now),
+        }
 
     def mapping_rows(self, *, now: float) -> tuple[list[dict[str, Any]], int]:
         """Up to MAX_LISTED mappings as JSON-ready rows, and how many there are."""
@@ -95,6 +144,9 @@ class ConsoleLog:
         """The recent refusals, newest first."""
         rows = []
         for refusal in reversed(self.refusals):
+            if isinstance(refusal.event, PinholeRefused):
+                rows.append(_pinhole_refusal_row(refusal.at, refusal.event))
+                continue
             r = refusal.event.request
             target = f"{r.internal_address}:{r.internal_port}"
             port = f" external {r.external_port}" if r.external_port else ""
@@ -110,6 +162,20 @@ class ConsoleLog:
                 }
             )
         return rows
+
+
+def _pinhole_refusal_row(at: float, event: PinholeRefused) -> dict[str, Any]:
+    key = event.request.key
+    return {
+        "at": at,
+        "client": str(event.request.owner.client),
+        "mechanism": str(event.request.owner.mechanism),
+        "request": f"pinhole {key.protocol} [{key.internal_address}]:{key.internal_port}"
+        f" for {event.request.lifetime} s",
+        "rule": event.rule,
+        "reason": event.refusal.name.lower().replace("_", "-"),
+        "detail": event.detail,
+    }
 
 
 def policy_rows(policy: Policy) -> dict[str, Any]:

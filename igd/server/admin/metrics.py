@@ -1,7 +1,8 @@
 """Prometheus metrics of one gateway, fed by a subscriber of the service's event feed.
 
-Counters follow the events; what is a state (mappings held, epoch) is read from the service
-when scraped, so it is never out of step with the table. The registry is this object's own.
+Counters follow the events; what is a state (mappings and pinholes held, epoch) is read from
+the services when scraped, so it is never out of step with their tables. The registry is this
+object's own.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -22,9 +23,14 @@ from igd.events import (
     MappingGranted,
     MappingRemoved,
     MappingRenewed,
+    PinholeOpened,
+    PinholeRefused,
+    PinholeRemoved,
+    PinholeRenewed,
     RequestRefused,
 )
 from igd.model import MapRequest, Mechanism, Protocol
+from igd.pinhole import Pinhole
 from igd.server.service import Service
 
 # The metrics subscriber's queue (events); beyond it the oldest are dropped and counted.
@@ -40,6 +46,8 @@ class _State(Collector):
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.pinholes: Callable[[], Iterable[Pinhole]] | None = None
+        """The open IPv6 pinholes, when `[ipv6]` is enabled."""
 
     def collect(self) -> Iterator[Metric]:
         held: Tally[tuple[str, str]] = Tally(
@@ -53,6 +61,18 @@ class _State(Collector):
                 pair = (str(mechanism), str(protocol))
                 mappings.add_metric(list(pair), held.get(pair, 0))
         yield mappings
+        if self.pinholes is not None:
+            open_now: Tally[tuple[str, str]] = Tally(
+                (str(h.owner.mechanism), str(h.key.protocol)) for h in self.pinholes()
+            )
+            pinholes = GaugeMetricFamily(
+                "igd_pinholes", "IPv6 pinholes open now.", labels=["mechanism", "protocol"]
+            )
+            for mechanism in (Mechanism.PCP, Mechanism.UPNP):
+                for protocol in Protocol:
+                    pair = (str(mechanism), str(protocol))
+                    pinholes.add_metric(list(pair), open_now.get(pair, 0))
+            yield pinholes
         yield GaugeMetricFamily(
             "igd_epoch_seconds",
             "Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch).",
@@ -67,7 +87,8 @@ class Metrics:
         self.service = service
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.registry.register(_State(service))
+        self.state = _State(service)
+        self.registry.register(self.state)
         self.grants = Counter(
             "igd_grants", "Mappings granted.", ["mechanism", "rule"], registry=registry
         )
@@ -90,6 +111,21 @@ class Metrics:
         )  # fmt: skip
         self.address_changes = Counter(
             "igd_external_address_changes", "External address changes seen.", registry=registry
+        )
+        self.pinholes_opened = Counter(
+            "igd_pinholes_opened", "IPv6 pinholes opened.", ["mechanism", "rule"],
+            registry=registry,
+        )  # fmt: skip
+        self.pinhole_renewals = Counter(
+            "igd_pinhole_renewals", "IPv6 pinholes renewed by their owner.", ["mechanism", "rule"],
+            registry=registry,
+        )  # fmt: skip
+        self.pinhole_refusals = Counter(
+            "igd_pinhole_refusals", "IPv6 pinhole requests refused.",
+            ["mechanism", "reason", "rule"], registry=registry,
+        )  # fmt: skip
+        self.pinhole_removals = Counter(
+            "igd_pinhole_removals", "IPv6 pinholes removed.", ["cause"], registry=registry
         )
         self.lost = Counter(
             "igd_metrics_events_lost", "Events the metrics subscriber fell behind on.",
@@ -150,6 +186,15 @@ class Metrics:
                 self.commit_failures.inc()
             case ExternalAddressChanged():
                 self.address_changes.inc()
+            case PinholeOpened(pinhole=h, rule=rule):
+                self.pinholes_opened.labels(str(h.owner.mechanism), rule).inc()
+            case PinholeRenewed(pinhole=h, rule=rule):
+                self.pinhole_renewals.labels(str(h.owner.mechanism), rule).inc()
+            case PinholeRefused(request=request, refusal=refusal, rule=rule):
+                why = refusal.name.lower().replace("_", "-")
+                self.pinhole_refusals.labels(str(request.owner.mechanism), why, rule).inc()
+            case PinholeRemoved(cause=cause):
+                self.pinhole_removals.labels(str(cause)).inc()
 
     def scrape(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -306,6 +306,7 @@ class AdminServer:
         session = self._require(request, post=False)
         now = self.now()
         rows, total = self.log.mapping_rows(now=now)
+        pinholes, pinhole_total = self.log.pinhole_rows(now=now)
         external = self.external()
         return web.json_response(
             {
@@ -316,8 +317,10 @@ class AdminServer:
                     "epoch": self.service.epoch(),
                     "uptime": int(time.time() - self.started),
                     "mappings": total,
+                    "pinholes": pinhole_total if self.log.pinholes is not None else None,
                 },
                 "mappings": rows,
+                "pinholes": pinholes,
                 "refusals": self.log.refusal_rows(),
                 "policy": policy_rows(self.policy()),
             }

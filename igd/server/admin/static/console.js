@@ -106,6 +106,27 @@ function renderRefusals(refusals) {
   $("no-refusals").hidden = refusals.length > 0;
 }
 
+function renderPinholes(pinholes, total) {
+  // Shown only when the daemon has [ipv6] enabled (total is null otherwise).
+  $("pinholes-section").hidden = total === null;
+  const body = document.createElement("tbody");
+  for (const p of pinholes) {
+    const tr = document.createElement("tr");
+    cell(tr, p.internal);
+    cell(tr, p.protocol);
+    cell(tr, p.remote_host || (p.filters.length ? p.filters.join(", ") : "any"));
+    cell(tr, p.client);
+    cell(tr, p.mechanism);
+    cell(tr, p.description);
+    cell(tr, p.rule || "");
+    cell(tr, duration(p.age));
+    cell(tr, duration(p.remaining));
+    body.appendChild(tr);
+  }
+  $("pinholes").replaceChild(body, $("pinholes").tBodies[0]);
+  $("no-pinholes").hidden = pinholes.length > 0;
+}
+
 function renderPolicy(policy) {
   $("policy-source").textContent = policy.source;
   $("policy-defaults").textContent = "Defaults: " + policy.defaults;
@@ -139,6 +160,7 @@ async function refresh() {
     $("truncated").hidden = cut <= 0;
     $("truncated").textContent = cut > 0 ? cut + " more mappings not shown (igd-server list shows all)." : "";
     renderMappings();
+    renderPinholes(state.pinholes, state.status.pinholes);
     renderRefusals(state.refusals);
     renderPolicy(state.policy);
   } catch (error) {
