@@ -9,7 +9,8 @@ import signal
 import socket
 import time
 from collections import Counter
-from ipaddress import IPv4Address, IPv6Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +49,7 @@ from igd.server.pcp import PcpHandler
 from igd.server.pcp6 import Pcp6Handler, Pcp6Server
 from igd.server.pcp_options import Limits as PcpLimits
 from igd.server.pinhole_store import PinholeStore
+from igd.server.pinholes import CommitError as PinholeCommitError
 from igd.server.pinholes import PinholeService
 from igd.server.pxp import SERVER_PORT as PXP_PORT
 from igd.server.pxp import PxpServer, RateLimiter
@@ -199,14 +201,7 @@ class Daemon:
     def _build_ipv6(self) -> None:
         """The `[ipv6]` part: pinhole rules, kernel table, store table, PCP over IPv6."""
         six = self.config.ipv6
-        lan = six.lan_prefixes or tuple(
-            dict.fromkeys(
-                entry.network
-                for name in self.config.internal_interfaces
-                for entry in ipv6_interfaces(name)
-                if not (entry.ip.is_link_local or entry.ip.is_loopback)
-            )
-        )
+        lan = self.lan_prefixes6()
         if not lan:
             log.warning("[ipv6] enabled, but the internal interfaces have no IPv6 prefix")
         rules = PinholeRules(
@@ -241,6 +236,39 @@ class Daemon:
             self.admin.metrics.state.pinholes = self.pinholes.pinholes
             self.admin.log.pinholes = self.pinholes
         log.info("IPv6 pinholes for %s (firewall %s)", ", ".join(map(str, lan)), six.firewall)
+
+    def lan_prefixes6(self) -> tuple[IPv6Network, ...]:
+        """`[ipv6] lan_prefixes`, else the global prefixes on the internal interfaces now."""
+        return self.config.ipv6.lan_prefixes or tuple(
+            dict.fromkeys(
+                entry.network
+                for name in self.config.internal_interfaces
+                for entry in ipv6_interfaces(name)
+                if not (entry.ip.is_link_local or entry.ip.is_loopback)
+            )
+        )
+
+    async def _readdress6(self) -> None:
+        """Follow the LAN's IPv6 prefixes and the gateway's own addresses (renumbering)."""
+        if self.pinholes is None:
+            return
+        current = self.pinholes.rules
+        rules = replace(
+            current, internal_networks=self.lan_prefixes6(), own_addresses=self.own_addresses6()
+        )
+        if rules == current:
+            return
+        if rules.internal_networks != current.internal_networks:
+            log.info("IPv6 LAN prefixes now %s (were %s)",
+                     ", ".join(map(str, rules.internal_networks)) or "none",
+                     ", ".join(map(str, current.internal_networks)) or "none")  # fmt: skip
+        try:
+            await self.pinholes.readdress(rules, now=time.monotonic())
+        except PinholeCommitError as error:
+            log.error("could not follow the IPv6 prefix change: %s", error)
+            return
+        if self.pcp6 is not None:
+            self.pcp6.lan = rules.internal_networks
 
     def own_addresses6(self) -> frozenset[IPv6Address]:
         """The gateway's own IPv6 addresses: never a pinhole's target."""
@@ -544,6 +572,7 @@ class Daemon:
                 await self.backend.set_destinations(self.destinations())
             except BackendError as error:
                 log.error("cannot update the DNAT destination addresses: %s", error)
+            await self._readdress6()
             previous = self.external.current
             changed = self.external.refresh()
             try:

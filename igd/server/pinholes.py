@@ -17,7 +17,8 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv6Network
 from typing import Protocol as TypingProtocol
 
 from igd.events import (
@@ -62,6 +63,7 @@ class PinholeBackend(TypingProtocol):
     ) -> None: ...
     async def entries(self) -> set[PinholeEntry]: ...
     async def close(self, *, flush: bool) -> None: ...
+    def set_lan(self, lan: Sequence[IPv6Network]) -> None: ...
 
 
 class CommitError(RuntimeError):
@@ -195,11 +197,35 @@ class PinholeService:
         self._holes.set_policy(policy)
         return await self._drop_refused(RemovalCause.POLICY_RELOAD, now=now)
 
-    async def set_rules(self, rules: PinholeRules, *, now: float) -> int:
-        """New LAN prefixes or own addresses: the pinholes now pointing off the LAN are
-        removed (cause address-change); how many."""
-        self._holes.set_rules(rules)
-        return await self._drop_refused(RemovalCause.ADDRESS_CHANGE, now=now)
+    async def readdress(self, rules: PinholeRules, *, now: float) -> int:
+        """New LAN prefixes or own addresses: the kernel table is rebuilt in one transaction
+        for the new prefixes (RFC 6092 default deny follows them) without the pinholes whose
+        internal address left them, which are removed (cause address-change); how many.
+        CommitError if the kernel refused (nothing changed)."""
+        async with self._lock:
+            before = self._holes.rules
+            self._holes.set_rules(rules)
+            change = self._holes.remove(h.key for h in self._holes.refused(now=now))
+            self.backend.set_lan(rules.internal_networks)
+            try:
+                await self.backend.replace(list(self._holes), now=now)
+            except BackendError as error:
+                self._holes.undo(change)
+                self._holes.set_rules(before)
+                self.backend.set_lan(before.internal_networks)
+                log.error("IPv6 prefix change not applied to the kernel: %s", error)
+                raise CommitError(str(error)) from error
+            try:
+                self.store.apply(change.removed, (), self._clock)
+            except sqlite3.Error as error:
+                # The kernel no longer admits them; at the next start the recheck drops the
+                # stored rows, which the new prefixes refuse.
+                log.error("pinholes removed by a prefix change not stored: %s", error)
+            for hole in change.removed:
+                log.info("pinhole removed (address change): %s (client %s)", hole.key,
+                         hole.owner.client)  # fmt: skip
+            self._publish_removed(change, RemovalCause.ADDRESS_CHANGE)
+            return len(change.removed)
 
     async def _drop_refused(self, cause: RemovalCause, *, now: float) -> int:
         gone = [hole.key for hole in self._holes.refused(now=now)]

@@ -304,3 +304,34 @@ def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan_again_and_again(
 def test_the_pinhole_benchmark_runs_small_and_restores_every_seeded_pinhole() -> None:
     line = run(300, requests=5, connects=5)
     assert line.split()[:4] == ["300", "pinholes", "(restored", "300):"], line
+
+
+def lan_set(lab: Lab) -> list[str]:
+    out = lab.run(lab.gateway, ["nft", "-j", "list", "set", "ip6", "igd6", "lan"]).stdout
+    items = [i["set"] for i in json.loads(out)["nftables"] if "set" in i]
+    found = []
+    for element in items[0].get("elem", []):
+        prefix = element["prefix"] if isinstance(element, dict) else None
+        found.append(f"{prefix['addr']}/{prefix['len']}" if prefix else str(element))
+    return found
+
+
+def test_a_lan_renumbering_removes_pinholes_off_the_new_prefix_and_moves_the_default_deny(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1, gw = lab.lan[0], lab.gateway
+    start(lab, gateway)
+    assert ask(lab, lan1, map_wire(lan1, 600)).result is PcpResult.SUCCESS
+    assert reaches(lab, "wan1", lan1) and lan_set(lab) == ["2001:db8:0:77::/64"]
+    # The ISP hands the LAN another prefix: the gateway's LAN address moves to it.
+    lab.run(gw, ["ip", "-6", "addr", "add", "2001:db8:0:78::1/64", "dev", gw.interface,
+                 "nodad"])  # fmt: skip
+    lab.run(gw, ["ip", "-6", "addr", "del", f"{gw.address6}/64", "dev", gw.interface])
+    deadline = time.monotonic() + 10  # the address watcher polls every 2 s
+    while kernel(lab) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel(lab) == [], lab.gateway_log()[-2000:]
+    assert lan_set(lab) == ["2001:db8:0:78::/64"]
+    log = lab.gateway_log()
+    assert "IPv6 LAN prefixes now 2001:db8:0:78::/64" in log
+    assert "pinhole removed (address change)" in log

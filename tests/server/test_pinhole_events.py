@@ -25,6 +25,7 @@ from igd.server.audit import AUDITED, AuditLog
 from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.pinholes import MemoryPinholeBackend
 from igd.server.pinhole_store import PinholeStore
+from igd.server.pinholes import CommitError as PinholeCommitError
 from igd.server.pinholes import PinholeService
 from igd.server.service import Service
 from igd.server.store import LeaseStore
@@ -202,3 +203,30 @@ async def test_the_console_lists_pinholes_beside_mappings_and_their_refusals(rig
     reasons = [(r["rule"], r["reason"]) for r in state["refusals"]]
     assert reasons == [("gateway", "not-owner"), ("no telnet", "not-allowed")]
     assert state["refusals"][1]["request"].startswith("pinhole tcp [")
+
+
+async def test_a_prefix_change_removes_the_pinholes_that_left_the_lan(tmp_path: Path) -> None:
+    feed_rig = Service(Gateway(POLICY), MemoryBackend(), LeaseStore(tmp_path / "l4"))
+    backend = MemoryPinholeBackend()
+    store = PinholeStore(tmp_path / "l6")
+    holes = PinholeService(PinholeRules((LAN,)), backend, store, policy=POLICY,
+                           feed=feed_rig.feed)  # fmt: skip
+    await holes.restore(now=0.0)
+    seen = feed_rig.subscribe("test", 16)
+    await holes.open(ask(), now=1.0)
+    renumbered = IPv6Network("2001:db8:0:78::/64")
+    # Both prefixes for a while (a renumbering's overlap): nothing goes.
+    assert await holes.readdress(PinholeRules((LAN, renumbered)), now=2.0) == 0
+    assert backend.lan == (LAN, renumbered) and len(backend.held) == 1
+    assert await holes.readdress(PinholeRules((renumbered,)), now=3.0) == 1
+    assert backend.lan == (renumbered,) and backend.held == {} and holes.count() == 0
+    events, _ = seen.take()
+    assert isinstance(events[-1], PinholeRemoved) and events[-1].cause is RemovalCause.ADDRESS_CHANGE
+    assert store.load(holes._clock, now=4.0) == []
+    # A kernel that refuses the rebuild changes nothing.
+    await holes.readdress(PinholeRules((LAN,)), now=5.0)
+    await holes.open(ask(), now=6.0)
+    backend.fail_next = 1
+    with pytest.raises(PinholeCommitError):
+        await holes.readdress(PinholeRules((renumbered,)), now=7.0)
+    assert holes.count() == 1 and holes.rules.internal_networks == (LAN,) and backend.lan == (LAN,)

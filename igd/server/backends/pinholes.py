@@ -231,6 +231,10 @@ class NftPinholeBackend:
         self._nft: Nft | None = None
         self._lock = asyncio.Lock()
 
+    def set_lan(self, lan: Sequence[IPv6Network]) -> None:
+        """The LAN prefixes the next `replace` protects (they changed)."""
+        self.lan = tuple(lan)
+
     async def replace(self, pinholes: Iterable[Pinhole], *, now: float) -> None:
         """Make the table exist and hold exactly `pinholes` (start-up reconcile)."""
         text = table_text(
@@ -288,6 +292,10 @@ class MemoryPinholeBackend:
         """Entry → kernel deadline (monotonic)."""
         self.fail_next = 0
         """Refuse this many coming calls (tests of failed commits)."""
+        self.lan: tuple[IPv6Network, ...] = ()
+
+    def set_lan(self, lan: Sequence[IPv6Network]) -> None:
+        self.lan = tuple(lan)
 
     async def replace(self, pinholes: Iterable[Pinhole], *, now: float) -> None:
         self._maybe_fail()
