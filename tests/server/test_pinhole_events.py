@@ -221,7 +221,8 @@ async def test_a_prefix_change_removes_the_pinholes_that_left_the_lan(tmp_path: 
     assert await holes.readdress(PinholeRules((renumbered,)), now=3.0) == 1
     assert backend.lan == (renumbered,) and backend.held == {} and holes.count() == 0
     events, _ = seen.take()
-    assert isinstance(events[-1], PinholeRemoved) and events[-1].cause is RemovalCause.ADDRESS_CHANGE
+    removed = events[-1]
+    assert isinstance(removed, PinholeRemoved) and removed.cause is RemovalCause.ADDRESS_CHANGE
     assert store.load(holes._clock, now=4.0) == []
     # A kernel that refuses the rebuild changes nothing.
     await holes.readdress(PinholeRules((LAN,)), now=5.0)
