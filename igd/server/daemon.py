@@ -214,8 +214,14 @@ class Daemon:
             backend: MemoryPinholeBackend | NftPinholeBackend = MemoryPinholeBackend()
             store = PinholeStore(Path(":memory:"))
         else:
+            # The IPv4 table's flood guard, for requests over IPv6 (docs/nftables.md).
+            guard = Guard.from_limits(
+                self.config.requests_per_second_per_client,
+                self.config.burst_per_client,
+                self.config.upnp_http_port if self.config.upnp_enabled else None,
+            )
             backend = NftPinholeBackend(
-                six.nftables_table, self.config.external_interface, lan, firewall
+                six.nftables_table, self.config.external_interface, lan, firewall, guard=guard
             )
             store = PinholeStore(self.config.state_directory / "leases.sqlite")
         # The policy file decides pinholes like mappings; events go on the one feed.

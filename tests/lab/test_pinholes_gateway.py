@@ -121,9 +121,16 @@ def kernel(lab: Lab) -> Any:
 
 
 def start(
-    lab: Lab, gateway: StartGateway, policy: Path | None = None, **ipv6: Any
+    lab: Lab,
+    gateway: StartGateway,
+    policy: Path | None = None,
+    *,
+    limits: dict[str, Any] | None = None,
+    **ipv6: Any,
 ) -> subprocess.Popen[bytes]:
     sections = {"ipv6": {"enabled": True, **ipv6}}
+    if limits is not None:
+        sections["limits"] = limits
     proc = gateway(policy, **sections) if policy is not None else gateway(**sections)
     announce = pcp.encode_request(
         PcpRequest(PcpOpcode.ANNOUNCE, 0, IPv6Address(lab.lan[0].address6))
@@ -335,3 +342,42 @@ def test_a_lan_renumbering_removes_pinholes_off_the_new_prefix_and_moves_the_def
     log = lab.gateway_log()
     assert "IPv6 LAN prefixes now 2001:db8:0:78::/64" in log
     assert "pinhole removed (address change)" in log
+
+
+_FLOOD6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for _ in range(int(sys.argv[3])):
+    s.sendto(bytes(24), (sys.argv[2], 5351))
+"""
+
+
+def guard_drops6(lab: Lab) -> dict[str, int]:
+    """Packets the counted rules of the ip6 table's input chain dropped (UDP 5351)."""
+    out = lab.run(lab.gateway, ["nft", "-j", "list", "chain", "ip6", "igd6", "input"]).stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        text = json.dumps(rule["expr"])
+        counters = [e["counter"]["packets"] for e in rule["expr"] if "counter" in e]
+        if counters and "5351" in text:
+            found["source" if "_over" in text else "total"] = counters[0]
+    return found
+
+
+def test_the_kernel_drops_one_sources_pcp_flood_over_ipv6_and_answers_another(
+    lab: Lab, gateway: StartGateway
+) -> None:
+    lan1, lan2 = lab.lan[0], lab.lan[1]
+    start(lab, gateway, limits={"requests_per_second_per_client": 5, "burst_per_client": 5})
+    before = guard_drops6(lab)
+    assert before["source"] == 0 and before["total"] == 0
+    # 500 datagrams at once from one source: far over a burst of 5, however fast they go.
+    lab.python(lan1, ["-c", _FLOOD6, lan1.address6, lab.gateway.address6, "500"])
+    assert guard_drops6(lab)["source"] >= 450
+    # Another LAN host is answered: its requests never meet the flooder's limit.
+    assert ask(lab, lan2, map_wire(lan2, 600)).result is PcpResult.SUCCESS
+    assert "Traceback" not in lab.gateway_log()

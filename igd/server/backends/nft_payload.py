@@ -363,20 +363,22 @@ class Guard:
         return TOTAL_FACTOR * self.rate
 
 
-def guard_rules(guard: Guard, pxp_port: int = 5351) -> list[str]:
+def guard_rules(guard: Guard, pxp_port: int = 5351, *, family: str = "ip") -> list[str]:
     """The `input` chain: per source over `rate` drop; within the fair share accept; the
     rest shares the total cap. Sources that send little are never starved by many that
-    send a lot: only the excess over the fair share competes for the total."""
+    send a lot: only the excess over the fair share competes for the total. `family` "ip6"
+    for the IPv6 table's chain (its sets hold IPv6 sources)."""
     g = guard
+    saddr = "ip6 saddr" if family == "ip6" else "ip saddr"
     rules = []
     kinds = [("pxp", f"udp dport {pxp_port}")]
     if g.http_port is not None:
         kinds.append(("http", f"tcp dport {g.http_port} ct state new"))
     for name, match in kinds:
         rules += [
-            f"{match} update @{name}_over {{ ip saddr limit rate over {g.rate}/second"
+            f"{match} update @{name}_over {{ {saddr} limit rate over {g.rate}/second"
             f" burst {g.burst} packets }} counter drop",
-            f"{match} update @{name}_fair {{ ip saddr limit rate {g.fair}/second"
+            f"{match} update @{name}_fair {{ {saddr} limit rate {g.fair}/second"
             f" burst {2 * g.fair} packets }} accept",
             f"{match} limit rate over {g.total}/second burst {g.total} packets counter drop",
         ]

@@ -11,6 +11,9 @@ Shape (docs/nftables.md, "IPv6 pinholes"):
         established/related: accept; ICMPv6 errors and echo from the WAN: accept (RFC 4890)
         new flows from the external interface: pinhole → accept (firewall "own") or mark
         (firewall "external"); anything else to the LAN → drop (firewall "own": RFC 6092 REC-11)
+      sets pxp_over, pxp_fair, http_over, http_fair, chain input (filter, priority filter - 10)
+        the flood guard of the IPv4 table for IPv6 sources: PCP (UDP 5351) and new UPnP
+        connections, per source over the rate drop, fair share accept, the rest a total cap
     }
 
 Rules are fixed; a change touches only elements, in one transaction. Elements carry the
@@ -35,7 +38,14 @@ from igd.model import Protocol
 from igd.pinhole import Pinhole, PinholeFilter
 from igd.server.backends import BackendError
 from igd.server.backends.libnft import Nft
-from igd.server.backends.nft_payload import check_ifname, check_table_name
+from igd.server.backends.nft_payload import (
+    GUARD_SET_SIZE,
+    GUARD_SETS,
+    Guard,
+    check_ifname,
+    check_table_name,
+    guard_rules,
+)
 from igd.server.backends.nftables import check_netns_name, enter_netns
 
 __all__ = [
@@ -102,8 +112,10 @@ def table_text(
     pinholes: Iterable[Pinhole],
     *,
     now: float,
+    guard: Guard | None = None,
 ) -> str:
-    """Commands that make the table exist holding exactly `pinholes`, in one transaction."""
+    """Commands that make the table exist holding exactly `pinholes`, in one transaction;
+    with `guard`, the flood guard's input chain too (docs/nftables.md, "Flood guard")."""
     check_table_name(table)
     wan = check_ifname(external_interface)
     verdict = "accept" if firewall == "own" else f"meta mark set meta mark | {PINHOLE_MARK:#x}"
@@ -139,6 +151,18 @@ def table_text(
         " policy accept; }",
         *(f"add rule ip6 {table} forward {rule}" for rule in rules),
     ]
+    if guard is not None:
+        # The same numbers as the IPv4 table's guard ([limits]); sources are IPv6 here.
+        lines += [
+            f"add set ip6 {table} {name} {{ type ipv6_addr; size {GUARD_SET_SIZE};"
+            " flags dynamic,timeout; timeout 1m; }"
+            for name in GUARD_SETS
+        ]
+        lines.append(
+            f"add chain ip6 {table} input {{ type filter hook input priority filter - 10;"
+            " policy accept; }"
+        )
+        lines += [f"add rule ip6 {table} input {r}" for r in guard_rules(guard, family="ip6")]
     if lan:
         lines.append(f"add element ip6 {table} lan {{ {', '.join(map(str, lan))} }}")
     for name, items in elements.items():
@@ -220,11 +244,13 @@ class NftPinholeBackend:
         firewall: Firewall = "own",
         *,
         netns: str | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.table = check_table_name(table)
         self.external_interface = check_ifname(external_interface)
         self.lan = tuple(lan)
         self.firewall: Firewall = firewall
+        self.guard = guard
         self.netns = None if netns is None else check_netns_name(netns)
         # libnftables blocks and a context stays on one thread: one worker owns both.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nft-{table}")
@@ -238,8 +264,9 @@ class NftPinholeBackend:
     async def replace(self, pinholes: Iterable[Pinhole], *, now: float) -> None:
         """Make the table exist and hold exactly `pinholes` (start-up reconcile)."""
         text = table_text(
-            self.table, self.external_interface, self.lan, self.firewall, pinholes, now=now
-        )
+            self.table, self.external_interface, self.lan, self.firewall, pinholes, now=now,
+            guard=self.guard,
+        )  # fmt: skip
         await self._call(lambda: self._context().run(text))
 
     async def apply(
