@@ -186,12 +186,12 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
 
 _MOVED_IPV6_KEYS = {
     "clients": "list the prefixes in an allow rule's clients",
-    "secure_mode": "[defaults] secure_mode, and allow_third_party on a rule",
-    "min_port": 'internal_ports = "1024-65535" on the allow rule',
-    "max_pinholes_per_client": "max_mappings_per_client ([defaults] or the rule), which counts"
-    " a client's pinholes apart from its mappings",
-    "min_lifetime": "[defaults] min_lease",
-    "max_lifetime": "[defaults] max_lease, or max_lease on the rule",
+    "secure_mode": "use [defaults] secure_mode, and allow_third_party on a rule",
+    "min_port": 'give the allow rule internal_ports = "1024-65535"',
+    "max_pinholes_per_client": "use max_mappings_per_client ([defaults] or the rule), which"
+    " counts a client's pinholes apart from its mappings",
+    "min_lifetime": "use [defaults] min_lease",
+    "max_lifetime": "use [defaults] max_lease, or max_lease on the rule",
 }
 """[ipv6] keys that were pinhole policy: the policy file's rules decide pinholes now."""
 
@@ -237,7 +237,7 @@ def _moved_ipv6_keys(reader: Reader, table: dict[str, Any]) -> dict[str, Any]:
     for key in table.keys() & _MOVED_IPV6_KEYS.keys():
         reader.issue(
             ("ipv6", key),
-            f"moved to the policy file, whose rules decide pinholes like mappings: use"
+            "moved to the policy file, whose rules decide pinholes like mappings:"
             f" {_MOVED_IPV6_KEYS[key]} (docs/policy.md#ipv6-pinholes)",
         )
     return {key: value for key, value in table.items() if key not in _MOVED_IPV6_KEYS}
