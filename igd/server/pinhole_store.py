@@ -7,8 +7,6 @@ untouched. Each change is committed before the client hears of it (kill -9 safe,
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from collections.abc import Iterable
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 from igd.model import Mechanism, Protocol
 from igd.pinhole import Pinhole, PinholeFilter, PinholeKey, PinholeOwner
-from igd.server.store import SQLITE_SIDE_FILES, Clock, secure_state_directory
+from igd.server.store import Clock, open_database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pinholes (
@@ -46,18 +44,7 @@ class PinholeStore:
     """Pinholes persisted in SQLite (`:memory:` for `--dry-run` and tests)."""
 
     def __init__(self, path: Path) -> None:
-        private = str(path) != ":memory:"
-        files = [path.name + suffix for suffix in ("", *SQLITE_SIDE_FILES)]
-        if private:
-            secure_state_directory(path.parent, files)
-        mask = os.umask(0o077)
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        finally:
-            os.umask(mask)
+        self._db = open_database(path, _SCHEMA)
 
     def load(self, clock: Clock, *, now: float) -> list[Pinhole]:
         """Every unexpired pinhole, in monotonic time; expired rows are deleted."""

@@ -108,27 +108,35 @@ def _tighten(path: Path, kind: Any, what: str, mode: int, uid: int) -> None:
         os.chmod(path, stat.S_IMODE(info.st_mode) & mode)
 
 
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """The lease store file (`:memory:` for tests and `--dry-run`) in WAL mode with
+    synchronous=NORMAL, `schema` created, the file and its directory private to the daemon:
+    one way to open it for the mapping and the pinhole stores alike."""
+    private = str(path) != ":memory:"
+    files = [path.name + suffix for suffix in ("", *SQLITE_SIDE_FILES)]
+    if private:
+        secure_state_directory(path.parent, files)
+    # SQLite creates the -wal and -shm files itself: a private umask while it opens them
+    # (and chmod afterwards, for files an older version left behind) keeps them 0600.
+    mask = os.umask(0o077)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(schema)
+    finally:
+        os.umask(mask)
+    if private:
+        secure_state_directory(path.parent, files)
+    return db
+
+
 class LeaseStore:
     """Mappings and a little daemon state (the epoch's start) in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        private = str(path) != ":memory:"
-        files = [path.name + suffix for suffix in ("", *SQLITE_SIDE_FILES)]
-        if private:
-            secure_state_directory(path.parent, files)
         self.path = path
-        # SQLite creates the -wal and -shm files itself: a private umask while it opens them
-        # (and chmod afterwards, for files an older version left behind) keeps them 0600.
-        mask = os.umask(0o077)
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        finally:
-            os.umask(mask)
-        if private:
-            secure_state_directory(path.parent, files)
+        self._db = open_database(path, _SCHEMA)
 
     def load(self, clock: Clock, *, now: float) -> list[Mapping]:
         """Every unexpired mapping, in monotonic time; expired rows are deleted."""

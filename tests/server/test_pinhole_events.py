@@ -231,3 +231,21 @@ async def test_a_prefix_change_removes_the_pinholes_that_left_the_lan(tmp_path: 
     with pytest.raises(PinholeCommitError):
         await holes.readdress(PinholeRules((renumbered,)), now=7.0)
     assert holes.count() == 1 and holes.rules.internal_networks == (LAN,) and backend.lan == (LAN,)
+
+
+async def test_a_reloaded_policy_removes_the_pinholes_it_refuses(rig: Rig) -> None:
+    holes = rig.pinholes
+    await holes.open(ask(), now=1.0)
+    await holes.open(ask(client=B), now=1.0)
+    seen = rig.service.subscribe("test", 16)
+    stricter = Policy.parse(
+        '[[rules]]\nname = "A only"\naction = "allow"\nclients = ["2001:db8:0:77::a/128"]\n'
+    )
+    assert await holes.set_policy(stricter, now=2.0) == 1
+    assert [h.owner.client for h in holes.pinholes()] == [A]
+    events, _ = seen.take()
+    assert [(type(e), getattr(e, "cause", None)) for e in events] == [
+        (PinholeRemoved, RemovalCause.POLICY_RELOAD)
+    ]
+    # From now on the new policy decides: B is refused by the default deny.
+    assert await holes.open(ask(client=B), now=3.0) is Refusal.NOT_ALLOWED
