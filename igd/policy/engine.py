@@ -232,16 +232,6 @@ class Policy:
             return PinholeDeny(Refusal.NOT_ALLOWED, DEFAULTS_NAME, detail)
         return self._grant_pinhole(None, request, held, total, renewal)
 
-    def recheck_pinhole(self, request: PinholeRequest, *, now: float) -> PinholeDeny | None:
-        """The refusal this policy gives an existing pinhole (after a reload), or None."""
-        decision = self.evaluate_pinhole(request, held=0, total=0, now=now, renewal=True)
-        if isinstance(decision, PinholeDeny):
-            return decision
-        if decision.filters is not None and decision.filters != request.filters:
-            detail = f"rule {decision.rule!r} now admits other remote sources than the pinhole"
-            return PinholeDeny(Refusal.NOT_ALLOWED, decision.rule, detail)
-        return None
-
     def _grant_pinhole(
         self, rule: Rule | None, request: PinholeRequest, held: int, total: int, renewal: bool
     ) -> PinholeAllow | PinholeDeny:
