@@ -290,3 +290,56 @@ def test_upnp_mirroring_onto_igd_server(cascade: CascadeLab) -> None:
         wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
     finally:
         service.kill()
+
+
+def test_kill_9_of_our_gateway_renews_the_same_pcp_upstream_mappings(cascade: CascadeLab) -> None:
+    # A killed gateway releases nothing: the upstream keeps its PCP mappings under the killed
+    # run's nonces. The next run asks with the same nonces (kept in its state directory), so
+    # the upstream renews them rather than refusing another nonce (RFC 6887 §11.1).
+    lab = cascade
+    start_both(lab, mode="pcp")
+    service = start_service(lab, lab.lan[0], 8087)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18087, 8087)
+        natpmp_map(lab, lab.lan[0], 18088, 8088)
+        before = sorted((m["internal_port"], m["external_port"]) for m in upstream_listed(lab))
+        assert [port for port, _ in before] == [18087, 18088]
+        config = lab.gateway_config
+        assert config is not None
+        lab.stop_gateway(signal.SIGKILL)
+        assert len(upstream_listed(lab)) == 2  # still held upstream, nobody released them
+        logged = len(lab.gateway_log())
+        lab.start_gateway(config)
+        wait_until(
+            lambda: status(lab)["upstream"]["mirrored"] == 2, 20, "both mirrored again"
+        )  # fmt: skip
+        after = sorted((m["internal_port"], m["external_port"]) for m in upstream_listed(lab))
+        assert after == before  # each exactly once, the same public ports
+        assert status(lab)["upstream"]["failing"] == 0
+        assert "upstream refused" not in lab.gateway_log()[logged:]
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_upstream_that_is_ourselves_is_a_loop_and_mirroring_stops(cascade: CascadeLab) -> None:
+    lab = cascade
+    # A mistaken [upstream] gateway: our own LAN address. Every upstream request would come
+    # back to us; mirroring is turned off instead, said in the log and the status.
+    config = lab.write_gateway_config(
+        LAN_POLICY, upstream={"mode": "pcp", "gateway": lab.gateway.address}
+    )
+    lab.start_gateway(config)
+    wait_until(lambda: status(lab)["upstream"]["verdict"] == "loop", 20, "the loop reported")
+    chain = status(lab)["upstream"]
+    assert not chain["active"] and "loop" in chain["last_error"]
+    assert "mirroring loop" in lab.gateway_log()
+    # Clients are served with the local endpoint, and nothing multiplies.
+    mapped = natpmp_map(lab, lab.lan[0], 18091, 8091)
+    assert (mapped.public_port, mapped.lifetime) == (18091, 3600)
+    assert public_address(lab, lab.lan[0]) == lab.gateway.external_address
+    time.sleep(1.0)
+    argv = [IGD_SERVER, "list", "--json", "--config", str(config)]
+    ours = json.loads(lab.run(lab.gateway, argv).stdout)
+    assert [m["external_port"] for m in ours] == [18091]
