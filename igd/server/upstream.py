@@ -398,6 +398,8 @@ class Upstream:
             )  # fmt: skip
         finally:
             mirror.done.set()
+            if mirror.task is asyncio.current_task():
+                mirror.task = None  # a finished task keeps its frame: ~1 kB per mirror
 
     async def _release(self, held: UpstreamMapping) -> None:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from lab.bench_upstream import MAX_WINDOW, RATE_FIRST_PORT, load_batch, rate_lab
 from lab.cascade import CascadeLab, UpstreamSite
 from lab.demo import DemoError, connect, natpmp_map, public_address, start_service
 from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
@@ -343,3 +344,23 @@ def test_upstream_that_is_ourselves_is_a_loop_and_mirroring_stops(cascade: Casca
     argv = [IGD_SERVER, "list", "--json", "--config", str(config)]
     ours = json.loads(lab.run(lab.gateway, argv).stdout)
     assert [m["external_port"] for m in ours] == [18091]
+
+
+def test_more_mappings_than_the_client_librarys_default_bound_are_all_mirrored() -> None:
+    # PortMapper holds 256 mappings by default; the gateway's mirror raises it to
+    # [upstream] max_mappings, so every one of 300 grants gets its upstream mapping.
+    lab = rate_lab("pcp")
+    try:
+        report = load_batch(lab, RATE_FIRST_PORT, 300, MAX_WINDOW, 60)
+        answers = report["answers"].values()
+        assert len(answers) == 300
+        assert all(result == 0 and lifetime > 30 for result, lifetime, _ in answers)
+        held = upstream_listed(lab)
+        assert len(held) == 300
+        assert {m["internal_port"] for m in held} == set(
+            range(RATE_FIRST_PORT, RATE_FIRST_PORT + 300)
+        )
+        chain = status(lab)["upstream"]
+        assert (chain["mirrored"], chain["failing"]) == (300, 0)
+    finally:
+        lab.teardown()

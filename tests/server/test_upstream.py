@@ -258,7 +258,7 @@ def test_config_reads_the_upstream_section(tmp_path: Path) -> None:
         tmp_path / "c.toml",
     )
     assert config.upstream == UpstreamSettings(
-        "natpmp", IPv4Address("192.168.1.1"), 1.5, 3600, 30.0, 16384
+        "natpmp", IPv4Address("192.168.1.1"), 1.5, 3600, 30.0, 10000
     )
     assert Config.parse(base, tmp_path / "c.toml").upstream.mode == "off"
     with pytest.raises(ConfigError, match="upstream"):
