@@ -44,6 +44,7 @@ from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Protocol
 from igd.server.config import UpstreamSettings
 from igd.server.feed import Subscriber
 from igd.server.interfaces import ExternalAddress, is_public
+from igd.server.store import STATE_FILE_MODE, secure_state_directory
 
 log = logging.getLogger("igd.upstream")
 
@@ -95,11 +96,14 @@ def nonce_key(directory: Path | None) -> bytes:
     lives only as long as the process without a directory."""
     if directory is None:
         return secrets.token_bytes(NONCE_KEY_SIZE)
+    # As the lease store's files: a regular file of ours, 0600, or the daemon refuses to start.
+    secure_state_directory(directory, [NONCE_KEY_FILE])
     path = directory / NONCE_KEY_FILE
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE)
     except FileExistsError:
-        key = path.read_bytes()
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as held:
+            key = held.read(NONCE_KEY_SIZE + 1)
         if len(key) == NONCE_KEY_SIZE:
             return key
         # Cut short (a crash while it was written): a new secret, and the upstream mappings

@@ -39,8 +39,8 @@ from igd.server.interfaces import ExternalAddress
 from igd.server.natpmp import NatPmpHandler
 from igd.server.pcp import PcpHandler
 from igd.server.service import Service
-from igd.server.store import LeaseStore
-from igd.server.upstream import NONCE_KEY_FILE, PENDING_LIFETIME, Upstream
+from igd.server.store import LeaseStore, StateDirectoryError
+from igd.server.upstream import NONCE_KEY_FILE, PENDING_LIFETIME, Upstream, nonce_key
 
 CLIENT = IPv4Address("192.168.77.10")
 LOCAL = IPv4Address("192.168.1.2")
@@ -403,3 +403,17 @@ async def test_mirrors_past_max_mappings_stay_local(tmp_path: Path) -> None:
         assert status["reachable"]
     finally:
         task.cancel()
+
+
+def test_the_nonce_secret_is_kept_private_and_a_damaged_one_replaced(tmp_path: Path) -> None:
+    key = nonce_key(tmp_path)
+    path = tmp_path / NONCE_KEY_FILE
+    path.chmod(0o644)  # loosened by hand: tightened again, the same secret kept
+    assert nonce_key(tmp_path) == key and path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(key[:5])  # cut short by a crash while it was written
+    fresh = nonce_key(tmp_path)
+    assert len(fresh) == 32 and fresh != key and nonce_key(tmp_path) == fresh
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StateDirectoryError):
+        nonce_key(tmp_path)
