@@ -185,6 +185,7 @@ class Upstream:
         self.last_error = ""
         self._mirrors: dict[tuple[Protocol, int], _Mirror] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        self._full = False  # max_mappings reached (logged once)
         self._ready = asyncio.Event()
         self._service: ServiceView | None = None
 
@@ -322,9 +323,13 @@ class Upstream:
         if mirror is None:
             bound = self.settings.max_mappings
             if len(self._mirrors) >= bound:
-                what = f"{mapping.protocol}/{mapping.external_port}"
-                self._fail(f"more than {bound} upstream mappings; not mirroring {what}",
-                           unreachable=False)  # fmt: skip
+                if not self._full:
+                    # Once until there is room again: every renewal of an unmirrored mapping
+                    # comes here, and the log is no place for thousands of the same line.
+                    self._full = True
+                    what = f"{mapping.protocol}/{mapping.external_port}"
+                    self._fail(f"more than {bound} upstream mappings; not mirroring {what}"
+                               " and later grants", unreachable=False)  # fmt: skip
                 return None
             mirror = self._mirrors[slot] = _Mirror(*slot)
         mirror.holders.add(mapping.key)
@@ -345,6 +350,7 @@ class Upstream:
         if mirror.holders:
             return
         del self._mirrors[slot]
+        self._full = False
         if mirror.task is not None and not mirror.task.done():
             mirror.task.cancel()
         if mirror.mapping is not None:
@@ -552,6 +558,8 @@ class Upstream:
             "reachable": self.reachable,
             "mirrored": len(held),
             "failing": len(failing),
+            "max_mappings": self.settings.max_mappings,
+            "full": self._full,
             "last_error": self.last_error or None,
             "mirrors": [
                 {

@@ -390,7 +390,9 @@ async def test_our_own_mirror_request_coming_back_stops_mirroring(rig: Rig) -> N
     assert len(rig.up.asked) == 1
 
 
-async def test_mirrors_past_max_mappings_stay_local(tmp_path: Path) -> None:
+async def test_mirrors_past_max_mappings_stay_local(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rig = Rig(tmp_path, max_mappings=2)
     task = await start(rig)
     try:
@@ -400,7 +402,13 @@ async def test_mirrors_past_max_mappings_stay_local(tmp_path: Path) -> None:
         assert answers[2].lifetime == 3600  # not mirrored: the local endpoint
         status = rig.mirror.status()
         assert status["mirrored"] == 2 and "more than 2" in status["last_error"]
-        assert status["reachable"]
+        assert status["reachable"] and status["full"]
+        await rig.map(8082, 18100, 3600)  # its renewal: still local, and not logged again
+        assert sum("more than 2" in r.getMessage() for r in caplog.records) == 1
+        await rig.map(8080, 0, 0)  # room again: the next grant is mirrored
+        await settle()
+        answer = await rig.map(8083, 18200, 3600)
+        assert answer.external_port == 18201 and not rig.mirror.status()["full"]
     finally:
         task.cancel()
 
