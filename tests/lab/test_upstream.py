@@ -119,6 +119,12 @@ def test_natpmpc_mapping_reaches_through_both_nats_and_delete_closes_both(
         assert chain["public_address"] == lab.upstream.external_address
         assert chain["local_external_address"] == lab.gateway.external_address
         assert (chain["mirrored"], chain["failing"]) == (1, 0)
+        argv = [IGD_SERVER, "status", "--config", str(lab.gateway_config)]
+        shown = lab.run(lab.gateway, argv).stdout
+        assert (
+            f"upstream:         {lab.gateway.external_address} -> {lab.upstream.external_address}"
+            f" via pcp (gateway {lab.upstream.address}), double-nat; 1 mirrored, 0 failing"
+        ) in shown
         natpmp_map(lab, lab.lan[0], 18080, 8080, lifetime=0)
         wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
         with pytest.raises(DemoError):
@@ -337,6 +343,10 @@ def test_upstream_that_is_ourselves_is_a_loop_and_mirroring_stops(cascade: Casca
     chain = status(lab)["upstream"]
     assert not chain["active"] and "loop" in chain["last_error"]
     assert "mirroring loop" in lab.gateway_log()
+    argv = [IGD_SERVER, "status", "--config", str(config)]
+    shown = lab.run(lab.gateway, argv).stdout
+    assert "upstream:         pcp, loop: not mirroring" in shown
+    assert "upstream error:   mirroring loop" in shown
     # Clients are served with the local endpoint, and nothing multiplies.
     mapped = natpmp_map(lab, lab.lan[0], 18091, 8091)
     assert (mapped.public_port, mapped.lifetime) == (18091, 3600)
