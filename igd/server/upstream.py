@@ -192,7 +192,7 @@ class Upstream:
     def _default_mapper(self) -> PortMapper:
         prefer = (Mechanism.PCP, Mechanism.NATPMP, Mechanism.UPNP)
         # One upstream mapping per mirrored port, each with its renewal timer (a sleeping
-        # task, about 2 kB; docs/performance.md): the bound is the configured one.
+        # task): about 10 kB each in all (docs/performance.md), bounded by max_mappings.
         return PortMapper(self.address, prefer=prefer, max_mappings=self.settings.max_mappings)
 
     # -- start and the feed ------------------------------------------------------------------
