@@ -440,31 +440,34 @@ class Lab:
         """Start `python -m igd.server --config ...` in the gateway, logging to a file."""
         if self._gateway is not None and self._gateway.poll() is None:
             raise LabError("the gateway is already running; stop_gateway() first")
-        argv = [sys.executable, "-m", "igd.server", "--config", str(config_path), *extra_args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.gateway_log_path.open("ab") as log:
-            log.write(f"--- {' '.join(argv)}\n".encode())
-            log.flush()
-            proc = self.popen(self.gateway, argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._gateway = proc
+        self._gateway = self.start_daemon(
+            self.gateway, config_path, self.gateway_log_path, extra_args
+        )
         self.gateway_config = Path(config_path)
-        return proc
+        return self._gateway
 
     def stop_gateway(
         self, sig: signal.Signals = signal.SIGTERM, *, timeout: float = STOP_TIMEOUT
     ) -> int | None:
         """Signal the daemon and wait for it (SIGKILL after `timeout`); its exit code."""
         proc, self._gateway = self._gateway, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            deadline = time.monotonic() + timeout
-            while not _exited(proc) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        _stop_group(proc, grace=0)  # SIGKILL if still running, and any helpers it started
-        return proc.returncode
+        return stop_daemon(proc, sig, timeout=timeout)
+
+    def start_daemon(
+        self,
+        host: Host,
+        config_path: str | Path,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start igd-server (`python -m igd.server --config ...`) in `host`, appending its
+        output to `log_path`; any gateway host of a lab (the cascade's upstream too)."""
+        argv = [sys.executable, "-m", "igd.server", "--config", str(config_path), *extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("ab") as log:
+            log.write(f"--- {' '.join(argv)}\n".encode())
+            log.flush()
+            return self.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def gateway_log(self) -> str:
         """Everything the daemon printed so far (empty if it never ran)."""
@@ -487,6 +490,26 @@ class Lab:
                 f" {host.address6}".rstrip()
             )
         return "\n".join(lines)
+
+
+def stop_daemon(
+    proc: subprocess.Popen[Any] | None,
+    sig: signal.Signals = signal.SIGTERM,
+    *,
+    timeout: float = STOP_TIMEOUT,
+) -> int | None:
+    """Signal a daemon `start_daemon` started and wait for it (SIGKILL after `timeout`, and
+    to any helper it started); its exit code, None if there was none."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while not _exited(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _stop_group(proc, grace=0)
+    return proc.returncode
 
 
 def _add6(ns: str, interface: str, address: str) -> None:

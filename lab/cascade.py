@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -32,8 +29,7 @@ from lab import (
     Host,
     Lab,
     TomlValue,
-    _exited,
-    _stop_group,
+    stop_daemon,
 )
 from lab.netns import (
     LabError,
@@ -147,30 +143,15 @@ class CascadeLab(Lab):
         """Start igd-server in the upstream gateway, logging to `upstream_log_path`."""
         if self._upstream is not None and self._upstream.poll() is None:
             raise LabError("the upstream is already running; stop_upstream() first")
-        argv = [sys.executable, "-m", "igd.server", "--config", str(config_path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.upstream_log_path.open("ab") as log:
-            log.write(f"--- {' '.join(argv)}\n".encode())
-            log.flush()
-            proc = self.popen(self.upstream, argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._upstream = proc
-        return proc
+        self._upstream = self.start_daemon(self.upstream, config_path, self.upstream_log_path)
+        return self._upstream
 
     def stop_upstream(
         self, sig: signal.Signals = signal.SIGTERM, *, timeout: float = STOP_TIMEOUT
     ) -> int | None:
         """Signal the upstream daemon and wait for it (SIGKILL after `timeout`)."""
         proc, self._upstream = self._upstream, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            deadline = time.monotonic() + timeout
-            while not _exited(proc) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        _stop_group(proc, grace=0)
-        return proc.returncode
+        return stop_daemon(proc, sig, timeout=timeout)
 
     def upstream_log(self) -> str:
         """Everything the upstream daemon printed so far."""

@@ -51,12 +51,13 @@ from igd.client.state import Key, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
+from igd.proto.pcp import NONCE_SIZE as PCP_NONCE_SIZE
 from igd.proto.pcp import PcpResponse
 
 log = logging.getLogger("igd.client")
 
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
-MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
+MAX_MAPPINGS = 256  # per PortMapper by default (`max_mappings`): each holds a timer task
 MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 # Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
 # 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
@@ -87,7 +88,13 @@ class PortMapper:
         state: StateFile | str | os.PathLike[str] | None = None,
         pcp_addresses: Sequence[IPv4Address | str] = (),
         network_check: float | None = NETWORK_CHECK,
+        max_mappings: int = MAX_MAPPINGS,
     ) -> None:
+        if max_mappings < 1:
+            raise ValueError("max_mappings must be positive")
+        self.max_mappings = max_mappings
+        """How many mappings this mapper holds at most (each one a renewal timer)."""
+        self._by_port: dict[tuple[Protocol, int], Mapping] = {}
         self._gateway = IPv4Address(gateway) if gateway else None
         self.named_gateway = self._gateway is not None
         """True if the caller named the gateway: then no other device is used (SSDP)."""
@@ -309,14 +316,19 @@ class PortMapper:
         via: Mechanism | str | None = None,
         exact: bool = False,
         timeout: float | None = None,
+        nonce: bytes | None = None,
     ) -> MapCall:
         """Get a mapping and keep it alive. `external_port` is a suggestion unless `exact`;
         `via` forces a mechanism (otherwise the probe's choice, then the others ranked);
-        `timeout` bounds the whole call. Mapping an internal port this mapper (or, with a
-        state file, an earlier run) already maps refreshes and returns that mapping."""
+        `timeout` bounds the whole call; `nonce` (12 bytes) is the PCP nonce of a new
+        mapping (default: random), so a caller that kept it renews an earlier run's mapping.
+        Mapping an internal port this mapper (or, with a state file, an earlier run) already
+        maps refreshes and returns that mapping."""
+        if nonce is not None and len(nonce) != PCP_NONCE_SIZE:
+            raise ValueError(f"a PCP nonce is {PCP_NONCE_SIZE} bytes")
         work = self._map(
             internal_port, Protocol(protocol), external_port, lifetime, description,
-            Mechanism(via) if via is not None else self.force, exact,
+            Mechanism(via) if via is not None else self.force, exact, nonce,
         )  # fmt: skip
         return MapCall(bounded(work, timeout, f"map {internal_port}/{protocol}"))
 
@@ -329,6 +341,7 @@ class PortMapper:
         description: str,
         via: Mechanism | None,
         exact: bool,
+        nonce: bytes | None = None,
     ) -> Mapping:
         if not 0 < internal_port < 65536 or lifetime <= 0:
             raise ValueError("internal_port must be 1..65535 and lifetime positive")
@@ -336,26 +349,19 @@ class PortMapper:
             raise ValueError(f"{via.value} is disabled on this PortMapper")
         # One mapping per internal port: a second PCP request with a new nonce is refused
         # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
-        held = next(
-            (
-                m
-                for m in self.mappings
-                if (m.protocol, m.internal_port) == (protocol, internal_port)
-            ),
-            None,
-        )
+        held = self._by_port.get((protocol, internal_port))
         if held is not None:
             if via is None or via is held.mechanism:
                 held.spec = replace(held.spec, lifetime=lifetime, description=description)
                 await held.renew()
                 return held
             await held.release()
-        if len(self.mappings) >= MAX_MAPPINGS:
-            raise ValueError(f"a PortMapper holds at most {MAX_MAPPINGS} mappings")
+        if len(self.mappings) >= self.max_mappings:
+            raise ValueError(f"a PortMapper holds at most {self.max_mappings} mappings")
         _, pcp = await self._clients()
         spec = MapSpec(
             protocol, internal_port, pcp.local_address, lifetime,
-            external_port, exact, description,
+            external_port, exact, description, nonce,
         )  # fmt: skip
         stored = self._stored(spec)
         if stored is not None:
@@ -402,6 +408,7 @@ class PortMapper:
             await self._watch_upnp()
         mapping = Mapping(self, driver, spec, grant)
         self.mappings.append(mapping)
+        self._by_port[mapping.protocol, mapping.internal_port] = mapping
         if self.state is not None:
             mapping.subscribe(lambda event: self._remember(mapping, event))
         mapping._start()
@@ -516,6 +523,9 @@ class PortMapper:
     def forget(self, mapping: Mapping) -> None:
         with contextlib.suppress(ValueError):
             self.mappings.remove(mapping)
+        key = (mapping.protocol, mapping.internal_port)
+        if self._by_port.get(key) is mapping:
+            del self._by_port[key]
 
     def note_epoch(self, grant: Grant) -> None:
         if grant.epoch is not None and grant.mechanism in self._epochs:

@@ -37,6 +37,8 @@ class MapSpec:
     external_port: int | None = None
     exact: bool = False
     description: str = ""
+    nonce: bytes | None = None
+    """The PCP nonce a new mapping gets (None: a random one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,7 @@ class PcpDriver:
         self.pad_description = False
 
     async def create(self, spec: MapSpec, previous: Grant | None) -> Grant:
-        nonce = previous.nonce if previous and previous.nonce else new_nonce()
+        nonce = previous.nonce if previous and previous.nonce else spec.nonce or new_nonce()
         description = spec.description or None
         if description and self.pad_description:
             description = _padded(description)

@@ -122,7 +122,26 @@ def format_status(status: dict[str, Any]) -> str:
         ("policy loaded", status["policy_loaded"]),
         ("audit log", status["audit_file"] or "off"),
     ]
+    upstream = status.get("upstream")
+    if upstream:
+        rows.append(("upstream", _chain(upstream)))
+        if upstream["last_error"]:
+            rows.append(("upstream error", upstream["last_error"]))
     return "\n".join(f"{name + ':':18}{value}" for name, value in rows)
+
+
+def _chain(up: dict[str, Any]) -> str:
+    """Double NAT in one line: local -> public address, mechanism, verdict, mirror counts."""
+    if not up["active"]:
+        return f"{up['mode']}, {up['verdict']}: not mirroring"
+    line = (
+        f"{up['local_external_address']} -> {up['public_address'] or '?'} via"
+        f" {up['mechanism'] or '?'} (gateway {up['upstream_gateway']}), {up['verdict']};"
+        f" {up['mirrored']} mirrored, {up['failing']} failing"
+    )
+    if up.get("full"):
+        line += f", full ({up['max_mappings']})"
+    return line if up["reachable"] else line + "; the upstream does not answer"
 
 
 def format_deleted(mapping: dict[str, Any]) -> str:

@@ -168,6 +168,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "reply_wait": (_number, 2.0),
         "lifetime": (integer(30, 86400), 3600),
         "check_interval": (_number, 30.0),
+        "max_mappings": (integer(1, 131072), 10000),
     },
     "admin": {
         "enabled": (boolean, False),
@@ -211,6 +212,10 @@ class UpstreamSettings:
     """The upstream lease asked for (renewed on its own schedule)."""
     check_interval: float = 30.0
     """How often the upstream is probed: noticed gone, restarted (epoch), back."""
+    max_mappings: int = 10000
+    """Upstream mappings held at most (one per mirrored port, each a renewal timer, about
+    10 kB); grants past it stay local, answered with the local endpoint and logged. The
+    default is the policy's default `max_mappings`, so every local mapping can be mirrored."""
 
 
 _IPV6_FIELDS = {"table": "nftables_table"}
@@ -369,6 +374,7 @@ class Config:
                 reply_wait=values["upstream"]["reply_wait"],
                 lifetime=values["upstream"]["lifetime"],
                 check_interval=values["upstream"]["check_interval"],
+                max_mappings=values["upstream"]["max_mappings"],
             ),
             admin_enabled=admin["enabled"],
             admin_listen=admin["listen"],

@@ -153,7 +153,11 @@ class Daemon:
         self.service.before_map = self._refresh_host_ports
         self.upstream: Upstream | None = None
         if mirroring:
-            self.upstream = Upstream(config.upstream, self.external)
+            self.upstream = Upstream(
+                config.upstream,
+                self.external,
+                state_directory=None if dry_run else config.state_directory,
+            )
             self.service.upstream = self.upstream
         natpmp = NatPmpHandler(self.service, self.external) if config.natpmp_enabled else None
         pcp = None
@@ -614,4 +618,3 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-

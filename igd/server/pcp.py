@@ -153,6 +153,13 @@ class PcpHandler:
             exact_port=options.prefer_failure,
         )
         existing = self._existing(ask)
+        if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
+            told = self.service.told(existing, 0)
+            if told is not None and told.port == ask.external_port:
+                # Double NAT: the client renews the port it was told, the upstream's; here
+                # the mapping holds its local port (RFC 6887 §13.2 asks only that the
+                # client keeps the port it knows).
+                ask = replace(ask, external_port=existing.external_port)
         ask = replace(
             ask,
             description=self.options.description(options, existing),
@@ -164,6 +171,20 @@ class PcpHandler:
         if isinstance(public, UpstreamRefusal):
             # A PCP proxy (RFC 7648) relays the server's refusal to its client.
             raise PcpError(RESULT_FOR[public.reason], public.detail, None)
+        if (
+            public is not None
+            and options.prefer_failure
+            and existing is None
+            and public.address is not None
+            and public.port != data.external_port
+        ):
+            # §13.2: PREFER_FAILURE takes the port asked or nothing; the upstream gave another.
+            try:
+                await self.service.remove([mapping], why="upstream gave another port")
+            except BackendError as error:
+                log.error("could not remove %s: %s", mapping, error)
+            detail = f"the upstream gateway gave port {public.port}, not {data.external_port}"
+            raise PcpError(PcpResult.CANNOT_PROVIDE_EXTERNAL, detail, None)
         if public is not None:
             # Double NAT (RFC 7648): the upstream's endpoint, for the lesser of both leases;
             # the nonce is ours to match with the client, the upstream sees the proxy's own.
@@ -356,9 +377,13 @@ class PcpHandler:
 
     def _update_for(self, mapping: Mapping, address: IPv4Address, now: float) -> bytes:
         nonce = mapping.owner.nonce or bytes(pcp.NONCE_SIZE)
+        port, lifetime = mapping.external_port, mapping.remaining(now)
+        told = self.service.told(mapping, lifetime)
+        if told is not None and told.address is not None:
+            # Double NAT: the endpoint the Internet reaches, as the MAP answer said (RFC 7648).
+            address, port, lifetime = told.address, told.port, told.lifetime
         base = PcpMapData(
-            nonce, mapping.protocol.number, mapping.internal_port, mapping.external_port,
-            pcp.mapped(address),
+            nonce, mapping.protocol.number, mapping.internal_port, port, pcp.mapped(address),
         )  # fmt: skip
         options: list[PcpOption] = []
         if mapping.internal_address != mapping.owner.client:
@@ -377,8 +402,7 @@ class PcpHandler:
                 for f in mapping.filters
             ]
         response = PcpResponse(
-            opcode, PcpResult.SUCCESS, mapping.remaining(now), self.service.epoch(), data,
-            tuple(options),
+            opcode, PcpResult.SUCCESS, lifetime, self.service.epoch(), data, tuple(options),
         )  # fmt: skip
         return pcp.encode_response(response)
 

@@ -125,6 +125,10 @@ class Service:
             address in network for network in gateway.internal_networks
         )
 
+    def is_own(self, address: IPv4Address) -> bool:
+        """Whether an address is one of the gateway's own."""
+        return address in self.gateway.own_addresses
+
     def may_manage(self, client: IPv4Address, mechanism: Mechanism) -> bool:
         """Whether the policy lets a client act on other clients' mappings."""
         return self.gateway.policy.may_manage(client, mechanism)
@@ -154,6 +158,11 @@ class Service:
     def epoch(self) -> int:
         """Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch), 32 bits."""
         return int(time.time() - self.epoch_start) & 0xFFFFFFFF
+
+    def told(self, mapping: Mapping, lifetime: int) -> Public | None:
+        """Behind a double NAT, the public endpoint a mapping is reached at now and the lesser
+        lease (`lifetime` the local one left); None if it is not mirrored."""
+        return None if self.upstream is None else self.upstream.told(mapping, lifetime)
 
     async def public(self, mapping: Mapping, lifetime: int) -> Public | UpstreamRefusal | None:
         """Behind a double NAT, what to tell the client about a mapping just granted with
@@ -185,6 +194,12 @@ class Service:
         now = self.now()
         if self.before_map is not None:
             self.before_map(now)
+        loop = self.upstream.loops(request) if self.upstream is not None else None
+        if loop is not None:
+            # Our own upstream mirror's request came back to us: refused, and mirroring is
+            # off (server/upstream.py), or each answer would ask for yet another port.
+            self.feed.publish(RequestRefused(request, Reason.GATEWAY_CLIENT, "upstream", loop))
+            return Refused(Deny(Reason.GATEWAY_CLIENT, "upstream", loop))
         result = self.gateway.map(request, now=now)
         if isinstance(result, Refused):
             deny = result.deny
@@ -393,7 +408,6 @@ class Service:
     def _watch_deadline(self, expires: float) -> None:
         if self._armed is None or expires < self._armed:
             self._rearm.set()
-
 
 
 __all__ = ["MAX_BATCH", "Granted", "Refused", "Service"]

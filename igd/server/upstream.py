@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -31,15 +36,15 @@ from igd.client import (
 )
 from igd.client.discovery import default_gateway
 from igd.client.errors import MappingRefused
-from igd.client.mapper import MAX_MAPPINGS
 from igd.client.mapping import EventKind
 from igd.client.selection import Verdict
 from igd.decision import Reason
 from igd.events import Event, MappingGranted, MappingRemoved, MappingRenewed
-from igd.model import Mapping, MappingKey, Mechanism, Protocol
+from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Protocol
 from igd.server.config import UpstreamSettings
 from igd.server.feed import Subscriber
 from igd.server.interfaces import ExternalAddress, is_public
+from igd.server.store import STATE_FILE_MODE, secure_state_directory
 
 log = logging.getLogger("igd.upstream")
 
@@ -47,10 +52,12 @@ MODES = ("off", "auto", "pcp", "natpmp", "upnp")
 # While the upstream has not answered, a client is told the local mapping with at most this
 # lifetime, so its renewal (which then finds the upstream mapping) comes soon.
 PENDING_LIFETIME = 30
-# One upstream mapping per (protocol, external port) mirrored, each a keeper task of the one
-# PortMapper, which holds at most this many; past it, grants stay local (logged).
-MAX_MIRRORS = MAX_MAPPINGS
 FEED_BOUND = 4096
+# The secret the mirror's PCP nonces derive from, in the state directory: a gateway restarted
+# after kill -9 asks with the nonces of its previous run, so the upstream renews the mappings
+# that run left instead of refusing another nonce for them (RFC 6887 §11.1, §11.3).
+NONCE_KEY_FILE = "upstream-nonce.key"
+NONCE_KEY_SIZE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +91,51 @@ def reason_for(error: PortMappingError) -> Reason | None:
     return None
 
 
+def nonce_key(directory: Path | None) -> bytes:
+    """The nonce secret kept in `directory` (made on first use, mode 0600); a fresh one that
+    lives only as long as the process without a directory."""
+    if directory is None:
+        return secrets.token_bytes(NONCE_KEY_SIZE)
+    # As the lease store's files: a regular file of ours, 0600, or the daemon refuses to start.
+    secure_state_directory(directory, [NONCE_KEY_FILE])
+    path = directory / NONCE_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE)
+    except FileExistsError:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as held:
+            key = held.read(NONCE_KEY_SIZE + 1)
+        if len(key) == NONCE_KEY_SIZE:
+            return key
+        # Cut short (a crash while it was written): a new secret, and the upstream mappings
+        # of the previous run are left to expire.
+        log.warning("upstream: %s is damaged; making a new nonce secret", path)
+        path.unlink()
+        return nonce_key(directory)
+    key = secrets.token_bytes(NONCE_KEY_SIZE)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
+    return key
+
+
+def mirror_nonce(key: bytes, protocol: Protocol, port: int) -> bytes:
+    """The PCP nonce of the upstream mapping for one local port: unguessable without the key
+    (RFC 6887 §11.1), the same in every run that holds it."""
+    digest = hmac.new(key, f"{protocol.value}/{port}".encode(), hashlib.sha256).digest()
+    return digest[:12]
+
+
 class ServiceView(TypingProtocol):
-    """What the mirror needs of the service: its mappings and its feed."""
+    """What the mirror needs of the service: its mappings, its feed, its addresses."""
 
     def mappings(self) -> Iterator[Mapping]: ...
+
+    def is_local(self, address: IPv4Address) -> bool:
+        """One of the gateway's addresses or a host of its internal networks."""
+
+    def is_own(self, address: IPv4Address) -> bool:
+        """One of the gateway's own addresses."""
 
     def subscribe(
         self, name: str, bound: int = ..., kinds: tuple[type[Event], ...] | None = ...
@@ -120,10 +168,14 @@ class Upstream:
         settings: UpstreamSettings,
         external: ExternalAddress,
         mapper_factory: Callable[[], PortMapper] | None = None,
+        state_directory: Path | None = None,
     ) -> None:
         self.settings = settings
         self.external = external
         self._factory = mapper_factory or self._default_mapper
+        self._nonce_key = nonce_key(state_directory)
+        self.local_address: IPv4Address | None = None
+        """This gateway's address toward the upstream (where mirror requests come from)."""
         self.mapper: PortMapper | None = None
         self.address: IPv4Address | None = None
         """The upstream gateway's address (configured, or the default route's)."""
@@ -133,12 +185,15 @@ class Upstream:
         self.last_error = ""
         self._mirrors: dict[tuple[Protocol, int], _Mirror] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        self._full = False  # max_mappings reached (logged once)
         self._ready = asyncio.Event()
         self._service: ServiceView | None = None
 
     def _default_mapper(self) -> PortMapper:
         prefer = (Mechanism.PCP, Mechanism.NATPMP, Mechanism.UPNP)
-        return PortMapper(self.address, prefer=prefer)
+        # One upstream mapping per mirrored port, each with its renewal timer (a sleeping
+        # task): about 10 kB each in all (docs/performance.md), bounded by max_mappings.
+        return PortMapper(self.address, prefer=prefer, max_mappings=self.settings.max_mappings)
 
     # -- start and the feed ------------------------------------------------------------------
 
@@ -161,20 +216,30 @@ class Upstream:
             # The configured upstream, else the default route's (read here: the route may
             # appear after the daemon).
             self.address = self.settings.address or default_gateway()
+            if self._is_ours(self.address):
+                self._ready.set()
+                self.stop_loop(f"the upstream gateway {self.address} is this gateway or its LAN")
+                return
             self.mapper = self._factory()
             probe = await self.mapper.probe()
+            self.local_address = await self.mapper.local_address()
         except (PortMappingError, OSError) as error:
             self.verdict = "no-gateway"
             self._fail(f"cannot probe the upstream gateway: {error}")
         else:
             self.verdict = str(probe.choice.verdict)
             public = probe.choice.external_address
-            if public is not None:
-                self.external.public = public
             log.info(
                 "upstream: gateway %s, %s, external address %s, verdict %s",
                 self.address, probe.choice.mechanism, public, probe.choice.verdict,
             )  # fmt: skip
+            if public is not None and self._is_ours(public):
+                self._ready.set()
+                self.stop_loop(f"the upstream gateway {self.address} says its external "
+                               f"address is {public}, one of ours")  # fmt: skip
+                return
+            if public is not None:
+                self.external.public = public
         self._ready.set()
 
     async def run(self, service: ServiceView) -> None:
@@ -205,7 +270,7 @@ class Upstream:
     async def _check(self) -> None:
         """Probe the upstream now and then: an upstream that went away is reported, one that
         restarted is found by the epoch test (the mapper re-creates the mappings)."""
-        while True:
+        while self.active:
             await asyncio.sleep(self.settings.check_interval)
             if self.mapper is None:
                 continue
@@ -216,8 +281,13 @@ class Upstream:
             else:
                 answered = probe.choice.verdict is not Verdict.NO_GATEWAY
                 detail = "no PCP, NAT-PMP or UPnP answer"
-                if answered and probe.choice.external_address is not None:
-                    self.external.public = probe.choice.external_address
+                public = probe.choice.external_address
+                if answered and public is not None:
+                    if self._is_ours(public):
+                        self.stop_loop(f"the upstream gateway {self.address} now says its "
+                                       f"external address is {public}, one of ours")  # fmt: skip
+                        return
+                    self.external.public = public
             if not answered and self.reachable:
                 self._fail(f"upstream gateway {self.address} does not answer: {detail}")
             elif answered and not self.reachable:
@@ -251,8 +321,15 @@ class Upstream:
         slot = (mapping.protocol, mapping.external_port)
         mirror = self._mirrors.get(slot)
         if mirror is None:
-            if len(self._mirrors) >= MAX_MIRRORS:
-                self._fail(f"more than {MAX_MIRRORS} upstream mappings; not mirroring {slot}")
+            bound = self.settings.max_mappings
+            if len(self._mirrors) >= bound:
+                if not self._full:
+                    # Once until there is room again: every renewal of an unmirrored mapping
+                    # comes here, and the log is no place for thousands of the same line.
+                    self._full = True
+                    what = f"{mapping.protocol}/{mapping.external_port}"
+                    self._fail(f"more than {bound} upstream mappings; not mirroring {what}"
+                               " and later grants", unreachable=False)  # fmt: skip
                 return None
             mirror = self._mirrors[slot] = _Mirror(*slot)
         mirror.holders.add(mapping.key)
@@ -273,6 +350,7 @@ class Upstream:
         if mirror.holders:
             return
         del self._mirrors[slot]
+        self._full = False
         if mirror.task is not None and not mirror.task.done():
             mirror.task.cancel()
         if mirror.mapping is not None:
@@ -298,6 +376,7 @@ class Upstream:
             held = await self.mapper.map(
                 mirror.port, mirror.protocol, external_port=mirror.port,
                 lifetime=self.settings.lifetime, via=via, description="igd double NAT",
+                nonce=mirror_nonce(self._nonce_key, mirror.protocol, mirror.port),
             )  # fmt: skip
         except ValueError as error:
             # What the client refuses to ask for (its own bounds): logged, stays local.
@@ -315,6 +394,10 @@ class Upstream:
             if not mirror.holders or current is not mirror:
                 await self._release(held)  # the local mapping went while we asked
                 return
+            if self._is_ours(held.external_address):
+                self.stop_loop(f"the upstream mapped {mirror.protocol}/{mirror.port} on "
+                               f"{held.external_address}, one of our addresses")  # fmt: skip
+                return
             mirror.mapping = held
             self.external.public = held.external_address
             held.subscribe(lambda event: self._heard(mirror, event))
@@ -325,6 +408,8 @@ class Upstream:
             )  # fmt: skip
         finally:
             mirror.done.set()
+            if mirror.task is asyncio.current_task():
+                mirror.task = None  # a finished task keeps its frame: ~1 kB per mirror
 
     async def _release(self, held: UpstreamMapping) -> None:
         try:
@@ -364,6 +449,55 @@ class Upstream:
                     mirror.protocol, mirror.port,
                 )  # fmt: skip
 
+    # -- loops ---------------------------------------------------------------------------------
+
+    def _is_ours(self, address: IPv4Address) -> bool:
+        if address == self.external.current:
+            return True
+        return self._service is not None and self._service.is_local(address)
+
+    def loops(self, request: MapRequest) -> str | None:
+        """Why a mapping request closes a mirroring loop (our own mirror's request for a port
+        we mirror, come back to us), after which mirroring is off; None: it does not."""
+        if not self.active or (request.protocol, request.internal_port) not in self._mirrors:
+            return None
+        own = request.client == self.local_address or (
+            self._service is not None and self._service.is_own(request.client)
+        )
+        if not own:
+            return None
+        detail = (
+            f"a request to map {request.protocol}/{request.internal_port}, which we mirror, came"
+            f" from our own address {request.client}: the upstream gateway is this gateway"
+        )
+        self.stop_loop(detail)
+        return detail
+
+    def stop_loop(self, detail: str) -> None:
+        """Turn mirroring off for good (until a restart): every upstream request would come
+        back to us, or go round the cascade, each time for another port."""
+        if self.verdict == "loop":
+            return
+        self.active, self.verdict = False, "loop"
+        self.last_error = f"mirroring loop, mirroring disabled: {detail}"
+        log.error("upstream: mirroring loop: %s; mirroring disabled (check [upstream] gateway)",
+                  detail)  # fmt: skip
+        for mirror in self._mirrors.values():
+            if mirror.task is not None and not mirror.task.done():
+                mirror.task.cancel()
+        self._mirrors.clear()
+        mapper, self.mapper = self.mapper, None
+        if mapper is not None:
+            # Releases what it made: in a loop between two gateways, the other one's echo goes.
+            task = asyncio.get_running_loop().create_task(mapper.close())
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+        previous = self.external.reported
+        self.external.public = None
+        if self._service is not None and previous != self.external.reported:
+            # Clients were told the loop's "public" address: a new epoch makes them ask again.
+            self._service.address_changed(previous, self.external.reported)
+
     def _fail(self, message: str, *, unreachable: bool = True) -> None:
         if unreachable:
             self.reachable = False
@@ -393,6 +527,15 @@ class Upstream:
         pending = min(lifetime, PENDING_LIFETIME) or PENDING_LIFETIME
         return Public(None, mapping.external_port, pending)
 
+    def told(self, mapping: Mapping, lifetime: int) -> Public | None:
+        """What a client is told about a mapping held upstream now (its Mapping Update, its
+        renewal's port); None if it is not mirrored."""
+        mirror = self._mirrors.get((mapping.protocol, mapping.external_port))
+        if mirror is None or mirror.mapping is None:
+            return None
+        held = mirror.mapping
+        return Public(held.external_address, held.external_port, _lesser(lifetime, held))
+
     def endpoint(self, mapping: Mapping) -> str | None:
         """The public address:port a local mapping is reached at, if mirrored."""
         mirror = self._mirrors.get((mapping.protocol, mapping.external_port))
@@ -415,6 +558,8 @@ class Upstream:
             "reachable": self.reachable,
             "mirrored": len(held),
             "failing": len(failing),
+            "max_mappings": self.settings.max_mappings,
+            "full": self._full,
             "last_error": self.last_error or None,
             "mirrors": [
                 {
@@ -430,8 +575,8 @@ class Upstream:
     async def close(self) -> None:
         """Stop renewing and release every upstream mapping (bounded per mapping)."""
         # Released even when the local mappings are kept (on_stop = "keep"): the next start
-        # maps them again, and a PCP upstream would refuse the new run's nonce for a mapping
-        # the old run still held (RFC 6887 §11.3), so nothing is left behind to collide.
+        # maps them again (with the same nonces, so a kill -9, which releases nothing, is
+        # repaired the same way), and no stale upstream mapping outlives a stop.
         for mirror in self._mirrors.values():
             if mirror.task is not None:
                 mirror.task.cancel()

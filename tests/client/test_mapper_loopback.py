@@ -140,6 +140,34 @@ async def test_without_the_state_file_a_second_run_is_refused(server: PcpServer)
     assert (caught.value.retry_after, caught.value.error_lifetime) == (None, 1800)
 
 
+async def test_a_run_that_kept_its_nonce_renews_the_earlier_mapping(server: PcpServer) -> None:
+    # What igd-server's upstream mirror does after a crash: the same nonce, so the server
+    # renews the mapping the crashed run left (RFC 6887 §11.1) instead of refusing it.
+    nonce = secrets.token_bytes(12)
+    async with mapper(server) as pm:
+        first = await pm.map(7500, "tcp", lifetime=60, nonce=nonce)
+        assert first.grant.nonce == nonce
+        await first.detach()
+    async with mapper(server) as pm:
+        again = await pm.map(7500, "tcp", lifetime=60, nonce=nonce)
+        assert again.external_port == first.external_port
+        assert server.held == {(6, 7500): nonce}
+        with pytest.raises(ValueError, match="12 bytes"):
+            await pm.map(7501, "tcp", nonce=b"short")
+
+
+async def test_max_mappings_bounds_what_one_mapper_holds(server: PcpServer) -> None:
+    async with mapper(server, max_mappings=3) as pm:
+        for port in (7801, 7802, 7803):
+            await pm.map(port, "udp", lifetime=60)
+        with pytest.raises(ValueError, match="at most 3"):
+            await pm.map(7804, "udp", lifetime=60)
+        await pm.mappings[0].release()
+        await pm.map(7804, "udp", lifetime=60)  # room again once one is released
+        assert sorted(m.internal_port for m in pm.mappings) == [7802, 7803, 7804]
+    assert server.held == {}
+
+
 async def test_async_with_releases_the_mapping_at_the_end_of_the_block(server: PcpServer) -> None:
     async with mapper(server) as pm:
         async with pm.map(7600, "tcp", lifetime=60) as m:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from lab.bench_upstream import MAX_WINDOW, RATE_FIRST_PORT, load_batch, rate_lab
 from lab.cascade import CascadeLab, UpstreamSite
 from lab.demo import DemoError, connect, natpmp_map, public_address, start_service
 from lab.miniupnpd import PUBLIC_LOOKING_WAN, Miniupnpd, MiniupnpdOptions
@@ -69,11 +71,11 @@ def cascade() -> Iterator[CascadeLab]:
 MIN_UPSTREAM_AGE = 6.0
 
 
-def start_both(lab: CascadeLab, **upstream: Any) -> float:
-    """Start the upstream igd-server and ours (mirroring `auto` unless told); when the
-    upstream started (monotonic)."""
+def start_both(lab: CascadeLab, policy: Path = UPSTREAM_POLICY, **upstream: Any) -> float:
+    """Start the upstream igd-server (with `policy`) and ours (mirroring `auto` unless told);
+    when the upstream started (monotonic)."""
     started = time.monotonic()
-    lab.start_upstream(lab.write_upstream_config(UPSTREAM_POLICY))
+    lab.start_upstream(lab.write_upstream_config(policy))
     # The upstream answers NAT-PMP on the middle network (natpmpc in our gateway's host).
     wait_until(
         lambda: "Public IP address" in lab.run(
@@ -117,6 +119,12 @@ def test_natpmpc_mapping_reaches_through_both_nats_and_delete_closes_both(
         assert chain["public_address"] == lab.upstream.external_address
         assert chain["local_external_address"] == lab.gateway.external_address
         assert (chain["mirrored"], chain["failing"]) == (1, 0)
+        argv = [IGD_SERVER, "status", "--config", str(lab.gateway_config)]
+        shown = lab.run(lab.gateway, argv).stdout
+        assert (
+            f"upstream:         {lab.gateway.external_address} -> {lab.upstream.external_address}"
+            f" via pcp (gateway {lab.upstream.address}), double-nat; 1 mirrored, 0 failing"
+        ) in shown
         natpmp_map(lab, lab.lan[0], 18080, 8080, lifetime=0)
         wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
         with pytest.raises(DemoError):
@@ -290,3 +298,197 @@ def test_upnp_mirroring_onto_igd_server(cascade: CascadeLab) -> None:
         wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
     finally:
         service.kill()
+
+
+def test_kill_9_of_our_gateway_renews_the_same_pcp_upstream_mappings(cascade: CascadeLab) -> None:
+    # A killed gateway releases nothing: the upstream keeps its PCP mappings under the killed
+    # run's nonces. The next run asks with the same nonces (kept in its state directory), so
+    # the upstream renews them rather than refusing another nonce (RFC 6887 §11.1).
+    lab = cascade
+    start_both(lab, mode="pcp")
+    service = start_service(lab, lab.lan[0], 8087)
+    try:
+        mapped = natpmp_map(lab, lab.lan[0], 18087, 8087)
+        natpmp_map(lab, lab.lan[0], 18088, 8088)
+        before = sorted((m["internal_port"], m["external_port"]) for m in upstream_listed(lab))
+        assert [port for port, _ in before] == [18087, 18088]
+        config = lab.gateway_config
+        assert config is not None
+        lab.stop_gateway(signal.SIGKILL)
+        assert len(upstream_listed(lab)) == 2  # still held upstream, nobody released them
+        logged = len(lab.gateway_log())
+        lab.start_gateway(config)
+        wait_until(
+            lambda: status(lab)["upstream"]["mirrored"] == 2, 20, "both mirrored again"
+        )  # fmt: skip
+        after = sorted((m["internal_port"], m["external_port"]) for m in upstream_listed(lab))
+        assert after == before  # each exactly once, the same public ports
+        assert status(lab)["upstream"]["failing"] == 0
+        assert "upstream refused" not in lab.gateway_log()[logged:]
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+        assert "hello from the LAN service" in answer
+    finally:
+        service.kill()
+
+
+def test_upstream_that_is_ourselves_is_a_loop_and_mirroring_stops(cascade: CascadeLab) -> None:
+    lab = cascade
+    # A mistaken [upstream] gateway: our own LAN address. Every upstream request would come
+    # back to us; mirroring is turned off instead, said in the log and the status.
+    config = lab.write_gateway_config(
+        LAN_POLICY, upstream={"mode": "pcp", "gateway": lab.gateway.address}
+    )
+    lab.start_gateway(config)
+    wait_until(lambda: status(lab)["upstream"]["verdict"] == "loop", 20, "the loop reported")
+    chain = status(lab)["upstream"]
+    assert not chain["active"] and "loop" in chain["last_error"]
+    assert "mirroring loop" in lab.gateway_log()
+    argv = [IGD_SERVER, "status", "--config", str(config)]
+    shown = lab.run(lab.gateway, argv).stdout
+    assert "upstream:         pcp, loop: not mirroring" in shown
+    assert "upstream error:   mirroring loop" in shown
+    # Clients are served with the local endpoint, and nothing multiplies.
+    mapped = natpmp_map(lab, lab.lan[0], 18091, 8091)
+    assert (mapped.public_port, mapped.lifetime) == (18091, 3600)
+    assert public_address(lab, lab.lan[0]) == lab.gateway.external_address
+    time.sleep(1.0)
+    argv = [IGD_SERVER, "list", "--json", "--config", str(config)]
+    ours = json.loads(lab.run(lab.gateway, argv).stdout)
+    assert [m["external_port"] for m in ours] == [18091]
+
+
+def test_more_mappings_than_the_client_librarys_default_bound_are_all_mirrored() -> None:
+    # PortMapper holds 256 mappings by default; the gateway's mirror raises it to
+    # [upstream] max_mappings, so every one of 300 grants gets its upstream mapping.
+    lab = rate_lab("pcp")
+    try:
+        report = load_batch(lab, RATE_FIRST_PORT, 300, MAX_WINDOW, 60)
+        answers = report["answers"].values()
+        assert len(answers) == 300
+        assert all(result == 0 and lifetime > 30 for result, lifetime, _ in answers)
+        held = upstream_listed(lab)
+        assert len(held) == 300
+        assert {m["internal_port"] for m in held} == set(
+            range(RATE_FIRST_PORT, RATE_FIRST_PORT + 300)
+        )
+        chain = status(lab)["upstream"]
+        assert (chain["mirrored"], chain["failing"]) == (300, 0)
+    finally:
+        lab.teardown()
+
+
+# The upstream grants only ports of one range, never the local port: the public port differs.
+_RANGED_UPSTREAM = """
+[defaults]
+action = "deny"
+max_lease = 3600
+min_lease = 2
+[[rules]]
+name = "middle network, {ports}"
+action = "allow"
+clients = ["192.168.1.0/24"]
+internal_ports = "1024-65535"
+external_ports = "{ports}"
+"""
+
+# In lan1: a PCP client maps 8095 (suggesting 18095), renews with PREFER_FAILURE for the port
+# it was told, prints both answers, then prints the first Mapping Update for its nonce.
+_PCP_CLIENT = """
+import asyncio, json, secrets, sys
+from igd.client.pcp import PcpClient
+from igd.model import Protocol
+from igd.proto import pcp
+from igd.proto.pcp import PcpOpcode
+async def main():
+    client = PcpClient(sys.argv[1])
+    updates = asyncio.Queue()
+    client.on_unsolicited = updates.put_nowait
+    await client.open()
+    nonce = secrets.token_bytes(12)
+    first = await client.map(Protocol.TCP, 8095, 600, nonce=nonce, external_port=18095)
+    renewed = await client.map(Protocol.TCP, 8095, 600, nonce=nonce,
+                               external_port=first.external_port, prefer_failure=True)
+    print(json.dumps([first.external_port, renewed.external_port,
+                      str(renewed.external_address)]), flush=True)
+    async with asyncio.timeout(float(sys.argv[2])):
+        while True:
+            update = await updates.get()
+            if update.opcode is PcpOpcode.MAP and update.data.nonce == nonce:
+                break
+    address = pcp.unmapped(update.data.external_address)
+    print(json.dumps([update.data.external_port, str(address), update.lifetime]), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_pcp_renewal_and_mapping_update_name_the_upstream_port(cascade: CascadeLab) -> None:
+    lab = cascade
+    first_range, second_range = "40000-49999", "50000-59999"
+    policy = lab.workdir / "ranged-upstream.toml"
+    policy.write_text(_RANGED_UPSTREAM.format(ports=first_range))
+    started = start_both(lab, policy, mode="pcp", check_interval=1.0)
+    service = start_service(lab, lab.lan[0], 8095)
+    client = lab.python_popen(
+        lab.lan[0], ["-c", _PCP_CLIENT, lab.gateway.address, "40"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None and client.stderr is not None
+        line = client.stdout.readline()
+        assert line, client.stderr.read()
+        told, renewed, address = json.loads(line)
+        # Told the upstream's port; the PREFER_FAILURE renewal of that port succeeds.
+        assert 40000 <= told <= 49999 and renewed == told
+        assert address == lab.upstream.external_address
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, told)
+        assert "hello from the LAN service" in answer
+        # The upstream loses its state and comes back granting another range: the mirror
+        # re-creates the mapping on a new public port, and the PCP client hears of it in a
+        # Mapping Update (RFC 6887 §14.2) carrying that port, not our local 18095.
+        age_upstream(started)
+        lab.stop_upstream(signal.SIGKILL)
+        for path in (lab.workdir / "upstream-state").glob("leases.sqlite*"):
+            path.unlink()
+        lab.run(lab.upstream, ["nft", "delete", "table", "ip", "igd"])
+        policy.write_text(_RANGED_UPSTREAM.format(ports=second_range))
+        lab.start_upstream(lab.workdir / "upstream.toml")
+        line = client.stdout.readline()
+        assert line, client.stderr.read()
+        port, address, lifetime = json.loads(line)
+        assert 50000 <= port <= 59999 and address == lab.upstream.external_address
+        assert 0 < lifetime <= 600
+        answer = connect(lab, lab.wan[0], lab.upstream.external_address, port)
+        assert "hello from the LAN service" in answer
+    finally:
+        client.kill()
+        service.kill()
+
+
+@pytest.mark.skipif(miniupnpd_version() is None, reason="Debian's miniupnpd is not installed")
+def test_kill_9_of_our_gateway_with_miniupnpd_upstream_leaves_one_mapping_each() -> None:
+    # miniupnpd 2.3.1 renews a MAP for a held internal endpoint whatever its nonce, so this
+    # shows interoperation (no duplicate, no refusal), not the nonce rule igd-server enforces.
+    with CascadeLab(public_network=PUBLIC_LOOKING_WAN) as lab:
+        site = UpstreamSite(lab).as_lab()
+        with Miniupnpd(site, MiniupnpdOptions(min_lifetime=2)) as mini:
+            config = lab.write_gateway_config(LAN_POLICY, upstream={"mode": "pcp"})
+            lab.start_gateway(config)
+            wait_until(
+                lambda: public_address(lab, lab.lan[0]) == lab.upstream.external_address,
+                20, "the public address over NAT-PMP",
+            )  # fmt: skip
+            service = start_service(lab, lab.lan[0], 8096)
+            try:
+                mapped = natpmp_map(lab, lab.lan[0], 18096, 8096)
+                natpmp_map(lab, lab.lan[0], 18097, 8097)
+                assert mini.rule_count() == 2
+                lab.stop_gateway(signal.SIGKILL)
+                logged = len(lab.gateway_log())
+                lab.start_gateway(config)
+                wait_until(lambda: status(lab)["upstream"]["mirrored"] == 2, 20, "mirrored again")
+                assert mini.rule_count() == 2  # renewed, not doubled
+                assert "upstream refused" not in lab.gateway_log()[logged:]
+                answer = connect(lab, lab.wan[0], lab.upstream.external_address, mapped.public_port)
+                assert "hello from the LAN service" in answer
+            finally:
+                service.kill()

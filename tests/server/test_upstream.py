@@ -14,10 +14,10 @@ import pytest
 
 from igd.client import EventKind, MappingEvent, NotAuthorized
 from igd.events import ExternalAddressChanged, MappingRenewed
-from igd.gateway import Gateway
+from igd.gateway import Gateway, Refused
 from igd.model import MapRequest, Mechanism, Protocol
 from igd.policy import Policy
-from igd.proto import natpmp
+from igd.proto import natpmp, pcp
 from igd.proto.natpmp import (
     NatPmpExternalAddressRequest,
     NatPmpExternalAddressResponse,
@@ -25,17 +25,27 @@ from igd.proto.natpmp import (
     NatPmpMapResponse,
     NatPmpResult,
 )
+from igd.proto.pcp import (
+    PcpMapData,
+    PcpOpcode,
+    PcpPreferFailure,
+    PcpRequest,
+    PcpResponse,
+    PcpResult,
+)
 from igd.server.backends.memory import MemoryBackend
 from igd.server.config import Config, ConfigError, UpstreamSettings
 from igd.server.interfaces import ExternalAddress
 from igd.server.natpmp import NatPmpHandler
+from igd.server.pcp import PcpHandler
 from igd.server.service import Service
-from igd.server.store import LeaseStore
-from igd.server.upstream import PENDING_LIFETIME, Upstream
+from igd.server.store import LeaseStore, StateDirectoryError
+from igd.server.upstream import NONCE_KEY_FILE, PENDING_LIFETIME, Upstream, nonce_key
 
 CLIENT = IPv4Address("192.168.77.10")
 LOCAL = IPv4Address("192.168.1.2")
 PUBLIC = IPv4Address("203.0.113.1")
+NONCE = bytes(range(12))
 POLICY = """
 [defaults]
 action = "deny"
@@ -80,13 +90,18 @@ class Upstream_:
         self.lifetime = 600
         self.held: list[Held] = []
         self.asked: list[tuple[int, Protocol, int | None]] = []
+        self.nonces: list[bytes | None] = []
+        self.external_address = PUBLIC
 
     async def probe(self, **kw: Any) -> Any:
-        choice = SimpleNamespace(verdict="double-nat", external_address=PUBLIC, mechanism="pcp")
+        choice = SimpleNamespace(
+            verdict="double-nat", external_address=self.external_address, mechanism="pcp"
+        )
         return SimpleNamespace(choice=choice)
 
     async def map(self, port: int, protocol: Protocol, **kw: Any) -> Held:
         self.asked.append((port, protocol, kw.get("external_port")))
+        self.nonces.append(kw.get("nonce"))
         if self.mode == "refuse":
             raise NotAuthorized("denied by the upstream's policy", code=2)
         if self.mode == "silent":
@@ -95,22 +110,44 @@ class Upstream_:
         self.held.append(held)
         return held
 
+    async def local_address(self) -> IPv4Address:
+        return LOCAL
+
     async def close(self) -> None:
         pass
 
 
 class Rig:
-    def __init__(self, tmp: Path, local: IPv4Address = LOCAL, mode: str = "auto") -> None:
+    def __init__(
+        self, tmp: Path, local: IPv4Address = LOCAL, mode: str = "auto", **settings: Any
+    ) -> None:
         self.service = Service(
             Gateway(Policy.parse(POLICY)), MemoryBackend(), LeaseStore(tmp / "l.sqlite")
         )
         self.external = ExternalAddress("wan0", override=local, allow_private=True)
         self.external.refresh()
         self.up = Upstream_()
-        settings = UpstreamSettings(mode=mode, address=IPv4Address("192.168.1.1"), reply_wait=0.3)
-        self.mirror = Upstream(settings, self.external, mapper_factory=lambda: self.up)  # type: ignore[arg-type,return-value]
+        settings.setdefault("address", IPv4Address("192.168.1.1"))
+        config = UpstreamSettings(mode=mode, reply_wait=0.3, **settings)
+        self.mirror = Upstream(
+            config,
+            self.external,
+            mapper_factory=lambda: self.up,
+            state_directory=tmp,  # type: ignore[arg-type,return-value]
+        )
         self.service.upstream = self.mirror
         self.handler = NatPmpHandler(self.service, self.external)
+        self.pcp = PcpHandler(self.service, self.external)
+
+    async def pcp_map(
+        self, external: int, *, prefer_failure: bool = False, nonce: bytes = NONCE
+    ) -> PcpResponse:
+        data = PcpMapData(nonce, 6, 8080, external, pcp.mapped(IPv4Address(0)))
+        options = (PcpPreferFailure(),) if prefer_failure else ()
+        request = PcpRequest(PcpOpcode.MAP, 3600, pcp.mapped(CLIENT), data, options)
+        reply = await self.pcp.handle(pcp.encode_request(request), (str(CLIENT), 5351))
+        assert reply is not None
+        return pcp.decode_response(reply)
 
     async def map(self, internal: int, external: int, lifetime: int) -> NatPmpMapResponse:
         data = natpmp.encode_request(NatPmpMapRequest(Protocol.TCP, internal, external, lifetime))
@@ -221,7 +258,7 @@ def test_config_reads_the_upstream_section(tmp_path: Path) -> None:
         tmp_path / "c.toml",
     )
     assert config.upstream == UpstreamSettings(
-        "natpmp", IPv4Address("192.168.1.1"), 1.5, 3600, 30.0
+        "natpmp", IPv4Address("192.168.1.1"), 1.5, 3600, 30.0, 10000
     )
     assert Config.parse(base, tmp_path / "c.toml").upstream.mode == "off"
     with pytest.raises(ConfigError, match="upstream"):
@@ -237,3 +274,154 @@ async def test_a_renewal_onto_another_port_moves_the_upstream_mapping(rig: Rig) 
     await settle()
     assert rig.up.held[0].released
     assert [port for port, _, _ in rig.up.asked] == [18080, 18090]
+
+
+async def start(rig: Rig) -> asyncio.Task[None]:
+    task = asyncio.create_task(rig.mirror.run(rig.service))
+    await asyncio.sleep(0.01)
+    return task
+
+
+async def test_a_restarted_gateway_asks_with_the_same_nonces(tmp_path: Path) -> None:
+    # After kill -9 the upstream still holds the old run's PCP mappings; the new run must
+    # renew them, so it asks with the nonces the old run used (kept in the state directory).
+    runs = []
+    for _ in range(2):
+        rig = Rig(tmp_path)
+        task = await start(rig)
+        await rig.map(8080, 18080, 3600)
+        await rig.map(8081, 18081, 3600)
+        task.cancel()
+        runs.append(rig.up.nonces)
+        rig.service.store.close()
+    assert runs[0] == runs[1]
+    first, second = runs[0]
+    assert first is not None and len(first) == 12 and first != second
+    assert (tmp_path / NONCE_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    other = tmp_path / "other"
+    other.mkdir()
+    rig = Rig(other)  # another gateway: other nonces, nobody can guess them
+    task = await start(rig)
+    await rig.map(8080, 18080, 3600)
+    task.cancel()
+    assert rig.up.nonces[0] != first
+
+
+async def test_pcp_prefer_failure_renewal_of_the_upstream_port_succeeds(rig: Rig) -> None:
+    rig.up.shift = 7  # the upstream gives 18087 for our 18080
+    first = await rig.pcp_map(18080)
+    assert first.result is PcpResult.SUCCESS
+    assert isinstance(first.data, PcpMapData) and first.data.external_port == 18087
+    # The client renews what it was told, PREFER_FAILURE on 18087 (RFC 6887 §13.2).
+    for _ in range(2):
+        again = await rig.pcp_map(18087, prefer_failure=True)
+        assert again.result is PcpResult.SUCCESS
+        assert isinstance(again.data, PcpMapData) and again.data.external_port == 18087
+    assert [m.external_port for m in rig.service.mappings()] == [18080]
+    assert len(rig.up.asked) == 1  # one upstream mapping, renewed on its own schedule
+
+
+async def test_pcp_prefer_failure_refuses_a_new_mapping_the_upstream_moves(rig: Rig) -> None:
+    rig.up.shift = 7
+    refused = await rig.pcp_map(18080, prefer_failure=True)
+    # §13.2: that port or nothing; the upstream's 18087 is not what was asked.
+    assert refused.result is PcpResult.CANNOT_PROVIDE_EXTERNAL
+    await settle()
+    assert rig.service.count() == 0 and rig.up.held[0].released
+    rig.up.shift = 0
+    granted = await rig.pcp_map(18080, prefer_failure=True)
+    assert granted.result is PcpResult.SUCCESS
+
+
+async def test_pcp_mapping_update_carries_the_upstream_port(rig: Rig) -> None:
+    rig.up.shift = 7
+    await rig.pcp_map(18080)
+    moved = IPv4Address("203.0.113.9")
+    held = rig.up.held[0]
+    held.external_address, held.external_port = moved, 18099
+    for callback in held.callbacks:
+        callback(MappingEvent(EventKind.CHANGED, Mechanism.PCP, moved, 18099, 600))
+    [(update, destination)] = rig.pcp.mapping_updates()
+    assert destination == (str(CLIENT), 5351)
+    answer = pcp.decode_response(update)
+    assert isinstance(answer.data, PcpMapData)
+    assert (pcp.unmapped(answer.data.external_address), answer.data.external_port) == (
+        moved, 18099,
+    )  # fmt: skip
+    assert 590 <= answer.lifetime <= 600  # the lesser lease, as the MAP answer said
+
+
+async def test_upstream_reporting_our_own_address_is_a_loop(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.up.external_address = LOCAL  # what a gateway mirroring onto us would say
+    task = await start(rig)
+    try:
+        answer = await rig.map(8080, 18080, 3600)
+        assert (answer.result, answer.external_port) == (NatPmpResult.SUCCESS, 18080)
+        assert answer.lifetime == 3600 and await rig.address() == LOCAL  # local, unmirrored
+        assert rig.up.asked == []
+        status = rig.mirror.status()
+        assert (status["verdict"], status["active"]) == ("loop", False)
+        assert "loop" in status["last_error"] and str(LOCAL) in status["last_error"]
+    finally:
+        task.cancel()
+
+
+async def test_upstream_gateway_that_is_ourselves_is_a_loop(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, address=LOCAL)
+    task = await start(rig)
+    try:
+        await rig.map(8080, 18080, 3600)
+        assert rig.up.asked == [] and rig.mirror.status()["verdict"] == "loop"
+    finally:
+        task.cancel()
+
+
+async def test_our_own_mirror_request_coming_back_stops_mirroring(rig: Rig) -> None:
+    rig.up.mode = "silent"  # still asking when the request comes back to us
+    await rig.map(8080, 18080, 3600)
+    echo = MapRequest(Mechanism.PCP, LOCAL, Protocol.TCP, LOCAL, 18080, 18080, 3600)
+    refused = await rig.service.map(echo)
+    assert isinstance(refused, Refused) and "our own address" in refused.deny.detail
+    status = rig.mirror.status()
+    assert (status["verdict"], status["active"], status["mirrored"]) == ("loop", False, 0)
+    answer = await rig.map(8081, 18081, 3600)  # served locally from now on
+    assert (answer.external_port, answer.lifetime) == (18081, 3600)
+    assert len(rig.up.asked) == 1
+
+
+async def test_mirrors_past_max_mappings_stay_local(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = Rig(tmp_path, max_mappings=2)
+    task = await start(rig)
+    try:
+        rig.up.shift = 1
+        answers = [await rig.map(8080 + i, 18080 + i * 10, 3600) for i in range(3)]
+        assert [a.external_port for a in answers] == [18081, 18091, 18100]
+        assert answers[2].lifetime == 3600  # not mirrored: the local endpoint
+        status = rig.mirror.status()
+        assert status["mirrored"] == 2 and "more than 2" in status["last_error"]
+        assert status["reachable"] and status["full"]
+        await rig.map(8082, 18100, 3600)  # its renewal: still local, and not logged again
+        assert sum("more than 2" in r.getMessage() for r in caplog.records) == 1
+        await rig.map(8080, 0, 0)  # room again: the next grant is mirrored
+        await settle()
+        answer = await rig.map(8083, 18200, 3600)
+        assert answer.external_port == 18201 and not rig.mirror.status()["full"]
+    finally:
+        task.cancel()
+
+
+def test_the_nonce_secret_is_kept_private_and_a_damaged_one_replaced(tmp_path: Path) -> None:
+    key = nonce_key(tmp_path)
+    path = tmp_path / NONCE_KEY_FILE
+    path.chmod(0o644)  # loosened by hand: tightened again, the same secret kept
+    assert nonce_key(tmp_path) == key and path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(key[:5])  # cut short by a crash while it was written
+    fresh = nonce_key(tmp_path)
+    assert len(fresh) == 32 and fresh != key and nonce_key(tmp_path) == fresh
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StateDirectoryError):
+        nonce_key(tmp_path)
