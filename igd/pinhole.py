@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address, IPv6Network
 
 from igd.model import Mechanism, Protocol
@@ -31,6 +31,8 @@ MAX_PER_CLIENT = 64
 MAX_PINHOLES = 16384
 """Default bound on all pinholes: a LAN host can send from many (spoofed) addresses of its
 /64, so the per-client bound alone does not bound the table."""
+MAX_UID = 0xFFFF
+"""WANIPv6FirewallControl:1 §2.3.9: a pinhole's UniqueID is a ui2; 0 is never handed out."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -71,6 +73,9 @@ class Pinhole:
     description: str = ""
     filters: tuple[PinholeFilter, ...] = ()
     """PCP FILTERs (RFC 6887 §13.3): remote peers allowed in; empty admits everyone."""
+    uid: int = 0
+    """The UPnP UniqueID (1..65535), kept across renewals and restarts; 0 before the table
+    gives one."""
 
     @property
     def admits(self) -> tuple[PinholeFilter, ...]:
@@ -161,6 +166,8 @@ class Pinholes:
         self.rules = rules
         self._by_key: dict[PinholeKey, Pinhole] = {}
         self._by_client: dict[IPv6Address, set[PinholeKey]] = {}
+        self._by_uid: dict[int, PinholeKey] = {}
+        self._next_uid = 1
         # Deadlines with lazy invalidation: an entry counts only if the pinhole still expires then.
         self._deadlines: list[tuple[float, int, PinholeKey]] = []
         self._sequence = 0
@@ -174,6 +181,11 @@ class Pinholes:
     def get(self, key: PinholeKey) -> Pinhole | None:
         """The pinhole at `key`, if any."""
         return self._by_key.get(key)
+
+    def by_uid(self, uid: int) -> Pinhole | None:
+        """The pinhole with this UniqueID, if any."""
+        key = self._by_uid.get(uid)
+        return None if key is None else self._by_key.get(key)
 
     def of_client(self, client: IPv6Address) -> list[Pinhole]:
         """The pinholes `client` holds."""
@@ -204,7 +216,7 @@ class Pinholes:
             held = len(self._by_client.get(request.owner.client, ()))
             if held >= self.rules.max_per_client:
                 return Refusal.QUOTA
-            if len(self._by_key) >= self.rules.max_pinholes:
+            if len(self._by_key) >= min(self.rules.max_pinholes, MAX_UID):
                 return Refusal.FULL
         hole = Pinhole(
             key=request.key,
@@ -213,6 +225,8 @@ class Pinholes:
             expires=now + self.rules.lifetime(request.lifetime),
             description=request.description,
             filters=request.filters,
+            # WANIPv6FirewallControl:1 §2.4.4: a renewal keeps (and returns) the UniqueID.
+            uid=existing.uid if existing is not None else self._free_uid(),
         )
         self._put(hole)
         return PinholeChange((existing,) if existing is not None else (), (hole,))
@@ -244,6 +258,8 @@ class Pinholes:
             if hole.expires <= now or self.rules.judge(request) is not None:
                 dropped.append(hole)
             elif hole.key not in self._by_key:
+                if not 0 < hole.uid <= MAX_UID or hole.uid in self._by_uid:
+                    hole = replace(hole, uid=self._free_uid())  # stored before UniqueIDs
                 self._put(hole)
         return dropped
 
@@ -258,10 +274,22 @@ class Pinholes:
 
     # -- the indexes ------------------------------------------------------------------------
 
+    def _free_uid(self) -> int:
+        """The next UniqueID no pinhole holds (the table is never full of them: see open)."""
+        while self._next_uid in self._by_uid:
+            self._next_uid = self._next_uid % MAX_UID + 1
+        uid = self._next_uid
+        self._next_uid = uid % MAX_UID + 1
+        return uid
+
     def _put(self, hole: Pinhole) -> None:
         old = self._by_key.get(hole.key)
         if old is not None and old.owner.client != hole.owner.client:
             self._forget_client(old)
+        if old is not None and old.uid != hole.uid:
+            self._by_uid.pop(old.uid, None)
+        if hole.uid:
+            self._by_uid[hole.uid] = hole.key
         self._by_key[hole.key] = hole
         self._by_client.setdefault(hole.owner.client, set()).add(hole.key)
         self._sequence += 1
@@ -269,6 +297,7 @@ class Pinholes:
 
     def _drop(self, key: PinholeKey) -> None:
         hole = self._by_key.pop(key)
+        self._by_uid.pop(hole.uid, None)
         self._forget_client(hole)
 
     def _forget_client(self, hole: Pinhole) -> None:
