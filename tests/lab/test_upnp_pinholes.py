@@ -13,7 +13,7 @@ import pytest
 
 from lab import Host, Lab
 from tests.lab.conftest import StartGateway
-from tests.lab.test_pinholes_gateway import GREETING, PORT, _SERVICE, reaches
+from tests.lab.test_pinholes_gateway import _SERVICE, GREETING, PORT, reaches
 
 pytestmark = pytest.mark.lab
 
@@ -77,8 +77,10 @@ def code(answer: tuple[int, str]) -> int | None:
 
 def add(lab: Lab, host: Host, url: str, source: str = "", internal: str = "", port: int = PORT,
         **extra: object) -> tuple[int, str]:  # fmt: skip
-    args: dict[str, object] = dict(RemoteHost="", RemotePort=0, InternalClient=internal or
-                                   host.address6, InternalPort=port, Protocol=6, LeaseTime=600)  # fmt: skip
+    args: dict[str, object] = {
+        "RemoteHost": "", "RemotePort": 0, "InternalClient": internal or host.address6,
+        "InternalPort": port, "Protocol": 6, "LeaseTime": 600,
+    }  # fmt: skip
     args.update(extra)
     return soap(lab, host, url, "AddPinhole", source, **args)
 
@@ -120,3 +122,145 @@ def test_upnpc_opens_updates_counts_and_deletes_a_pinhole(
     assert not reaches(lab, "wan1", lan1)
     assert "704" in upnpc(lab, lan1, url, "-K", pinhole)  # gone: NoSuchEntry
     assert "Traceback" not in lab.gateway_log()
+
+
+def test_refusals_and_malformed_requests_get_their_codes_and_change_nothing(
+    lab: Lab, gateway: StartGateway
+) -> None:
+    lan1, lan2 = lab.lan
+    url = start(lab, gateway, max_pinholes_per_client=2)
+    expected = {
+        708: dict(InternalClient=""),  # WildcardNotPermittedInSrcIP
+        706: dict(InternalPort=0),  # InternalPortWildcardingNotAllowed
+        707: dict(Protocol=65535),  # ProtocolWildcardingNotAllowed
+        705: dict(Protocol=132),  # ProtocolNotSupported (SCTP)
+        402: dict(LeaseTime=0),
+    }
+    for wanted, change in expected.items():
+        assert code(add(lab, lan1, url, **change)) == wanted, change
+    assert code(add(lab, lan1, url, LeaseTime=86401)) == 402
+    assert code(add(lab, lan1, url, RemoteHost="not-an-address")) == 402
+    assert code(add(lab, lan1, url, internal=lab.gateway.address6)) == 606  # never the gateway
+    assert code(add(lab, lan1, url, internal=lan2.address6)) == 606  # secure mode
+    assert code(add(lab, lan1, url, port=22)) == 606  # below [ipv6] min_port
+    assert code(soap(lab, lan1, url, "UpdatePinhole", UniqueID=4242, NewLeaseTime=60)) == 704
+    # Malformed SOAP: 402 or a plain 4xx, never a traceback.
+    for body in ("<not xml", '<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><x>&a;</x>',
+                 "<s:Envelope xmlns:s='http://schemas.xmlsoap.org/soap/envelope/'/>"):  # fmt: skip
+        status, text = soap(lab, lan1, url, "AddPinhole", body=body)
+        assert status == 500 and code((status, text)) == 402, text
+    status, text = soap(lab, lan1, url, "AddPinhole", InternalPort=PORT)  # arguments missing
+    assert code((status, text)) == 402
+    listed = lab.run(lab.gateway, ["nft", "list", "set", "ip6", "igd6", "pinholes"]).stdout
+    assert "elements" not in listed  # no refusal left a pinhole in the kernel
+    # The per-client quota: PinholeSpaceExhausted.
+    assert code(add(lab, lan1, url, port=5001)) is None
+    assert code(add(lab, lan1, url, port=5002)) is None
+    assert code(add(lab, lan1, url, port=5003)) == 701
+    status, text = soap(lab, lan1, url, "GetFirewallStatus")
+    assert "<FirewallEnabled>1</FirewallEnabled>" in text
+    assert "<InboundPinholeAllowed>1</InboundPinholeAllowed>" in text
+    assert "Traceback" not in lab.gateway_log()
+
+
+def test_a_host_speaking_from_another_address_still_owns_its_pinholes(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    """miniupnpd #600/#731: a host whose request leaves from a temporary (or ULA) address."""
+    lan1, lan2 = lab.lan
+    temporary = lan1.address6.rsplit(":", 1)[0] + ":a:7e3"
+    lab.run(lan1, ["ip", "-6", "addr", "add", f"{temporary}/64", "dev", lan1.interface,
+                   "nodad"])  # fmt: skip
+    url = start(lab, gateway)
+    for source in (lan1.address6, temporary):  # the gateway learns both behind one MAC
+        lab.run(lan1, ["ping", "-6", "-c1", "-W1", "-I", source, lab.gateway.address6])
+    answer = add(lab, lan1, url, source=temporary)
+    uid = re.search(r"<UniqueID>(\d+)</UniqueID>", answer[1])
+    assert uid, answer
+    assert reaches(lab, "wan1", lan1)
+    # The same host renews from its main address: the same pinhole, the same UniqueID.
+    assert f"<UniqueID>{uid.group(1)}</UniqueID>" in add(lab, lan1, url)[1]
+    update = soap(lab, lan1, url, "UpdatePinhole", temporary, UniqueID=uid.group(1),
+                  NewLeaseTime=900)  # fmt: skip
+    assert code(update) is None, update
+    # Another host gets 606, even naming lan1 as InternalClient.
+    assert code(soap(lab, lan2, url, "DeletePinhole", UniqueID=uid.group(1))) == 606
+    assert code(add(lab, lan2, url, internal=lan1.address6)) == 606
+    assert code(soap(lab, lan1, url, "DeletePinhole", temporary, UniqueID=uid.group(1))) is None
+    assert not reaches(lab, "wan1", lan1)
+
+
+def test_a_restart_keeps_pinholes_and_their_unique_ids(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    url = start(lab, gateway)
+    ids = {}
+    for port in (PORT, 9001, 9002):
+        answer = add(lab, lan1, url, port=port)
+        ids[port] = re.search(r"<UniqueID>(\d+)</UniqueID>", answer[1]).group(1)  # type: ignore[union-attr]
+    assert len(set(ids.values())) == 3
+    lab.stop_gateway(signal.SIGKILL)
+    url = start(lab, gateway)
+    assert reaches(lab, "wan1", lan1)
+    for port, uid in ids.items():
+        assert f"<UniqueID>{uid}</UniqueID>" in add(lab, lan1, url, port=port)[1]
+    assert code(soap(lab, lan1, url, "DeletePinhole", UniqueID=ids[PORT])) is None
+    assert not reaches(lab, "wan1", lan1)
+
+
+def test_nothing_upnp_answers_the_wan_over_ipv6(lab: Lab, gateway: StartGateway) -> None:
+    url = start(lab, gateway)
+    address, port = re.match(r"http://\[(.+)\]:(\d+)/", url).groups()  # type: ignore[union-attr]
+    probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])),"
+             " timeout=1.5)\n print('open')\nexcept OSError:\n print('closed')")  # fmt: skip
+    assert lab.python("wan1", ["-c", probe, address, port]).stdout.strip() == "closed"
+    assert lab.python("lan1", ["-c", probe, address, port]).stdout.strip() == "open"
+
+
+ASYNC_PINHOLES = r"""
+import asyncio, json, sys
+from datetime import timedelta
+from ipaddress import IPv6Address
+from async_upnp_client.aiohttp import AiohttpRequester
+from async_upnp_client.client_factory import UpnpFactory
+from async_upnp_client.profiles.igd import IgdDevice
+
+async def main():
+    device = await UpnpFactory(AiohttpRequester()).async_create_device(sys.argv[1])
+    igd = IgdDevice(device, None)
+    out = {}
+    status = await igd.async_get_firewall_status()
+    out["status"] = [status.firewall_enabled, status.inbound_pinhole_allowed]
+    uid = await igd.async_add_pinhole(IPv6Address("::"), 0, IPv6Address(sys.argv[2]),
+                                      int(sys.argv[3]), 6, timedelta(seconds=600))
+    out["uid"] = uid
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()
+    out["packets"] = await igd.async_get_pinhole_packets(uid)
+    await igd.async_update_pinhole(uid, 1200)
+    await igd.async_delete_pinhole(uid)
+    print(json.dumps(out), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_async_upnp_client_pinhole_methods(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    import json
+
+    lan1 = lab.lan[0]
+    url = start(lab, gateway)
+    proc = lab.python_popen("lan1", ["-c", ASYNC_PINHOLES, url, lan1.address6, str(PORT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    first = json.loads(proc.stdout.readline())
+    assert first["status"] == [True, True] and first["uid"] > 0
+    assert reaches(lab, "wan1", lan1)
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    out, _ = proc.communicate(timeout=20)
+    assert json.loads(out)["packets"] > 0
+    assert not reaches(lab, "wan1", lan1)

@@ -218,9 +218,11 @@ def _lease(seconds: int) -> int:
 
 
 def _remote(host: str, port: int) -> PinholeFilter | None:
-    """RemoteHost "" (or "*", as miniupnpd accepts) and RemotePort 0 are wildcards (§2.3.1)."""
+    """RemoteHost "" and RemotePort 0 are wildcards (§2.3.1); so are "*" (miniupnpd takes it)
+    and "::", the unspecified address no packet comes from (async-upnp-client sends an
+    IPv6Address, so "::" is how its users say "any")."""
     host = host.strip()
-    if host in ("", "*"):
+    if host in ("", "*", "::"):
         return None if port == 0 else PinholeFilter(ANY_REMOTE, port)
     try:
         address = IPv6Address(host.split("%")[0])
