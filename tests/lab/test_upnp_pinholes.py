@@ -216,6 +216,12 @@ def test_nothing_upnp_answers_the_wan_over_ipv6(lab: Lab, gateway: StartGateway)
              " timeout=1.5)\n print('open')\nexcept OSError:\n print('closed')")  # fmt: skip
     assert lab.python("wan1", ["-c", probe, address, port]).stdout.strip() == "closed"
     assert lab.python("lan1", ["-c", probe, address, port]).stdout.strip() == "open"
+    # DNS rebinding over IPv6 too: only the literal bracketed address is a valid Host.
+    for host, status in ((f"[{address}]:{port}", "200"), (f"rebind.example:{port}", "403"),
+                         (f"[{address}]:1", "403"), (f"[{address}", "403")):  # fmt: skip
+        got = lab.run("lan1", ["curl", "-s6", "-o", "/dev/null", "-w", "%{http_code}",
+                               "-H", f"Host: {host}", url]).stdout  # fmt: skip
+        assert got == status, (host, got)
 
 
 ASYNC_PINHOLES = r"""
