@@ -81,10 +81,10 @@ class PinholeActions:
             case "AddPinhole":
                 return [("UniqueID", await self.add(args, client))]
             case "UpdatePinhole":
-                await self.update(self._owned(args, client, manage=True), args, client)
+                await self.update(self._owned(args, client, manage=True), args)
                 return []
             case "DeletePinhole":
-                await self.delete(self._owned(args, client, manage=True), client)
+                await self.delete(self._owned(args, client, manage=True))
                 return []
             case "GetPinholePackets":
                 return [("PinholePackets", await self._packets(self._owned(args, client)))]
@@ -127,13 +127,13 @@ class PinholeActions:
         description = existing.description if existing is not None else ""
         return (await self._open(PinholeRequest(key, owner, lease, description))).uid
 
-    async def update(self, hole: Pinhole, args: dict[str, ArgumentValue], client: Client) -> None:
+    async def update(self, hole: Pinhole, args: dict[str, ArgumentValue]) -> None:
         """UpdatePinhole: a new lease for the caller's own pinhole."""
         lease = _lease(int(args["NewLeaseTime"]))
         await self._open(PinholeRequest(hole.key, hole.owner, lease, hole.description,
                                         hole.filters))  # fmt: skip
 
-    async def delete(self, hole: Pinhole, client: Client) -> None:
+    async def delete(self, hole: Pinhole) -> None:
         """DeletePinhole: close the caller's own pinhole."""
         try:
             refusal = await self.service.close(hole.key, hole.owner, now=self.clock())
