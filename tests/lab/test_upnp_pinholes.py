@@ -270,3 +270,26 @@ def test_async_upnp_client_pinhole_methods(
     out, _ = proc.communicate(timeout=20)
     assert json.loads(out)["packets"] > 0
     assert not reaches(lab, "wan1", lan1)
+
+
+def test_upnpc_finds_the_service_by_plain_discovery() -> None:
+    """No `-u`: miniupnpc searches for IGD:1 over ff02::c and uses the description it gets.
+    (The other tests pass `-u`, because miniupnpc calls an IGD behind a reserved IPv4 external
+    address, like the default lab's TEST-NET one, not valid and stops there.)"""
+    from lab.miniupnpd import PUBLIC_LOOKING_WAN
+    from tests.lab.conftest import LAB_POLICY
+
+    with Lab(wan_network=PUBLIC_LOOKING_WAN) as lab:
+        config = lab.write_gateway_config(LAB_POLICY, upnp={"enabled": True},
+                                          ipv6={"enabled": True})  # fmt: skip
+        lab.start_gateway(config)
+        lan1 = lab.lan[0]
+        deadline = time.monotonic() + 10
+        while True:
+            out = lab.run(lan1, ["upnpc", "-6", "-A", "", "0", lan1.address6, str(PORT), "6",
+                                 "600"], check=False).stdout  # fmt: skip
+            if "Pinhole ID = " in out or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert "Pinhole ID = " in out, out + lab.gateway_log()
+        assert re.search(r"desc: http://\[[0-9a-f:]+\]:\d+/", out)
