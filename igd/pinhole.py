@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address, IPv6Network
 from typing import Protocol as TypingProtocol
 
@@ -34,6 +34,8 @@ MAX_PER_CLIENT = 64
 MAX_PINHOLES = 16384
 """Default bound on all pinholes: a LAN host can send from many (spoofed) addresses of its
 /64, so the per-client bound alone does not bound the table."""
+MAX_UID = 0xFFFF
+"""WANIPv6FirewallControl:1 §2.3.9: a pinhole's UniqueID is a ui2; 0 is never handed out."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -74,6 +76,9 @@ class Pinhole:
     description: str = ""
     filters: tuple[PinholeFilter, ...] = ()
     """PCP FILTERs (RFC 6887 §13.3): remote peers allowed in; empty admits everyone."""
+    uid: int = 0
+    """The UPnP UniqueID (1..65535), kept across renewals and restarts; 0 before the table
+    gives one."""
 
     @property
     def admits(self) -> tuple[PinholeFilter, ...]:
@@ -215,6 +220,8 @@ class Pinholes:
         self.policy: PinholePolicy = policy if policy is not None else rules
         self._by_key: dict[PinholeKey, Pinhole] = {}
         self._by_client: dict[IPv6Address, set[PinholeKey]] = {}
+        self._by_uid: dict[int, PinholeKey] = {}
+        self._next_uid = 1
         # Deadlines with lazy invalidation: an entry counts only if the pinhole still expires then.
         self._deadlines: list[tuple[float, int, PinholeKey]] = []
         self._sequence = 0
@@ -228,6 +235,11 @@ class Pinholes:
     def get(self, key: PinholeKey) -> Pinhole | None:
         """The pinhole at `key`, if any."""
         return self._by_key.get(key)
+
+    def by_uid(self, uid: int) -> Pinhole | None:
+        """The pinhole with this UniqueID, if any."""
+        key = self._by_uid.get(uid)
+        return None if key is None else self._by_key.get(key)
 
     def of_client(self, client: IPv6Address) -> list[Pinhole]:
         """The pinholes `client` holds."""
@@ -264,7 +276,8 @@ class Pinholes:
             request, held=held, total=len(self._by_key), now=now, renewal=renewal
         )
         if isinstance(decision, PinholeAllow) and not renewal:
-            if len(self._by_key) >= self.rules.max_pinholes:
+            # WANIPv6FirewallControl:1 §2.4.4: a UniqueID is 16 bits, so never more than that.
+            if len(self._by_key) >= min(self.rules.max_pinholes, MAX_UID):
                 detail = f"the gateway holds {len(self._by_key)} pinholes ([ipv6] max_pinholes)"
                 return PinholeDeny(Refusal.FULL, GATEWAY_RULE, detail)
         return decision
@@ -282,6 +295,8 @@ class Pinholes:
             expires=now + decision.lifetime,
             description=request.description,
             filters=request.filters if decision.filters is None else decision.filters,
+            # WANIPv6FirewallControl:1 §2.4.4: a renewal keeps (and returns) the UniqueID.
+            uid=existing.uid if existing is not None else self._free_uid(),
         )
         self._put(hole)
         removed = (existing,) if existing is not None else ()
@@ -345,6 +360,8 @@ class Pinholes:
             if hole.expires <= now:
                 dropped.append(hole)
             elif hole.key not in self._by_key:
+                if not 0 < hole.uid <= MAX_UID or hole.uid in self._by_uid:
+                    hole = replace(hole, uid=self._free_uid())  # stored before UniqueIDs
                 self._put(hole)
         refused = self.refused(now=now)
         for hole in refused:
@@ -362,10 +379,22 @@ class Pinholes:
 
     # -- the indexes ------------------------------------------------------------------------
 
+    def _free_uid(self) -> int:
+        """The next UniqueID no pinhole holds (the table is never full of them: see open)."""
+        while self._next_uid in self._by_uid:
+            self._next_uid = self._next_uid % MAX_UID + 1
+        uid = self._next_uid
+        self._next_uid = uid % MAX_UID + 1
+        return uid
+
     def _put(self, hole: Pinhole) -> None:
         old = self._by_key.get(hole.key)
         if old is not None and old.owner.client != hole.owner.client:
             self._forget_client(old)
+        if old is not None and old.uid != hole.uid:
+            self._by_uid.pop(old.uid, None)
+        if hole.uid:
+            self._by_uid[hole.uid] = hole.key
         self._by_key[hole.key] = hole
         self._by_client.setdefault(hole.owner.client, set()).add(hole.key)
         self._sequence += 1
@@ -373,6 +402,7 @@ class Pinholes:
 
     def _drop(self, key: PinholeKey) -> None:
         hole = self._by_key.pop(key)
+        self._by_uid.pop(hole.uid, None)
         self._forget_client(hole)
 
     def _forget_client(self, hole: Pinhole) -> None:

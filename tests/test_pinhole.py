@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv6Address, IPv6Network
 
 from igd.model import Mechanism, Protocol
@@ -120,3 +121,31 @@ def test_restore_drops_expired_and_no_longer_allowed_pinholes() -> None:
     dropped = stricter.restore([*kept.added, *low.added], now=10)
     assert dropped == list(low.added) and len(stricter) == 1
     assert table().restore(kept.added, now=600) == list(kept.added)  # expired
+
+
+def test_unique_ids_are_kept_by_renewals_and_handed_out_again_only_when_free() -> None:
+    holes = table()
+    first = holes.open(request(), now=0)
+    second = holes.open(request(port=8081), now=0)
+    assert isinstance(first, PinholeChange) and isinstance(second, PinholeChange)
+    uid = first.added[0].uid
+    assert uid and second.added[0].uid != uid
+    renewed = holes.open(request(lifetime=900), now=10)
+    assert isinstance(renewed, PinholeChange) and renewed.added[0].uid == uid
+    assert holes.by_uid(uid) == renewed.added[0]
+    holes.close(request().key, request().owner)
+    assert holes.by_uid(uid) is None
+
+
+def test_restore_keeps_stored_unique_ids_and_numbers_the_rest() -> None:
+    holes = table()
+    opened = holes.open(request(), now=0)
+    assert isinstance(opened, PinholeChange)
+    stored = replace(opened.added[0], uid=4242)
+    clash = replace(holes.open(request(port=9000), now=0).added[0], uid=4242)  # type: ignore[union-attr]
+    legacy = replace(clash, key=replace(clash.key, internal_port=9001), uid=0)
+    again = table()
+    assert again.restore([stored, clash, legacy], now=1) == []
+    assert again.by_uid(4242) == stored
+    uids = {hole.uid for hole in again}
+    assert len(uids) == 3 and 0 not in uids

@@ -26,17 +26,20 @@ class ServiceKind(enum.StrEnum):
     WAN_IP_CONNECTION = "WANIPConnection"
     WAN_COMMON_INTERFACE_CONFIG = "WANCommonInterfaceConfig"
     LAYER3_FORWARDING = "Layer3Forwarding"
+    WAN_IPV6_FIREWALL_CONTROL = "WANIPv6FirewallControl"
 
 
 SERVICE_IDS = {
     ServiceKind.WAN_IP_CONNECTION: "urn:upnp-org:serviceId:WANIPConn1",
     ServiceKind.WAN_COMMON_INTERFACE_CONFIG: "urn:upnp-org:serviceId:WANCommonIFC1",
     ServiceKind.LAYER3_FORWARDING: "urn:upnp-org:serviceId:L3Forwarding1",
+    ServiceKind.WAN_IPV6_FIREWALL_CONTROL: "urn:upnp-org:serviceId:WANIPv6Firewall1",
 }
 PATH_NAMES = {
     ServiceKind.WAN_IP_CONNECTION: "WANIPConn",
     ServiceKind.WAN_COMMON_INTERFACE_CONFIG: "WANCommonIFC",
     ServiceKind.LAYER3_FORWARDING: "L3F",
+    ServiceKind.WAN_IPV6_FIREWALL_CONTROL: "WANIPv6FC",
 }
 
 
@@ -52,7 +55,8 @@ def service_type(kind: ServiceKind, version: int) -> str:
 
 def service_version(kind: ServiceKind, igd_version: int) -> int:
     """The version of a service inside an IGD of this version."""
-    # Layer3Forwarding and WANCommonInterfaceConfig exist only as version 1 (also in IGD:2).
+    # Layer3Forwarding, WANCommonInterfaceConfig and WANIPv6FirewallControl exist only as
+    # version 1 (also in IGD:2).
     return igd_version if kind is ServiceKind.WAN_IP_CONNECTION else 1
 
 
@@ -228,10 +232,51 @@ L3F_ACTIONS = (
     ),
 )
 
+# WANIPv6FirewallControl:1 §2.3, §2.4: no "New" prefix on its argument names.
+_PINHOLE_TUPLE = _args(
+    "RemoteHost:A_ARG_TYPE_IPv6Address RemotePort:A_ARG_TYPE_Port "
+    "InternalClient:A_ARG_TYPE_IPv6Address InternalPort:A_ARG_TYPE_Port "
+    "Protocol:A_ARG_TYPE_Protocol"
+)
+_UNIQUE_ID = _args("UniqueID:A_ARG_TYPE_UniqueID")
+MAX_PINHOLE_LEASE = 86400
+"""WANIPv6FirewallControl:1 §2.3.7: LeaseTime is 1..86400 seconds."""
+FIREWALL_VARIABLES = (
+    StateVariable("FirewallEnabled", "boolean", True),
+    StateVariable("InboundPinholeAllowed", "boolean", True),
+    StateVariable("A_ARG_TYPE_OutboundPinholeTimeout", "ui4"),
+    StateVariable("A_ARG_TYPE_IPv6Address", "string"),
+    StateVariable("A_ARG_TYPE_Port", "ui2"),
+    StateVariable("A_ARG_TYPE_Protocol", "ui2"),
+    StateVariable("A_ARG_TYPE_LeaseTime", "ui4", minimum=1, maximum=MAX_PINHOLE_LEASE),
+    StateVariable("A_ARG_TYPE_UniqueID", "ui2"),
+    StateVariable("A_ARG_TYPE_PinholePackets", "ui4"),
+    StateVariable("A_ARG_TYPE_Boolean", "boolean"),
+)
+FIREWALL_ACTIONS = (
+    Action(
+        "GetFirewallStatus",
+        outputs=_args(
+            "FirewallEnabled:FirewallEnabled InboundPinholeAllowed:InboundPinholeAllowed"
+        ),
+    ),
+    Action(
+        "GetOutboundPinholeTimeout",
+        _PINHOLE_TUPLE,
+        _args("OutboundPinholeTimeout:A_ARG_TYPE_OutboundPinholeTimeout"),
+    ),
+    Action("AddPinhole", _PINHOLE_TUPLE + _args("LeaseTime:A_ARG_TYPE_LeaseTime"), _UNIQUE_ID),
+    Action("UpdatePinhole", _UNIQUE_ID + _args("NewLeaseTime:A_ARG_TYPE_LeaseTime")),
+    Action("DeletePinhole", _UNIQUE_ID),
+    Action("GetPinholePackets", _UNIQUE_ID, _args("PinholePackets:A_ARG_TYPE_PinholePackets")),
+    Action("CheckPinholeWorking", _UNIQUE_ID, _args("IsWorking:A_ARG_TYPE_Boolean")),
+)
+
 _TABLES = {
     ServiceKind.WAN_IP_CONNECTION: (WAN_IP_ACTIONS, WAN_IP_VARIABLES),
     ServiceKind.WAN_COMMON_INTERFACE_CONFIG: (COMMON_IFC_ACTIONS, COMMON_IFC_VARIABLES),
     ServiceKind.LAYER3_FORWARDING: (L3F_ACTIONS, L3F_VARIABLES),
+    ServiceKind.WAN_IPV6_FIREWALL_CONTROL: (FIREWALL_ACTIONS, FIREWALL_VARIABLES),
 }
 
 
@@ -276,9 +321,18 @@ class DeviceTree:
     connection: Device
 
     @classmethod
-    def build(cls, root_uuid: str, version: int) -> DeviceTree:
-        """The tree for a root UUID; embedded devices get UUIDs derived from it."""
+    def build(cls, root_uuid: str, version: int, *, pinholes: bool = False) -> DeviceTree:
+        """The tree for a root UUID; embedded devices get UUIDs derived from it.
+
+        With `pinholes`, the WANConnectionDevice also holds WANIPv6FirewallControl:1 (IGD:2
+        §2.2: beside WANIPConnection:2). IGD:1 predates the service, but miniupnpc searches
+        for IGD:1 first and reads the description it gets (docs/upnp.md "IPv6 pinholes"), and
+        miniupnpd's v1 mode lists it too: an extra service a control point ignores.
+        """
         base = uuid.UUID(root_uuid)
+        connection: tuple[ServiceKind, ...] = (ServiceKind.WAN_IP_CONNECTION,)
+        if pinholes:
+            connection += (ServiceKind.WAN_IPV6_FIREWALL_CONTROL,)
         return cls(
             version,
             Device("InternetGatewayDevice", f"uuid:{base}", (ServiceKind.LAYER3_FORWARDING,)),
@@ -290,13 +344,18 @@ class DeviceTree:
             Device(
                 "WANConnectionDevice",
                 f"uuid:{uuid.uuid5(base, 'WANConnectionDevice')}",
-                (ServiceKind.WAN_IP_CONNECTION,),
+                connection,
             ),
         )
 
     @property
     def devices(self) -> tuple[Device, ...]:
         return (self.root, self.wan, self.connection)
+
+    @property
+    def services(self) -> tuple[ServiceKind, ...]:
+        """Every service the tree's devices hold."""
+        return tuple(kind for device in self.devices for kind in device.services)
 
     def device_type(self, device: Device) -> str:
         return device_type(device.name, self.version)

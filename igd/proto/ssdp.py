@@ -12,6 +12,20 @@ from igd.proto.errors import DecodeError
 GROUP = "239.255.255.250"
 PORT = 1900
 HOST = f"{GROUP}:{PORT}"
+GROUP6 = "ff02::c"
+"""UDA 1.1 §1.1: the link-local SSDP group of IPv6 (ff05::c is the site-local one)."""
+GROUP6_SITE = "ff05::c"
+HOST6 = f"[{GROUP6.upper()}]:{PORT}"
+_MULTICAST_HOSTS = frozenset(
+    {
+        HOST,
+        GROUP,
+        f"[{GROUP6}]:{PORT}",
+        f"[{GROUP6_SITE}]:{PORT}",
+        f"[{GROUP6}]",
+        f"[{GROUP6_SITE}]",
+    }
+)
 MAX_DATAGRAM = 4096
 # UDA 1.1 §1.3.3: CACHE-CONTROL max-age SHOULD be at least 1800 s.
 MAX_AGE = 1800
@@ -40,7 +54,7 @@ class SsdpSearch:
     @property
     def multicast(self) -> bool:
         """Whether it was sent to the group (a unicast search names the device instead)."""
-        return self.host.replace(" ", "") in (HOST, GROUP)
+        return self.host.replace(" ", "").lower() in _MULTICAST_HOSTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +187,11 @@ def encode_search_response(answer: SsdpTarget, advertising: Advertising, date: s
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def encode_notify(target: SsdpTarget, nts: str, advertising: Advertising) -> bytes:
+def encode_notify(
+    target: SsdpTarget, nts: str, advertising: Advertising, host: str = HOST
+) -> bytes:
     """A multicast NOTIFY ssdp:alive or ssdp:byebye (UDA 1.1 §1.2.2, §1.2.3)."""
-    lines = ["NOTIFY * HTTP/1.1", f"HOST: {HOST}"]
+    lines = ["NOTIFY * HTTP/1.1", f"HOST: {host}"]
     if nts == ALIVE:
         lines += [
             f"CACHE-CONTROL: max-age={advertising.max_age}",

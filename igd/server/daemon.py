@@ -40,7 +40,9 @@ from igd.server.instance import (
 )
 from igd.server.interfaces import (
     ExternalAddress,
+    InternalInterface6,
     internal_interface,
+    internal_interfaces6,
     ipv4_interfaces,
     ipv6_interfaces,
 )
@@ -179,6 +181,11 @@ class Daemon:
             )
             self.audit.open()  # a path the daemon cannot write stops it at start, not later
             self._audited = self.service.subscribe("audit", AUDIT_QUEUE_BOUND, AUDITED)
+        self.pinholes: PinholeService | None = None
+        self.pcp6: Pcp6Server | None = None
+        self.lan6: list[InternalInterface6] = []
+        if config.ipv6.enabled:
+            self._build_ipv6()
         self.upnp: UpnpServer | None = None
         if config.upnp_enabled:
             self.upnp = UpnpServer(
@@ -189,16 +196,18 @@ class Daemon:
                 http_port=config.upnp_http_port,
                 igd_version=config.upnp_igd_version,
                 store=self.store,
+                pinholes=self.pinholes,
+                lan6=self.lan6,
             )
         self.kernel_restores = 0
         """Times the nftables table was restored after another program removed it."""
         self.admin: AdminServer | None = None
         if config.admin_enabled:
             self.admin = self._admin_server()
-        self.pinholes: PinholeService | None = None
-        self.pcp6: Pcp6Server | None = None
-        if config.ipv6.enabled:
-            self._build_ipv6()
+            if self.pinholes is not None:
+                # Metrics and the console show pinholes beside mappings.
+                self.admin.metrics.state.pinholes = self.pinholes.pinholes
+                self.admin.log.pinholes = self.pinholes
         self._stop = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -241,10 +250,8 @@ class Daemon:
             self.config.requests_per_second_per_client, self.config.burst_per_client
         )
         self.pcp6 = Pcp6Server(self.config.internal_interfaces, handler, lan, limiter)
-        if self.admin is not None:
-            # Metrics and the console show pinholes beside mappings.
-            self.admin.metrics.state.pinholes = self.pinholes.pinholes
-            self.admin.log.pinholes = self.pinholes
+        # UPnP over IPv6 (SSDP on ff02::c, HTTP) serves each LAN interface's address in `lan`.
+        self.lan6 = internal_interfaces6(self.config.internal_interfaces, lan)
         log.info("IPv6 pinholes for %s (firewall %s)", ", ".join(map(str, lan)), six.firewall)
 
     def lan_prefixes6(self) -> tuple[IPv6Network, ...]:
@@ -347,6 +354,12 @@ class Daemon:
                 port = self.config.upnp_http_port
                 ports.append(Port(socket.SOCK_STREAM, str(i.address), port, i.name, True, "UPnP"))
                 ports.append(Port(socket.SOCK_DGRAM, "0.0.0.0", SSDP_PORT, i.name, True, "SSDP"))
+            for six in self.lan6:
+                port = self.config.upnp_http_port
+                ports.append(Port(socket.SOCK_STREAM, str(six.address), port, six.name, True,
+                                  "UPnP over IPv6"))  # fmt: skip
+                ports.append(Port(socket.SOCK_DGRAM, "::", SSDP_PORT, six.name, True,
+                                  "SSDP over IPv6"))  # fmt: skip
         return ports
 
     async def start(self) -> None:

@@ -193,7 +193,8 @@ class Port:
     def describe(self) -> str:
         """E.g. `UDP 5351 on br-lan (NAT-PMP/PCP)`."""
         name = "UDP" if self.kind == socket.SOCK_DGRAM else "TCP"
-        where = f"{self.address}:{self.port}" if self.address != "0.0.0.0" else str(self.port)
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        where = f"{host}:{self.port}" if self.address not in ("0.0.0.0", "::") else str(self.port)
         return f"{name} {where} on {self.device} ({self.what})"
 
 
@@ -201,7 +202,10 @@ def check_ports(ports: Iterable[Port]) -> None:
     """Bind each port as the daemon will, then let it go; StartError naming a busy one."""
     for port in ports:
         try:
-            with socket.socket(socket.AF_INET, port.kind) as sock:
+            six = ":" in port.address
+            with socket.socket(socket.AF_INET6 if six else socket.AF_INET, port.kind) as sock:
+                if six:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 if port.reuse:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 bind_to_device(sock, port.device)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 
 import netifaces
 
@@ -21,9 +29,40 @@ class InternalInterface:
     address: IPv4Address
     networks: tuple[IPv4Network, ...]
 
-    def serves(self, client: IPv4Address) -> bool:
+    def serves(self, client: IPv4Address | IPv6Address) -> bool:
         """Whether a source address belongs on this interface's networks."""
         return any(client in network for network in self.networks)
+
+
+LINK_LOCAL6 = IPv6Network("fe80::/10")
+
+
+@dataclass(frozen=True, slots=True)
+class InternalInterface6:
+    """A LAN interface's IPv6 side: its name, the address UPnP serves on, the LAN prefixes."""
+
+    name: str
+    address: IPv6Address
+    networks: tuple[IPv6Network, ...]
+
+    def serves(self, client: IPv4Address | IPv6Address) -> bool:
+        """Whether a source is on this LAN: in its prefixes, or on-link (link-local)."""
+        return isinstance(client, IPv6Address) and (
+            client in LINK_LOCAL6 or any(client in network for network in self.networks)
+        )
+
+
+def internal_interfaces6(
+    names: Sequence[str], lan: Sequence[IPv6Network]
+) -> list[InternalInterface6]:
+    """Each LAN interface's first global (or ULA) address inside the LAN prefixes."""
+    found = []
+    for name in names:
+        for entry in ipv6_interfaces(name):
+            if any(entry.ip in network for network in lan) and not entry.ip.is_link_local:
+                found.append(InternalInterface6(name, entry.ip, tuple(lan)))
+                break
+    return found
 
 
 def ipv4_interfaces(name: str) -> list[IPv4Interface]:

@@ -29,11 +29,16 @@ CREATE TABLE IF NOT EXISTS pinholes (
     created REAL NOT NULL,
     expires REAL NOT NULL,
     filters TEXT NOT NULL,
+    uid INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (internal_address, protocol, internal_port, remote)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pinhole_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
-_UPSERT = "INSERT OR REPLACE INTO pinholes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT = "INSERT OR REPLACE INTO pinholes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT = (
+    "SELECT internal_address, protocol, internal_port, remote, mechanism, client, nonce,"
+    " description, created, expires, filters, uid FROM pinholes ORDER BY created"
+)
 _DELETE = (
     "DELETE FROM pinholes WHERE internal_address = ? AND protocol = ? AND internal_port = ?"
     " AND remote = ?"
@@ -45,11 +50,15 @@ class PinholeStore:
 
     def __init__(self, path: Path) -> None:
         self._db = open_database(path, _SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pinholes)")}
+        if "uid" not in columns:
+            # A store written before UniqueIDs: restore hands its pinholes new ones.
+            self._db.execute("ALTER TABLE pinholes ADD COLUMN uid INTEGER NOT NULL DEFAULT 0")
 
     def load(self, clock: Clock, *, now: float) -> list[Pinhole]:
         """Every unexpired pinhole, in monotonic time; expired rows are deleted."""
         self._db.execute("DELETE FROM pinholes WHERE expires <= ?", (clock.to_wall(now),))
-        rows = self._db.execute("SELECT * FROM pinholes ORDER BY created").fetchall()
+        rows = self._db.execute(_SELECT).fetchall()
         return [_pinhole_of(row, clock) for row in rows]
 
     def apply(self, removed: Iterable[Pinhole], added: Iterable[Pinhole], clock: Clock) -> None:
@@ -100,6 +109,7 @@ def _row_of(hole: Pinhole, clock: Clock) -> tuple[object, ...]:
         clock.to_wall(hole.created),
         clock.to_wall(hole.expires),
         " ".join(f"{f.network}:{f.port}" for f in hole.filters),
+        hole.uid,
     )
 
 
@@ -111,7 +121,7 @@ def _filter_of(text: str) -> PinholeFilter:
 
 def _pinhole_of(row: tuple[Any, ...], clock: Clock) -> Pinhole:
     (internal, protocol, port, remote, mechanism, client, nonce, description, created,
-     expires, filters) = row  # fmt: skip
+     expires, filters, uid) = row  # fmt: skip
     key = PinholeKey(
         IPv6Address(internal), Protocol(protocol), port, _filter_of(remote) if remote else None
     )
@@ -122,4 +132,5 @@ def _pinhole_of(row: tuple[Any, ...], clock: Clock) -> Pinhole:
         expires=clock.to_mono(expires),
         description=description,
         filters=tuple(_filter_of(t) for t in filters.split()) if filters else (),
+        uid=int(uid),
     )

@@ -62,6 +62,7 @@ class PinholeBackend(TypingProtocol):
         self, removed: Iterable[Pinhole], added: Iterable[Pinhole], *, now: float
     ) -> None: ...
     async def entries(self) -> set[PinholeEntry]: ...
+    async def packets(self, hole: Pinhole) -> int: ...
     async def close(self, *, flush: bool) -> None: ...
     def set_lan(self, lan: Sequence[IPv6Network]) -> None: ...
 
@@ -104,10 +105,18 @@ class PinholeService:
     def count(self) -> int:
         return len(self._holes)
 
+    def by_uid(self, uid: int) -> Pinhole | None:
+        """The pinhole with this UPnP UniqueID, if any."""
+        return self._holes.by_uid(uid)
+
     @property
     def rules(self) -> PinholeRules:
         """The network side in force (LAN prefixes, own addresses, bound)."""
         return self._holes.rules
+
+    async def packets(self, hole: Pinhole) -> int:
+        """Inbound packets the kernel counted through `hole` since it opened; BackendError."""
+        return await self.backend.packets(hole)
 
     def epoch(self, *, now: float | None = None) -> int:
         """Seconds since the pinhole state began (RFC 6887 §8.5: reset when state is lost)."""

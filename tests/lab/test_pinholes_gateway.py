@@ -309,7 +309,7 @@ def test_a_start_announces_the_epoch_to_all_nodes_on_the_lan_again_and_again(
 
 
 def test_the_pinhole_benchmark_runs_small_and_restores_every_seeded_pinhole() -> None:
-    line = run(300, requests=5, connects=5)
+    line = run(300, requests=5, connects=5, upnp=5)
     assert line.split()[:4] == ["300", "pinholes", "(restored", "300):"], line
 
 

@@ -7,7 +7,11 @@ Shape (docs/nftables.md, "IPv6 pinholes"):
       set pinholes         internal address . protocol . port           (hash: O(1) lookup)
       set pinholes_remote  remote prefix . remote ports . internal address . protocol . port
                            (FILTERs, RFC 6887 §13.3; an interval set: prefixes and port ranges)
+      set counted, counted_remote
+                           the same keys without timeouts, a packet counter per element
+                           (GetPinholePackets, CheckPinholeWorking); a renewal keeps them
       chain forward (filter, priority filter - 5)
+        inbound packets of flows the WAN opened: counted (two hash/interval lookups);
         established/related: accept; ICMPv6 errors and echo from the WAN: accept (RFC 4890)
         new flows from the external interface: pinhole → accept (firewall "own") or mark
         (firewall "external"); anything else to the LAN → drop (firewall "own": RFC 6092 REC-11)
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +105,11 @@ def _element(entry: PinholeEntry) -> tuple[str, str]:
     return "pinholes_remote", f"{entry.remote.network} . {ports} . {target}"
 
 
+COUNTED = {"pinholes": "counted", "pinholes_remote": "counted_remote"}
+"""The counter set beside each pinhole set: same keys, no timeout, `counter` per element."""
+_COUNTS = re.compile(r"counter packets (\d+) bytes (\d+)")
+
+
 def _timeout(hole: Pinhole, now: float) -> int:
     return max(1, math.ceil(hole.expires - now))
 
@@ -119,7 +129,12 @@ def table_text(
     check_table_name(table)
     wan = check_ifname(external_interface)
     verdict = "accept" if firewall == "own" else f"meta mark set meta mark | {PINHOLE_MARK:#x}"
+    inbound = f'iifname "{wan}" ct direction original meta l4proto {{ tcp, udp }}'
     rules = [
+        # Every inbound packet of a flow the WAN opened, counted per pinhole (both lookups:
+        # a packet two pinholes admit counts for each). WANIPv6FirewallControl:1 §2.4.6.
+        f"{inbound} ip6 saddr . th sport . ip6 daddr . meta l4proto . th dport @counted_remote",
+        f"{inbound} ip6 daddr . meta l4proto . th dport @counted",
         "ct state established,related accept",
         # RFC 4890 §4.3.1: ICMPv6 errors must pass; echo requests should (reachability).
         f'iifname "{wan}" icmpv6 type {{ destination-unreachable, packet-too-big,'
@@ -131,11 +146,12 @@ def table_text(
     if firewall == "own" and lan:
         # RFC 6092 REC-11/REC-17: new inbound flows to the LAN are refused unless solicited.
         rules.append(f'iifname "{wan}" ip6 daddr @lan drop')
-    elements: dict[str, list[str]] = {"pinholes": [], "pinholes_remote": []}
+    elements: dict[str, list[str]] = {name: [] for name in (*COUNTED, *COUNTED.values())}
     for hole in pinholes:
         for entry in entries_of(hole):
             name, text = _element(entry)
             elements[name].append(f"{text} timeout {_timeout(hole, now)}s")
+            elements[COUNTED[name]].append(text)
     lines = [
         # Create-then-delete makes the delete safe whether or not the table exists; the whole
         # buffer is one transaction, so traffic never sees a half-built table.
@@ -147,6 +163,9 @@ def table_text(
         " flags timeout; }",
         f"add set ip6 {table} pinholes_remote {{ type ipv6_addr . inet_service . ipv6_addr"
         " . inet_proto . inet_service; flags interval,timeout; }",
+        f"add set ip6 {table} counted {{ type ipv6_addr . inet_proto . inet_service; counter; }}",
+        f"add set ip6 {table} counted_remote {{ type ipv6_addr . inet_service . ipv6_addr"
+        " . inet_proto . inet_service; flags interval; counter; }",
         f"add chain ip6 {table} forward {{ type filter hook forward priority {PRIORITY};"
         " policy accept; }",
         *(f"add rule ip6 {table} forward {rule}" for rule in rules),
@@ -186,6 +205,8 @@ def apply_text(
             name, text = _element(entry)
             lines.append(f"add element ip6 {table} {name} {{ {text} timeout 1s }}")
             lines.append(f"delete element ip6 {table} {name} {{ {text} }}")
+            lines.append(f"add element ip6 {table} {COUNTED[name]} {{ {text} }}")
+            lines.append(f"delete element ip6 {table} {COUNTED[name]} {{ {text} }}")
     for hole in added:
         for entry in entries_of(hole):
             name, text = _element(entry)
@@ -194,7 +215,25 @@ def apply_text(
             lines.append(
                 f"add element ip6 {table} {name} {{ {text} timeout {_timeout(hole, now)}s }}"
             )
+            # A no-op when it exists: a renewal keeps the pinhole's counts.
+            lines.append(f"add element ip6 {table} {COUNTED[name]} {{ {text} }}")
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def packets_commands(table: str, hole: Pinhole) -> list[str]:
+    """One `get element` of the counter sets per kernel element of `hole`."""
+    check_table_name(table)
+    commands = []
+    for entry in entries_of(hole):
+        name, text = _element(entry)
+        commands.append(f"get element ip6 {table} {COUNTED[name]} {{ {text} }}")
+    return commands
+
+
+def parse_packets(text: str) -> int:
+    """The packet count in `get element` output (nft 1.0.6 prints it as text even with -j)."""
+    match = _COUNTS.search(text)
+    return int(match.group(1)) if match else 0
 
 
 def parse_entries(document: dict[str, Any]) -> set[PinholeEntry]:
@@ -277,6 +316,21 @@ class NftPinholeBackend:
         if text:
             await self._call(lambda: self._context().run(text))
 
+    async def packets(self, hole: Pinhole) -> int:
+        """Inbound packets the kernel counted for `hole` (0 for elements it lacks)."""
+        commands = packets_commands(self.table, hole)
+
+        def read() -> int:
+            total = 0
+            for command in commands:
+                try:
+                    total += parse_packets(self._context().run(command))
+                except BackendError:
+                    continue  # the element is gone (kernel timeout): nothing counted
+            return total
+
+        return await self._call(read)
+
     async def entries(self) -> set[PinholeEntry]:
         """What the kernel holds (for tests and listings)."""
         command = f"list table ip6 {self.table}"
@@ -320,6 +374,8 @@ class MemoryPinholeBackend:
         self.fail_next = 0
         """Refuse this many coming calls (tests of failed commits)."""
         self.lan: tuple[IPv6Network, ...] = ()
+        self.counts: dict[PinholeEntry, int] = {}
+        """Packets per entry, as a test sets them (the kernel counts them for real)."""
 
     def set_lan(self, lan: Sequence[IPv6Network]) -> None:
         self.lan = tuple(lan)
@@ -341,6 +397,9 @@ class MemoryPinholeBackend:
 
     async def entries(self) -> set[PinholeEntry]:
         return set(self.held)
+
+    async def packets(self, hole: Pinhole) -> int:
+        return sum(self.counts.get(entry, 0) for entry in entries_of(hole))
 
     async def close(self, *, flush: bool) -> None:
         if flush:

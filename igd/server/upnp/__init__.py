@@ -19,13 +19,16 @@ import igd
 from igd.events import ExternalAddressChanged, MappingGranted, MappingRemoved, MappingRenewed
 from igd.proto import description
 from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
-from igd.server.interfaces import ExternalAddress, InternalInterface
+from igd.server.interfaces import ExternalAddress, InternalInterface, InternalInterface6
+from igd.server.pinholes import PinholeService
 from igd.server.service import Service
 from igd.server.store import LeaseStore
 from igd.server.upnp.actions import Actions
 from igd.server.upnp.events import Events
 from igd.server.upnp.http import Documents, Route, UpnpHttp, wants_v1
+from igd.server.upnp.pinholes import PinholeActions
 from igd.server.upnp.ssdp import Offer, SsdpResponder
+from igd.server.upnp.ssdp6 import Ssdp6Responder
 
 log = logging.getLogger("igd.upnp")
 
@@ -60,9 +63,12 @@ class UpnpServer:
         store: LeaseStore,
         bind_device: bool = True,
         identity: Identity | None = None,
+        pinholes: PinholeService | None = None,
+        lan6: Sequence[InternalInterface6] = (),
     ) -> None:
         self.service = service
         self.interfaces = interfaces
+        self.lan6 = lan6
         self.bind_device = bind_device
         self.server = f"Linux/{platform.release()} UPnP/1.1 {PRODUCT}"
         root_uuid = _meta(store, UUID_KEY, lambda: str(uuid.uuid4()))
@@ -72,13 +78,16 @@ class UpnpServer:
         boot_id = (int(store.get_meta(BOOT_KEY) or 0) + 1) & 0x7FFFFFFF
         store.set_meta(BOOT_KEY, str(boot_id))
         versions = versions_for(igd_version)
-        self.trees = {v: DeviceTree.build(root_uuid, v) for v in versions}
+        # WANIPv6FirewallControl:1 joins the trees when `[ipv6]` pinholes are on.
+        self.trees = {
+            v: DeviceTree.build(root_uuid, v, pinholes=pinholes is not None) for v in versions
+        }
         self.urls = {v: Urls(f"/{token}/igd{v}") for v in versions}
         identity = identity or Identity()
         descriptions, scpds, routes, offers = {}, {}, {}, {}
         for version, tree in self.trees.items():
             urls = self.urls[version]
-            for kind in ServiceKind:
+            for kind in tree.services:
                 scpds[(version, kind)] = description.scpd(
                     kind, description.service_version(kind, version)
                 )
@@ -86,13 +95,18 @@ class UpnpServer:
                 routes[urls.control(kind)] = Route(tree, urls, "control", kind)
                 routes[urls.event(kind)] = Route(tree, urls, "event", kind)
             # UDA 1.1 §1.2.2: CONFIGID changes whenever the descriptions change.
-            config_id = zlib.crc32(b"".join(scpds[(version, k)] for k in ServiceKind)) & 0xFFFFFF
+            config_id = zlib.crc32(b"".join(scpds[(version, k)] for k in tree.services)) & 0xFFFFFF
             descriptions[version] = description.root_description(tree, urls, identity, config_id)
             routes[urls.description] = Route(tree, urls, "description")
             offers[version] = Offer(tree, urls.description, config_id)
         primary = max(versions)
         auto = igd_version is None
-        self.actions = Actions(service, external, external_interface)
+        self.actions = Actions(
+            service,
+            external,
+            external_interface,
+            pinholes=PinholeActions(pinholes) if pinholes is not None else None,
+        )
         self.events = Events(self._value, self.actions.evented, server=self.server)
         self.http = UpnpHttp(
             self.actions,
@@ -113,6 +127,21 @@ class UpnpServer:
             server=self.server,
             boot_id=boot_id,
         )
+        # SSDP over IPv6 on the LAN's IPv6 address, when there is one to serve HTTP on.
+        self.ssdp6 = (
+            Ssdp6Responder(
+                lan6,
+                offers,
+                primary=primary,
+                auto_v1=auto,
+                wants_v1=wants_v1,
+                http_port=http_port,
+                server=self.server,
+                boot_id=boot_id,
+            )
+            if lan6
+            else None
+        )
         self.feed = service.subscribe(
             "upnp gena",
             FEED_BOUND,
@@ -121,8 +150,10 @@ class UpnpServer:
 
     async def start(self) -> None:
         """Open the HTTP and SSDP sockets."""
-        await self.http.start(self.interfaces, bind_device=self.bind_device)
+        await self.http.start(self.interfaces, bind_device=self.bind_device, lan6=self.lan6)
         await self.ssdp.start(bind_device=self.bind_device)
+        if self.ssdp6 is not None:
+            await self.ssdp6.start(bind_device=self.bind_device)
         log.info(
             "UPnP IGD serving version %s at %s",
             "/".join(str(v) for v in self.trees),
@@ -133,6 +164,8 @@ class UpnpServer:
         """Periodic SSDP announcements and GENA events (the rest is driven by requests)."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.ssdp.run())
+            if self.ssdp6 is not None:
+                group.create_task(self.ssdp6.run())
             group.create_task(self.follow())
 
     async def follow(self) -> None:
@@ -154,6 +187,8 @@ class UpnpServer:
         """Byebye, then close every socket and subscription."""
         self.feed.close()
         self.ssdp.close()
+        if self.ssdp6 is not None:
+            self.ssdp6.close()
         await self.events.close()
         await self.http.close()
 

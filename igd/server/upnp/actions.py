@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from igd.proto import description
 from igd.proto.description import ArgumentValue, DeviceTree, ServiceKind, format_value
@@ -16,10 +16,16 @@ from igd.server.service import Service
 from igd.server.upnp import errors, link
 from igd.server.upnp.errors import UpnpError
 from igd.server.upnp.mappings import MappingActions, Out
+from igd.server.upnp.pinholes import PinholeActions
 
 WAN_IP = ServiceKind.WAN_IP_CONNECTION
 L3F = ServiceKind.LAYER3_FORWARDING
+FIREWALL = ServiceKind.WAN_IPV6_FIREWALL_CONTROL
 CONNECTION_TYPE = "IP_Routed"
+MAPPING_ACTIONS = frozenset({
+    "AddPortMapping", "AddAnyPortMapping", "DeletePortMapping", "DeletePortMappingRange",
+    "GetGenericPortMappingEntry", "GetSpecificPortMappingEntry", "GetListOfPortMappings",
+})  # fmt: skip
 
 
 class Actions:
@@ -32,8 +38,10 @@ class Actions:
         external_interface: str,
         *,
         clock: Callable[[], float] = time.monotonic,
+        pinholes: PinholeActions | None = None,
     ) -> None:
         self.service = service
+        self.pinholes = pinholes
         self.external = external
         self.external_interface = external_interface
         self.clock = clock
@@ -46,7 +54,7 @@ class Actions:
         kind: ServiceKind,
         version: int,
         request: SoapRequest,
-        client: IPv4Address,
+        client: IPv4Address | IPv6Address,
     ) -> SoapResponse:
         """Run one action of a service version (in `tree`); UpnpError for every refusal."""
         if request.action == QUERY_STATE_VARIABLE and request.service_type == CONTROL_NS:
@@ -85,10 +93,17 @@ class Actions:
         version: int,
         action: str,
         args: dict[str, ArgumentValue],
-        client: IPv4Address,
+        client: IPv4Address | IPv6Address,
     ) -> Out:
         maps = self.mappings
-        if kind is WAN_IP:
+        if kind is FIREWALL:
+            if self.pinholes is None:  # pragma: no cover - only described with pinholes
+                raise UpnpError(errors.INVALID_ACTION, action)
+            return await self.pinholes.run(action, args, client)
+        if kind is WAN_IP and action in MAPPING_ACTIONS:
+            if not isinstance(client, IPv4Address):
+                # An IPv4 port mapping names an IPv4 internal client: asked over IPv4 only.
+                raise UpnpError(errors.NOT_AUTHORIZED, "IPv4 port mappings are asked over IPv4")
             match action:
                 case "AddPortMapping":
                     await maps.add(args, client, version, any_port=False)
@@ -187,6 +202,10 @@ class Actions:
             "PhysicalLinkStatus": self.physical_link_status,
             "DefaultConnectionService": tree.default_connection_service,
         }
+        if self.pinholes is not None:
+            pinholes = self.pinholes
+            values["FirewallEnabled"] = lambda: True
+            values["InboundPinholeAllowed"] = lambda: pinholes.inbound_allowed
         getter = values.get(name)
         return None if getter is None else format_value(getter())
 

@@ -28,6 +28,16 @@ NOT_FOUND = 730
 WILDCARD_INTERNAL_PORT = 732
 INCONSISTENT_PARAMETERS = 733
 INVALID_VAR = 404
+# WANIPv6FirewallControl:1 §2.4 (its 704 is NoSuchEntry, not WANIPConnection's 714).
+PINHOLE_SPACE_EXHAUSTED = 701
+FIREWALL_DISABLED = 702
+INBOUND_PINHOLE_NOT_ALLOWED = 703
+NO_SUCH_ENTRY_V6 = 704
+PROTOCOL_NOT_SUPPORTED = 705
+INTERNAL_PORT_WILDCARD = 706
+PROTOCOL_WILDCARD = 707
+WILDCARD_IN_SRC_IP = 708
+NO_TRAFFIC_RECEIVED = 709
 
 NAMES = {
     INVALID_ACTION: "Invalid Action",
@@ -47,6 +57,15 @@ NAMES = {
     NOT_FOUND: "PortMappingNotFound",
     WILDCARD_INTERNAL_PORT: "WildCardNotPermittedInIntPort",
     INCONSISTENT_PARAMETERS: "InconsistentParameters",
+    PINHOLE_SPACE_EXHAUSTED: "PinholeSpaceExhausted",
+    FIREWALL_DISABLED: "FirewallDisabled",
+    INBOUND_PINHOLE_NOT_ALLOWED: "InboundPinholeNotAllowed",
+    NO_SUCH_ENTRY_V6: "NoSuchEntry",
+    PROTOCOL_NOT_SUPPORTED: "ProtocolNotSupported",
+    INTERNAL_PORT_WILDCARD: "InternalPortWildcardingNotAllowed",
+    PROTOCOL_WILDCARD: "ProtocolWildcardingNotAllowed",
+    WILDCARD_IN_SRC_IP: "WildcardNotPermittedInSrcIP",
+    NO_TRAFFIC_RECEIVED: "NoTrafficReceived",
 }
 
 # Refusals of AddPortMapping / AddAnyPortMapping, per WANIPConnection version.

@@ -22,7 +22,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from igd.proto import soap
 from igd.proto.description import DeviceTree, ServiceKind, Urls, service_version
 from igd.proto.errors import DecodeError
-from igd.server.interfaces import InternalInterface, bind_to_device
+from igd.server.interfaces import InternalInterface, InternalInterface6, bind_to_device
 from igd.server.ratelog import RateLimitedLog
 from igd.server.upnp import errors
 from igd.server.upnp.actions import Actions
@@ -106,13 +106,19 @@ class UpnpHttp:
         self.rebinding = RateLimitedLog(log, logging.WARNING)
 
     async def start(
-        self, interfaces: Sequence[InternalInterface], *, bind_device: bool = True
+        self,
+        interfaces: Sequence[InternalInterface],
+        *,
+        bind_device: bool = True,
+        lan6: Sequence[InternalInterface6] = (),
     ) -> None:
-        """Listen on each interface's own address (never on the wildcard address)."""
+        """Listen on each interface's own address (never on the wildcard address), and on
+        the LAN's IPv6 address of each interface in `lan6`."""
         loop = asyncio.get_running_loop()
+        served: list[InternalInterface | InternalInterface6] = [*interfaces, *lan6]
         self._http = _GuardedServer(
             self.handle,
-            {str(i.address): i for i in interfaces},
+            {str(i.address): i for i in served},
             # aiohttp's keep-alive timer runs from the connection's start and from each
             # answer until a complete head arrives: the header timeout.
             keepalive_timeout=HEADER_TIMEOUT,
@@ -124,9 +130,12 @@ class UpnpHttp:
             max_headers=MAX_HEADERS,
             access_log=None,
         )
-        for interface in interfaces:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        for interface in served:
+            six = isinstance(interface, InternalInterface6)
+            sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if bind_device:
                 # A packet for this address arriving on the WAN interface is not accepted.
                 bind_to_device(sock, interface.name)
@@ -135,7 +144,10 @@ class UpnpHttp:
             sock.setblocking(False)
             self._servers.append(await loop.create_server(self._http, sock=sock))
             log.info(
-                "UPnP HTTP listening on %s:%d (%s)", interface.address, self.port, interface.name
+                "UPnP HTTP listening on %s:%d (%s)",
+                f"[{interface.address}]" if six else interface.address,
+                self.port,
+                interface.name,
             )
 
     @property
@@ -171,7 +183,7 @@ class UpnpHttp:
         route = self.routes.get(request.path)
         if route is None:
             return self._plain(404)
-        client = IPv4Address(peer)
+        client = ip_address(peer.split("%")[0])
         if route.role in ("description", "scpd"):
             if request.method not in ("GET", "HEAD"):
                 return self._plain(405)
@@ -182,6 +194,9 @@ class UpnpHttp:
             return await self._control(route, request, client)
         assert route.kind is not None
         headers = {k.upper(): v for k, v in request.headers.items()}
+        if isinstance(client, IPv6Address):
+            # GENA callbacks are literal IPv4 URLs of the subscriber (gena.callback_target).
+            return self._plain(412 if request.method in ("SUBSCRIBE", "UNSUBSCRIBE") else 405)
         if request.method == "SUBSCRIBE":
             version = service_version(route.kind, route.tree.version)
             status, extra = self.events.subscribe(client, route.kind, route.tree, version, headers)
@@ -207,7 +222,7 @@ class UpnpHttp:
         return web.Response(body=body, headers={"Content-Type": XML, "Server": self.server_header})
 
     async def _control(
-        self, route: Route, request: web.BaseRequest, client: IPv4Address
+        self, route: Route, request: web.BaseRequest, client: IPv4Address | IPv6Address
     ) -> web.Response:
         assert route.kind is not None
         if "xml" not in request.headers.get("Content-Type", "").lower():
@@ -274,7 +289,19 @@ class UpnpHttp:
 
     def _host_ok(self, host: str, local: str) -> bool:
         """Host must be our literal address, with our port (UDA 1.1 §2.1, and no names)."""
-        name, sep, port = host.strip().rpartition(":")
+        host = host.strip()
+        if host.startswith("["):
+            # RFC 3986 §3.2.2: an IPv6 literal in brackets, then an optional port.
+            name, closed, rest = host[1:].partition("]")
+            if not closed or (rest and not rest.startswith(":")):
+                return False
+            port = rest[1:] if rest else "80"
+            try:
+                same = ip_address(name) == ip_address(local.split("%")[0])
+            except ValueError:
+                return False
+            return same and port == str(self.port)
+        name, sep, port = host.rpartition(":")
         if not sep:
             name, port = port, "80"
         return name == local and port == str(self.port)
@@ -310,7 +337,10 @@ class _GuardedServer(web.Server):
     """
 
     def __init__(
-        self, handler: Handler, interfaces: Mapping[str, InternalInterface], **kwargs: Any
+        self,
+        handler: Handler,
+        interfaces: Mapping[str, InternalInterface | InternalInterface6],
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.interfaces = interfaces
@@ -352,7 +382,7 @@ class _GuardedServer(web.Server):
         interface = self.interfaces.get(local[0]) if local else None
         client = peer[0] if peer else ""
         try:
-            allowed = interface is not None and interface.serves(IPv4Address(client))
+            allowed = interface is not None and interface.serves(ip_address(client.split("%")[0]))
         except ValueError:
             allowed = False
         now = asyncio.get_running_loop().time()

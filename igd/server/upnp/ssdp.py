@@ -18,12 +18,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
 
 from igd.proto import ssdp
 from igd.proto.description import DeviceTree
 from igd.proto.errors import DecodeError
-from igd.server.interfaces import InternalInterface, bind_to_device
+from igd.server.interfaces import InternalInterface, InternalInterface6, bind_to_device
 from igd.server.pxp import RateLimiter
 from igd.server.ratelog import RateLimitedLog
 
@@ -57,12 +58,20 @@ class Offer:
     config_id: int
 
 
+Lan = InternalInterface | InternalInterface6
+Source = IPv4Address | IPv6Address
+
+
 class SsdpResponder:
     """Discovery for the gateway's root device."""
 
+    group: tuple[str, int] = (ssdp.GROUP, ssdp.PORT)
+    """Where NOTIFYs go."""
+    notify_host: str = ssdp.HOST
+
     def __init__(
         self,
-        interfaces: Sequence[InternalInterface],
+        interfaces: Sequence[Lan],
         offers: Mapping[int, Offer],
         *,
         primary: int,
@@ -89,12 +98,13 @@ class SsdpResponder:
         self.malformed = RateLimitedLog(log, logging.INFO)
         self.over_budget = RateLimitedLog(log, logging.INFO)
         self._transports: dict[str, asyncio.DatagramTransport] = {}
-        self._pending: dict[IPv4Address, int] = {}
+        self._pending: dict[Source, int] = {}
         self._timers: set[asyncio.TimerHandle] = set()
 
     async def start(self, *, bind_device: bool = True) -> None:
         loop = asyncio.get_running_loop()
         for interface in self.interfaces:
+            assert isinstance(interface, InternalInterface)
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if bind_device:
@@ -134,7 +144,7 @@ class SsdpResponder:
             await asyncio.sleep(self.rng.uniform(ssdp.MAX_AGE / 4, ssdp.MAX_AGE / 2))
             self._announce(ssdp.ALIVE)
 
-    def attach(self, interface: InternalInterface, transport: asyncio.DatagramTransport) -> None:
+    def attach(self, interface: Lan, transport: asyncio.DatagramTransport) -> None:
         """Serve an interface through this transport (start() opens real ones)."""
         self._transports[interface.name] = transport
 
@@ -157,19 +167,21 @@ class SsdpResponder:
             advertising = self._advertising(interface, offer)
             for target in ssdp.advertisement_set(offer.tree):
                 transport.sendto(
-                    ssdp.encode_notify(target, nts, advertising), (ssdp.GROUP, ssdp.PORT)
+                    ssdp.encode_notify(target, nts, advertising, self.notify_host), self.group
                 )
 
-    def _advertising(self, interface: InternalInterface, offer: Offer) -> ssdp.Advertising:
-        location = f"http://{interface.address}:{self.http_port}{offer.description_path}"
+    def _advertising(self, interface: Lan, offer: Offer) -> ssdp.Advertising:
+        address = interface.address
+        host = f"[{address}]" if isinstance(address, IPv6Address) else str(address)
+        location = f"http://{host}:{self.http_port}{offer.description_path}"
         return ssdp.Advertising(location, self.server, self.boot_id, offer.config_id)
 
     # -- searches ----------------------------------------------------------------------------
 
-    def received(self, data: bytes, source: tuple[str, int], interface: InternalInterface) -> None:
-        """One datagram on an internal interface."""
+    def received(self, data: bytes, source: tuple[Any, ...], interface: Lan) -> None:
+        """One datagram on an internal interface (`source` as the socket gave it)."""
         try:
-            client = IPv4Address(source[0])
+            client = ip_address(str(source[0]).split("%")[0])
         except ValueError:
             return
         if not interface.serves(client) or client in (interface.address, *_edges(interface)):
@@ -242,10 +254,10 @@ class ByteBudget:
     def __init__(self, per_source: int, total: int) -> None:
         self.per_source = per_source
         self.total = total
-        self._sources: OrderedDict[IPv4Address, tuple[float, float]] = OrderedDict()
+        self._sources: OrderedDict[Source, tuple[float, float]] = OrderedDict()
         self._all = (float(total), float("-inf"))
 
-    def take(self, source: IPv4Address, size: int, *, now: float) -> bool:
+    def take(self, source: Source, size: int, *, now: float) -> bool:
         """Spend `size` bytes for `source`; False (nothing spent) when either bucket is short."""
         start = (float(self.per_source), now)
         mine = _refill(self._sources.pop(source, start), self.per_source, now)
@@ -266,7 +278,7 @@ def _refill(bucket: tuple[float, float], rate: int, now: float) -> float:
     return min(float(rate), tokens + (now - last) * rate) if last <= now else tokens
 
 
-def _edges(interface: InternalInterface) -> list[IPv4Address]:
+def _edges(interface: Lan) -> list[Source]:
     """The network and broadcast addresses of the interface's networks: never a searcher."""
     return [
         edge
@@ -277,12 +289,16 @@ def _edges(interface: InternalInterface) -> list[IPv4Address]:
 
 
 class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, responder: SsdpResponder, interface: InternalInterface) -> None:
+    def __init__(self, responder: SsdpResponder, interface: Lan) -> None:
         self.responder = responder
         self.interface = interface
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self.responder.received(data, (str(addr[0]), int(str(addr[1]))), self.interface)
+        if isinstance(self.interface, InternalInterface6):
+            # The whole IPv6 address tuple: a link-local searcher is answered on its link.
+            self.responder.received(data, tuple(addr), self.interface)
+        else:
+            self.responder.received(data, (str(addr[0]), int(str(addr[1]))), self.interface)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("SSDP socket error on %s: %s", self.interface.name, exc)

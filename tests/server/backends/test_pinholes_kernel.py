@@ -96,3 +96,23 @@ async def test_external_firewall_mode_marks_pinholed_flows_and_drops_nothing(gw:
         await backend.close(flush=True)
     tables = gw.run("nft", "list", "tables").stdout
     assert "igd6" not in tables
+
+
+def counted(gw: Netns) -> str:
+    return gw.run("nft", "list", "set", "ip6", "igd6", "counted").stdout
+
+
+async def test_counters_survive_a_renewal_and_go_with_the_pinhole(
+    gw: Netns, backend: NftPinholeBackend
+) -> None:
+    short, longer = hole(8080, lease=30), hole(8080, lease=3600)
+    await backend.apply([], [short], now=NOW)
+    # Traffic is the lab's to send (tests/lab/test_upnp_pinholes.py); here a count is set.
+    element = f"{{ {HOST} . tcp . 8080 counter packets 5 bytes 300 }}"
+    gw.run("nft", "delete", "element", "ip6", "igd6", "counted", f"{{ {HOST} . tcp . 8080 }}")
+    gw.run("nft", "add", "element", "ip6", "igd6", "counted", element)
+    assert await backend.packets(short) == 5
+    await backend.apply([short], [longer], now=NOW)
+    assert await backend.packets(longer) == 5  # a renewal keeps the count
+    await backend.apply([longer], [], now=NOW)
+    assert "8080" not in counted(gw) and await backend.packets(longer) == 0
