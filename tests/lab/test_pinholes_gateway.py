@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import time
@@ -126,9 +127,12 @@ def start(
     policy: Path | None = None,
     *,
     limits: dict[str, Any] | None = None,
+    admin: dict[str, Any] | None = None,
     **ipv6: Any,
 ) -> subprocess.Popen[bytes]:
     sections = {"ipv6": {"enabled": True, **ipv6}}
+    if admin is not None:
+        sections["admin"] = admin
     if limits is not None:
         sections["limits"] = limits
     proc = gateway(policy, **sections) if policy is not None else gateway(**sections)
@@ -262,6 +266,17 @@ clients = ["{prefix}"]
 internal_ports = "1024-65535"
 max_lease = 600
 """
+
+
+def test_metrics_count_the_pinholes_the_daemon_holds(lab: Lab, gateway: StartGateway) -> None:
+    """The daemon's own wiring: the admin listener's /metrics sees pinholes opened over PCP."""
+    start(lab, gateway, admin={"enabled": True})
+    assert ask(lab, lab.lan[0], map_wire(lab.lan[0], 600)).result is PcpResult.SUCCESS
+    url = "http://127.0.0.1:9351/metrics"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    text = lab.python(lab.gateway, ["-c", code]).stdout
+    assert 'igd_pinholes{mechanism="pcp",protocol="tcp"} 1.0' in text, text[-3000:]
+    assert re.search(r'igd_pinholes_opened_total\{mechanism="pcp",rule="[^"]+"\} 1.0', text), text
 
 
 def test_a_policy_rule_for_an_ipv6_prefix_decides_pcp_maps_over_ipv6(
