@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -69,6 +69,7 @@ class _EmptyView:
 
 
 EMPTY_VIEW: TableView = _EmptyView()
+_DEFAULT_ONLY: tuple[IPv4Address | None, ...] = (None,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,12 @@ class Policy:
     source: str = "<string>"
     forwards: tuple[Forward, ...] = ()
     """The admin's static forwards ([[forwards]]), in file order."""
+    addressed: bool = field(init=False, compare=False, repr=False)
+    """Whether any rule names external addresses (else every mapping uses the default)."""
+
+    def __post_init__(self) -> None:
+        addressed = any(rule.external_addresses for rule in self.rules)
+        object.__setattr__(self, "addressed", addressed)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
@@ -106,7 +113,7 @@ class Policy:
             filters = tuple(RemoteFilter(n) for n in forward.remote_hosts or ())
             for protocol in sorted(forward.protocols):
                 for offset, port in enumerate(forward.ports()):
-                    key = MappingKey(protocol, port)
+                    key = MappingKey(protocol, port, None, forward.external_address)
                     found[key] = Mapping(
                         key=key,
                         internal_address=forward.internal_address,
@@ -122,7 +129,7 @@ class Policy:
     def forward_index(self) -> dict[MappingKey, Forward]:
         """The forward holding each key (one per protocol and port)."""
         return {
-            MappingKey(protocol, port): forward
+            MappingKey(protocol, port, None, forward.external_address): forward
             for forward in self.forwards
             for protocol in forward.protocols
             for port in forward.ports()
@@ -222,8 +229,44 @@ class Policy:
         request = MapRequest.renewing(mapping, max(1, mapping.remaining(now)))
         decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
         if isinstance(decision, Allow):
-            return sources_changed(decision, mapping)
+            return sources_changed(decision, mapping) or self.address_changed(request, mapping)
         return decision
+
+    def addresses_for(self, request: MapRequest) -> tuple[str, tuple[IPv4Address | None, ...]]:
+        """The deciding rule's name and the external addresses it lets the request use, the
+        default first (None: the default address)."""
+        if not self.addressed:
+            return DEFAULTS_NAME, _DEFAULT_ONLY
+        for rule in self.rules:
+            if not _matches(rule, request):
+                continue
+            if rule.action is Action.ALLOW:
+                return rule.name, rule.external_addresses or _DEFAULT_ONLY
+            if rule.external_ports is None:
+                return rule.name, _DEFAULT_ONLY  # refused anyway
+        return DEFAULTS_NAME, _DEFAULT_ONLY
+
+    def named_addresses(self) -> dict[IPv4Address, str]:
+        """Every external address the rules and forwards name, with where (for the daemon's
+        check against network.external_addresses)."""
+        found: dict[IPv4Address, str] = {}
+        for rule in self.rules:
+            for address in rule.external_addresses or ():
+                if address is not None:
+                    found.setdefault(address, f"rule {rule.name!r} (line {rule.line})")
+        for forward in self.forwards:
+            if forward.external_address is not None:
+                where = f"forward {forward.name!r} (line {forward.line})"
+                found.setdefault(forward.external_address, where)
+        return found
+
+    def address_changed(self, request: MapRequest, mapping: Mapping) -> Deny | None:
+        """The Deny for an existing mapping on an external address its rule no longer lists."""
+        rule, allowed = self.addresses_for(request)
+        if mapping.external_address in allowed:
+            return None
+        detail = f"external address {mapping.external_address or 'default'} is no longer allowed"
+        return Deny(Reason.POLICY_DENIED, rule, detail)
 
     def _decide(
         self,
