@@ -367,6 +367,9 @@ class Gateway:
 
     def place(self, request: MapRequest) -> IPv4Address | Refused | None:
         """The external address a new mapping for this request gets (None: the default)."""
+        if request.peer_port:
+            # A PEER flow leaves masqueraded to the interface's address: the default one.
+            return None
         rule, allowed = self.policy.addresses_for(request)
         asked = request.external_address
         if asked is None:

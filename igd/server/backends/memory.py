@@ -145,7 +145,7 @@ class MemoryBackend:
     async def counters(self) -> dict[MappingKey, tuple[int, int]]:
         """No packets pass a pretend data plane: zero for every entry."""
         return {
-            MappingKey(e.protocol, e.external_port, e.remote_host): (0, 0)
+            MappingKey(e.protocol, e.external_port, e.remote_host, e.external_address): (0, 0)
             for e in self._entries.values()
         }
 

@@ -120,8 +120,11 @@ class NftablesBackend:
         guard: Guard | None = None,
         hairpin: bool = True,
         counters: bool = True,
+        addresses: Iterable[IPv4Address] = (),
     ) -> None:
         self.table = check_table_name(table)
+        self.addresses = tuple(addresses)
+        """network.external_addresses: each DNATs its own mappings (the `*_addr` maps)."""
         self.guard = guard
         self.hairpin = hairpin
         self.count_traffic = counters
@@ -278,6 +281,7 @@ class NftablesBackend:
             hairpin=self.hairpin,
             counters=self.count_traffic,
             admit_lengths=self._lengths,
+            addresses=self.addresses,
         )
 
     def _fast_ops(
