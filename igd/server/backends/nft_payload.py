@@ -580,16 +580,20 @@ def open_commands(
     # port can lead to a different host on each address; still one lookup per map.
     # Written only when there are such addresses: otherwise new flows pay no lookup for them.
     at = "ip daddr . meta l4proto . th dport"
-    lines += [] if not extra else [
-        f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
-        f" dnat ip to ip saddr . {at} map @{ADDR_REMOTE_MAP}",
-        *(
+    if extra:
+        lines.append(
+            f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
+            f" dnat ip to ip saddr . {at} map @{ADDR_REMOTE_MAP}"
+        )
+        lines += [
             f"add rule ip {t} {PREROUTING} {addressed} {protocol.value}"
             f" {at} @{FILTERED_ADDR} jump {chain}"
             for protocol, chain in ADMIT_ADDR.items()
-        ),
-        f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }} dnat ip to {at} map @{ADDR_MAP}",
-    ]
+        ]
+        lines.append(
+            f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
+            f" dnat ip to {at} map @{ADDR_MAP}"
+        )
     for chain, rules in _admit_chains(admit_lengths).items():
         lines += [f"add rule ip {t} {chain} {rule}" for rule in rules]
     lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
@@ -624,11 +628,12 @@ def open_commands(
         ]
         mapped = f"ct status dnat ct original ip daddr @{ADDRESSED} meta l4proto {{ tcp, udp }}"
         key = f"ct original ip daddr . {key}"
-        lines += [] if not extra else [
-            f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key}"
-            f" @{COUNTED_ADDR_REMOTE} accept",
-            f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED_ADDR}",
-        ]
+        if extra:
+            lines += [
+                f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key}"
+                f" @{COUNTED_ADDR_REMOTE} accept",
+                f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED_ADDR}",
+            ]
     if guard is not None:
         lines += [f"add rule ip {t} {INPUT} {rule}" for rule in guard_rules(guard)]
     text = "".join(line + "\n" for line in lines)
