@@ -22,6 +22,7 @@ from igd.model import (
     Mapping,
     MappingKey,
     MapRequest,
+    Mechanism,
     Owner,
     Protocol,
 )
@@ -371,6 +372,16 @@ class Gateway:
             # A PEER flow leaves masqueraded to the interface's address: the default one.
             return None
         rule, allowed = self.policy.addresses_for(request)
+        if request.mechanism in _DEFAULT_ADDRESS_ONLY:
+            if None in allowed:
+                return None
+            # RFC 6886 §3.2 has one external address per gateway, and UPnP's client asks
+            # GetExternalIPAddress: a mapping elsewhere would be announced at the wrong one.
+            detail = (
+                f"{request.mechanism} can report only the default external address, and rule"
+                f" {rule!r} does not list it"
+            )
+            return Refused(Deny(Reason.POLICY_DENIED, rule, detail))
         asked = request.external_address
         if asked is None:
             return allowed[0]
@@ -509,6 +520,10 @@ class Gateway:
             f": {deny.detail}" if deny.detail else "",
         )
         return refused
+
+
+_DEFAULT_ADDRESS_ONLY = frozenset({Mechanism.NATPMP, Mechanism.UPNP})
+"""Mechanisms whose answers cannot name an external address other than the default."""
 
 
 class _Dynamic:

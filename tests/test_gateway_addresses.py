@@ -129,7 +129,13 @@ def test_policy_reload_removes_mappings_on_an_address_no_longer_allowed(
 
 def test_policy_names_its_addresses_and_refuses_a_clash_on_one() -> None:
     policy = Policy.parse(POLICY)
-    assert set(policy.named_addresses()) == {SECOND}
+    assert policy.address_issues([SECOND]) == []
+    issues = policy.address_issues([THIRD])
+    assert [i.key for i in issues] == [
+        "rules[0].external_addresses",
+        "forwards[1].external_address",
+    ]
+    assert all("203.0.113.9 is not one of network.external_addresses" in i.message for i in issues)
     clash = POLICY.replace('external_address = "203.0.113.9"\n', "")
     with pytest.raises(PolicyFileError, match="already forwarded"):
         Policy.parse(clash)
@@ -144,3 +150,14 @@ def test_bitmaps_are_dropped_with_the_last_mapping_of_an_address() -> None:
     table.remove(mapping.key)
     assert table.used_ports(Protocol.TCP, SECOND) == 0
     assert not table.port_in_use(Protocol.TCP, 8080, SECOND)
+
+
+def test_natpmp_and_upnp_stay_on_the_default_address(gateway: Gateway) -> None:
+    # The rule lists the second address first, and "default": these protocols get the default.
+    for mechanism in (Mechanism.NATPMP, Mechanism.UPNP):
+        result = gateway.map(ask(B, 7000, mechanism=mechanism, nonce=None), now=0)
+        assert granted(result).mapping.external_address is None
+    only_second = Gateway(Policy.parse(POLICY.replace(', "default"]', "]")))
+    refused = only_second.map(ask(B, mechanism=Mechanism.NATPMP, nonce=None), now=0)
+    assert isinstance(refused, Refused)
+    assert "can report only the default external address" in refused.deny.detail

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
@@ -246,19 +247,26 @@ class Policy:
                 return rule.name, _DEFAULT_ONLY  # refused anyway
         return DEFAULTS_NAME, _DEFAULT_ONLY
 
-    def named_addresses(self) -> dict[IPv4Address, str]:
-        """Every external address the rules and forwards name, with where (for the daemon's
-        check against network.external_addresses)."""
-        found: dict[IPv4Address, str] = {}
-        for rule in self.rules:
+    def address_issues(self, configured: Iterable[IPv4Address]) -> list[PolicyIssue]:
+        """The rules' and forwards' external addresses that are not among `configured`
+        (network.external_addresses): a mapping there would never be reached."""
+        known = set(configured)
+        wanted = "one of network.external_addresses in the configuration"
+        issues = []
+        for index, rule in enumerate(self.rules):
             for address in rule.external_addresses or ():
-                if address is not None:
-                    found.setdefault(address, f"rule {rule.name!r} (line {rule.line})")
-        for forward in self.forwards:
-            if forward.external_address is not None:
-                where = f"forward {forward.name!r} (line {forward.line})"
-                found.setdefault(forward.external_address, where)
-        return found
+                if address is not None and address not in known:
+                    key = f"rules[{index}].external_addresses"
+                    message = f"{address} is not {wanted}"
+                    issues.append(PolicyIssue(self.source, rule.line, key, message))
+        for index, forward in enumerate(self.forwards):
+            address = forward.external_address
+            if address is not None and address not in known:
+                key = f"forwards[{index}].external_address"
+                issues.append(
+                    PolicyIssue(self.source, forward.line, key, f"{address} is not {wanted}")
+                )
+        return issues
 
     def address_changed(self, request: MapRequest, mapping: Mapping) -> Deny | None:
         """The Deny for an existing mapping on an external address its rule no longer lists."""

@@ -39,6 +39,7 @@ from igd.server.instance import (
 )
 from igd.server.interfaces import (
     ExternalAddress,
+    further_address_problems,
     internal_interface,
     ipv4_interfaces,
     ipv6_interfaces,
@@ -104,6 +105,11 @@ class Daemon:
             config.internal_interfaces,
             need_address=config.external_address is None,
         )
+        problems += further_address_problems(
+            config.external_addresses,
+            allow_private=config.allow_private_external or config.upstream.mode != "off",
+        )
+        problems += [str(issue) for issue in self.policy.address_issues(config.external_addresses)]
         if problems:
             raise StartError("; ".join(problems))
         if config.external_interface not in {name for _, name in socket.if_nameindex()}:
@@ -118,6 +124,7 @@ class Daemon:
             override=config.external_address,
             # Behind a double NAT the private address is served, and mirrored upstream.
             allow_private=config.allow_private_external or mirroring,
+            further=config.external_addresses,
         )
         if dry_run:
             self.store = LeaseStore(Path(":memory:"))
@@ -135,6 +142,7 @@ class Daemon:
                 guard=guard,
                 hairpin=config.hairpin,
                 counters=config.traffic_counters,
+                addresses=config.external_addresses,
             )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
@@ -147,7 +155,7 @@ class Daemon:
             ),
         )
         self.service = Service(gateway, self.backend, self.store)
-        self.host_ports = HostPorts(self.destinations)
+        self.host_ports = HostPorts(lambda: self.destinations() | set(config.external_addresses))
         self.service.before_map = self._refresh_host_ports
         self.upstream: Upstream | None = None
         if mirroring:
@@ -400,6 +408,9 @@ class Daemon:
         """Load the policy file again (PolicyFileError or OSError: the old policy stays)."""
         digest = file_digest(self.config.policy_file)
         policy = Policy.load(self.config.policy_file)
+        issues = policy.address_issues(self.config.external_addresses)
+        if issues:
+            raise PolicyFileError(issues)
         for warning in policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
         self.policy = policy
@@ -499,21 +510,25 @@ class Daemon:
         return frozenset(found)
 
     def destinations(self) -> frozenset[IPv4Address]:
-        """The addresses the WAN reaches the gateway at: the external interface's own (all of
-        them, vetted or not), the reported override, and the configured extras."""
+        """The addresses the WAN reaches the gateway's default address at: the external
+        interface's own (all of them, vetted or not, but network.external_addresses, which
+        have mappings of their own), the reported override, and the configured extras."""
         found = {a.ip for a in ipv4_interfaces(self.config.external_interface)}
         if self.config.external_address is not None:
             found.add(self.config.external_address)
-        return frozenset(found | set(self.config.extra_external_addresses))
+        found |= set(self.config.extra_external_addresses)
+        return frozenset(found - set(self.config.external_addresses))
 
     def _admin_server(self) -> AdminServer:
         """The web console and /metrics; AdminListenError if its address is reachable from
         the WAN or not the gateway's loopback or LAN address."""
         config = self.config
         address, _ = config.admin_listen
-        external = self.destinations() | {
-            entry.ip for entry in ipv4_interfaces(config.external_interface)
-        }
+        external = (
+            self.destinations()
+            | set(config.external_addresses)
+            | {entry.ip for entry in ipv4_interfaces(config.external_interface)}
+        )
         internal = {
             name: frozenset(entry.ip for entry in ipv4_interfaces(name))
             for name in config.internal_interfaces
