@@ -318,6 +318,8 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
     rows = [header]
     for m in mappings:
         external = str(m["external_port"])
+        if m.get("external_address"):
+            external = f"{m['external_address']}:{external}"
         if m["remote_host"]:
             external += f" from {m['remote_host']}"
         if m.get("remote_sources"):

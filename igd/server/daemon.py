@@ -488,6 +488,7 @@ class Daemon:
             "version": igd.__version__,
             "uptime": round(time.monotonic() - self.started),
             "external_address": str(self.external.current) if self.external.current else None,
+            "external_addresses": [str(a) for a in self.config.external_addresses],
             "epoch": self.service.epoch(),
             "mappings": self.service.count(),
             "by_mechanism": dict(sorted(by_mechanism.items())),
