@@ -229,6 +229,9 @@ def run_config_check(args: argparse.Namespace) -> int:
         try:
             config = Config.load(path)
             policy = Policy.load(config.policy_file)
+            issues = policy.address_issues(config.external_addresses)
+            if issues:
+                raise PolicyFileError(issues)
         except (ConfigError, PolicyFileError) as error:
             for issue in error.issues:
                 print(issue, file=sys.stderr)
