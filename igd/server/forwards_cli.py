@@ -77,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     public = str(config.external_address) if config and config.external_address else ""
-    rows = forward_rows(policy.forwards, public)
+    dynamic: list[dict[str, Any]] = []
     if args.all:
         socket_path: Path = args.socket or (config.control_socket if config else Path())
         try:
@@ -87,9 +87,9 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"igd-server forwards: {error}", file=sys.stderr)
             return 3
         public = status.get("external_address") or public
-        for row in rows:
-            row["public_address"] = public
-        rows += dynamic_rows(mappings, public, wall=time.time())
+        dynamic = dynamic_rows(mappings, public, wall=time.time())
+    # A forward on one of network.external_addresses names its own; the others the default.
+    rows = forward_rows(policy.forwards, public) + dynamic
     print(render(rows, args.format))
     return 0
 

@@ -5,7 +5,9 @@ flushed ruleset keeping both."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,13 @@ def test_two_forwards_on_one_port_reach_two_hosts_and_survive_a_flush(
     assert rows[None, PORT]["internal_address"] == first_host
     assert rows[second(lab), PORT]["internal_address"] == second_host
     assert int(rows[second(lab), PORT]["packets"]) > 0  # type: ignore[call-overload]
+    argv = [str(Path(sys.executable).parent / "igd-server"), "forwards", "export"]
+    argv += ["--config", str(lab.gateway_config), "--all", "--format", "json"]
+    exported = json.loads(lab.run(lab.gateway, argv).stdout)
+    assert [(r["name"], r["public_address"]) for r in exported] == [
+        ("first", default),
+        ("second", second(lab)),
+    ]
     lab.run(lab.gateway, ["nft", "flush", "ruleset"])
     wait_restored(lab, 1)
     assert "first host" in reaches(lab, "wan1", default, PORT)
