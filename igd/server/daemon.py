@@ -508,7 +508,7 @@ class Daemon:
         found |= {iface.address for iface in self.interfaces}
         if self.external.current is not None:
             found.add(self.external.current)
-        return frozenset(found)
+        return frozenset(found | set(self.config.external_addresses))
 
     def destinations(self) -> frozenset[IPv4Address]:
         """The addresses the WAN reaches the gateway's default address at: the external
