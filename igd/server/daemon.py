@@ -502,7 +502,7 @@ class Daemon:
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
-        """Every address of the gateway's own: on its internal and external interfaces."""
+        """Every address of the gateway's own: on its interfaces, and network.external_addresses."""
         names = [*self.config.internal_interfaces, self.config.external_interface]
         found = {entry.ip for name in names for entry in ipv4_interfaces(name)}
         found |= {iface.address for iface in self.interfaces}
