@@ -16,7 +16,16 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from igd.decision import Allow, Decision, Deny, Reason
-from igd.model import STATIC_CLIENT, Mapping, MappingKey, MapRequest, Owner, Protocol
+from igd.model import (
+    DEFAULT_ADDRESS,
+    STATIC_CLIENT,
+    Mapping,
+    MappingKey,
+    MapRequest,
+    Mechanism,
+    Owner,
+    Protocol,
+)
 from igd.policy import Policy
 from igd.policy.engine import sources_changed
 from igd.ports import PortSet
@@ -110,15 +119,18 @@ class Gateway:
         if isinstance(decision, Deny):
             return self._refuse(request, Refused(decision))
         if existing is not None:
-            port = existing.external_port
+            port, address = existing.external_port, existing.external_address
             created = existing.created
         else:
-            chosen = self._choose_port(request, decision)
+            placed = self.place(request)
+            if isinstance(placed, Refused):
+                return self._refuse(request, placed)
+            chosen = self._choose_port(request, decision, placed)
             if isinstance(chosen, Refused):
                 return self._refuse(request, chosen)
-            port, created = chosen, now
+            port, address, created = chosen, placed, now
         mapping = Mapping(
-            key=replace(_key_of(request), external_port=port),
+            key=replace(_key_of(request, address), external_port=port),
             internal_address=request.internal_address,
             internal_port=request.internal_port,
             owner=Owner(request.mechanism, request.client, request.nonce),
@@ -226,9 +238,9 @@ class Gateway:
     def _in_the_way(self, forward: Mapping) -> list[Mapping]:
         """Dynamic mappings a forward displaces: on its port (any remote host) or its
         companion port (RFC 6886 §3.3)."""
-        port = forward.external_port
-        found = self.table.port_users(forward.protocol, port)
-        found += self.table.port_users(_other(forward.protocol), port)
+        port, address = forward.external_port, forward.external_address
+        found = self.table.port_users(forward.protocol, port, address)
+        found += self.table.port_users(_other(forward.protocol), port, address)
         return [m for m in found if not m.is_static]
 
     def recheck(self, mapping: Mapping, *, now: float) -> Deny | None:
@@ -247,7 +259,9 @@ class Gateway:
         if isinstance(decision, Allow):
             decision = self._vet_client(mapping.owner.client, decision)
         if isinstance(decision, Allow):
-            return sources_changed(decision, mapping)
+            return sources_changed(decision, mapping) or self.policy.address_changed(
+                request, mapping
+            )
         return decision
 
     def forbidden(self, *, now: float) -> list[tuple[Mapping, Deny]]:
@@ -327,9 +341,12 @@ class Gateway:
     def own_mapping(self, request: MapRequest) -> Mapping | Refused | None:
         """The requester's existing mapping this request renews, or what stands in its way."""
         if request.exact_port:
-            holder = self.table.get(_key_of(request))
+            address = self.place(request)
+            if isinstance(address, Refused):
+                return None  # no mapping of its own there; map() refuses the address
+            holder = self.table.get(_key_of(request, address))
             if holder is None:
-                return self._shadowing(request)
+                return self._shadowing(request, address)
             if _same_endpoint(holder, request) and holder.owner.client == request.client:
                 return holder
             return Refused(Deny(Reason.PORT_IN_USE, "table", f"held by {describe(holder)}"), holder)
@@ -349,12 +366,42 @@ class Gateway:
             return holder
         return None
 
-    def _shadowing(self, request: MapRequest) -> Refused | None:
+    def place(self, request: MapRequest) -> IPv4Address | Refused | None:
+        """The external address a new mapping for this request gets (None: the default)."""
+        if request.peer_port:
+            # A PEER flow leaves masqueraded to the interface's address: the default one.
+            return None
+        rule, allowed = self.policy.addresses_for(request)
+        if request.mechanism in _DEFAULT_ADDRESS_ONLY:
+            if None in allowed:
+                return None
+            # RFC 6886 §3.2 has one external address per gateway, and UPnP's client asks
+            # GetExternalIPAddress: a mapping elsewhere would be announced at the wrong one.
+            detail = (
+                f"{request.mechanism} can report only the default external address, and rule"
+                f" {rule!r} does not list it"
+            )
+            return Refused(Deny(Reason.POLICY_DENIED, rule, detail))
+        asked = request.external_address
+        if asked is None:
+            return allowed[0]
+        wanted = None if asked == DEFAULT_ADDRESS else asked
+        if wanted in allowed:
+            return wanted
+        if request.exact_port:
+            # RFC 6887 §13.2: PREFER_FAILURE means no other address or port is acceptable.
+            names = ", ".join("default" if a is None else str(a) for a in allowed)
+            detail = f"external address {asked} is not allowed here (allowed: {names})"
+            return Refused(Deny(Reason.POLICY_DENIED, rule, detail, other_port_allowed=True))
+        # RFC 6887 §11.3: the suggested address is a hint; the server assigns another.
+        return allowed[0]
+
+    def _shadowing(self, request: MapRequest, address: IPv4Address | None) -> Refused | None:
         """Refuse an exact port where a wildcard and a remote-host mapping of two clients meet."""
         # A mapping for one remote host takes that host's traffic from a wildcard mapping on
         # the same port (and the reverse); across clients that is a takeover, so it conflicts
         # as UPnP's 718 ConflictInMappingEntry (and miniupnpd) treat it.
-        for other in self.table.port_users(request.protocol, request.external_port):
+        for other in self.table.port_users(request.protocol, request.external_port, address):
             if other.owner.client == request.client:
                 continue
             if other.key.remote_host is None or request.remote_host is None:
@@ -362,21 +409,23 @@ class Gateway:
                 return Refused(Deny(Reason.PORT_IN_USE, "table", detail), other)
         return None
 
-    def _choose_port(self, request: MapRequest, decision: Allow) -> int | Refused:
+    def _choose_port(
+        self, request: MapRequest, decision: Allow, address: IPv4Address | None
+    ) -> int | Refused:
         protocol, port = request.protocol, request.external_port
         if request.exact_port:
             if (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
                 return Refused(Deny(Reason.RESERVED_PORT, "gateway", f"port {port} is reserved"))
-            companion = self._companion_holder(request, port)
+            companion = self._companion_holder(request, port, address)
             if companion is not None:
                 detail = f"its companion port is held by {describe(companion)} (RFC 6886 §3.3)"
                 return Refused(Deny(Reason.PORT_IN_USE, "table", detail), companion)
             return port
         allowed = decision.external_ports
         for candidate in (port, request.internal_port):
-            if candidate in allowed and self._free(request, candidate):
+            if candidate in allowed and self._free(request, candidate, address):
                 return candidate
-        free = self._free_ports(request, allowed)
+        free = self._free_ports(request, allowed, address)
         if free:
             size = len(allowed)
             for attempt in range(RANDOM_PROBES):
@@ -395,34 +444,38 @@ class Gateway:
             Deny(Reason.NO_FREE_PORT, decision.rule, f"no free port in {allowed or 'nothing'}")
         )
 
-    def _free(self, request: MapRequest, port: int) -> bool:
+    def _free(self, request: MapRequest, port: int, address: IPv4Address | None) -> bool:
         """Whether a gateway-chosen port is usable for this request."""
         protocol = request.protocol
         if port == 0 or (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
             return False
-        if self.table.port_in_use(protocol, port):
+        if self.table.port_in_use(protocol, port, address):
             return False
-        return self._companion_holder(request, port) is None
+        return self._companion_holder(request, port, address) is None
 
-    def _companion_holder(self, request: MapRequest, port: int) -> Mapping | None:
+    def _companion_holder(
+        self, request: MapRequest, port: int, address: IPv4Address | None
+    ) -> Mapping | None:
         """Another client's mapping on the companion port (same number, other protocol)."""
         # RFC 6886 §3.3: the companion port stays reserved for the client holding it, so no
         # one else gets UDP 80 while a client holds TCP 80; applied to every mechanism.
-        for mapping in self.table.port_users(_other(request.protocol), port):
+        for mapping in self.table.port_users(_other(request.protocol), port, address):
             if mapping.owner.client != request.client:
                 return mapping
         return None
 
-    def _free_ports(self, request: MapRequest, allowed: PortSet) -> int:
+    def _free_ports(
+        self, request: MapRequest, allowed: PortSet, address: IPv4Address | None
+    ) -> int:
         """The ports in `allowed` a gateway choice may use, as a bitmap (bit p: port p)."""
         protocol, other = request.protocol, _other(request.protocol)
         excluded = _port_mask(self.reserved, protocol) | _port_mask(self.host_ports, protocol)
         # a & ~b written as (a | b) ^ b: two cheap operations on non-negative ints.
-        taken = self.table.used_ports(protocol) | excluded
+        taken = self.table.used_ports(protocol, address) | excluded
         loose = (_set_mask(allowed) | taken) ^ taken
         if not loose:
             return 0
-        twins = self.table.used_ports(other)
+        twins = self.table.used_ports(other, address)
         strict = (loose | twins) ^ twins
         if strict:
             return strict
@@ -431,7 +484,8 @@ class Gateway:
         for mapping in self.table.by_client(request.client):
             if (
                 mapping.protocol is other
-                and self._companion_holder(request, mapping.external_port) is None
+                and mapping.external_address == address
+                and self._companion_holder(request, mapping.external_port, address) is None
             ):
                 own |= 1 << mapping.external_port
         return loose & own
@@ -468,6 +522,10 @@ class Gateway:
         return refused
 
 
+_DEFAULT_ADDRESS_ONLY = frozenset({Mechanism.NATPMP, Mechanism.UPNP})
+"""Mechanisms whose answers cannot name an external address other than the default."""
+
+
 class _Dynamic:
     """The table's counts without the static forwards: quotas are about clients' mappings."""
 
@@ -501,7 +559,6 @@ def _other(protocol: Protocol) -> Protocol:
     return Protocol.UDP if protocol is Protocol.TCP else Protocol.TCP
 
 
-
 def change_after(change: Change) -> dict[MappingKey, Mapping | None]:
     """What a change left at each key it touched (None: removed)."""
     after: dict[MappingKey, Mapping | None] = {m.key: None for m in change.removed}
@@ -513,8 +570,8 @@ def _removed_at(change: Change, key: MappingKey) -> Mapping | None:
     return next((m for m in change.removed if m.key == key), None)
 
 
-def _key_of(request: MapRequest) -> MappingKey:
-    return MappingKey(request.protocol, request.external_port, request.remote_host)
+def _key_of(request: MapRequest, address: IPv4Address | None) -> MappingKey:
+    return MappingKey(request.protocol, request.external_port, request.remote_host, address)
 
 
 def _same_endpoint(mapping: Mapping, request: MapRequest) -> bool:
@@ -527,8 +584,9 @@ def _same_endpoint(mapping: Mapping, request: MapRequest) -> bool:
 def describe(mapping: Mapping) -> str:
     """One line naming a mapping for logs."""
     remote = f" from {mapping.key.remote_host}" if mapping.key.remote_host else ""
+    address = f"{mapping.external_address}:" if mapping.external_address else ""
     return (
-        f"{mapping.protocol} external {mapping.external_port}{remote} -> "
+        f"{mapping.protocol} external {address}{mapping.external_port}{remote} -> "
         f"{mapping.internal_address}:{mapping.internal_port} "
         f"({mapping.owner.mechanism} {mapping.owner.client})"
     )

@@ -47,6 +47,11 @@ STATIC_CLIENT = IPv4Address("0.0.0.0")
 forwards conflict with every client's requests (RFC 6886 §3.3's companion ports too)."""
 
 
+DEFAULT_ADDRESS = IPv4Address("0.0.0.0")
+"""In a MapRequest's external_address: the default external address, asked for by name (a
+PCP client suggesting it); None there asks for nothing in particular."""
+
+
 @dataclass(frozen=True, slots=True)
 class MappingKey:
     """What identifies a mapping on the external side; remote_host None is the wildcard."""
@@ -54,6 +59,9 @@ class MappingKey:
     protocol: Protocol
     external_port: int
     remote_host: IPv4Address | None = None
+    external_address: IPv4Address | None = None
+    """One of `network.external_addresses`; None is the default external address (the
+    interface's, followed as it changes), which is what nearly every mapping uses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,11 @@ class Mapping:
         return self.key.external_port
 
     @property
+    def external_address(self) -> IPv4Address | None:
+        """The mapping's own external address; None: the default one."""
+        return self.key.external_address
+
+    @property
     def is_static(self) -> bool:
         """Whether this is an admin-defined forward (docs/policy.md, Forwards)."""
         return self.owner.mechanism is Mechanism.STATIC
@@ -136,6 +149,9 @@ class MapRequest:
     exact_port: bool = False
     """True when the protocol cannot accept another external port (UPnP AddPortMapping,
     PCP PREFER_FAILURE); False lets the gateway pick another allowed port."""
+    external_address: IPv4Address | None = None
+    """The external address asked for (PCP's suggested address, DEFAULT_ADDRESS for the
+    default one); None: the one the deciding rule names first, else the default."""
 
     @classmethod
     def renewing(cls, mapping: Mapping, lifetime: int = 1) -> MapRequest:
@@ -154,6 +170,7 @@ class MapRequest:
             filters=mapping.filters,
             peer_port=mapping.peer_port,
             exact_port=True,
+            external_address=mapping.external_address or DEFAULT_ADDRESS,
         )
 
     @property

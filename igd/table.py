@@ -3,15 +3,17 @@
 Rules:
 - Every change to mapping state happens here, through `put`, `remove` and `expire`.
   Adapters and the gateway never keep mappings of their own.
-- One key space for all mechanisms: (protocol, external port, remote host or wildcard).
+- One key space for all mechanisms: (protocol, external port, remote host or wildcard,
+  external address: None for the default one).
   A mapping made over UPnP conflicts with one made over PCP or NAT-PMP exactly as two
   mappings of the same mechanism would.
 - Every lookup is O(1): by key, by internal endpoint, by owning client, by external port,
   and by listing position (`entry(i)`), which UPnP clients walk from 0 to N. Deleting moves
   the last entry into the freed position, so positions stay dense and O(1).
 - Expiry comes from a deadline heap with lazy invalidation; nothing scans all mappings.
-- Each protocol keeps a bitmap of the external ports in use (bit p set: some mapping holds
-  port p), so finding a free port, or learning there is none, never walks the table.
+- Each (external address, protocol) keeps a bitmap of the external ports in use (bit p set:
+  some mapping holds port p), so finding a free port, or learning there is none, never walks
+  the table, however many external addresses there are.
 - Time is passed in (`now`, monotonic seconds); the table never reads a clock.
 """
 
@@ -26,6 +28,8 @@ from typing import TypeVar
 from igd.model import Mapping, MappingKey, Mechanism, Protocol
 
 InternalEndpoint = tuple[IPv4Address, Protocol, int]
+ExternalPort = tuple[IPv4Address | None, Protocol, int]
+"""(external address, None for the default; protocol; port)."""
 _Slot = TypeVar("_Slot")
 # Most endpoints and ports have exactly one mapping: such an index slot holds the key itself,
 # and becomes a set only when a second key arrives (half the memory, and faster loads).
@@ -41,10 +45,10 @@ class MappingTable:
         self._position: dict[MappingKey, int] = {}
         self._by_internal: dict[InternalEndpoint, _Keys] = {}
         self._by_client: dict[IPv4Address, set[MappingKey]] = {}
-        self._port_users: dict[tuple[Protocol, int], _Keys] = {}
+        self._port_users: dict[ExternalPort, _Keys] = {}
         # Bit p set: some mapping holds port p. An int, so that the gateway's port search is a
         # few whole-bitmap operations; an update costs one (well under a microsecond).
-        self._used: dict[Protocol, int] = dict.fromkeys(Protocol, 0)
+        self._used: dict[tuple[IPv4Address | None, Protocol], int] = {}
         self._deadlines: list[tuple[float, int, MappingKey]] = []
         self._sequence = itertools.count()
 
@@ -91,17 +95,23 @@ class MappingTable:
         """How many mappings this client owns."""
         return len(self._by_client.get(client, ()))
 
-    def port_users(self, protocol: Protocol, port: int) -> list[Mapping]:
-        """Mappings on this external port, for any remote host."""
-        return [self._by_key[k] for k in _iter(self._port_users.get((protocol, port)))]
+    def port_users(
+        self, protocol: Protocol, port: int, address: IPv4Address | None = None
+    ) -> list[Mapping]:
+        """Mappings on this external port of this external address, for any remote host."""
+        slot = self._port_users.get((address, protocol, port))
+        return [self._by_key[k] for k in _iter(slot)]
 
-    def port_in_use(self, protocol: Protocol, port: int) -> bool:
-        """Whether any mapping holds this external port."""
-        return (protocol, port) in self._port_users
+    def port_in_use(
+        self, protocol: Protocol, port: int, address: IPv4Address | None = None
+    ) -> bool:
+        """Whether any mapping holds this external port of this external address."""
+        return (address, protocol, port) in self._port_users
 
-    def used_ports(self, protocol: Protocol) -> int:
-        """The external ports in use for a protocol, as a bitmap (bit p set: port p is held)."""
-        return self._used[protocol]
+    def used_ports(self, protocol: Protocol, address: IPv4Address | None = None) -> int:
+        """The external ports of one address in use for a protocol, as a bitmap (bit p set:
+        port p is held)."""
+        return self._used.get((address, protocol), 0)
 
     def next_deadline(self) -> float | None:
         """The earliest expiry time, or None for an empty table."""
@@ -124,9 +134,9 @@ class MappingTable:
         else:
             self._position[key] = len(self._order)
             self._order.append(key)
-            port = key.external_port
-            if _add(self._port_users, (key.protocol, port), key):
-                self._used[key.protocol] |= 1 << port
+            port, used = key.external_port, (key.external_address, key.protocol)
+            if _add(self._port_users, (*used, port), key):
+                self._used[used] = self._used.get(used, 0) | 1 << port
         self._by_key[key] = mapping
         self._index(mapping)
         heapq.heappush(self._deadlines, (mapping.expires, next(self._sequence), key))
@@ -144,9 +154,13 @@ class MappingTable:
         if last != key:
             self._order[position] = last
             self._position[last] = position
-        port = key.external_port
-        if _drop(self._port_users, (key.protocol, port), key):
-            self._used[key.protocol] ^= 1 << port  # the bit is set: the slot was in use
+        port, used = key.external_port, (key.external_address, key.protocol)
+        if _drop(self._port_users, (*used, port), key):
+            bits = self._used[used] ^ 1 << port  # the bit is set: the slot was in use
+            if bits or used[0] is None:
+                self._used[used] = bits
+            else:
+                del self._used[used]  # bounded by the addresses in use, not ever seen
         # The heap entry is left behind and discarded lazily.
         return mapping
 

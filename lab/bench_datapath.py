@@ -17,6 +17,10 @@ copies of it for other ports (its raw protocol match spelled `ip protocol udp`),
 transaction (filling it through miniupnpd takes
 minutes: docs/performance.md).
 
+With `--addressed`, the same cases again on a second external address of the gateway
+(`network.external_addresses`: the `*_addr` maps keyed by destination address, protocol and
+port), the target and every other mapping on that address.
+
 Source ports run from 1024 upwards: about 64,000 new flows per run before they repeat. A run
 that reaches that many is reported as a lower bound ("≥").
 """
@@ -31,7 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
@@ -90,7 +94,7 @@ def delivered(lab: Lab) -> int:
     return 0
 
 
-def flood(lab: Lab, seconds: float) -> tuple[float, bool]:
+def flood(lab: Lab, seconds: float, destination: str | None = None) -> tuple[float, bool]:
     """One bounded flood; new flows per second the gateway translated to lan1, and whether
     the source ports ran out (the rate is then a lower bound)."""
     lab.run(lab.gateway, ["conntrack", "-F"], check=False)
@@ -99,7 +103,7 @@ def flood(lab: Lab, seconds: float) -> tuple[float, bool]:
     argv = [
         "timeout", "-s", "INT", f"{seconds}",
         "hping3", "--udp", "--flood", "-q", "-p", str(TARGET), "-s", str(FIRST_SOURCE_PORT),
-        lab.gateway.external_address,
+        destination or lab.gateway.external_address,
     ]  # fmt: skip
     started = time.monotonic()
     lab.run(lab.wan[0], argv, check=False, timeout=seconds + 10)
@@ -110,11 +114,16 @@ def flood(lab: Lab, seconds: float) -> tuple[float, bool]:
     return flows / min(seconds, elapsed), flows >= PORT_SPACE * 0.95
 
 
-def target(lab: Lab, *, filters: bool) -> Mapping:
+def second_address(lab: Lab) -> IPv4Address:
+    """The gateway's second external address in the lab (on its WAN interface)."""
+    return IPv4Address(lab.wan_network[-2])
+
+
+def target(lab: Lab, *, filters: bool, address: IPv4Address | None = None) -> Mapping:
     lan = IPv4Address(lab.lan[0].address)
     allowed = (RemoteFilter(IPv4Network(lab.wan_network)),) if filters else ()
     return Mapping(
-        MappingKey(Protocol.UDP, TARGET),
+        MappingKey(Protocol.UDP, TARGET, None, address),
         lan,
         TARGET,
         Owner(Mechanism.PCP, lan),
@@ -125,19 +134,36 @@ def target(lab: Lab, *, filters: bool) -> Mapping:
 
 
 async def igd_case(
-    lab: Lab, size: int, *, counters: bool, filters: bool, seconds: float, repeats: int
+    lab: Lab,
+    size: int,
+    *,
+    counters: bool,
+    filters: bool,
+    seconds: float,
+    repeats: int,
+    addressed: bool = False,
 ) -> Case:
+    address = second_address(lab) if addressed else None
     backend = NftablesBackend(
-        TABLE, lab.gateway.external_interface, netns=lab.gateway.ns, counters=counters
+        TABLE,
+        lab.gateway.external_interface,
+        netns=lab.gateway.ns,
+        counters=counters,
+        addresses=() if address is None else (address,),
     )
     await backend.open()
     await backend.set_destinations([IPv4Address(lab.gateway.external_address)])
     owners = [IPv4Address(lab.lan[1].address)]
     others = preload(size, owners, range(TARGET, TARGET + 1), now=0.0)
-    await backend.reconcile([*others, target(lab, filters=filters)], now=0.0, audit=False)
-    runs = [await asyncio.to_thread(flood, lab, seconds) for _ in range(repeats)]
+    if address is not None:
+        others = [replace(m, key=replace(m.key, external_address=address)) for m in others]
+    wanted = [*others, target(lab, filters=filters, address=address)]
+    await backend.reconcile(wanted, now=0.0, audit=False)
+    destination = None if address is None else str(address)
+    runs = [await asyncio.to_thread(flood, lab, seconds, destination) for _ in range(repeats)]
     await backend.close(flush=True)
-    return Case("igd", size, counters, filters, tuple(r for r, _ in runs), any(s for _, s in runs))
+    name = "igd, 2nd address" if addressed else "igd"
+    return Case(name, size, counters, filters, tuple(r for r, _ in runs), any(s for _, s in runs))
 
 
 def miniupnpd_case(lab: Lab, size: int, *, seconds: float, repeats: int) -> Case:
@@ -190,8 +216,17 @@ def markdown(cases: Sequence[Case]) -> str:
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> list[Case]:
     cases: list[Case] = []
     with Lab(prefix=PREFIX, wan_network=PUBLIC_LOOKING_WAN) as lab:
+        if args.addressed:
+            bits = lab.wan_network.prefixlen
+            address = f"{second_address(lab)}/{bits}"
+            lab.run(
+                lab.gateway, ["ip", "addr", "add", address, "dev", lab.gateway.external_interface]
+            )
         for size in args.sizes:
-            for counters, filters in ((True, False), (False, False), (True, True)):
+            shapes = [(True, False, False), (False, False, False), (True, True, False)]
+            if args.addressed:
+                shapes += [(True, False, True), (True, True, True)]
+            for counters, filters, addressed in shapes:
                 case = asyncio.run(
                     igd_case(
                         lab,
@@ -200,10 +235,11 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> list[Case]:
                         filters=filters,
                         seconds=args.seconds,
                         repeats=args.repeats,
+                        addressed=addressed,
                     )
                 )
                 say(
-                    f"igd {size:>6,} mappings, counters {'on ' if counters else 'off'},"
+                    f"{case.gateway} {size:>6,} mappings, counters {'on ' if counters else 'off'},"
                     f" FILTER {'yes' if filters else 'no '}:"
                     f" {case.rate:,.0f} new flows/s"
                 )
@@ -233,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--repeats", type=int, default=DEFAULT_REPEATS, help="floods per case (default %(default)s)"
+    )
+    parser.add_argument(
+        "--addressed",
+        action="store_true",
+        help="also measure mappings on a second external address",
     )
     parser.add_argument(
         "--miniupnpd-size",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
@@ -74,6 +75,7 @@ class _EmptyView:
 
 
 EMPTY_VIEW: TableView = _EmptyView()
+_DEFAULT_ONLY: tuple[IPv4Address | None, ...] = (None,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,12 @@ class Policy:
     source: str = "<string>"
     forwards: tuple[Forward, ...] = ()
     """The admin's static forwards ([[forwards]]), in file order."""
+    addressed: bool = field(init=False, compare=False, repr=False)
+    """Whether any rule names external addresses (else every mapping uses the default)."""
+
+    def __post_init__(self) -> None:
+        addressed = any(rule.external_addresses for rule in self.rules)
+        object.__setattr__(self, "addressed", addressed)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
@@ -111,7 +119,7 @@ class Policy:
             filters = tuple(RemoteFilter(n) for n in forward.remote_hosts or ())
             for protocol in sorted(forward.protocols):
                 for offset, port in enumerate(forward.ports()):
-                    key = MappingKey(protocol, port)
+                    key = MappingKey(protocol, port, None, forward.external_address)
                     found[key] = Mapping(
                         key=key,
                         internal_address=forward.internal_address,
@@ -127,7 +135,7 @@ class Policy:
     def forward_index(self) -> dict[MappingKey, Forward]:
         """The forward holding each key (one per protocol and port)."""
         return {
-            MappingKey(protocol, port): forward
+            MappingKey(protocol, port, None, forward.external_address): forward
             for forward in self.forwards
             for protocol in forward.protocols
             for port in forward.ports()
@@ -292,8 +300,51 @@ class Policy:
         request = MapRequest.renewing(mapping, max(1, mapping.remaining(now)))
         decision = self.evaluate(request, EMPTY_VIEW, now=now, renewal=True)
         if isinstance(decision, Allow):
-            return sources_changed(decision, mapping)
+            return sources_changed(decision, mapping) or self.address_changed(request, mapping)
         return decision
+
+    def addresses_for(self, request: MapRequest) -> tuple[str, tuple[IPv4Address | None, ...]]:
+        """The deciding rule's name and the external addresses it lets the request use, the
+        default first (None: the default address)."""
+        if not self.addressed:
+            return DEFAULTS_NAME, _DEFAULT_ONLY
+        for rule in self.rules:
+            if not _matches(rule, request):
+                continue
+            if rule.action is Action.ALLOW:
+                return rule.name, rule.external_addresses or _DEFAULT_ONLY
+            if rule.external_ports is None:
+                return rule.name, _DEFAULT_ONLY  # refused anyway
+        return DEFAULTS_NAME, _DEFAULT_ONLY
+
+    def address_issues(self, configured: Iterable[IPv4Address]) -> list[PolicyIssue]:
+        """The rules' and forwards' external addresses that are not among `configured`
+        (network.external_addresses): a mapping there would never be reached."""
+        known = set(configured)
+        wanted = "one of network.external_addresses in the configuration"
+        issues = []
+        for index, rule in enumerate(self.rules):
+            for address in rule.external_addresses or ():
+                if address is not None and address not in known:
+                    key = f"rules[{index}].external_addresses"
+                    message = f"{address} is not {wanted}"
+                    issues.append(PolicyIssue(self.source, rule.line, key, message))
+        for index, forward in enumerate(self.forwards):
+            address = forward.external_address
+            if address is not None and address not in known:
+                key = f"forwards[{index}].external_address"
+                issues.append(
+                    PolicyIssue(self.source, forward.line, key, f"{address} is not {wanted}")
+                )
+        return issues
+
+    def address_changed(self, request: MapRequest, mapping: Mapping) -> Deny | None:
+        """The Deny for an existing mapping on an external address its rule no longer lists."""
+        rule, allowed = self.addresses_for(request)
+        if mapping.external_address in allowed:
+            return None
+        detail = f"external address {mapping.external_address or 'default'} is no longer allowed"
+        return Deny(Reason.POLICY_DENIED, rule, detail)
 
     def _decide(
         self,

@@ -83,6 +83,9 @@ class Rule:
     remote_hosts: tuple[Network, ...] | None = None
     """Mappings (IPv4 sources) and pinholes (IPv6 sources) this rule grants admit traffic
     only from these sources (None: any)."""
+    external_addresses: tuple[IPv4Address | None, ...] | None = None
+    """External addresses mappings this rule grants may use, the first unless the client
+    asks for another of them (None in it, or the key left out: the default address)."""
     line: int | None = field(default=None, compare=False)
     """Line of the rule's table header in its file, for messages."""
 
@@ -103,6 +106,8 @@ class Forward:
     """Wall-clock end (POSIX seconds) of temporary access; None: no end."""
     owner: str = ""
     purpose: str = ""
+    external_address: IPv4Address | None = None
+    """One of network.external_addresses; None: the default external address."""
     line: int | None = field(default=None, compare=False)
     until_line: int | None = field(default=None, compare=False)
 
@@ -176,6 +181,7 @@ _RULE_KEYS = (
     "max_mappings_per_client",
     "allow_third_party",
     "remote_hosts",
+    "external_addresses",
 )
 _FORWARD_KEYS = (
     "name",
@@ -187,6 +193,7 @@ _FORWARD_KEYS = (
     "until",
     "owner",
     "purpose",
+    "external_address",
 )
 _TOP_KEYS = ("defaults", "rules", "forwards")
 
@@ -226,7 +233,7 @@ class _Reader(Reader):
             return ()
         forwards: list[Forward] = []
         names: dict[str, int | None] = {}
-        ports: dict[tuple[Protocol, int], Forward] = {}
+        ports: dict[tuple[IPv4Address | None, Protocol, int], Forward] = {}
         for index, entry in enumerate(entries):
             path: KeyPath = ("forwards", index)
             if not isinstance(entry, dict):
@@ -243,10 +250,10 @@ class _Reader(Reader):
             names[forward.name] = self.line_of((*path, "name"))
             clash = next(
                 (
-                    (protocol, port)
+                    (forward.external_address, protocol, port)
                     for protocol in sorted(forward.protocols)
                     for port in forward.ports()
-                    if (protocol, port) in ports
+                    if (forward.external_address, protocol, port) in ports
                 ),
                 None,
             )
@@ -254,11 +261,16 @@ class _Reader(Reader):
                 other = ports[clash]
                 self.issue(
                     (*path, "external_ports"),
-                    f"{clash[0]} port {clash[1]} is already forwarded by {other.name!r}"
+                    f"{clash[1]} port {clash[2]}{_on(clash[0])} is already forwarded by"
+                    f" {other.name!r}"
                     f" (line {other.line})",
                 )
                 continue
-            ports.update(((p, n), forward) for p in forward.protocols for n in forward.ports())
+            ports.update(
+                ((forward.external_address, p, n), forward)
+                for p in forward.protocols
+                for n in forward.ports()
+            )
             forwards.append(forward)
         return tuple(forwards)
 
@@ -276,6 +288,7 @@ class _Reader(Reader):
         until = self.value(table, path, "until", _instant, None)
         owner = self.value(table, path, "owner", _text, "")
         purpose = self.value(table, path, "purpose", _text, "")
+        external_address = self.value(table, path, "external_address", _address, None)
         if external[0] and internal + (external[1] - external[0]) > 65535:
             self.issue(
                 (*path, "internal_port"),
@@ -300,6 +313,7 @@ class _Reader(Reader):
             until=until,
             owner=owner,
             purpose=purpose,
+            external_address=external_address,
             line=self.lines.get(path),
             until_line=self.lines.get((*path, "until")),
         )
@@ -349,6 +363,9 @@ class _Reader(Reader):
             ),
             allow_third_party=self.value(table, path, "allow_third_party", boolean, False),
             remote_hosts=self.value(table, path, "remote_hosts", _remote_hosts, None),
+            external_addresses=self.value(
+                table, path, "external_addresses", _external_addresses, None
+            ),
             line=self.lines.get(path),
         )
         if rule.max_lease is not None and self.valid(table, path, "max_lease"):
@@ -458,6 +475,16 @@ def _remote_hosts4(value: object) -> tuple[IPv4Network, ...]:
     if len(set(networks)) > MAX_REMOTE_HOSTS:
         raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
     return tuple(dict.fromkeys(networks))
+def _on(address: IPv4Address | None) -> str:
+    return "" if address is None else f" of {address}"
+
+
+def _external_addresses(value: object) -> tuple[IPv4Address | None, ...]:
+    def convert(text: str) -> IPv4Address | None:
+        return None if text.strip() == "default" else _address(text)
+
+    found = _elements(value, '"203.0.113.9", "default"', convert)
+    return tuple(dict.fromkeys(found))
 
 
 def _address(value: object) -> IPv4Address:

@@ -43,6 +43,12 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     delete.add_argument("protocol", type=str.lower, choices=("tcp", "udp"), metavar="PROTO")
     delete.add_argument("external_port", type=_port, metavar="EXTERNAL_PORT")
     delete.add_argument("--remote-host", type=_address, metavar="IP")
+    delete.add_argument(
+        "--external-address",
+        type=_address,
+        metavar="IP",
+        help="the mapping's external address, when not the default (network.external_addresses)",
+    )
     add_control_options(delete)
     delete.set_defaults(handler=run_command("delete", _delete_args, format_deleted))
 
@@ -115,6 +121,11 @@ def format_status(status: dict[str, Any]) -> str:
         ("version", status["version"]),
         ("uptime", _duration(status["uptime"])),
         ("external address", status["external_address"] or "none"),
+        *(
+            [("further addresses", ", ".join(status["external_addresses"]))]
+            if status.get("external_addresses")
+            else []
+        ),
         ("epoch", str(status["epoch"])),
         ("mappings", f"{status['mappings']}" + (f" ({mechanisms})" if mechanisms else "")),
         ("policy", f"{status['policy']} ({status['rules']} rules)"),
@@ -188,6 +199,8 @@ def _delete_args(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {"protocol": args.protocol, "external_port": args.external_port}
     if args.remote_host is not None:
         request["remote_host"] = str(args.remote_host)
+    if args.external_address is not None:
+        request["external_address"] = str(args.external_address)
     return request
 
 

@@ -69,6 +69,7 @@ def _mapping(mapping: Mapping, now: float) -> dict[str, Any]:
         "protocol": str(mapping.protocol),
         "external_port": mapping.external_port,
         "remote_host": str(mapping.key.remote_host) if mapping.key.remote_host else None,
+        "external_address": str(mapping.external_address) if mapping.external_address else None,
         "internal_address": str(mapping.internal_address),
         "internal_port": mapping.internal_port,
         "lease_remaining": mapping.remaining(now),

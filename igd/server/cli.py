@@ -22,6 +22,7 @@ from igd.server.control import NotRunning, Refused, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
 from igd.server.forwards_cli import add_forwards_commands
 from igd.server.instance import StartError, acquire, interface_problems
+from igd.server.interfaces import further_address_problems
 from igd.server.policy_cli import add_policy_commands
 from igd.server.systemd import LEVELS, notify, setup_logging
 
@@ -189,7 +190,13 @@ def _wait_for_interfaces(config: Config) -> None:
     log = logging.getLogger("igd.daemon")
     need_address = config.external_address is None
     internal = config.internal_interfaces
-    problems = interface_problems(config.external_interface, internal, need_address=need_address)
+
+    def look() -> list[str]:
+        found = interface_problems(config.external_interface, internal, need_address=need_address)
+        # Only their presence is waited for: whether they are public is checked at start.
+        return found + further_address_problems(config.external_addresses, allow_private=True)
+
+    problems = look()
     if problems and not config.wait_for_interfaces:
         raise StartError("; ".join(problems) + " (or set network.wait_for_interfaces = true)")
     last_report = -INTERFACE_REPORT
@@ -203,9 +210,7 @@ def _wait_for_interfaces(config: Config) -> None:
             extend = int(3 * INTERFACE_REPORT * 1_000_000)
             notify(f"STATUS=waiting: {what}", f"EXTEND_TIMEOUT_USEC={extend}")
         time.sleep(INTERFACE_POLL)
-        problems = interface_problems(
-            config.external_interface, internal, need_address=need_address
-        )
+        problems = look()
 
 
 def add_config_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -229,6 +234,9 @@ def run_config_check(args: argparse.Namespace) -> int:
         try:
             config = Config.load(path)
             policy = Policy.load(config.policy_file)
+            issues = policy.address_issues(config.external_addresses)
+            if issues:
+                raise PolicyFileError(issues)
         except (ConfigError, PolicyFileError) as error:
             for issue in error.issues:
                 print(issue, file=sys.stderr)
@@ -318,6 +326,8 @@ def format_mappings(mappings: list[dict[str, Any]]) -> str:
     rows = [header]
     for m in mappings:
         external = str(m["external_port"])
+        if m.get("external_address"):
+            external = f"{m['external_address']}:{external}"
         if m["remote_host"]:
             external += f" from {m['remote_host']}"
         if m.get("remote_sources"):

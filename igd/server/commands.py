@@ -37,6 +37,8 @@ def mapping_row(mapping: Mapping, now: float) -> dict[str, Any]:
         "client": str(mapping.owner.client),
         "description": mapping.description,
         "remote_sources": [_source(f) for f in mapping.filters],
+        # None: the default external address (what GetExternalIPAddress and NAT-PMP say).
+        "external_address": str(mapping.external_address) if mapping.external_address else None,
     }
 
 
@@ -58,11 +60,12 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
         return daemon.status()
 
     async def delete(args: dict[str, Any]) -> Any:
-        _no_args(args, ("protocol", "external_port", "remote_host"))
+        _no_args(args, ("protocol", "external_port", "remote_host", "external_address"))
         key = MappingKey(
             _protocol(args.get("protocol")),
             _port(args.get("external_port")),
             _address(args.get("remote_host"), "remote_host"),
+            _address(args.get("external_address"), "external_address"),
         )
         held = service.holder(key)
         if held is not None and held.is_static:

@@ -128,6 +128,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "internal_interfaces": (_names, _REQUIRED),
         "external_address": (_address, None),
         "extra_external_addresses": (_addresses, ()),
+        "external_addresses": (_addresses, ()),
         "allow_private_external": (boolean, False),
         "address_poll_interval": (_number, 2.0),
         "wait_for_interfaces": (boolean, False),
@@ -262,6 +263,9 @@ class Config:
     external_address: IPv4Address | None
     extra_external_addresses: tuple[IPv4Address, ...]
     """Further addresses whose inbound packets mappings apply to (besides the interface's)."""
+    external_addresses: tuple[IPv4Address, ...]
+    """Further public addresses with mappings of their own (a forward's external_address, a
+    rule's external_addresses, a PCP client's suggestion); not the default address."""
     allow_private_external: bool
     address_poll_interval: float
     wait_for_interfaces: bool
@@ -328,6 +332,20 @@ class Config:
             reader.issue(
                 ("network", "internal_interfaces"), "must not include the external interface"
             )
+        further = net["external_addresses"]
+        if isinstance(further, tuple):
+            aliases = net["extra_external_addresses"]
+            for address in further:
+                if address == net["external_address"] or (
+                    isinstance(aliases, tuple) and address in aliases
+                ):
+                    reader.issue(
+                        ("network", "external_addresses"),
+                        f"{address} is also the default address or one of its aliases"
+                        " (external_address, extra_external_addresses)",
+                    )
+            if len(set(further)) != len(further):
+                reader.issue(("network", "external_addresses"), "lists an address twice")
         admin = values["admin"]
         listen = admin["listen"]
         if isinstance(listen, tuple) and not listen[0].is_loopback and not admin["password_hash"]:
@@ -348,6 +366,7 @@ class Config:
             internal_interfaces=net["internal_interfaces"],
             external_address=net["external_address"],
             extra_external_addresses=net["extra_external_addresses"],
+            external_addresses=net["external_addresses"],
             allow_private_external=net["allow_private_external"],
             address_poll_interval=net["address_poll_interval"],
             wait_for_interfaces=net["wait_for_interfaces"],

@@ -41,6 +41,7 @@ from igd.server.instance import (
 from igd.server.interfaces import (
     ExternalAddress,
     InternalInterface6,
+    further_address_problems,
     internal_interface,
     internal_interfaces6,
     ipv4_interfaces,
@@ -108,6 +109,11 @@ class Daemon:
             config.internal_interfaces,
             need_address=config.external_address is None,
         )
+        problems += further_address_problems(
+            config.external_addresses,
+            allow_private=config.allow_private_external or config.upstream.mode != "off",
+        )
+        problems += [str(issue) for issue in self.policy.address_issues(config.external_addresses)]
         if problems:
             raise StartError("; ".join(problems))
         if config.external_interface not in {name for _, name in socket.if_nameindex()}:
@@ -122,6 +128,7 @@ class Daemon:
             override=config.external_address,
             # Behind a double NAT the private address is served, and mirrored upstream.
             allow_private=config.allow_private_external or mirroring,
+            further=config.external_addresses,
         )
         if dry_run:
             self.store = LeaseStore(Path(":memory:"))
@@ -139,6 +146,7 @@ class Daemon:
                 guard=guard,
                 hairpin=config.hairpin,
                 counters=config.traffic_counters,
+                addresses=config.external_addresses,
             )
         reserved = set(ALWAYS_RESERVED)
         if config.upnp_enabled:
@@ -151,7 +159,7 @@ class Daemon:
             ),
         )
         self.service = Service(gateway, self.backend, self.store)
-        self.host_ports = HostPorts(self.destinations)
+        self.host_ports = HostPorts(lambda: self.destinations() | set(config.external_addresses))
         self.service.before_map = self._refresh_host_ports
         self.upstream: Upstream | None = None
         if mirroring:
@@ -452,6 +460,9 @@ class Daemon:
         """Load the policy file again (PolicyFileError or OSError: the old policy stays)."""
         digest = file_digest(self.config.policy_file)
         policy = Policy.load(self.config.policy_file)
+        issues = policy.address_issues(self.config.external_addresses)
+        if issues:
+            raise PolicyFileError(issues)
         for warning in policy.warnings(wall=time.time()):
             log.warning("policy %s", warning)
         self.policy = policy
@@ -531,6 +542,7 @@ class Daemon:
             "version": igd.__version__,
             "uptime": round(time.monotonic() - self.started),
             "external_address": str(self.external.current) if self.external.current else None,
+            "external_addresses": [str(a) for a in self.config.external_addresses],
             "epoch": self.service.epoch(),
             "mappings": self.service.count(),
             "by_mechanism": dict(sorted(by_mechanism.items())),
@@ -544,30 +556,34 @@ class Daemon:
         }
 
     def own_addresses(self) -> frozenset[IPv4Address]:
-        """Every address of the gateway's own: on its internal and external interfaces."""
+        """Every address of the gateway's own: on its interfaces, and network.external_addresses."""
         names = [*self.config.internal_interfaces, self.config.external_interface]
         found = {entry.ip for name in names for entry in ipv4_interfaces(name)}
         found |= {iface.address for iface in self.interfaces}
         if self.external.current is not None:
             found.add(self.external.current)
-        return frozenset(found)
+        return frozenset(found | set(self.config.external_addresses))
 
     def destinations(self) -> frozenset[IPv4Address]:
-        """The addresses the WAN reaches the gateway at: the external interface's own (all of
-        them, vetted or not), the reported override, and the configured extras."""
+        """The addresses the WAN reaches the gateway's default address at: the external
+        interface's own (all of them, vetted or not, but network.external_addresses, which
+        have mappings of their own), the reported override, and the configured extras."""
         found = {a.ip for a in ipv4_interfaces(self.config.external_interface)}
         if self.config.external_address is not None:
             found.add(self.config.external_address)
-        return frozenset(found | set(self.config.extra_external_addresses))
+        found |= set(self.config.extra_external_addresses)
+        return frozenset(found - set(self.config.external_addresses))
 
     def _admin_server(self) -> AdminServer:
         """The web console and /metrics; AdminListenError if its address is reachable from
         the WAN or not the gateway's loopback or LAN address."""
         config = self.config
         address, _ = config.admin_listen
-        external = self.destinations() | {
-            entry.ip for entry in ipv4_interfaces(config.external_interface)
-        }
+        external = (
+            self.destinations()
+            | set(config.external_addresses)
+            | {entry.ip for entry in ipv4_interfaces(config.external_interface)}
+        )
         internal = {
             name: frozenset(entry.ip for entry in ipv4_interfaces(name))
             for name in config.internal_interfaces

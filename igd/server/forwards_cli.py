@@ -77,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     public = str(config.external_address) if config and config.external_address else ""
-    rows = forward_rows(policy.forwards, public)
+    dynamic: list[dict[str, Any]] = []
     if args.all:
         socket_path: Path = args.socket or (config.control_socket if config else Path())
         try:
@@ -87,9 +87,9 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"igd-server forwards: {error}", file=sys.stderr)
             return 3
         public = status.get("external_address") or public
-        for row in rows:
-            row["public_address"] = public
-        rows += dynamic_rows(mappings, public, wall=time.time())
+        dynamic = dynamic_rows(mappings, public, wall=time.time())
+    # A forward on one of network.external_addresses names its own; the others the default.
+    rows = forward_rows(policy.forwards, public) + dynamic
     print(render(rows, args.format))
     return 0
 
@@ -105,7 +105,7 @@ def forward_rows(forwards: Iterable[Forward], public: str) -> list[dict[str, Any
                     "name": forward.name,
                     "kind": "static",
                     "protocol": str(protocol),
-                    "public_address": public,
+                    "public_address": str(forward.external_address or public),
                     "public_port": _span(forward.first_port, count),
                     "internal_address": str(forward.internal_address),
                     "internal_port": _span(forward.internal_port, count),
@@ -132,7 +132,7 @@ def dynamic_rows(
                 "name": m["description"],
                 "kind": m["mechanism"],
                 "protocol": m["protocol"],
-                "public_address": public,
+                "public_address": m.get("external_address") or public,
                 "public_port": str(m["external_port"]),
                 "internal_address": m["internal_address"],
                 "internal_port": str(m["internal_port"]),

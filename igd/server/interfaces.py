@@ -107,6 +107,28 @@ def internal_interface(name: str) -> InternalInterface:
     )
 
 
+def further_address_problems(
+    addresses: tuple[IPv4Address, ...], *, allow_private: bool
+) -> list[str]:
+    """Why network.external_addresses cannot be served: each must be an address of this
+    host (normally on the external interface; a routed subnet's addresses on any interface,
+    `lo` included), and public unless private external addresses are allowed."""
+    local = {entry.ip for _, name in socket.if_nameindex() for entry in ipv4_interfaces(name)}
+    problems = []
+    for address in addresses:
+        if address not in local:
+            problems.append(
+                f"network.external_addresses: {address} is no address of this host"
+                f" (add it to the external interface, e.g. ip address add {address}/32 dev ...)"
+            )
+        elif not is_public(address) and not allow_private:
+            problems.append(
+                f"network.external_addresses: {address} is not public"
+                " (set network.allow_private_external = true behind another NAT or in a lab)"
+            )
+    return problems
+
+
 def is_public(address: IPv4Address) -> bool:
     """Whether an address is globally routable (not private, shared, reserved or special)."""
     shared = address in ipaddress.IPv4Network("100.64.0.0/10")
@@ -122,9 +144,13 @@ class ExternalAddress:
         *,
         override: IPv4Address | None = None,
         allow_private: bool = False,
+        further: tuple[IPv4Address, ...] = (),
     ) -> None:
         self.interface = interface
         self.override = override
+        self.further = further
+        """network.external_addresses: fixed, never the default, whose own mappings report
+        them (mapping.external_address)."""
         self.allow_private = allow_private
         self.current: IPv4Address | None = None
         self.public: IPv4Address | None = None
@@ -144,8 +170,12 @@ class ExternalAddress:
         """The interface's address now (or the override), vetted; None when unusable."""
         if self.override is not None:
             return self._vet(self.override)
-        addresses = ipv4_interfaces(self.interface)
+        addresses = [a for a in ipv4_interfaces(self.interface) if a.ip not in self.further]
         return self._vet(addresses[0].ip) if addresses else None
+
+    def of(self, address: IPv4Address | None) -> IPv4Address | None:
+        """What a mapping on `address` is reached at: the reported default for None."""
+        return self.reported if address is None else address
 
     def refresh(self) -> bool:
         """Re-read the address; True when what the gateway reports changed."""

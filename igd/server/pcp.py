@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv6Address
 from igd.decision import Reason
 from igd.events import MappingRemoved
 from igd.gateway import Granted, Refused
-from igd.model import Mapping, MapRequest, Mechanism, Protocol
+from igd.model import DEFAULT_ADDRESS, Mapping, MapRequest, Mechanism, Protocol
 from igd.proto import pcp
 from igd.proto.pcp import (
     PcpDecodeError,
@@ -151,6 +151,7 @@ class PcpHandler:
             lifetime=request.lifetime,
             nonce=data.nonce,
             exact_port=options.prefer_failure,
+            external_address=self._suggested(data.external_address),
         )
         existing = self._existing(ask)
         if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
@@ -166,7 +167,7 @@ class PcpHandler:
             filters=self.options.filters(options, existing),
         )
         mapping, granted = await self._grant(ask)
-        port, address = mapping.external_port, self._external()
+        port, address = mapping.external_port, self._external(mapping.external_address)
         public = await self.service.public(mapping, granted)
         if isinstance(public, UpstreamRefusal):
             # A PCP proxy (RFC 7648) relays the server's refusal to its client.
@@ -189,7 +190,7 @@ class PcpHandler:
             # Double NAT (RFC 7648): the upstream's endpoint, for the lesser of both leases;
             # the nonce is ours to match with the client, the upstream sees the proxy's own.
             port, granted = public.port, public.lifetime
-            if public.address is not None:
+            if public.address is not None and mapping.external_address is None:
                 address = pcp.mapped(public.address)
         self._remember(mapping, source)
         return PcpResponse(
@@ -321,10 +322,22 @@ class PcpHandler:
         # PEER for one would only shadow another client's mapping for that address.
         return _valid_peer(address) and not self.service.is_local(address)
 
-    def _external(self) -> IPv6Address:
-        address = self.external.current
+    def _external(self, own: IPv4Address | None = None) -> IPv6Address:
+        """The assigned external address: the mapping's own, or the default (§11.1)."""
+        address = self.external.current if own is None else own
         assert address is not None
         return pcp.mapped(address)
+
+    def _suggested(self, suggested: IPv6Address) -> IPv4Address | None:
+        """The address a MAP's suggested external address asks for, as the core reads it."""
+        # RFC 6887 §11.1: the all-zeros address (either form) suggests nothing. An address
+        # that is not ours (a stale one from before a renumbering) is only a hint: none.
+        address = pcp.unmapped(suggested)
+        if address is None or address.is_unspecified:
+            return None
+        if address in (self.external.current, self.external.reported):
+            return DEFAULT_ADDRESS
+        return address if address in self.external.further else None
 
     def _error(
         self, data: bytes, result: PcpResult, lifetime: int | None, *, parsed: bool
@@ -372,6 +385,8 @@ class PcpHandler:
             destination = self.endpoints.get(_endpoint_key(mapping))
             if mapping.owner.mechanism is not Mechanism.PCP or destination is None:
                 continue
+            if mapping.external_address is not None:
+                continue  # its own address did not change
             updates.append((self._update_for(mapping, address, now), destination))
         return updates
 

@@ -284,6 +284,10 @@ def explanation(policy: Policy, request: MapRequest, decision: Decision) -> dict
             "suggested_port_honoured": _honoured(request, decision),
             "restrictions": list(decision.restrictions),
             "remote_sources": _sources(decision),
+            # The addresses a PCP request may get, the first by default (None: the default).
+            "external_addresses": [
+                str(a) if a else "default" for a in policy.addresses_for(request)[1]
+            ],
         }
     else:
         result |= {"reason": str(decision.reason), "detail": decision.detail}
@@ -312,6 +316,9 @@ def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
         sources = _sources(decision)
         if sources is not None:
             lines.append(f"remote sources: {', '.join(sources)}")
+        if policy.addressed:
+            addresses = [str(a) if a else "default" for a in policy.addresses_for(request)[1]]
+            lines.append(f"external addr.: {', '.join(addresses)} (the first unless PCP asks)")
         for index, note in enumerate(decision.restrictions or ("none",)):
             lines.append(f"{'restrictions:' if index == 0 else '':<15} {note}")
     else:

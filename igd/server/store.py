@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS mappings (
     expires REAL NOT NULL,
     filters TEXT NOT NULL,
     peer_port INTEGER NOT NULL,
-    PRIMARY KEY (protocol, external_port, remote_host)
+    external_address TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (protocol, external_port, remote_host, external_address)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
@@ -44,8 +45,18 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 POLICY_KEY = "policy_sha256"
 """Meta key: `file_digest` of the policy file the stored leases were granted under."""
 
-_UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_DELETE = "DELETE FROM mappings WHERE protocol = ? AND external_port = ? AND remote_host = ?"
+_UPSERT = "INSERT OR REPLACE INTO mappings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_DELETE = (
+    "DELETE FROM mappings WHERE protocol = ? AND external_port = ? AND remote_host = ?"
+    " AND external_address = ?"
+)
+_MIGRATE_ADDRESS = """
+ALTER TABLE mappings RENAME TO mappings_before_addresses;
+{schema}
+INSERT INTO mappings SELECT *, '' FROM mappings_before_addresses;
+DROP TABLE mappings_before_addresses;
+"""
+"""Stores written before external addresses: their rows hold the default address ('')."""
 
 
 def file_digest(path: Path) -> str:
@@ -137,6 +148,15 @@ class LeaseStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = open_database(path, _SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store of an older igd to this schema (its leases kept)."""
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(mappings)")]
+        if columns and "external_address" not in columns:
+            # The key changes, which SQLite's ALTER TABLE cannot do: copy the rows over.
+            schema = _SCHEMA.split(";")[0] + ";"
+            self._db.executescript("BEGIN;" + _MIGRATE_ADDRESS.format(schema=schema) + "COMMIT;")
 
     def load(self, clock: Clock, *, now: float) -> list[Mapping]:
         """Every unexpired mapping, in monotonic time; expired rows are deleted."""
@@ -200,13 +220,17 @@ class _Transaction:
         self._db.execute("ROLLBACK" if kind is not None else "COMMIT")
 
 
-def _key_row(key: MappingKey) -> tuple[str, int, str]:
-    return (str(key.protocol), key.external_port, str(key.remote_host or ""))
+def _key_row(key: MappingKey) -> tuple[str, int, str, str]:
+    address = str(key.external_address or "")
+    return (str(key.protocol), key.external_port, str(key.remote_host or ""), address)
 
 
 def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
+    key = mapping.key
     return (
-        *_key_row(mapping.key),
+        str(key.protocol),
+        key.external_port,
+        str(key.remote_host or ""),
         str(mapping.internal_address),
         mapping.internal_port,
         str(mapping.owner.mechanism),
@@ -217,6 +241,7 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
         clock.to_wall(mapping.expires),
         " ".join(f"{f.network}:{f.port}" for f in mapping.filters),
         mapping.peer_port,
+        str(key.external_address or ""),
     )
 
 
@@ -237,14 +262,19 @@ class _Loader:
 
     def mapping(self, row: tuple[Any, ...]) -> Mapping:
         (protocol, port, remote, internal, internal_port, mechanism, client, nonce,
-         description, created, expires, filters, peer_port) = row  # fmt: skip
+         description, created, expires, filters, peer_port, external) = row  # fmt: skip
         owner_key = (mechanism, client, nonce)
         owner = self.owners.get(owner_key)
         if owner is None:
             owner = Owner(Mechanism(mechanism), self.address(client), nonce)
             self.owners[owner_key] = owner
         return Mapping(
-            key=MappingKey(Protocol(protocol), port, self.address(remote) if remote else None),
+            key=MappingKey(
+                Protocol(protocol),
+                port,
+                self.address(remote) if remote else None,
+                self.address(external) if external else None,
+            ),
             internal_address=self.address(internal),
             internal_port=internal_port,
             owner=owner,

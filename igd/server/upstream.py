@@ -316,7 +316,9 @@ class Upstream:
 
     def ensure(self, mapping: Mapping) -> _Mirror | None:
         """The mirror serving this local mapping, started if it is not held upstream."""
-        if not self.active:
+        if not self.active or mapping.key.external_address is not None:
+            # A further external address (network.external_addresses) is the router's own
+            # public address: nothing upstream to mirror it on, and its port is not ours alone.
             return None
         slot = (mapping.protocol, mapping.external_port)
         mirror = self._mirrors.get(slot)
@@ -531,7 +533,7 @@ class Upstream:
         """What a client is told about a mapping held upstream now (its Mapping Update, its
         renewal's port); None if it is not mirrored."""
         mirror = self._mirrors.get((mapping.protocol, mapping.external_port))
-        if mirror is None or mirror.mapping is None:
+        if mirror is None or mirror.mapping is None or mapping.key.external_address is not None:
             return None
         held = mirror.mapping
         return Public(held.external_address, held.external_port, _lesser(lifetime, held))
@@ -539,7 +541,7 @@ class Upstream:
     def endpoint(self, mapping: Mapping) -> str | None:
         """The public address:port a local mapping is reached at, if mirrored."""
         mirror = self._mirrors.get((mapping.protocol, mapping.external_port))
-        if mirror is None or mirror.mapping is None:
+        if mirror is None or mirror.mapping is None or mapping.key.external_address is not None:
             return None
         return f"{mirror.mapping.external_address}:{mirror.mapping.external_port}"
 

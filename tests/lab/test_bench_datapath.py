@@ -8,12 +8,16 @@ from lab.bench_datapath import markdown, run
 
 
 def test_bench_datapath_measures_flows_through_the_mapping() -> None:
-    args = argparse.Namespace(sizes=(100,), seconds=0.2, repeats=1, miniupnpd_size=0)
+    args = argparse.Namespace(
+        sizes=(100,), seconds=0.2, repeats=1, miniupnpd_size=0, addressed=True
+    )
     cases = run(args, lambda line: None)
-    assert [(c.mappings, c.counters, c.filters) for c in cases] == [
-        (100, True, False),
-        (100, False, False),
-        (100, True, True),
+    assert [(c.gateway, c.mappings, c.counters, c.filters) for c in cases] == [
+        ("igd", 100, True, False),
+        ("igd", 100, False, False),
+        ("igd", 100, True, True),
+        ("igd, 2nd address", 100, True, False),
+        ("igd, 2nd address", 100, True, True),
     ]
     # Flows reach the LAN host through the DNAT: what arrives there is what is counted.
     assert all(c.rate > 1000 for c in cases), cases

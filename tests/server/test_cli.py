@@ -216,3 +216,31 @@ def test_format_pinholes() -> None:
         "tcp", "[2001:db8:0:77::a]:8080", "2001:db8:0:1::/64", "port", "any", "590s", "pcp",
         "2001:db8:0:77::a", "game",
     ]  # fmt: skip
+
+
+def test_config_check_wants_every_address_the_policy_names_configured(tmp_path: Path) -> None:
+    policy = GOOD_POLICY + (
+        '[[forwards]]\nname = "web"\nprotocols = ["tcp"]\nexternal_ports = "443"\n'
+        'internal_address = "192.168.1.5"\nexternal_address = "203.0.113.9"\n'
+    )
+    config = write_config(tmp_path, policy)
+    result = run("config", "check", str(config))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{tmp_path / 'policy.toml'}:3: forwards[0].external_address: 203.0.113.9 is not one"
+        " of network.external_addresses in the configuration\n"
+    )
+    # Listed in the configuration (where it may not also be an alias of the default): OK.
+    text = config.read_text().replace(
+        'internal_interfaces = ["lo"]',
+        'internal_interfaces = ["lo"]\nexternal_addresses = ["203.0.113.9"]',
+    )
+    config.write_text(text)
+    assert run("config", "check", str(config)).returncode == 0
+    config.write_text(
+        text.replace(
+            "external_addresses", 'extra_external_addresses = ["203.0.113.9"]\nexternal_addresses'
+        )
+    )
+    result = run("config", "check", str(config))
+    assert "is also the default address or one of its aliases" in result.stderr

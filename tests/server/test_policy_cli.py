@@ -148,6 +148,7 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
             "suggested external port 80 is not allowed; the gateway assigns another",
         ],
         "remote_sources": None,
+        "external_addresses": ["default"],
     }
     assert main(explain("--internal-port", "445", "--json")) == 1
     deny = json.loads(capsys.readouterr().out)

@@ -1,5 +1,7 @@
 """The lease store: what is committed comes back after a restart, expired leases do not."""
 
+import sqlite3
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -72,3 +74,50 @@ def test_meta_survives_reopen(tmp_path: Path) -> None:
     store.set_meta("epoch_start", "123.5")
     store.close()
     assert LeaseStore(tmp_path / "l.sqlite").get_meta("epoch_start") == "123.5"
+
+
+def test_one_port_on_two_external_addresses_persists_apart(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite"
+    default = mapping(2000, 500.0)
+    second = replace(default, key=replace(default.key, external_address=SECOND))
+    clock = Clock(wall=10_000.0, mono=0.0)
+    store = LeaseStore(path)
+    store.apply([], [default, second], clock)
+    store.apply([default], [], clock)
+    store.close()
+    restored = LeaseStore(path).load(clock, now=0.0)
+    assert [m.key for m in restored] == [second.key]
+
+
+def test_a_store_from_before_external_addresses_keeps_its_leases(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_SCHEMA)
+    old.execute(
+        "INSERT INTO mappings VALUES"
+        " ('tcp', 8080, '', '192.168.1.10', 8080, 'pcp', '192.168.1.10', NULL, 'web',"
+        " 10000.0, 10600.0, '', 0)"
+    )
+    old.commit()
+    old.close()
+    clock = Clock(wall=10_000.0, mono=0.0)
+    store = LeaseStore(path)
+    (restored,) = store.load(clock, now=0.0)
+    # Its rows hold the default address; the same port on another address can join it.
+    assert restored.key == MappingKey(Protocol.TCP, 8080) and restored.description == "web"
+    moved = replace(restored, key=replace(restored.key, external_address=SECOND))
+    store.apply([], [moved], clock)
+    assert {m.key for m in store.load(clock, now=0.0)} == {restored.key, moved.key}
+
+
+SECOND = IPv4Address("203.0.113.9")
+OLD_SCHEMA = """
+CREATE TABLE mappings (
+    protocol TEXT NOT NULL, external_port INTEGER NOT NULL, remote_host TEXT NOT NULL,
+    internal_address TEXT NOT NULL, internal_port INTEGER NOT NULL, mechanism TEXT NOT NULL,
+    client TEXT NOT NULL, nonce BLOB, description TEXT NOT NULL, created REAL NOT NULL,
+    expires REAL NOT NULL, filters TEXT NOT NULL, peer_port INTEGER NOT NULL,
+    PRIMARY KEY (protocol, external_port, remote_host)
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""

@@ -15,7 +15,7 @@ import pytest
 from igd.client import EventKind, MappingEvent, NotAuthorized
 from igd.events import ExternalAddressChanged, MappingRenewed
 from igd.gateway import Gateway, Refused
-from igd.model import MapRequest, Mechanism, Protocol
+from igd.model import Mapping, MappingKey, MapRequest, Mechanism, Owner, Protocol
 from igd.policy import Policy
 from igd.proto import natpmp, pcp
 from igd.proto.natpmp import (
@@ -425,3 +425,14 @@ def test_the_nonce_secret_is_kept_private_and_a_damaged_one_replaced(tmp_path: P
     path.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(StateDirectoryError):
         nonce_key(tmp_path)
+
+
+async def test_a_mapping_on_a_further_external_address_is_not_mirrored(rig: Rig) -> None:
+    # network.external_addresses are the router's own public addresses: nothing to mirror.
+    further = MappingKey(Protocol.TCP, 18080, external_address=IPv4Address("203.0.113.9"))
+    owner = Owner(Mechanism.PCP, CLIENT, NONCE)
+    mapping = Mapping(further, CLIENT, 8080, owner, created=0.0, expires=3600.0)
+    assert await rig.mirror.public(mapping, 3600) is None
+    assert rig.mirror.told(mapping, 3600) is None and rig.mirror.endpoint(mapping) is None
+    await rig.map(8080, 18080, 3600)  # the same port on the default address is mirrored
+    assert rig.up.asked == [(18080, Protocol.TCP, 18080)]

@@ -130,6 +130,7 @@ class ConsoleLog:
         return {
             "protocol": str(m.key.protocol),
             "external_port": m.key.external_port,
+            "external_address": str(m.external_address) if m.external_address else None,
             "remote_host": str(m.key.remote_host) if m.key.remote_host else None,
             "internal": f"{m.internal_address}:{m.internal_port}",
             "client": str(m.owner.client),

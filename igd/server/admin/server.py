@@ -334,6 +334,7 @@ class AdminServer:
                 Protocol(str(body.get("protocol", "")).lower()),
                 _port(body.get("external_port"), minimum=1),
                 _optional_address(body.get("remote_host")),
+                _optional_address(body.get("external_address")),
             )
         except ValueError as error:
             raise _json_error(web.HTTPBadRequest, str(error)) from None

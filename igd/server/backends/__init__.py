@@ -28,6 +28,9 @@ class KernelEntry:
     peer_port: int = 0
     """Non-zero for a PCP PEER entry: outbound traffic from the internal endpoint to
     remote_host:peer_port leaves with external_port (SNAT)."""
+    external_address: IPv4Address | None = None
+    """One of network.external_addresses, whose packets alone it takes; None: the default
+    address (and its aliases, the `destinations` set)."""
 
     @classmethod
     def of(cls, mapping: Mapping) -> KernelEntry:
@@ -40,6 +43,7 @@ class KernelEntry:
             mapping.internal_port,
             tuple(sorted(mapping.filters)),
             mapping.peer_port,
+            mapping.external_address,
         )
 
 

@@ -18,13 +18,13 @@ from igd.model import Mapping, MappingKey, Protocol
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.nft_payload import check_entry, element_timeout, entry_order
 
-_Key = tuple[Protocol, int, IPv4Address | None]
+_Key = tuple[Protocol, int, IPv4Address | None, IPv4Address | None]
 _Flow = tuple[IPv4Address, Protocol, int, IPv4Address | None, int]
 """A PEER flow: internal address, protocol, internal port, remote host, remote port."""
 
 
 def _key(entry: KernelEntry) -> _Key:
-    return (entry.protocol, entry.external_port, entry.remote_host)
+    return (entry.protocol, entry.external_port, entry.remote_host, entry.external_address)
 
 
 def _flow(entry: KernelEntry) -> _Flow:
@@ -145,7 +145,7 @@ class MemoryBackend:
     async def counters(self) -> dict[MappingKey, tuple[int, int]]:
         """No packets pass a pretend data plane: zero for every entry."""
         return {
-            MappingKey(e.protocol, e.external_port, e.remote_host): (0, 0)
+            MappingKey(e.protocol, e.external_port, e.remote_host, e.external_address): (0, 0)
             for e in self._entries.values()
         }
 
@@ -162,15 +162,20 @@ class MemoryBackend:
         self.closed = True
 
     def forward(
-        self, protocol: Protocol, external_port: int, source: IPv4Address, source_port: int
+        self,
+        protocol: Protocol,
+        external_port: int,
+        source: IPv4Address,
+        source_port: int,
+        address: IPv4Address | None = None,
     ) -> tuple[IPv4Address, int] | None:
         """Where a new inbound flow to external_port goes: the internal endpoint, or None when
         no entry maps it or the entry's filters refuse the source (the kernel drops it)."""
         # A remote-host-specific entry takes its host's flows, filters and all; only flows
         # it does not take reach the wildcard entry.
-        entry = self._entries.get((protocol, external_port, source))
+        entry = self._entries.get((protocol, external_port, source, address))
         if entry is None:
-            entry = self._entries.get((protocol, external_port, None))
+            entry = self._entries.get((protocol, external_port, None, address))
         if entry is None or not admits(entry, source, source_port):
             return None
         return entry.internal_address, entry.internal_port

@@ -27,9 +27,14 @@ from enum import IntEnum
 
 from igd.server.backends import BackendError, KernelEntry
 from igd.server.backends.nft_payload import (
+    ADDR_MAP,
+    ADDR_REMOTE_MAP,
     CONTAINERS,
     COUNTED,
+    COUNTED_ADDR,
+    COUNTED_ADDR_REMOTE,
     COUNTED_REMOTE,
+    COUNTERS,
     REMOTE_MAP,
     WILDCARD_MAP,
     check_entry,
@@ -147,8 +152,11 @@ def _port(port: int) -> bytes:
 
 
 def entry_key(entry: KernelEntry) -> bytes:
-    """The key: [remote ipv4_addr .] inet_proto . inet_service, each padded to 4 octets."""
+    """The key: [remote ipv4_addr .] [external ipv4_addr .] inet_proto . inet_service, each
+    padded to 4 octets."""
     key = bytes((entry.protocol.number, 0, 0, 0)) + _port(entry.external_port)
+    if entry.external_address is not None:
+        key = entry.external_address.packed + key
     return key if entry.remote_host is None else entry.remote_host.packed + key
 
 
@@ -159,11 +167,15 @@ def entry_data(entry: KernelEntry) -> bytes:
 
 def container(entry: KernelEntry) -> str:
     """The map that holds a plain entry."""
+    if entry.external_address is not None:
+        return ADDR_MAP if entry.remote_host is None else ADDR_REMOTE_MAP
     return WILDCARD_MAP if entry.remote_host is None else REMOTE_MAP
 
 
 def counter_set(entry: KernelEntry) -> str:
     """The set that counts an entry's traffic (its key is the map's key, without data)."""
+    if entry.external_address is not None:
+        return COUNTED_ADDR if entry.remote_host is None else COUNTED_ADDR_REMOTE
     return COUNTED if entry.remote_host is None else COUNTED_REMOTE
 
 
@@ -179,11 +191,12 @@ def plain_ops(
     delete it, add the new entries; timeouts in seconds, None = none. A renewal (key removed
     and added) keeps its counter element, as there."""
     new = [(_checked(e), t) for e, t in added]
-    kept = {(e.protocol, e.external_port, e.remote_host) for e, _ in new}
+    kept = {(e.protocol, e.external_port, e.remote_host, e.external_address) for e, _ in new}
     gone: list[_Item] = []
     for entry in map(_checked, removed):
         gone.append((container(entry), entry, None))
-        if (entry.protocol, entry.external_port, entry.remote_host) not in kept:
+        at = (entry.protocol, entry.external_port, entry.remote_host, entry.external_address)
+        if at not in kept:
             gone.append((counter_set(entry), entry, None))
     fresh: list[_Item] = []
     for entry, timeout in new:
@@ -204,7 +217,7 @@ def _ops(add: bool, items: Sequence[_Item]) -> list[SetOp]:
         groups[name].append((entry, timeout))
     ops = []
     for name, group in groups.items():
-        counter = name in (COUNTED, COUNTED_REMOTE)
+        counter = name in COUNTERS
         for start in range(0, len(group), MAX_ELEMENTS_PER_MESSAGE):
             chunk = group[start : start + MAX_ELEMENTS_PER_MESSAGE]
             found = tuple(

@@ -16,11 +16,17 @@ from igd.model import MappingKey, Protocol, RemoteFilter
 from igd.server.backends import KernelEntry
 from igd.server.backends.libnft import NftError
 from igd.server.backends.nft_payload import (
+    ADDR_MAP,
+    ADDR_REMOTE_MAP,
     ALLOWED,
+    ALLOWED_ADDR,
     CONTAINERS,
-    COUNTED,
+    COUNTED_ADDR,
+    COUNTED_ADDR_REMOTE,
     COUNTED_REMOTE,
+    COUNTERS,
     FILTERED,
+    FILTERED_ADDR,
     FILTERED_REMOTE,
     FILTERS_REMOTE,
     PEERS,
@@ -31,6 +37,8 @@ from igd.server.backends.nft_payload import (
 _Service = tuple[Protocol, int]
 _RemoteKey = tuple[IPv4Address, Protocol, int]
 _Endpoint = tuple[IPv4Address, int]
+_AddrKey = tuple[IPv4Address, Protocol, int]
+"""(external address, protocol, port) of a mapping on one of network.external_addresses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +153,21 @@ def parse_listing(doc: dict[str, Any], table: str) -> Listing:
     }
     for name, read in readers.items():
         _each(found[name], name, read)
+    entries = _entries(wild, remote, filtered, filtered_remote, allowed, kept, peers)
+    entries |= _addressed(found)
+    return Listing(frozenset(entries), sum(len(items) for items in found.values()))
 
+
+def _entries(
+    wild: dict[_Service, _Endpoint],
+    remote: dict[_RemoteKey, _Endpoint],
+    filtered: set[_Service],
+    filtered_remote: set[_RemoteKey],
+    allowed: defaultdict[_Service, list[RemoteFilter]],
+    kept: defaultdict[_RemoteKey, dict[int, RemoteFilter]],
+    peers: defaultdict[_RemoteKey, list[tuple[_Endpoint, int]]],
+) -> set[KernelEntry]:
+    """The default address's entries, from its sets' elements."""
     entries: set[KernelEntry] = set()
     for (protocol, port), (address, internal_port) in wild.items():
         # Filters count only where the mapping is marked filtered: that is what the rules do.
@@ -157,7 +179,49 @@ def parse_listing(doc: dict[str, Any], table: str) -> Listing:
         matches = [p for endpoint, p in peers.get(at, []) if endpoint == (address, internal_port)]
         peer_port = min(matches, default=0)
         entries.add(KernelEntry(protocol, port, host, address, internal_port, filters, peer_port))
-    return Listing(frozenset(entries), sum(len(items) for items in found.values()))
+    return entries
+
+
+def _addressed(found: dict[str, list[Any]]) -> set[KernelEntry]:
+    """The entries of mappings on network.external_addresses (the `*_addr` sets)."""
+    wild: dict[_AddrKey, _Endpoint] = {}
+    remote: dict[tuple[IPv4Address, _AddrKey], _Endpoint] = {}
+    filtered: set[_AddrKey] = set()
+    allowed: defaultdict[_AddrKey, list[RemoteFilter]] = defaultdict(list)
+
+    def at(key: list[Any]) -> _AddrKey:
+        return IPv4Address(key[0]), _protocol(key[1]), _port(key[2])
+
+    def read_wild(key: list[Any], data: list[Any]) -> None:
+        wild[at(key)] = (IPv4Address(data[0]), _port(data[1]))
+
+    def read_remote(key: list[Any], data: list[Any]) -> None:
+        remote[IPv4Address(key[0]), at(key[1:])] = (IPv4Address(data[0]), _port(data[1]))
+
+    def read_filtered(key: list[Any], data: list[Any]) -> None:
+        filtered.add(at(key))
+
+    _each(found[ADDR_MAP], ADDR_MAP, read_wild)
+    _each(found[ADDR_REMOTE_MAP], ADDR_REMOTE_MAP, read_remote)
+    _each(found[FILTERED_ADDR], FILTERED_ADDR, read_filtered)
+    for protocol, name in ALLOWED_ADDR.items():
+
+        def read_allowed(key: list[Any], data: list[Any], protocol: Protocol = protocol) -> None:
+            network = _network(key[0], key[1])
+            if network is not None:
+                mapping = (IPv4Address(key[3]), protocol, _port(key[4]))
+                allowed[mapping].append(RemoteFilter(network, _port(key[2])))
+
+        _each(found[name], name, read_allowed)
+    entries: set[KernelEntry] = set()
+    for key, (address, internal_port) in wild.items():
+        filters = tuple(sorted(allowed[key])) if key in filtered else ()
+        external, protocol, port = key
+        entries.add(KernelEntry(protocol, port, None, address, internal_port, filters, 0, external))
+    for (host, key), (address, internal_port) in remote.items():
+        external, protocol, port = key
+        entries.add(KernelEntry(protocol, port, host, address, internal_port, (), 0, external))
+    return entries
 
 
 def parse_entries(doc: dict[str, Any], table: str) -> set[KernelEntry]:
@@ -177,12 +241,15 @@ def parse_counters(doc: dict[str, Any], table: str) -> dict[MappingKey, Counts]:
     def read(name: str, item: Any) -> None:
         body = item["elem"]
         fields = _fields(body["val"])
-        remote = IPv4Address(fields.pop(0)) if name == COUNTED_REMOTE else None
-        key = MappingKey(_protocol(fields[0]), _port(fields[1]), remote)
+        remote_first = name in (COUNTED_REMOTE, COUNTED_ADDR_REMOTE)
+        remote = IPv4Address(fields.pop(0)) if remote_first else None
+        addressed = name in (COUNTED_ADDR, COUNTED_ADDR_REMOTE)
+        external = IPv4Address(fields.pop(0)) if addressed else None
+        key = MappingKey(_protocol(fields[0]), _port(fields[1]), remote, external)
         counter = body.get("counter") or {"packets": 0, "bytes": 0}
         counts[key] = (int(counter["packets"]), int(counter["bytes"]))
 
-    for name in (COUNTED, COUNTED_REMOTE):
+    for name in COUNTERS:
         for item in found[name]:
             try:
                 read(name, item)

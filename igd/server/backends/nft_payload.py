@@ -28,18 +28,30 @@ FILTERS_REMOTE = "filters_remote"
 PEERS = "peers"
 COUNTED = "counted"
 COUNTED_REMOTE = "counted_remote"
+# Mappings on one of network.external_addresses: the same shapes, the destination address
+# in front of (protocol, port). nft 1.0.6 lists a type of more than five fields wrongly, so
+# the FILTERs of these mappings have one set per protocol (the protocol is the set).
+ADDR_MAP = "portmap_addr"
+ADDR_REMOTE_MAP = "portmap_addr_remote"
+FILTERED_ADDR = "filtered_addr"
+ALLOWED_ADDR = {Protocol.TCP: "allowed_addr_tcp", Protocol.UDP: "allowed_addr_udp"}
+COUNTED_ADDR = "counted_addr"
+COUNTED_ADDR_REMOTE = "counted_addr_remote"
 CONTAINERS = (
     WILDCARD_MAP, REMOTE_MAP, FILTERED, ALLOWED, FILTERED_REMOTE, ALLOWED_REMOTE,
-    FILTERS_REMOTE, PEERS, COUNTED, COUNTED_REMOTE,
+    FILTERS_REMOTE, PEERS, COUNTED, COUNTED_REMOTE, ADDR_MAP, ADDR_REMOTE_MAP, FILTERED_ADDR,
+    *ALLOWED_ADDR.values(), COUNTED_ADDR, COUNTED_ADDR_REMOTE,
 )  # fmt: skip
 """Every set and map of the table, in the order commands list them."""
-COUNTERS = (COUNTED, COUNTED_REMOTE)
+COUNTERS = (COUNTED, COUNTED_REMOTE, COUNTED_ADDR, COUNTED_ADDR_REMOTE)
 """Sets with a packet and byte counter per mapping key. Their elements carry no timeout and
 a renewal leaves them alone (they are keyed by the mapping key only, like the mapping table),
 so a mapping's counts survive its renewals; they go when the mapping goes."""
 
 DESTINATIONS = "destinations"
 """The addresses DNAT applies to: the external interface's own, plus configured extras."""
+ADDRESSED = "addressed"
+"""network.external_addresses: each has mappings of its own (the `*_addr` maps)."""
 GUARD_SETS = ("pxp_over", "pxp_fair", "http_over", "http_fair")
 """Per-source limiter state (dynamic sets, one element per recent source)."""
 GUARD_SET_SIZE = 65536
@@ -51,6 +63,7 @@ INPUT = "input"
 POSTROUTING = "postrouting"
 ADMIT = "admit"
 ADMIT_REMOTE = "admit_remote"
+ADMIT_ADDR = {Protocol.TCP: "admit_addr_tcp", Protocol.UDP: "admit_addr_udp"}
 FORWARD = "forward"
 
 KERNEL_GRACE = 60
@@ -81,6 +94,14 @@ _TYPES = {
     PEERS: "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service : inet_service",
     COUNTED: "inet_proto . inet_service",
     COUNTED_REMOTE: "ipv4_addr . inet_proto . inet_service",
+    ADDR_MAP: "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+    ADDR_REMOTE_MAP: "ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+    FILTERED_ADDR: "ipv4_addr . inet_proto . inet_service",
+    **dict.fromkeys(
+        ALLOWED_ADDR.values(), "ipv4_addr . ipv4_addr . inet_service . ipv4_addr . inet_service"
+    ),
+    COUNTED_ADDR: "ipv4_addr . inet_proto . inet_service",
+    COUNTED_ADDR_REMOTE: "ipv4_addr . ipv4_addr . inet_proto . inet_service",
 }
 """Key (and data) type of every set and map; each a hash with per-element timeouts."""
 
@@ -145,6 +166,14 @@ def check_entry(entry: KernelEntry) -> KernelEntry:
     if len(set(entry.filters)) != len(entry.filters):
         # A set holds each filter once: a duplicate would not read back.
         raise ValueError(f"duplicate filters in {entry.filters!r}")
+    address = entry.external_address
+    if address is not None:
+        if not isinstance(address, IPv4Address):
+            raise ValueError(f"invalid external address {address!r}")
+        if entry.peer_port:
+            raise ValueError("a PEER entry uses the default external address")
+        if entry.remote_host is not None and entry.filters:
+            raise ValueError("a remote-host entry on another external address takes no FILTER")
     return entry
 
 
@@ -162,6 +191,8 @@ def elements(entry: KernelEntry) -> list[Element]:
     service = f"{entry.protocol.value} . {entry.external_port}"
     target = f"{entry.internal_address} . {entry.internal_port}"
     remote = entry.remote_host
+    if entry.external_address is not None:
+        return _addressed(entry, f"{entry.external_address} . {service}", target)
     if remote is None:
         found = [Element(WILDCARD_MAP, service, target), Element(COUNTED, service)]
         if entry.filters:
@@ -195,6 +226,25 @@ def elements(entry: KernelEntry) -> list[Element]:
     return found
 
 
+def _addressed(entry: KernelEntry, key: str, target: str) -> list[Element]:
+    """The elements of an entry on one of network.external_addresses (key: address, protocol,
+    port): what the destination address selects in the `*_addr` rules."""
+    if entry.remote_host is not None:
+        key = f"{entry.remote_host} . {key}"
+        return [Element(ADDR_REMOTE_MAP, key, target), Element(COUNTED_ADDR_REMOTE, key)]
+    found = [Element(ADDR_MAP, key, target), Element(COUNTED_ADDR, key)]
+    if entry.filters:
+        # RFC 6887 §13.3, as for the default address, in the protocol's own set.
+        found.append(Element(FILTERED_ADDR, key))
+        allowed = ALLOWED_ADDR[entry.protocol]
+        target_port = f"{entry.external_address} . {entry.external_port}"
+        found += [
+            Element(allowed, f"{_span(f.network)} . {f.port} . {target_port}")
+            for f in entry.filters
+        ]
+    return found
+
+
 def element_timeout(mapping: Mapping, now: float) -> int | None:
     """Kernel timeout for a mapping: remaining lease plus grace, rounded up; None = none."""
     remaining = mapping.expires - now
@@ -221,11 +271,17 @@ def _commands(verb: str, table: str, items: Iterable[tuple[Element, int | None]]
     ]
 
 
-def _counter_key(element: Element) -> tuple[Protocol, int, IPv4Address | None]:
+_CounterKey = tuple[Protocol, int, IPv4Address | None, IPv4Address | None]
+
+
+def _counter_key(element: Element) -> _CounterKey:
     """The mapping key a counter element stands for."""
     fields = element.key.split(" . ")
-    remote = IPv4Address(fields.pop(0)) if element.container == COUNTED_REMOTE else None
-    return Protocol(fields[0]), int(fields[1]), remote
+    remote_first = element.container in (COUNTED_REMOTE, COUNTED_ADDR_REMOTE)
+    remote = IPv4Address(fields.pop(0)) if remote_first else None
+    addressed = element.container in (COUNTED_ADDR, COUNTED_ADDR_REMOTE)
+    address = IPv4Address(fields.pop(0)) if addressed else None
+    return Protocol(fields[0]), int(fields[1]), remote, address
 
 
 def _expand(
@@ -244,7 +300,7 @@ def replace_elements(
     added = list(added)
     # A renewal (same key removed and added) keeps its counter element, and with it the
     # counts: adding an element that exists is a no-op.
-    kept = {(e.protocol, e.external_port, e.remote_host) for e, _ in added}
+    kept = {(e.protocol, e.external_port, e.remote_host, e.external_address) for e, _ in added}
     gone = [
         (element, timeout)
         for element, timeout in _expand((e, None) for e in removed)
@@ -274,10 +330,12 @@ def apply_commands(
 
 def entry_order(
     entry: KernelEntry,
-) -> tuple[str, int, int, int, int, int, tuple[RemoteFilter, ...]]:
+) -> tuple[int, str, int, int, int, int, int, tuple[RemoteFilter, ...]]:
     """Sort key for entries (KernelEntry's own order fails comparing None with an address)."""
     remote = -1 if entry.remote_host is None else int(entry.remote_host)
+    address = -1 if entry.external_address is None else int(entry.external_address)
     return (
+        address,
         entry.protocol.value,
         entry.external_port,
         remote,
@@ -395,7 +453,7 @@ def destination_commands(table: str, addresses: Iterable[IPv4Address]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def admit_rules(lengths: Iterable[int] | None = None) -> list[str]:
+def admit_rules(lengths: Iterable[int] | None = None, tail: str | None = None) -> list[str]:
     """The `admit` chain: return if a filter of the packet's mapping covers its source, else
     drop. A filter is held as (first address, last address, port) of its prefix; masking the
     source at each prefix length in turn makes every test one hash lookup. Longest first.
@@ -403,7 +461,7 @@ def admit_rules(lengths: Iterable[int] | None = None) -> list[str]:
     `lengths`: only the prefix lengths some wildcard entry's filter has (None: all 33). Each
     length costs two lookups per new flow to a filtered mapping (docs/performance.md)."""
     rules = []
-    tail = "meta l4proto . th dport @" + ALLOWED + " return"
+    tail = tail or "meta l4proto . th dport @" + ALLOWED + " return"
     wanted = range(33) if lengths is None else set(lengths)
     for length in sorted(wanted, reverse=True):
         if not 0 <= length <= 32:
@@ -423,11 +481,23 @@ def filter_lengths(entries: Iterable[KernelEntry]) -> set[int]:
     return {f.network.prefixlen for e in entries if e.remote_host is None for f in e.filters}
 
 
+def _admit_chains(lengths: Iterable[int] | None) -> dict[str, list[str]]:
+    """The `admit` chain and, for mappings on other external addresses, one per protocol."""
+    wanted = None if lengths is None else list(lengths)
+    chains = {ADMIT: admit_rules(wanted)}
+    for protocol, chain in ADMIT_ADDR.items():
+        tail = f"ip daddr . th dport @{ALLOWED_ADDR[protocol]} return"
+        chains[chain] = admit_rules(wanted, tail)
+    return chains
+
+
 def admit_commands(table: str, lengths: Iterable[int] | None) -> str:
-    """Rewrite the `admit` chain for these prefix lengths (part of a larger transaction)."""
+    """Rewrite the `admit` chains for these prefix lengths (part of a larger transaction)."""
     t = check_table_name(table)
-    lines = [f"flush chain ip {t} {ADMIT}"]
-    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(lengths)]
+    lines = []
+    for chain, rules in _admit_chains(lengths).items():
+        lines.append(f"flush chain ip {t} {chain}")
+        lines += [f"add rule ip {t} {chain} {rule}" for rule in rules]
     return "".join(line + "\n" for line in lines)
 
 
@@ -446,13 +516,15 @@ def open_commands(
     hairpin: bool = True,
     counters: bool = True,
     admit_lengths: Iterable[int] | None = None,
+    addresses: Iterable[IPv4Address] = (),
 ) -> str:
     """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
 
     `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
     input chain's rate limits; `hairpin` lets LAN hosts use mappings through the external
     address (NAT loopback); `counters` counts every packet of every mapped flow;
-    `admit_lengths` the FILTER prefix lengths to test (None: all)."""
+    `admit_lengths` the FILTER prefix lengths to test (None: all); `addresses` the further
+    external addresses (network.external_addresses), each with mappings of its own."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
     # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
     # host's own address, to the gateway's LAN address) is never taken by a mapping. With
@@ -460,6 +532,7 @@ def open_commands(
     # port, RFC 4787 §6 / RFC 5382 §5 "hairpinning"), else only from the external one.
     arriving = "" if hairpin else f'iifname "{ifname}" '
     inbound = f"{arriving}ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}"
+    addressed = f"{arriving}ip daddr @{ADDRESSED} meta l4proto"
     lines = [f"add table ip {t}"]
     lines += [f"add {kind} ip {t} {name} {{ {_declaration(name)} }}" for name, kind in _kinds()]
     lines += [
@@ -467,6 +540,7 @@ def open_commands(
         " policy accept; }",
         f"add chain ip {t} {ADMIT}",
         f"add chain ip {t} {ADMIT_REMOTE}",
+        *(f"add chain ip {t} {chain}" for chain in ADMIT_ADDR.values()),
         # Before srcnat: the first NAT chain to bind a flow wins, and a PEER flow must get
         # its external port here, not whatever port the admin's masquerade would pick.
         f"add chain ip {t} {POSTROUTING} {{ type nat hook postrouting priority srcnat - 10;"
@@ -475,6 +549,8 @@ def open_commands(
         f"add chain ip {t} {FORWARD} {{ type filter hook forward priority filter - 10;"
         " policy accept; }",
         f"add set ip {t} {DESTINATIONS} {{ type ipv4_addr; }}",
+        f"add set ip {t} {ADDRESSED} {{ type ipv4_addr; }}",
+        f"flush set ip {t} {ADDRESSED}",
         *(
             f"add set ip {t} {name} {{ type ipv4_addr; size {GUARD_SET_SIZE};"
             " flags dynamic,timeout; timeout 1m; }"
@@ -486,8 +562,11 @@ def open_commands(
     ]
     # Flushing a chain drops its rules, never set elements: mappings survive a restart, and
     # a changed external interface name replaces the old rules in the same commit.
-    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, POSTROUTING, INPUT, FORWARD)
+    chains = (PREROUTING, ADMIT, ADMIT_REMOTE, *ADMIT_ADDR.values(), POSTROUTING, INPUT, FORWARD)
     lines += [f"flush chain ip {t} {chain}" for chain in chains]
+    extra = sorted({IPv4Address(a) for a in addresses})
+    if extra:
+        lines.append(f"add element ip {t} {ADDRESSED} {{ {', '.join(map(str, extra))} }}")
     # A NAT chain sees only the first packet of each flow: exactly the packets a FILTER must
     # judge. Dropping here refuses the flow; replies of flows already admitted (or started
     # from inside) never come this way. A DNAT lookup that hits ends the chain, so a packet
@@ -499,7 +578,26 @@ def open_commands(
         f"dnat ip to meta l4proto . th dport map @{WILDCARD_MAP}",
     ]
     lines += [f"add rule ip {t} {PREROUTING} {inbound} {rule}" for rule in prerouting]
-    lines += [f"add rule ip {t} {ADMIT} {rule}" for rule in admit_rules(admit_lengths)]
+    # The further external addresses: the destination address is part of every key, so one
+    # port can lead to a different host on each address; still one lookup per map.
+    # Written only when there are such addresses: otherwise new flows pay no lookup for them.
+    at = "ip daddr . meta l4proto . th dport"
+    if extra:
+        lines.append(
+            f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
+            f" dnat ip to ip saddr . {at} map @{ADDR_REMOTE_MAP}"
+        )
+        lines += [
+            f"add rule ip {t} {PREROUTING} {addressed} {protocol.value}"
+            f" {at} @{FILTERED_ADDR} jump {chain}"
+            for protocol, chain in ADMIT_ADDR.items()
+        ]
+        lines.append(
+            f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
+            f" dnat ip to {at} map @{ADDR_MAP}"
+        )
+    for chain, rules in _admit_chains(admit_lengths).items():
+        lines += [f"add rule ip {t} {chain} {rule}" for rule in rules]
     lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
     # masquerade, not snat: the kernel takes the interface's current address for each new
     # flow, so an address change needs no rewrite. Only the port comes from the map.
@@ -512,10 +610,12 @@ def open_commands(
         # as source: the service's replies then come back through the gateway to be un-NATed
         # (answered directly, the client would drop them: they come from the wrong address).
         # In postrouting the input interface is the one the packet was forwarded from.
-        lines.append(
+        lines += [
             f'add rule ip {t} {POSTROUTING} iifname != "{ifname}" oifname != "{ifname}"'
-            f" ct status dnat ct original ip daddr @{DESTINATIONS} masquerade"
-        )
+            f" ct status dnat ct original ip daddr @{name} masquerade"
+            for name in (DESTINATIONS, ADDRESSED)
+            if extra or name == DESTINATIONS
+        ]
     if counters:
         # Every packet of a flow a mapping admitted, both directions: the original tuple's
         # destination is the mapping's key. A hit in the remote-host set ends the chain so
@@ -528,6 +628,14 @@ def open_commands(
             " accept",
             f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED}",
         ]
+        mapped = f"ct status dnat ct original ip daddr @{ADDRESSED} meta l4proto {{ tcp, udp }}"
+        key = f"ct original ip daddr . {key}"
+        if extra:
+            lines += [
+                f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key}"
+                f" @{COUNTED_ADDR_REMOTE} accept",
+                f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED_ADDR}",
+            ]
     if guard is not None:
         lines += [f"add rule ip {t} {INPUT} {rule}" for rule in guard_rules(guard)]
     text = "".join(line + "\n" for line in lines)
@@ -540,10 +648,10 @@ def close_commands(table: str) -> str:
     return f"add table ip {t}\ndelete table ip {t}\n"
 
 
-def list_counters_commands(table: str) -> tuple[str, str]:
-    """Listings of the two counter sets (nft 1.0.6 lists only one per call)."""
+def list_counters_commands(table: str) -> tuple[str, ...]:
+    """Listings of the counter sets (nft 1.0.6 lists only one per call)."""
     t = check_table_name(table)
-    return tuple(f"list set ip {t} {name}" for name in COUNTERS)  # type: ignore[return-value]
+    return tuple(f"list set ip {t} {name}" for name in COUNTERS)
 
 
 def list_command(table: str) -> str:

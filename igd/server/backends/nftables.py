@@ -8,6 +8,8 @@ Shape (docs/nftables.md shows the listing and explains the choices):
       set allowed, allowed_remote      the peers those FILTERs admit
       map filters_remote               FILTERs of remote-host entries, kept whole to list back
       map peers                        PEER flows (RFC 6887 §12) -> external port
+      map portmap_addr[_remote], ...   the same for network.external_addresses, keyed by
+                                       destination address . proto . port (docs/nftables.md)
       chain prerouting (nat, dstnat)   judge FILTERs, then DNAT: remote-specific map first
       chain admit, admit_remote        one hash lookup per prefix length; miss = drop
       chain postrouting (nat, srcnat - 10)  masquerade PEER flows to their external port
@@ -120,8 +122,11 @@ class NftablesBackend:
         guard: Guard | None = None,
         hairpin: bool = True,
         counters: bool = True,
+        addresses: Iterable[IPv4Address] = (),
     ) -> None:
         self.table = check_table_name(table)
+        self.addresses = tuple(addresses)
+        """network.external_addresses: each DNATs its own mappings (the `*_addr` maps)."""
         self.guard = guard
         self.hairpin = hairpin
         self.count_traffic = counters
@@ -278,6 +283,7 @@ class NftablesBackend:
             hairpin=self.hairpin,
             counters=self.count_traffic,
             admit_lengths=self._lengths,
+            addresses=self.addresses,
         )
 
     def _fast_ops(

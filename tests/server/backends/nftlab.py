@@ -35,8 +35,10 @@ def mapping(
     lease: float = 3600.0,
     filters: tuple[RemoteFilter, ...] = (),
     peer_port: int = 0,
+    address: str | None = None,
 ) -> Mapping:
-    key = MappingKey(protocol, port, IPv4Address(remote) if remote else None)
+    external = IPv4Address(address) if address else None
+    key = MappingKey(protocol, port, IPv4Address(remote) if remote else None, external)
     return Mapping(
         key,
         LAN,

@@ -102,6 +102,27 @@ async def test_fast_path_writes_what_the_text_path_writes(
     assert timeouts(fast_ns) == {"tcp . 18080": 7261, "tcp . 1": None}
 
 
+async def test_fast_path_writes_entries_on_further_addresses_as_the_text_path(
+    pair: tuple[Netns, NftablesBackend, Netns, NftablesBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast_ns, fast, text_ns, text = pair
+    batches = count_batches(monkeypatch, fast)
+    second = mapping(18080, address="203.0.113.9", internal_port=9090)
+    remote = mapping(5000, remote="198.51.100.7", address="203.0.113.9")
+    steps: list[tuple[list[Mapping], list[Mapping]]] = [
+        ([], [mapping(18080), second, remote]),
+        ([second], [replace(second, expires=NOW + 7200.5)]),
+        ([remote], []),
+    ]
+    for removed, added in steps:
+        for backend in (fast, text):
+            await backend.apply(removed, added, now=NOW)
+        assert snapshot(fast_ns) == snapshot(text_ns)
+        assert await fast.entries() == await text.entries()
+    assert len(batches) == len(steps)
+
+
 async def test_renewal_of_a_missing_or_expired_element_succeeds(
     pair: tuple[Netns, NftablesBackend, Netns, NftablesBackend],
     monkeypatch: pytest.MonkeyPatch,

@@ -55,7 +55,7 @@ def mapping(
 def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> None:
     lines = open_commands("igd", "wan0", hairpin=False, counters=False).splitlines()
     inbound = 'iifname "wan0" ip daddr @destinations meta l4proto { tcp, udp }'
-    assert lines[:22] == [
+    assert lines[:33] == [
         "add table ip igd",
         "add map ip igd portmap { type inet_proto . inet_service"
         " : ipv4_addr . inet_service; flags timeout; }",
@@ -74,14 +74,32 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         " . inet_service : inet_service; flags timeout; }",
         "add set ip igd counted { type inet_proto . inet_service; counter; }",
         "add set ip igd counted_remote { type ipv4_addr . inet_proto . inet_service; counter; }",
+        "add map ip igd portmap_addr { type ipv4_addr . inet_proto . inet_service"
+        " : ipv4_addr . inet_service; flags timeout; }",
+        "add map ip igd portmap_addr_remote { type ipv4_addr . ipv4_addr . inet_proto"
+        " . inet_service : ipv4_addr . inet_service; flags timeout; }",
+        "add set ip igd filtered_addr { type ipv4_addr . inet_proto . inet_service;"
+        " flags timeout; }",
+        *(
+            f"add set ip igd allowed_addr_{p} {{ type ipv4_addr . ipv4_addr . inet_service"
+            " . ipv4_addr . inet_service; flags timeout; }"
+            for p in ("tcp", "udp")
+        ),
+        "add set ip igd counted_addr { type ipv4_addr . inet_proto . inet_service; counter; }",
+        "add set ip igd counted_addr_remote { type ipv4_addr . ipv4_addr . inet_proto"
+        " . inet_service; counter; }",
         "add chain ip igd prerouting { type nat hook prerouting priority dstnat; policy accept; }",
         "add chain ip igd admit",
         "add chain ip igd admit_remote",
+        "add chain ip igd admit_addr_tcp",
+        "add chain ip igd admit_addr_udp",
         "add chain ip igd postrouting { type nat hook postrouting priority srcnat - 10;"
         " policy accept; }",
         "add chain ip igd forward { type filter hook forward priority filter - 10;"
         " policy accept; }",
         "add set ip igd destinations { type ipv4_addr; }",
+        "add set ip igd addressed { type ipv4_addr; }",
+        "flush set ip igd addressed",
         *(
             f"add set ip igd {name} {{ type ipv4_addr; size 65536; flags dynamic,timeout;"
             " timeout 1m; }"
@@ -90,12 +108,15 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         "add chain ip igd input { type filter hook input priority filter - 10; policy accept; }",
     ]
     # Every rule is rewritten (and only rules: no set is ever flushed here).
-    assert lines[22:28] == [
+    assert lines[33:41] == [
         f"flush chain ip igd {chain}"
-        for chain in ("prerouting", "admit", "admit_remote", "postrouting", "input", "forward")
-    ]
+        for chain in (
+            "prerouting", "admit", "admit_remote", "admit_addr_tcp", "admit_addr_udp",
+            "postrouting", "input", "forward",
+        )
+    ]  # fmt: skip
     rules = [line for line in lines if line.startswith("add rule")]
-    assert len(rules) == len(lines) - 28
+    assert len(rules) == len(lines) - 41
     assert not [r for r in rules if " forward " in r]  # no counters asked for
     assert not [r for r in rules if " input " in r]  # no guard asked for
     assert [r for r in rules if " prerouting " in r] == [
@@ -117,7 +138,9 @@ def test_open_creates_everything_idempotently_and_rewrites_only_the_rules() -> N
         " @allowed_remote return",
         "add rule ip igd admit_remote drop",
     ]
-    assert "flush set" not in open_commands("igd", "wan0")
+    # Only the further addresses' set, which the configuration fills, never a mapping's.
+    flushed = [line for line in open_commands("igd", "wan0").splitlines() if "flush set" in line]
+    assert flushed == ["flush set ip igd addressed"]
     assert "flush map" not in open_commands("igd", "wan0")
 
 
@@ -172,8 +195,10 @@ def test_admit_can_test_only_the_prefix_lengths_in_use() -> None:
     ]
     assert filter_lengths(entries) == {24, 32}  # remote-host entries use admit_remote
     text = admit_commands("igd", [32])
-    assert text.splitlines()[0] == "flush chain ip igd admit"
-    assert len(text.splitlines()) == 4
+    lines = text.splitlines()
+    assert lines[0] == "flush chain ip igd admit"
+    # The same lengths in the further addresses' chains: 2 lookups each, then drop.
+    assert len(lines) == 4 * 3 and lines[4] == "flush chain ip igd admit_addr_tcp"
 
 
 def test_apply_renewal_re_adds_before_deleting_then_adds_with_timeout() -> None:
@@ -310,7 +335,9 @@ def test_reconcile_flushes_and_refills_every_set_and_reports_the_difference() ->
             ("map", "portmap"), ("map", "portmap_remote"), ("set", "filtered"),
             ("set", "allowed"), ("set", "filtered_remote"), ("set", "allowed_remote"),
             ("map", "filters_remote"), ("map", "peers"), ("set", "counted"),
-            ("set", "counted_remote"),
+            ("set", "counted_remote"), ("map", "portmap_addr"), ("map", "portmap_addr_remote"),
+            ("set", "filtered_addr"), ("set", "allowed_addr_tcp"), ("set", "allowed_addr_udp"),
+            ("set", "counted_addr"), ("set", "counted_addr_remote"),
         ]
     ]  # fmt: skip
     assert commands.splitlines() == [
@@ -328,7 +355,7 @@ def test_reconcile_clears_elements_that_make_up_no_entry() -> None:
     # A hand-edited table: elements, but none of them a whole entry.
     commands, report = reconcile_plan("igd", set(), [], now=0.0, held=2)
     assert report == ReconcileReport((), ())
-    assert commands.count("flush ") == 10 and "add element" not in commands
+    assert commands.count("flush ") == 17 and "add element" not in commands
 
 
 def test_many_elements_make_one_command_per_map_and_kind() -> None:

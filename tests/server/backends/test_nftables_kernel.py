@@ -265,3 +265,31 @@ add rule ip igd prerouting iifname "wan0" meta l4proto { tcp, udp } dnat ip to i
 add rule ip igd prerouting iifname "wan0" meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @portmap
 add element ip igd portmap { tcp . 18079 : 192.168.78.10 . 8080 }
 """  # noqa: E501 (the earlier release's exact commands)
+
+
+SECOND = "203.0.113.9"
+ON_SECOND = [
+    mapping(18080, address=SECOND),  # the same port as FILTERED, on another address
+    mapping(18080, protocol=Protocol.UDP, address=SECOND, filters=FILTERED.filters),
+    mapping(18082, remote="198.51.100.7", address=SECOND),
+]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_entries_on_further_addresses_read_back_and_count_apart(
+    gw: Netns, fast_path: bool
+) -> None:
+    backend = NftablesBackend("igd", "wan0", netns=gw.name, fast_path=fast_path)
+    await backend.open()
+    every = [FILTERED, PLAIN, *ON_SECOND]
+    await backend.apply([], every, now=NOW)
+    assert await backend.entries() == {KernelEntry.of(m) for m in every}
+    # One counter per mapping key: the same port on two addresses counts apart.
+    assert set(await backend.counters()) == {m.key for m in every}
+    again = NftablesBackend("igd", "wan0", netns=gw.name)
+    await again.open()
+    assert await again.reconcile(every, now=NOW) == ReconcileReport((), ())
+    await again.close(flush=False)
+    await backend.apply(ON_SECOND, [], now=NOW)
+    assert await backend.entries() == {KernelEntry.of(FILTERED), KernelEntry.of(PLAIN)}
+    await backend.close(flush=False)

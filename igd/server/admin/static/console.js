@@ -63,7 +63,8 @@ function renderMappings() {
     const tr = document.createElement("tr");
     tr.dataset.port = m.external_port;
     tr.dataset.protocol = m.protocol;
-    cell(tr, m.external_port + (m.remote_host ? " from " + m.remote_host : ""));
+    const at = m.external_address ? m.external_address + ":" : "";
+    cell(tr, at + m.external_port + (m.remote_host ? " from " + m.remote_host : ""));
     cell(tr, m.protocol.toUpperCase());
     cell(tr, m.internal);
     cell(tr, m.client);
@@ -170,7 +171,8 @@ async function refresh() {
 
 async function remove(m) {
   try {
-    await post("/api/delete", { protocol: m.protocol, external_port: m.external_port, remote_host: m.remote_host });
+    await post("/api/delete", { protocol: m.protocol, external_port: m.external_port, remote_host: m.remote_host,
+      external_address: m.external_address });
     say("Deleted " + m.protocol.toUpperCase() + " " + m.external_port + ".");
   } catch (error) {
     say("Delete failed: " + error.message, true);
