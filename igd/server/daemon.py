@@ -158,13 +158,9 @@ class Daemon:
         if config.pcp_enabled:
             limits = PcpLimits(config.pcp_max_filters, config.pcp_max_description)
             pcp = PcpHandler(self.service, self.external, limits)
-        self.pxp = PxpServer(
-            self.interfaces,
-            natpmp,
-            pcp,
-            RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
-            self.service,
-        )
+        # One budget per client for every mapping protocol: NAT-PMP, PCP and UPnP actions.
+        limiter = RateLimiter(config.requests_per_second_per_client, config.burst_per_client)
+        self.pxp = PxpServer(self.interfaces, natpmp, pcp, limiter, self.service)
         self.control = ControlServer(config.control_socket, admin_commands(self))
         self.audit: AuditLog | None = None
         if config.audit_file is not None:
@@ -183,6 +179,7 @@ class Daemon:
                 http_port=config.upnp_http_port,
                 igd_version=config.upnp_igd_version,
                 store=self.store,
+                limiter=limiter,
             )
         self.kernel_restores = 0
         """Times the nftables table was restored after another program removed it."""
@@ -576,4 +573,3 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-

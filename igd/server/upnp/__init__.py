@@ -20,6 +20,7 @@ from igd.events import ExternalAddressChanged, MappingGranted, MappingRemoved, M
 from igd.proto import description
 from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
 from igd.server.interfaces import ExternalAddress, InternalInterface
+from igd.server.pxp import RateLimiter
 from igd.server.service import Service
 from igd.server.store import LeaseStore
 from igd.server.upnp.actions import Actions
@@ -60,6 +61,7 @@ class UpnpServer:
         store: LeaseStore,
         bind_device: bool = True,
         identity: Identity | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.service = service
         self.interfaces = interfaces
@@ -102,6 +104,7 @@ class UpnpServer:
             port=http_port,
             server=self.server,
             auto_v1=auto,
+            limiter=limiter,
         )
         self.ssdp = SsdpResponder(
             interfaces,
