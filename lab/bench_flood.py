@@ -10,7 +10,8 @@ Two modes, each in its own namespace lab (traffic only to the lab gateway's LAN 
   the guard's rules are flushed first: what the same flood does without it.
 - `overload`: 8, 32 and 128 clients (addresses of one LAN host), each with `--outstanding`
   map requests in flight, against a daemon restarted each time over a store of `--size`
-  mappings. Reported: grants per second, timeouts, latency.
+  mappings. Reported: grants per second, timeouts, latency, the daemon's CPU time per grant
+  (from /proc, steadier than grants/s on a shared machine) and the load generator's CPU.
 
 Method and results: docs/performance.md ("Under flood and overload").
 """
