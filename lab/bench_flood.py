@@ -10,7 +10,8 @@ Two modes, each in its own namespace lab (traffic only to the lab gateway's LAN 
   the guard's rules are flushed first: what the same flood does without it.
 - `overload`: 8, 32 and 128 clients (addresses of one LAN host), each with `--outstanding`
   map requests in flight, against a daemon restarted each time over a store of `--size`
-  mappings. Reported: grants per second, timeouts, latency.
+  mappings. Reported: grants per second, timeouts, latency, the daemon's CPU time per grant
+  (from /proc, steadier than grants/s on a shared machine) and the load generator's CPU.
 
 Method and results: docs/performance.md ("Under flood and overload").
 """
@@ -216,7 +217,8 @@ latencies.sort()
 def pct(q):
     return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
 print(json.dumps({"ok": ok, "refused": refused, "lost": lost, "resent": resent,
-                  "seconds": seconds, "p50": pct(0.5), "p99": pct(0.99)}))
+                  "seconds": seconds, "p50": pct(0.5), "p99": pct(0.99),
+                  "cpu": time.process_time()}))
 """
 
 
@@ -258,10 +260,19 @@ class LoadResult:
     seconds: float
     p50: float
     p99: float
+    daemon_cpu: float
+    """The daemon's CPU seconds (user + system) during the run."""
+    load_cpu: float
+    """The load generator's CPU seconds during the run."""
 
     @property
     def grants(self) -> float:
         return self.ok / self.seconds
+
+    @property
+    def cpu_per_grant(self) -> float:
+        """The daemon's CPU seconds per grant."""
+        return self.daemon_cpu / self.ok if self.ok else 0.0
 
 
 def add_sources(lab: Lab, count: int) -> str:
@@ -393,10 +404,14 @@ def run_overload(args: argparse.Namespace, say: Callable[[str], None]) -> list[L
                 nftables={"table": TABLE, "on_stop": "flush"},
             )
             start_daemon(lab, config)
+            proc = lab.gateway_process
+            assert proc is not None
+            cpu0 = cpu_seconds(proc.pid)
             argv = [lab.gateway.address, base, clients, args.outstanding, args.seconds, 1.0]
             out = lab.python(
                 lab.lan[0], ["-c", _LOAD, *map(str, argv)], timeout=args.seconds + 120
             ).stdout
+            daemon_cpu = cpu_seconds(proc.pid) - cpu0
             lab.stop_gateway()
             drop_table(lab, "ip", TABLE)
             data = json.loads(out)
@@ -410,11 +425,15 @@ def run_overload(args: argparse.Namespace, say: Callable[[str], None]) -> list[L
                 data["seconds"],
                 data["p50"],
                 data["p99"],
+                daemon_cpu,
+                data["cpu"],
             )
             say(
                 f"overload {clients} clients x {args.outstanding}: {result.grants:,.0f} grants/s,"
                 f" {result.resent} retransmits, {result.lost} lost, p50"
-                f" {result.p50 * 1000:.1f} ms, p99 {result.p99 * 1000:.1f} ms"
+                f" {result.p50 * 1000:.1f} ms, p99 {result.p99 * 1000:.1f} ms; daemon CPU"
+                f" {result.cpu_per_grant * 1e6:.0f} µs/grant ({daemon_cpu / result.seconds:.0%}"
+                f" of a core), load generator {result.load_cpu / result.seconds:.0%} of a core"
             )
             results.append(result)
     return results
@@ -443,13 +462,15 @@ def overload_markdown(results: Sequence[LoadResult], size: int) -> str:
     peak = max((r.grants for r in results), default=0.0) or 1.0
     lines = [
         f"| clients x outstanding | grants/s at {size:,} | of peak | retransmits | lost |"
-        " p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " p50 ms | p99 ms | daemon CPU µs/grant | daemon CPU | load generator CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r.clients} x {r.outstanding} | {r.grants:,.0f} | {r.grants / peak:.0%} |"
             f" {r.resent:,} | {r.lost:,} | {r.p50 * 1000:.1f} | {r.p99 * 1000:.1f} |"
+            f" {r.cpu_per_grant * 1e6:.0f} | {r.daemon_cpu / r.seconds:.0%} |"
+            f" {r.load_cpu / r.seconds:.0%} |"
         )
     return "\n".join(lines) + "\n"
 

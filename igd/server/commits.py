@@ -20,6 +20,12 @@ Rules:
   that arrive meanwhile wait for the committer, which brings up to MAX_BATCH of them in one
   kernel transaction and one store transaction; if that fails, each is retried alone so
   only the failing requests are refused.
+- "Meanwhile" includes the rest of the event loop's turn in which a change was applied: a
+  commit usually completes without suspending (the kernel answers a netlink batch inside
+  send(), SQLite writes synchronously), so under load every request would otherwise pay a
+  transaction of its own. The first change of a turn goes alone (a lone client waits for
+  nobody); other tasks' changes made in the same turn wait for the committer's one
+  transaction.
 """
 
 from __future__ import annotations
@@ -94,12 +100,21 @@ class Committer:
         self._inflight: dict[MappingKey, _Held] = {}
         self._waiting: deque[Pending] = deque()
         self._busy = False
+        self._batches = 0
+        self._hot: asyncio.Task[object] | None = None
+        """The task that applied a change in this turn of the event loop, if any (see the
+        module's rules); its own next change may go alone (nothing else can join it)."""
         self._wake = asyncio.Event()
 
     @property
     def idle(self) -> bool:
         """Whether no change is being committed or waiting to be."""
         return not self._busy and not self._waiting
+
+    @property
+    def batches(self) -> int:
+        """Kernel-and-store transactions attempted so far (each one or more changes)."""
+        return self._batches
 
     def in_flight(self, key: MappingKey) -> bool:
         """Whether a change to this key is being committed or waiting to be."""
@@ -116,12 +131,14 @@ class Committer:
         keys = self._enter(change)
         done = asyncio.get_running_loop().create_future()
         pending = Pending(change, keys, done, events, request)
-        if self.idle:
+        hot = self._hot
+        if self.idle and (hot is None or hot is asyncio.current_task()):
             self._busy = True
             try:
                 await self._apply_batch([pending])
             finally:
                 self._busy = False
+                self._heat()
                 if self._waiting:
                     self._wake.set()
         else:
@@ -166,6 +183,15 @@ class Committer:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _heat(self) -> None:
+        """Send other tasks' changes made in the rest of this loop turn to the committer."""
+        if self._hot is None:
+            self._hot = asyncio.current_task()
+            asyncio.get_running_loop().call_soon(self._cool)
+
+    def _cool(self) -> None:
+        self._hot = None
+
     def _enter(self, change: Change) -> tuple[MappingKey, ...]:
         before = {m.key: m for m in change.removed}
         keys = tuple(change_after(change))
@@ -185,6 +211,7 @@ class Committer:
                 del self._inflight[key]
 
     async def _apply_batch(self, batch: list[Pending]) -> None:
+        self._batches += 1
         if len(batch) == 1:
             keys = batch[0].keys
         else:
@@ -313,4 +340,3 @@ class Committer:
 
     def _kernel_values(self, keys: Iterable[MappingKey]) -> list[Mapping]:
         return [m for m in map(self._kernel_value, keys) if m is not None]
-

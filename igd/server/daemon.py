@@ -174,13 +174,9 @@ class Daemon:
         if config.pcp_enabled:
             limits = PcpLimits(config.pcp_max_filters, config.pcp_max_description)
             pcp = PcpHandler(self.service, self.external, limits)
-        self.pxp = PxpServer(
-            self.interfaces,
-            natpmp,
-            pcp,
-            RateLimiter(config.requests_per_second_per_client, config.burst_per_client),
-            self.service,
-        )
+        # One budget per client for every mapping protocol: NAT-PMP, PCP and UPnP actions.
+        limiter = RateLimiter(config.requests_per_second_per_client, config.burst_per_client)
+        self.pxp = PxpServer(self.interfaces, natpmp, pcp, limiter, self.service)
         self.control = ControlServer(config.control_socket, admin_commands(self))
         self.audit: AuditLog | None = None
         if config.audit_file is not None:
@@ -206,6 +202,7 @@ class Daemon:
                 store=self.store,
                 pinholes=self.pinholes,
                 lan6=self.lan6,
+                limiter=limiter,
             )
         self.kernel_restores = 0
         """Times the nftables table was restored after another program removed it."""

@@ -224,7 +224,7 @@ class PxpServer:
         interface: str,
     ) -> None:
         try:
-            reply = await self.answer(data, source)
+            reply = await self.answer(data, source, client)
         except Exception:
             log.exception("unexpected failure answering %s; request dropped", client)
             reply = None
@@ -236,15 +236,18 @@ class PxpServer:
         if reply is not None:
             self._send(interface, reply, source)
 
-    async def answer(self, data: bytes, source: tuple[str, int]) -> bytes | None:
-        """The reply to one datagram from a LAN client, or None to stay silent."""
+    async def answer(
+        self, data: bytes, source: tuple[str, int], client: IPv4Address | None = None
+    ) -> bytes | None:
+        """The reply to one datagram from a LAN client (`client`: source's address, parsed
+        already), or None to stay silent."""
         if len(data) < 2:
             return None  # RFC 6887 §8.2; NAT-PMP has no packet this short either
         if len(data) > RECEIVE_SIZE:
             return None  # longer than any message of either protocol (see RECEIVE_SIZE)
         version = data[0]
         if version == natpmp.VERSION and self.natpmp is not None:
-            return await self.natpmp.handle(data, IPv4Address(source[0]))
+            return await self.natpmp.handle(data, client or IPv4Address(source[0]))
         if version == pcp.VERSION and self.pcp is not None:
             return await self.pcp.handle(data, source)
         # RFC 6887 §9, RFC 6886 §3.5: any other version gets "unsupported version" naming the

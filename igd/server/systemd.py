@@ -6,6 +6,7 @@ No dependency: the notify protocol is one datagram on the Unix socket named by $
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -84,10 +85,54 @@ class OneLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line, with journald's priority prefix when asked."""
-        text = " | ".join(line.strip() for line in super().format(record).splitlines() if line)
+        text = super().format(record)
+        if "\n" in text or "\r" in text:
+            text = " | ".join(line.strip() for line in text.splitlines() if line)
         if self.priority:
             return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
         return text
+
+
+class TurnHandler(logging.StreamHandler[TextIO]):
+    """Writes the lines logged during one turn of the running event loop with one write, at
+    the start of the next turn; a record logged outside the loop's thread (or with no loop)
+    is written at once, after any lines still waiting. Under load a turn grants up to a
+    hundred mappings, each with its line: one write(2) instead of one each. A `kill -9`
+    loses at most the lines of the turn it interrupts (the commits are already durable)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue the record's line for the end of this loop turn (or write it now)."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._waiting.append(line)
+        if loop is None:
+            self.flush()
+        elif len(self._waiting) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the waiting lines."""
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            lines, self._waiting = self._waiting, []
+            if not lines:
+                return
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except Exception:
+                # Where the records are gone, as StreamHandler does for one.
+                sys.stderr.write(f"--- logging failed to write {len(lines)} lines ---\n")
 
 
 def setup_logging(level: int, stream: TextIO | None = None) -> None:
@@ -96,7 +141,13 @@ def setup_logging(level: int, stream: TextIO | None = None) -> None:
     journal = journal_stream(stream)
     # Under systemd (INVOCATION_ID) whatever collects the output stamps each line already.
     managed = journal or bool(os.environ.get("INVOCATION_ID"))
-    handler = logging.StreamHandler(stream)
+    # The line carries none of these, and finding the caller walks the stack on every
+    # record (the logging HOWTO's "Optimization"): a grant's line cost about a third less.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = TurnHandler(stream)
     handler.setFormatter(OneLineFormatter(timestamps=not managed, priority=journal))
     root = logging.getLogger()
     for old in list(root.handlers):

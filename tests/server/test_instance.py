@@ -1,6 +1,7 @@
 """Start-up safety without namespaces: the instance locks, the busy-port message, readiness
 notifications, one-line log records."""
 
+import asyncio
 import io
 import logging
 import os
@@ -113,6 +114,43 @@ def test_log_records_are_one_line_each() -> None:
     assert lines[0].endswith("ERROR igd.test: policy reload failed: | file:3: bad | file:7: worse")
     assert "crashed | Traceback (most recent call last): |" in lines[1]
     assert lines[1].endswith("ValueError: boom")
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
+    stream = CountingStream()
+    systemd.setup_logging(logging.INFO, stream)
+    log = logging.getLogger("igd.test")
+
+    async def grants() -> None:
+        for port in range(100):
+            log.info("granted %d", port)
+        assert stream.writes == 0  # not yet: at the start of the next turn
+        await asyncio.sleep(0)
+        assert stream.writes == 1
+        log.warning("after")
+        await asyncio.sleep(0)
+
+    asyncio.run(grants())
+    log.info("no loop, written at once")
+    assert stream.writes == 3
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit(": ", 1)[1] for line in lines] == [
+        *(f"granted {port}" for port in range(100)),
+        "after",
+        "no loop, written at once",
+    ]
 
 
 def test_under_journald_lines_carry_priority_and_no_timestamp(

@@ -62,6 +62,24 @@ async def test_concurrent_requests_share_transactions(tmp_path: Path) -> None:
     assert backend.transactions < 50
 
 
+async def test_requests_of_one_loop_turn_share_a_transaction(tmp_path: Path) -> None:
+    # A kernel that answers inside send() (netlink) never suspends a commit: without the
+    # turn rule every concurrent request would still pay a transaction of its own.
+    backend = MemoryBackend()
+    service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
+    committer = asyncio.create_task(service.run_committer())
+    results = await asyncio.gather(*(service.map(request(2000 + i)) for i in range(50)))
+    committer.cancel()
+    assert all(isinstance(r, Granted) for r in results)
+    assert len(await backend.entries()) == 50
+    assert backend.transactions == 2  # the turn's first alone, the other 49 together
+    assert service.committer.batches == 2
+    # One task's requests one after another each go alone: nobody else can join them.
+    for i in range(3):
+        assert isinstance(await service.map(request(3000 + i)), Granted)
+    assert backend.transactions == 5
+
+
 class FailsMergedBatchesOnce(SlowBackend):
     """Refuses the first transaction that carries more than one new mapping."""
 

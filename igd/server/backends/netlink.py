@@ -103,6 +103,14 @@ MAX_BATCH = 128 * 1024
 """Largest batch we send (the socket's default send buffer is ~208 KiB); bigger changes
 take the libnftables path, which splits them itself."""
 
+MAX_REFILL_BATCH = 64 * 1024 * 1024
+"""Largest batch `transact(..., large=True)` sends: a start-up refill of every mapping in one
+transaction (50,000 mappings take about 3.5 MB), with the send buffer raised to fit it, as
+nft does for its own large batches."""
+
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>; not in Python's socket module
+SO_RCVBUFFORCE = 33
+
 ACK_TIMEOUT = 5.0
 """Seconds to wait for the kernel's replies; they are queued during sendmsg, so this only
 guards against a lost reply."""
@@ -119,7 +127,8 @@ class Element:
 
 @dataclass(frozen=True, slots=True)
 class SetOp:
-    """One message: add (NEWSETELEM) or delete (DELSETELEM) elements of one set."""
+    """One message: add (NEWSETELEM) or delete (DELSETELEM) elements of one set; a delete
+    with no elements flushes the set (the kernel's reading of a list without elements)."""
 
     add: bool
     container: str
@@ -204,6 +213,15 @@ def plain_ops(
     return [*_ops(True, gone), *_ops(False, gone), *_ops(True, fresh)]
 
 
+def refill_ops(
+    containers: Iterable[str], entries: Iterable[tuple[KernelEntry, int | None]]
+) -> list[SetOp]:
+    """Flush every container, then add these plain entries: in one batch, the kernel goes
+    from whatever it held to exactly them in one transaction (packets never see a gap)."""
+    flushes = [SetOp(False, name, (), text=f"flush set {name}") for name in containers]
+    return [*flushes, *plain_ops((), entries)]
+
+
 def _checked(entry: KernelEntry) -> KernelEntry:
     check_entry(entry)
     if not is_plain(entry):
@@ -274,11 +292,11 @@ def encode_element(element: Element) -> bytes:
 
 def encode_op(table: str, op: SetOp, seq: int) -> bytes:
     """One NEWSETELEM / DELSETELEM message for `op` in table `ip <table>`."""
-    body = (
-        _attr(SetElemListAttr.TABLE, table.encode() + b"\0")
-        + _attr(SetElemListAttr.SET, op.container.encode() + b"\0")
-        + _nest(SetElemListAttr.ELEMENTS, *(encode_element(e) for e in op.elements))
+    body = _attr(SetElemListAttr.TABLE, table.encode() + b"\0") + _attr(
+        SetElemListAttr.SET, op.container.encode() + b"\0"
     )
+    if op.elements or op.add:
+        body += _nest(SetElemListAttr.ELEMENTS, *(encode_element(e) for e in op.elements))
     flags = NLM_F_REQUEST | NLM_F_ACK
     if op.add:
         flags |= NLM_F_CREATE | (NLM_F_EXCL if op.exclusive else 0)
@@ -366,14 +384,17 @@ class NetlinkSets:
         self._seq = 0
         self._stale = False  # replies of an abandoned batch may still be queued
 
-    async def transact(self, table: str, ops: Sequence[SetOp]) -> None:
-        """Run `ops` as one transaction; BackendError (and no change) if the kernel refuses."""
+    async def transact(self, table: str, ops: Sequence[SetOp], *, large: bool = False) -> None:
+        """Run `ops` as one transaction; BackendError (and no change) if the kernel refuses.
+        `large`: up to MAX_REFILL_BATCH octets, the send buffer raised to fit."""
         if not ops:
             return
         seq = self._next_seq(len(ops) + 2)
         batch = encode_batch(table, ops, seq)
-        if len(batch) > MAX_BATCH:
+        if len(batch) > (MAX_REFILL_BATCH if large else MAX_BATCH):
             raise BackendError(f"netlink batch of {len(batch)} octets is too large")
+        if len(batch) > MAX_BATCH:
+            self._fit(len(batch), len(ops))
         if self._stale:
             self._drain()
         try:
@@ -398,6 +419,19 @@ class NetlinkSets:
     def close(self) -> None:
         """Close the socket; idempotent."""
         self._sock.close()
+
+    def _fit(self, size: int, messages: int) -> None:
+        """Let one sendmsg carry `size` octets, and the receive queue hold an ACK for each of
+        `messages` (the kernel counts about 1 KiB of buffer per queued ACK)."""
+        for name, forced, wanted in (
+            ("send", SO_SNDBUFFORCE, size + 64 * 1024),
+            ("receive", SO_RCVBUFFORCE, (messages + 16) * 2048),
+        ):
+            plain = socket.SO_SNDBUF if name == "send" else socket.SO_RCVBUF
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, forced, wanted)
+            except PermissionError:
+                self._sock.setsockopt(socket.SOL_SOCKET, plain, wanted)
 
     def _next_seq(self, count: int) -> int:
         if self._seq + count >= 0xFFFF_FFFF:

@@ -89,10 +89,13 @@ def parse_events(data: bytes) -> Iterator[Event]:
             return  # truncated: nothing more to read in this datagram
         body = data[offset + _NLMSGHDR.size : offset + length]
         offset += (length + 3) & ~3
+        message = kind & 0xFF
+        # Each element our grants add is one NEWSETELEM notification: skip those unread.
         if kind >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
             continue
+        if message != NFT_MSG_NEWGEN and message not in DELETIONS:
+            continue
         family, attrs = body[0], _attributes(body[4:])
-        message = kind & 0xFF
         if message == NFT_MSG_NEWGEN:
             pid = attrs.get(NFTA_GEN_PROC_PID, b"")
             yield Event(

@@ -21,6 +21,7 @@ from igd.proto import description
 from igd.proto.description import DeviceTree, Identity, ServiceKind, Urls
 from igd.server.interfaces import ExternalAddress, InternalInterface, InternalInterface6
 from igd.server.pinholes import PinholeService
+from igd.server.pxp import RateLimiter
 from igd.server.service import Service
 from igd.server.store import LeaseStore
 from igd.server.upnp.actions import Actions
@@ -65,6 +66,7 @@ class UpnpServer:
         identity: Identity | None = None,
         pinholes: PinholeService | None = None,
         lan6: Sequence[InternalInterface6] = (),
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.service = service
         self.interfaces = interfaces
@@ -116,6 +118,7 @@ class UpnpServer:
             port=http_port,
             server=self.server,
             auto_v1=auto,
+            limiter=limiter,
         )
         self.ssdp = SsdpResponder(
             interfaces,

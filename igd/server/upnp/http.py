@@ -12,6 +12,9 @@ addresses only, hardened against the browser- and LAN-borne attacks on UPnP.
 - Control is POST with a SOAPACTION header and an XML content type, to the exact control URLs
   (a browser cannot send that cross-origin without a CORS preflight, which we never grant).
 - Header lines, header count and bodies are capped; XML goes through defusedxml only.
+- Control actions share each client's token bucket with its NAT-PMP and PCP requests (the
+  `[limits]` rate and burst): past it, HTTP 503 with Retry-After, before the body is read or
+  any XML parsed (docs/security.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from igd.proto import soap
 from igd.proto.description import DeviceTree, ServiceKind, Urls, service_version
 from igd.proto.errors import DecodeError
 from igd.server.interfaces import InternalInterface, InternalInterface6, bind_to_device
+from igd.server.pxp import RateLimiter
 from igd.server.ratelog import RateLimitedLog
 from igd.server.upnp import errors
 from igd.server.upnp.actions import Actions
@@ -93,6 +98,7 @@ class UpnpHttp:
         port: int,
         server: str,
         auto_v1: bool,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.actions = actions
         self.events = events
@@ -104,6 +110,10 @@ class UpnpHttp:
         self._servers: list[asyncio.Server] = []
         self._http: _GuardedServer | None = None
         self.rebinding = RateLimitedLog(log, logging.WARNING)
+        self.limiter = limiter
+        """Each client's action budget (None: unlimited)."""
+        self.limited = RateLimitedLog(log, logging.WARNING)
+        """Control requests refused with 503 for their client's rate (`count`)."""
 
     async def start(
         self,
@@ -225,6 +235,14 @@ class UpnpHttp:
         self, route: Route, request: web.BaseRequest, client: IPv4Address | IPv6Address
     ) -> web.Response:
         assert route.kind is not None
+        limiter = self.limiter
+        if limiter is not None:
+            now = asyncio.get_running_loop().time()
+            if not limiter.allow(client, now=now):
+                # Before the body is read or parsed: a client over its rate costs little.
+                self.limited.note(now, "UPnP actions from %s over its rate limit", client)
+                wait = max(1, math.ceil(1 / limiter.rate)) if limiter.rate > 0 else 60
+                return self._plain(503, {"Retry-After": str(wait)})
         if "xml" not in request.headers.get("Content-Type", "").lower():
             return self._plain(415)
         header = request.headers.get("SOAPAction")

@@ -139,6 +139,27 @@ async def test_reconcile_without_audit_still_replaces_the_table(
     assert await backend.entries() == {KernelEntry.of(keep), KernelEntry.of(missing)}
 
 
+async def test_a_large_unaudited_reconcile_is_one_netlink_refill(
+    gw: Netns, backend: NftablesBackend
+) -> None:
+    # Above MAX_BATCH octets (the start-up refill of a large table): the batch goes out in
+    # one sendmsg with the buffers raised, and still replaces everything, filters included.
+    filtered = mapping(9, filters=(only("198.51.100.0/24"),))
+    await backend.apply([], [mapping(1), filtered], now=NOW)
+    wanted = [mapping(port, internal_port=port, lease=600.0) for port in range(1024, 5024)]
+    report = await backend.reconcile(wanted, now=NOW, audit=False)
+    assert report == ReconcileReport((), (), audited=False)
+    assert await backend.entries() == {KernelEntry.of(m) for m in wanted}
+    held = timeouts(gw)
+    assert held["tcp . 1024"] == 660  # the lease plus the kernel's grace, as in every path
+    assert not [key for key in held if key.startswith(("tcp . 1 ", "tcp . 9 ")) or key in (
+        "tcp . 1", "tcp . 9")]  # fmt: skip
+    assert "198.51.100.0" not in snapshot(gw)  # the FILTER's elements went too
+    # The path for ordinary changes still works after the refill.
+    await backend.apply([wanted[0]], [], now=NOW)
+    assert len(await backend.entries()) == len(wanted) - 1
+
+
 async def test_close_keeps_or_flushes_the_table(gw: Netns, backend: NftablesBackend) -> None:
     await backend.apply([], [mapping(1)], now=NOW)
     await backend.close(flush=False)

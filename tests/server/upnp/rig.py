@@ -16,6 +16,7 @@ from igd.proto.description import ServiceKind, service_type
 from igd.proto.soap import SoapFault, SoapRequest, SoapResponse
 from igd.server.backends.memory import MemoryBackend
 from igd.server.interfaces import ExternalAddress, InternalInterface
+from igd.server.pxp import RateLimiter
 from igd.server.service import Service
 from igd.server.store import LeaseStore
 from igd.server.upnp import UpnpServer
@@ -61,7 +62,13 @@ class Rig:
     session: aiohttp.ClientSession
 
     @classmethod
-    def make(cls, tmp: Path, policy: str = POLICY, igd_version: int | None = None) -> Rig:
+    def make(
+        cls,
+        tmp: Path,
+        policy: str = POLICY,
+        igd_version: int | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> Rig:
         backend = MemoryBackend()
         store = LeaseStore(tmp / "leases.sqlite")
         service = Service(Gateway(Policy.parse(policy)), backend, store)
@@ -76,6 +83,7 @@ class Rig:
             http_port=port,
             igd_version=igd_version,
             store=store,
+            limiter=limiter,
         )
         return cls(service, backend, external, upnp, port, aiohttp.ClientSession())
 

@@ -8,12 +8,14 @@ import asyncio
 import gc
 import logging
 import re
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from igd.proto import soap
 from igd.proto.description import ServiceKind
+from igd.server.pxp import RateLimiter
 from igd.server.upnp import http
 from igd.server.upnp.http import (
     MAX_BODY,
@@ -22,7 +24,7 @@ from igd.server.upnp.http import (
     MAX_HEADERS,
     MAX_LINE,
 )
-from tests.server.upnp.rig import Rig
+from tests.server.upnp.rig import OTHER, Rig
 
 SOAP_HEADERS = {
     "SOAPACTION": '"urn:schemas-upnp-org:service:WANIPConnection:2#GetExternalIPAddress"',
@@ -252,3 +254,30 @@ async def test_slowloris_from_many_lan_addresses_does_not_lock_out_another_clien
         await asyncio.gather(*attack, return_exceptions=True)
     gc.collect()  # asyncio reports a failed task nobody awaited when it is collected
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_actions_beyond_the_clients_rate_get_503_with_retry_after(tmp_path: Path) -> None:
+    # The daemon passes the [limits] bucket NAT-PMP and PCP use; here 20/s with a burst of 3.
+    rig = Rig.make(tmp_path, limiter=RateLimiter(20.0, 3))
+    await rig.upnp.http.start([rig.upnp.interfaces[0]])
+    try:
+        statuses = []
+        for _ in range(5):
+            async with rig.session.post(
+                rig.url(2, "control"), data=b"<not parsed when refused/>", headers=SOAP_HEADERS
+            ) as reply:
+                statuses.append((reply.status, reply.headers.get("Retry-After")))
+        # The first three are read and answered (a fault: the body is no SOAP envelope).
+        assert [s for s, _ in statuses[:3]] == [500, 500, 500]
+        assert statuses[3:] == [(503, "1"), (503, "1")]
+        assert rig.upnp.http.limited.count == 2
+        # Another client has its own bucket; the first is served again once a token is back.
+        answer = await rig.call("GetExternalIPAddress", source=str(OTHER))
+        assert isinstance(answer, soap.SoapResponse)
+        await asyncio.sleep(0.1)
+        answer = await rig.call("GetExternalIPAddress")
+        assert isinstance(answer, soap.SoapResponse)
+    finally:
+        await rig.session.close()
+        await rig.upnp.events.close()
+        await rig.upnp.http.close()
