@@ -1,7 +1,8 @@
 """`PortMapper`: one call gets a working mapping over PCP, NAT-PMP or UPnP, and a `Mapping`
-(mapping.py) that keeps working. The mapper owns what is shared by every mapping on one
-gateway: the sockets, the drivers, and the restart detection that re-creates them all (the
-PCP/NAT-PMP epoch rule, announcements on 224.0.0.1:5350, the UPnP BOOTID in SSDP NOTIFY)."""
+(mapping.py) that keeps working; or an IPv6 pinhole (pinholes.py) over PCP or UPnP. The
+mapper owns what is shared by every mapping on one gateway: the sockets, the drivers, and
+the restart detection that re-creates them all (the PCP/NAT-PMP epoch rule, announcements
+on 224.0.0.1:5350, the UPnP BOOTID in SSDP NOTIFY); the IPv6 side is `Ipv6Gateway`'s."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import AddressValueError, IPv4Address, IPv6Address
 from types import TracebackType
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from igd.client.announce import (
@@ -23,7 +25,7 @@ from igd.client.announce import (
     SsdpNotify,
     SsdpNotifyListener,
 )
-from igd.client.calls import MapCall, bounded
+from igd.client.calls import Exposed, MapCall, bounded
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import (
     GatewayTimeout,
@@ -32,7 +34,7 @@ from igd.client.errors import (
     NoSuchMapping,
     PortMappingError,
 )
-from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
+from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping
 from igd.client.mechanisms import (
     Driver,
     Grant,
@@ -45,15 +47,17 @@ from igd.client.mechanisms import (
 from igd.client.natpmp import NatPmpClient
 from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
+from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
 from igd.client.selection import DEFAULT_PREFERENCE
-from igd.client.state import Key, Record, StateFile
+from igd.client.state import Memory, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
 from igd.proto.pcp import PcpResponse
 
 log = logging.getLogger("igd.client")
+T = TypeVar("T")
 
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
@@ -70,7 +74,8 @@ class PortMapper:
     `async with PortMapper() as pm: m = await pm.map(8080, "tcp")`. Every mapping still
     held is released when the block ends. A named `gateway` is the only one used; `prefer`
     orders the mechanisms, `disable` turns some off, `force` uses one without probing;
-    `state` remembers mappings across runs (state.py).
+    `state` remembers mappings across runs (state.py). `gateway6` names the router asked
+    for IPv6 pinholes (default: the IPv6 default route's).
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class PortMapper:
         state: StateFile | str | os.PathLike[str] | None = None,
         pcp_addresses: Sequence[IPv4Address | str] = (),
         network_check: float | None = NETWORK_CHECK,
+        gateway6: IPv6Address | str | None = None,
     ) -> None:
         self._gateway = IPv4Address(gateway) if gateway else None
         self.named_gateway = self._gateway is not None
@@ -121,7 +127,7 @@ class PortMapper:
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
         self.clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
-        self.mappings: list[Mapping] = []
+        self.mappings: list[Mapping[Any]] = []
         self.last_probe: ProbeResult | None = None
         self._natpmp: NatPmpClient | None = None
         self._pcp: PcpClient | None = None
@@ -137,6 +143,12 @@ class PortMapper:
             Mechanism.NATPMP: EpochTracker(EpochRule.NATPMP),
         }
         self._lock = asyncio.Lock()
+        self.six = Ipv6Gateway(
+            gateway6, restarted=self._six_restarted, clock=lambda: self.clock(), listen=listen,
+            probe_timeout=probe_timeout,
+        )  # fmt: skip
+        """The IPv6 side: the router pinholes are asked of, its clients and epoch."""
+        self.memory = Memory(self.state, lambda: self.wall_clock())
 
     async def __aenter__(self) -> PortMapper:
         return self
@@ -248,8 +260,9 @@ class PortMapper:
         require_gateway(result)
         local = await self.local_address()
         for mapping in list(self.mappings):
-            driver = await self.driver(result.choice.mechanism or mapping.mechanism)
-            mapping.move(driver, local)
+            if mapping.family == 4:  # pinholes belong to the IPv6 router, not this gateway
+                driver = await self.driver(result.choice.mechanism or mapping.mechanism)
+                mapping.move(driver, local)
 
     async def external_address(self, *, timeout: float | None = None) -> IPv4Address:
         """The external address of the chosen mechanism."""
@@ -309,7 +322,7 @@ class PortMapper:
         via: Mechanism | str | None = None,
         exact: bool = False,
         timeout: float | None = None,
-    ) -> MapCall:
+    ) -> MapCall[Mapping[IPv4Address]]:
         """Get a mapping and keep it alive. `external_port` is a suggestion unless `exact`;
         `via` forces a mechanism (otherwise the probe's choice, then the others ranked);
         `timeout` bounds the whole call. Mapping an internal port this mapper (or, with a
@@ -329,42 +342,24 @@ class PortMapper:
         description: str,
         via: Mechanism | None,
         exact: bool,
-    ) -> Mapping:
+    ) -> Mapping[IPv4Address]:
         if not 0 < internal_port < 65536 or lifetime <= 0:
             raise ValueError("internal_port must be 1..65535 and lifetime positive")
         if via is not None and via not in self.mechanisms:
             raise ValueError(f"{via.value} is disabled on this PortMapper")
         # One mapping per internal port: a second PCP request with a new nonce is refused
         # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
-        held = next(
-            (
-                m
-                for m in self.mappings
-                if (m.protocol, m.internal_port) == (protocol, internal_port)
-            ),
-            None,
-        )
+        held = await self._refresh_held(protocol, internal_port, 4, via, lifetime, description)
         if held is not None:
-            if via is None or via is held.mechanism:
-                held.spec = replace(held.spec, lifetime=lifetime, description=description)
-                await held.renew()
-                return held
-            await held.release()
-        if len(self.mappings) >= MAX_MAPPINGS:
-            raise ValueError(f"a PortMapper holds at most {MAX_MAPPINGS} mappings")
+            return held
         _, pcp = await self._clients()
         spec = MapSpec(
             protocol, internal_port, pcp.local_address, lifetime,
             external_port, exact, description,
         )  # fmt: skip
-        stored = self._stored(spec)
-        if stored is not None:
-            if via is None or via is stored.mechanism:
-                resumed = await self._resume(spec, stored)
-                if resumed is not None:
-                    return resumed
-            else:
-                await self._delete_stored(spec, stored)
+        resumed = await self._resume_stored(spec, via)
+        if resumed is not None:
+            return resumed
         if via is not None:
             drivers = [await self.driver(via, fallback=False)]
         else:
@@ -374,6 +369,47 @@ class PortMapper:
             if Mechanism.PCP in order and Mechanism.NATPMP in order:
                 order.remove(Mechanism.NATPMP)  # the PCP driver falls back to it
             drivers = [await self.driver(m) for m in order]
+        return await self._first_grant(drivers, spec)
+
+    async def _refresh_held(
+        self,
+        protocol: Protocol,
+        internal_port: int,
+        family: int,
+        via: Mechanism | None,
+        lifetime: int,
+        description: str,
+    ) -> Mapping[Any] | None:
+        """The mapping (or pinhole) of this internal port held already, refreshed."""
+        # One mapping per internal port: a second PCP request with a new nonce is refused
+        # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
+        for held in self.mappings:
+            if (held.protocol, held.internal_port, held.family) != (
+                protocol,
+                internal_port,
+                family,
+            ):
+                continue
+            if via is None or via is held.mechanism:
+                held.spec = replace(held.spec, lifetime=lifetime, description=description)
+                await held.renew()
+                return held
+            await held.release()
+            break
+        if len(self.mappings) >= MAX_MAPPINGS:
+            raise ValueError(f"a PortMapper holds at most {MAX_MAPPINGS} mappings")
+        return None
+
+    async def _resume_stored(self, spec: MapSpec, via: Mechanism | None) -> Mapping[Any] | None:
+        stored = self.memory.find(self._gateway_of(spec), spec)
+        if stored is None:
+            return None
+        if via is None or via is stored.mechanism:
+            return await self._resume(spec, stored)
+        await self._delete_stored(spec, stored)
+        return None
+
+    async def _first_grant(self, drivers: list[Driver], spec: MapSpec) -> Mapping[Any]:
         error: PortMappingError | None = None
         for driver in drivers:
             try:
@@ -389,6 +425,98 @@ class PortMapper:
             return await self._adopt(driver, spec, grant)
         raise error or NoGatewayError("no mechanism available")
 
+    def pinhole(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        via: Mechanism | str | None = None,
+        timeout: float | None = None,
+    ) -> MapCall[Pinhole]:
+        """Open an IPv6 pinhole to this host's global address and `internal_port` and keep it
+        open (PCP over IPv6 first, then UPnP WANIPv6FirewallControl; `via` forces one)."""
+        work = self._pinhole(
+            internal_port, Protocol(protocol), lifetime, description,
+            Mechanism(via) if via is not None else self.force,
+        )  # fmt: skip
+        return MapCall(bounded(work, timeout, f"pinhole {internal_port}/{protocol}"))
+
+    def _pinhole_mechanisms(self) -> tuple[Mechanism, ...]:
+        return tuple(m for m in self.mechanisms if m in PINHOLE_MECHANISMS)
+
+    async def _pinhole(
+        self,
+        internal_port: int,
+        protocol: Protocol,
+        lifetime: int,
+        description: str,
+        via: Mechanism | None,
+    ) -> Pinhole:
+        if not 0 < internal_port < 65536 or lifetime <= 0:
+            raise ValueError("internal_port must be 1..65535 and lifetime positive")
+        if via is not None and via not in self._pinhole_mechanisms():
+            raise ValueError(f"{via.value} cannot open pinholes on this PortMapper")
+        held = await self._refresh_held(protocol, internal_port, 6, via, lifetime, description)
+        if held is None:
+            spec = MapSpec(
+                protocol, internal_port, self.six.local_address, lifetime, None, True,
+                description,
+            )  # fmt: skip
+            held = await self._resume_stored(spec, via)
+        if held is None:
+            if via is None:
+                report = await self.six.probe(self._pinhole_mechanisms())
+                if not report.mechanisms:
+                    raise NoGatewayError(
+                        f"the IPv6 router {report.router} opens no pinholes (PCP: "
+                        f"{report.pcp_error}; UPnP: {report.upnp_error})"
+                    )
+                drivers = [await self.six.driver(m) for m in report.mechanisms]
+            else:
+                drivers = [await self.six.driver(via)]
+            held = await self._first_grant(drivers, spec)
+        assert isinstance(held, Pinhole)
+        return held
+
+    async def expose(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        timeout: float | None = None,
+    ) -> Exposed:
+        """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
+        A family that fails is left out, its error in `errors`; raises only if both fail."""
+        asked = (
+            self.map(internal_port, protocol, lifetime=lifetime, description=description),
+            self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
+        )
+        got = await bounded(
+            asyncio.gather(*(_awaited(c) for c in asked), return_exceptions=True),
+            timeout, f"expose {internal_port}/{protocol}",
+        )  # fmt: skip
+        errors = tuple(e for e in got if isinstance(e, PortMappingError))
+        for other in got:
+            if isinstance(other, BaseException) and not isinstance(other, PortMappingError):
+                raise other
+        mapping, pinhole = (g if isinstance(g, Mapping) else None for g in got)
+        if mapping is None and pinhole is None:
+            raise errors[0]
+        assert pinhole is None or isinstance(pinhole, Pinhole)
+        return Exposed(mapping, pinhole, errors)
+
+    async def probe_ipv6(
+        self, *, refresh: bool = False, timeout: float | None = None
+    ) -> Ipv6Report:
+        """What the IPv6 router offers for pinholes: PCP over IPv6, UPnP pinholes, the
+        firewall's status (cached unless `refresh`)."""
+        work = self.six.probe(self._pinhole_mechanisms(), refresh=refresh)
+        return await bounded(work, timeout, "IPv6 probe")
+
     async def _create(self, driver: Driver, spec: MapSpec, previous: Grant | None) -> Grant:
         try:
             async with asyncio.timeout(self.request_timeout):
@@ -396,14 +524,16 @@ class PortMapper:
         except TimeoutError:
             raise GatewayTimeout(f"no answer over {driver.name}") from None
 
-    async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping:
+    async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping[Any]:
         self.note_epoch(grant)
-        if grant.mechanism is Mechanism.UPNP:
+        if grant.mechanism is Mechanism.UPNP and spec.internal_address.version == 4:
             await self._watch_upnp()
-        mapping = Mapping(self, driver, spec, grant)
+        kind = Pinhole if spec.internal_address.version == 6 else Mapping
+        mapping = kind(self, driver, spec, grant)
         self.mappings.append(mapping)
         if self.state is not None:
-            mapping.subscribe(lambda event: self._remember(mapping, event))
+            gateway = self._gateway_of(spec)
+            mapping.subscribe(lambda event: self.memory.remember(gateway, mapping, event))
         mapping._start()
         mapping._emit(EventKind.CREATED)
         self._watch_network()
@@ -411,36 +541,16 @@ class PortMapper:
 
     # -- what earlier runs left (the state file) -------------------------------------------
 
-    def _key(self, protocol: Protocol, internal_address: IPv4Address, port: int) -> Key:
-        return (str(self.gateway), protocol.value, str(internal_address), port)
+    def _gateway_of(self, spec: MapSpec) -> str:
+        """The state file's name for the gateway of a mapping (IPv4) or a pinhole (IPv6)."""
+        if spec.internal_address.version == 6:
+            return str(self.six.router.address)
+        return str(self.gateway)
 
-    def _stored(self, spec: MapSpec) -> Record | None:
-        if self.state is None:
-            return None
-        key = self._key(spec.protocol, spec.internal_address, spec.internal_port)
-        try:
-            return self.state.find(key, now=self.wall_clock())
-        except OSError as exc:
-            log.warning("cannot read the state file %s: %s", self.state.path, exc)
-            return None
-
-    def _remember(self, mapping: Mapping, event: MappingEvent) -> None:
-        if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
-            return
-        now = self.wall_clock()
-        record = Record.of(str(self.gateway), mapping, now=now)
-        try:
-            if event.kind is EventKind.RELEASED:
-                self.state.remove(record.key, now=now)
-            else:
-                self.state.put(record, now=now)
-        except OSError as exc:
-            log.warning("cannot update the state file %s: %s", self.state.path, exc)
-
-    async def _resume(self, spec: MapSpec, record: Record) -> Mapping | None:
+    async def _resume(self, spec: MapSpec, record: Record) -> Mapping[Any] | None:
         """Refresh a mapping an earlier run made (same mechanism, port and PCP nonce)."""
         try:
-            driver = await self.driver(record.mechanism, fallback=False)
+            driver = await self._driver_for(spec, record.mechanism)
             grant = await self._create(driver, spec, record.grant())
         except GatewayTimeout:
             raise
@@ -456,7 +566,7 @@ class PortMapper:
         """Delete a mapping an earlier run made, and its record. `strict`: a failure is
         raised and the record kept (unmap); otherwise it is logged (a mapping replaced)."""
         try:
-            driver = await self.driver(record.mechanism, fallback=False)
+            driver = await self._driver_for(spec, record.mechanism)
             try:
                 async with asyncio.timeout(self.request_timeout):
                     await driver.delete(spec, record.grant())
@@ -469,17 +579,20 @@ class PortMapper:
                 raise
             log.info("could not delete the %s mapping of an earlier run: %s",
                      record.mechanism.value, exc)  # fmt: skip
-        if self.state is not None:
-            with contextlib.suppress(OSError):
-                self.state.remove(record.key, now=self.wall_clock())
+        self.memory.forget(record.key)
+
+    async def _driver_for(self, spec: MapSpec, mechanism: Mechanism) -> Driver:
+        if spec.internal_address.version == 6:
+            return await self.six.driver(mechanism)
+        return await self.driver(mechanism, fallback=False)
 
     def stored(self) -> list[Record]:
-        """This gateway's records in the state file (every mechanism, live leases only)."""
-        if self.state is None:
-            return []
-        return [
-            r for r in self.state.records(now=self.wall_clock()) if r.gateway == str(self.gateway)
-        ]
+        """This gateway's records in the state file (every mechanism, live leases only),
+        and the IPv6 router's pinholes."""
+        gateways = {str(self.gateway)}
+        with contextlib.suppress(NoGatewayError):
+            gateways.add(str(self.six.router.address))
+        return self.memory.records(gateways)
 
     async def unmap(
         self,
@@ -487,19 +600,23 @@ class PortMapper:
         protocol: Protocol | str = Protocol.TCP,
         *,
         timeout: float | None = None,
+        family: int = 4,
     ) -> bool:
         """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
-        run left in the state file; False if neither knew one."""
-        return await bounded(self._unmap(internal_port, Protocol(protocol)), timeout, "unmap")
+        run left in the state file; False if neither knew one. `family=6`: the pinhole."""
+        work = self._unmap(internal_port, Protocol(protocol), family)
+        return await bounded(work, timeout, "unmap")
 
-    async def _unmap(self, internal_port: int, protocol: Protocol) -> bool:
+    async def _unmap(self, internal_port: int, protocol: Protocol, family: int) -> bool:
         for mapping in self.mappings:
-            if (mapping.protocol, mapping.internal_port) == (protocol, internal_port):
+            if (mapping.protocol, mapping.internal_port, mapping.family) == (
+                protocol, internal_port, family,
+            ):  # fmt: skip
                 await mapping.release()
                 return True
-        local = await self.local_address()
+        local = self.six.local_address if family == 6 else await self.local_address()
         spec = MapSpec(protocol, internal_port, local, 1)
-        record = self._stored(spec)
+        record = self.memory.find(self._gateway_of(spec), spec)
         if record is None:
             return False
         await self._delete_stored(spec, record, strict=True)
@@ -513,12 +630,16 @@ class PortMapper:
 
         return await bounded(work(), timeout, "UPnP list")
 
-    def forget(self, mapping: Mapping) -> None:
+    def forget(self, mapping: Mapping[Any]) -> None:
         with contextlib.suppress(ValueError):
             self.mappings.remove(mapping)
 
     def note_epoch(self, grant: Grant) -> None:
-        if grant.epoch is not None and grant.mechanism in self._epochs:
+        if grant.epoch is None:
+            return
+        if grant.external_address.version == 6:
+            self.six.observe(grant.epoch)  # the IPv6 server's epoch, apart from the IPv4 one
+        elif grant.mechanism in self._epochs:
             self._epoch(grant.mechanism, grant.epoch)
 
     def _epoch(self, mechanism: Mechanism, epoch: int) -> None:
@@ -534,7 +655,12 @@ class PortMapper:
         log.warning("%s epoch %d: the gateway lost its state; re-creating mappings",
                     mechanism.value, epoch)  # fmt: skip
         for mapping in self.mappings:
-            if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP):
+            if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP) and mapping.family == 4:
+                mapping.recover(_rng.uniform(0, self.recovery_delay))
+
+    def _six_restarted(self, mechanism: Mechanism) -> None:
+        for mapping in self.mappings:
+            if mapping.mechanism is mechanism and mapping.family == 6:
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
 
     async def _watch_upnp(self) -> None:
@@ -606,3 +732,8 @@ class PortMapper:
                 listener.close()
         self._natpmp = self._pcp = None
         self._listener = self._ssdp_listener = None
+        self.six.close()
+
+
+async def _awaited(call: Awaitable[T]) -> T:
+    return await call

@@ -13,8 +13,8 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
-from typing import Any
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Generic, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import GatewayTimeout, NoGatewayError, PortMappingError
@@ -28,6 +28,7 @@ _rng = random.SystemRandom()  # timer jitter; the OS source needs no seeding
 MAX_QUEUED_EVENTS = 64  # per subscriber; the oldest are dropped beyond it
 RELEASE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0  # one create or renew, retransmissions included
+A = TypeVar("A", IPv4Address, IPv6Address)
 
 
 class MapperView(TypingProtocol):
@@ -37,7 +38,7 @@ class MapperView(TypingProtocol):
     wall_clock: Callable[[], float]
     request_timeout: float
 
-    def forget(self, mapping: Mapping) -> None:
+    def forget(self, mapping: Mapping[Any]) -> None:
         """Drop a released or detached mapping."""
         ...
 
@@ -91,14 +92,15 @@ class MappingEvent:
 
     kind: EventKind
     mechanism: Mechanism
-    external_address: IPv4Address
+    external_address: IPv4Address | IPv6Address
     external_port: int
     lifetime: int
     error: PortMappingError | None = None
 
 
-class Mapping:
-    """A mapping the gateway granted, kept alive until `release()`."""
+class Mapping(Generic[A]):
+    """A mapping the gateway granted, kept alive until `release()`: `Mapping[IPv4Address]`
+    from `map()`; a `Pinhole` (pinholes.py) is a `Mapping[IPv6Address]`."""
 
     def __init__(
         self,
@@ -131,12 +133,17 @@ class Mapping:
         return self.spec.internal_port
 
     @property
-    def internal_address(self) -> IPv4Address:
-        return self.spec.internal_address
+    def internal_address(self) -> A:
+        return cast(A, self.spec.internal_address)  # the mapper makes a pinhole a Pinhole
 
     @property
-    def external_address(self) -> IPv4Address:
-        return self.grant.external_address
+    def external_address(self) -> A:
+        return cast(A, self.grant.external_address)
+
+    @property
+    def family(self) -> int:
+        """4 for a port mapping, 6 for a pinhole."""
+        return self.spec.internal_address.version
 
     @property
     def external_port(self) -> int:
@@ -251,7 +258,7 @@ class Mapping:
             self._recover_after = delay
             self._wake.set()
 
-    def move(self, driver: Driver, internal_address: IPv4Address) -> None:
+    def move(self, driver: Driver, internal_address: IPv4Address | IPv6Address) -> None:
         """Re-create the mapping over `driver` from `internal_address` (a new network)."""
         if self.released:
             return

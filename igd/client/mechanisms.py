@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import (
@@ -32,7 +32,8 @@ class MapSpec:
 
     protocol: Protocol
     internal_port: int
-    internal_address: IPv4Address
+    internal_address: IPv4Address | IPv6Address
+    """This host's address: IPv4 for a mapping, IPv6 for a pinhole."""
     lifetime: int
     external_port: int | None = None
     exact: bool = False
@@ -41,15 +42,18 @@ class MapSpec:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What the gateway granted. `lifetime` 0 is a permanent UPnP lease."""
+    """What the gateway granted. `lifetime` 0 is a permanent UPnP lease. For a pinhole the
+    external address and port are those reachable from outside (the internal ones)."""
 
     mechanism: Mechanism
-    external_address: IPv4Address
+    external_address: IPv4Address | IPv6Address
     external_port: int
     lifetime: int
     epoch: int | None = None
     nonce: bytes | None = None
     notes: tuple[str, ...] = field(default=())
+    unique_id: int | None = None
+    """UPnP pinholes: the UniqueID that UpdatePinhole and DeletePinhole take."""
 
 
 class Driver(TypingProtocol):
@@ -144,7 +148,7 @@ class PcpDriver:
             spec.lifetime,
             nonce=nonce,
             external_port=_suggest(spec, previous, self.rng),
-            external_address=previous.external_address if previous else None,
+            external_address=_v4(previous.external_address) if previous else None,
             prefer_failure=spec.exact,
             description=description,
         )
@@ -210,7 +214,7 @@ class UpnpDriver:
                 previous.external_port,
                 spec.protocol,
                 spec.internal_port,
-                spec.internal_address,
+                ipv4(spec),
                 lease=previous.lifetime,
                 description=spec.description,
             )
@@ -219,7 +223,7 @@ class UpnpDriver:
             got = await self.client.add_mapping(
                 spec.protocol,
                 spec.internal_port,
-                spec.internal_address,
+                ipv4(spec),
                 external_port=spec.external_port,
                 lease=spec.lifetime,
                 description=spec.description,
@@ -245,6 +249,17 @@ class UpnpDriver:
         return (entry.internal_client, entry.internal_port) == (
             str(spec.internal_address), spec.internal_port,
         )  # fmt: skip
+
+
+def ipv4(spec: MapSpec) -> IPv4Address:
+    """The internal address of a mapping (IPv4 drivers are never given a pinhole)."""
+    if not isinstance(spec.internal_address, IPv4Address):
+        raise TypeError(f"an IPv4 mechanism was asked for {spec.internal_address}")
+    return spec.internal_address
+
+
+def _v4(address: IPv4Address | IPv6Address) -> IPv4Address | None:
+    return address if isinstance(address, IPv4Address) else None
 
 
 def _padded(text: str) -> str:
