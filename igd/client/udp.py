@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -50,22 +51,36 @@ class UdpChannel(asyncio.DatagramProtocol, Generic[A]):
     async def open(self) -> UdpChannel[A]:
         """Open the socket (a random source port, RFC 6056)."""
         loop = asyncio.get_running_loop()
-        remote: tuple[Any, ...] = (str(self.gateway), self.port)
-        local: tuple[Any, ...] | None = None
-        if isinstance(self.gateway, IPv6Address):
-            remote = (*remote, 0, self.scope)
-            if self.bind is not None:
-                local = (str(self.bind), 0, 0, self.scope if self.bind.is_link_local else 0)
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, local_addr=local, remote_addr=remote
-            )
+            if isinstance(self.gateway, IPv6Address):
+                # asyncio takes only 2-tuples: a link-local gateway needs its scope, so the
+                # socket is bound and connected here.
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self, sock=self._socket6(self.gateway)
+                )
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self, remote_addr=(str(self.gateway), self.port)
+                )
         except OSError as exc:
             raise NoGatewayError(f"cannot reach the gateway {self.gateway}: {exc}") from exc
         self._transport = transport
         name = str(transport.get_extra_info("sockname")[0]).split("%", 1)[0]
         self.local_address = type(self.gateway)(name)
         return self
+
+    def _socket6(self, gateway: IPv6Address) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            if self.bind is not None:
+                scope = self.scope if self.bind.is_link_local else 0
+                sock.bind((str(self.bind), 0, 0, scope))
+            sock.connect((str(gateway), self.port, 0, self.scope))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         """Close the socket; requests in flight fail."""
