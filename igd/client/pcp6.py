@@ -57,6 +57,7 @@ class Pcp6Client(ChannelClient):
         *,
         local: IPv6Address | None = None,
         scope: int = 0,
+        port: int = pcp.SERVER_PORT,
         transmissions: int = MAX_TRANSMISSIONS,
         first_wait: float = PCP_IRT,
         rand: Callable[[], float] = random.random,
@@ -65,7 +66,7 @@ class Pcp6Client(ChannelClient):
         self.transmissions = transmissions
         self.first_wait = first_wait
         self.rand = rand
-        self.channel = UdpChannel(self.gateway, pcp.SERVER_PORT, local=local, scope=scope)
+        self.channel = UdpChannel(self.gateway, port, local=local, scope=scope)
         self.channel.on_unsolicited = self._unsolicited
         self.on_unsolicited: Callable[[PcpResponse], None] | None = None
 

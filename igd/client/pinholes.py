@@ -210,6 +210,8 @@ class Ipv6Gateway:
         self.listen = listen
         self.probe_timeout = probe_timeout
         self.epoch = EpochTracker(EpochRule.PCP)
+        self.pcp_port = pcp.SERVER_PORT
+        """Where the router's PCP server listens (RFC 6887 §19.1: 5351)."""
         self.last_probe: Ipv6Report | None = None
         self._pcp: Pcp6Client | None = None
         self._upnp: UpnpFirewallClient | None = None
@@ -244,7 +246,9 @@ class Ipv6Gateway:
         """The PCP client over IPv6 (opened once, kept for its unsolicited answers)."""
         if self._pcp is None:
             router = self.router
-            client = Pcp6Client(router.address, local=self.local_address, scope=router.scope)
+            client = Pcp6Client(
+                router.address, local=self.local_address, scope=router.scope, port=self.pcp_port
+            )
             client.on_unsolicited = self._unsolicited
             await client.open()
             self._pcp = client
