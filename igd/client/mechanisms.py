@@ -126,7 +126,7 @@ class PcpDriver:
         nonce = previous.nonce if previous and previous.nonce else new_nonce()
         description = spec.description or None
         if description and self.pad_description:
-            description = _padded(description)
+            description = padded(description)
         try:
             return await self._map(spec, previous, nonce, description)
         except InvalidRequest as exc:
@@ -134,10 +134,10 @@ class PcpDriver:
             # a multiple of 4 (it counts the padding); pad the text with spaces instead.
             if exc.code != PcpResult.MALFORMED_OPTION or not description:
                 raise
-            if _padded(description) == description:
+            if padded(description) == description:
                 raise
             self.pad_description = True
-            return await self._map(spec, previous, nonce, _padded(description))
+            return await self._map(spec, previous, nonce, padded(description))
 
     async def _map(
         self, spec: MapSpec, previous: Grant | None, nonce: bytes, description: str | None
@@ -262,5 +262,6 @@ def _v4(address: IPv4Address | IPv6Address) -> IPv4Address | None:
     return address if isinstance(address, IPv4Address) else None
 
 
-def _padded(text: str) -> str:
+def padded(text: str) -> str:
+    """`text` padded with spaces to a multiple of 4 octets."""
     return text + " " * (-len(text.encode()) % 4)

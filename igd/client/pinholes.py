@@ -23,13 +23,14 @@ from typing import Any
 
 from igd.client.discovery import Router6, default_routers6, global_address6
 from igd.client.errors import (
+    InvalidRequest,
     NoGatewayError,
     NoSuchMapping,
     PortMappingError,
     UnsupportedVersion,
 )
 from igd.client.mapping import Mapping
-from igd.client.mechanisms import Driver, Grant, MapSpec
+from igd.client.mechanisms import Driver, Grant, MapSpec, padded
 from igd.client.pcp import new_nonce
 from igd.client.pcp6 import Pcp6Client
 from igd.client.timing import EpochRule, EpochTracker
@@ -37,7 +38,7 @@ from igd.client.upnp6 import FirewallStatus, UpnpFirewallClient, ssdp_search6
 from igd.model import Mechanism
 from igd.proto import pcp
 from igd.proto.errors import DecodeError
-from igd.proto.pcp import PcpOpcode, PcpResponse
+from igd.proto.pcp import PcpOpcode, PcpResponse, PcpResult
 
 log = logging.getLogger("igd.client")
 
@@ -86,13 +87,26 @@ class Pcp6Driver:
 
     def __init__(self, client: Pcp6Client) -> None:
         self.client = client
+        self.pad_description = False
 
     async def create(self, spec: MapSpec, previous: Grant | None) -> Grant:
         nonce = previous.nonce if previous and previous.nonce else new_nonce()
-        got = await self.client.map(
-            spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce,
-            description=spec.description or None,
-        )  # fmt: skip
+        text = spec.description or None
+        if text and self.pad_description:
+            text = padded(text)
+        try:
+            got = await self.client.map(
+                spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce, description=text
+            )
+        except InvalidRequest as exc:
+            # miniupnpd 2.3.1's DESCRIPTION length bug, as over IPv4 (mechanisms.py).
+            if exc.code != PcpResult.MALFORMED_OPTION or not text or padded(text) == text:
+                raise
+            self.pad_description = True
+            got = await self.client.map(
+                spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce,
+                description=padded(text),
+            )  # fmt: skip
         return Grant(Mechanism.PCP, got.address, got.port, got.lifetime, got.epoch, nonce)
 
     async def delete(self, spec: MapSpec, grant: Grant) -> None:
