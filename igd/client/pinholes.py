@@ -119,7 +119,7 @@ class Pcp6Driver:
 
 class UpnpPinholeDriver:
     """WANIPv6FirewallControl: AddPinhole, then UpdatePinhole with its UniqueID; a pinhole
-    the gateway lost (704) is added again."""
+    the gateway lost (704, or 402 from miniupnpd 2.3.1) is added again."""
 
     name = "upnp (IPv6)"
 
@@ -135,8 +135,13 @@ class UpnpPinholeDriver:
                     Mechanism.UPNP, _address(spec), spec.internal_port, min(lease, 86400),
                     unique_id=previous.unique_id,
                 )  # fmt: skip
-            except NoSuchMapping:
-                pass  # gone (expired, or the gateway restarted): add it again
+            except (NoSuchMapping, InvalidRequest) as exc:
+                # Gone (expired, or the gateway restarted): add it again. miniupnpd 2.3.1
+                # answers 402 rather than 704 for a UniqueID it no longer holds (its nft
+                # update re-adds the rule, miniupnp #663); the same 5-tuple again is safe:
+                # it extends the pinhole and returns its UniqueID (§2.6.3.3).
+                log.info("UpdatePinhole %d failed (%s); adding the pinhole again",
+                         previous.unique_id, exc)  # fmt: skip
         unique_id = await self.client.add_pinhole(
             _address(spec), spec.internal_port, spec.protocol, lease
         )

@@ -119,11 +119,14 @@ async def main():
     async with PortMapper() as pm:
         p = await pm.pinhole(9000, "udp", lifetime=2, via="upnp")
         kinds = []
-        async with asyncio.timeout(12):
-            async for event in p.events():
-                kinds.append(event.kind.value)
-                if kinds.count("renewed") >= 3:
-                    break
+        try:
+            async with asyncio.timeout(12):
+                async for event in p.events():
+                    kinds.append(event.kind.value + (f": {event.error}" if event.error else ""))
+                    if kinds.count("renewed") >= 3:
+                        break
+        except TimeoutError:
+            pass
         print(json.dumps({"kinds": kinds, "lifetime": p.lifetime, "id": p.unique_id}))
 asyncio.run(main())
 """
