@@ -69,3 +69,29 @@ class Exposed:
         for held in (self.mapping, self.pinhole):
             if held is not None:
                 await held.release()
+
+
+async def expose(
+    mapping: MapCall[Mapping[IPv4Address]], pinhole: MapCall[Pinhole], timeout: float | None
+) -> Exposed:
+    """Both calls at once; raises only if both fail (the IPv4 error first)."""
+    got = await bounded(
+        asyncio.gather(_awaited(mapping), _awaited(pinhole), return_exceptions=True),
+        timeout, "expose",
+    )  # fmt: skip
+    for other in got:
+        if isinstance(other, BaseException) and not isinstance(other, PortMappingError):
+            raise other
+    errors = tuple(e for e in got if isinstance(e, PortMappingError))
+    four, six = got
+    held = Exposed(
+        four if isinstance(four, Mapping) else None, six if isinstance(six, Pinhole) else None,
+        errors,
+    )  # fmt: skip
+    if held.mapping is None and held.pinhole is None:
+        raise errors[0]
+    return held
+
+
+async def _awaited(call: Awaitable[T]) -> T:
+    return await call

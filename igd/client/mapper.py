@@ -12,20 +12,14 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
-from ipaddress import AddressValueError, IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from igd.client.announce import (
-    Announcement,
-    AnnouncementListener,
-    SsdpNotify,
-    SsdpNotifyListener,
-)
-from igd.client.calls import Exposed, MapCall, bounded
+from igd.client.announce import Announcement, AnnouncementListener
+from igd.client.calls import Exposed, MapCall, bounded, expose
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import (
     GatewayTimeout,
@@ -49,6 +43,7 @@ from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
 from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
+from igd.client.restart import UpnpRestartWatch
 from igd.client.selection import DEFAULT_PREFERENCE
 from igd.client.state import Memory, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
@@ -61,7 +56,6 @@ T = TypeVar("T")
 
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper: each holds a timer task
-MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 # Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
 # 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
 PROBE_MAX_AGE = 1800.0
@@ -133,11 +127,11 @@ class PortMapper:
         self._pcp: PcpClient | None = None
         self._upnp: UpnpIgdClient | None = None
         self._upnp_driver: UpnpDriver | None = None
-        self._upnp_boot: int | None = None
-        self._upnp_seen_at = ""  # the LOCATION of the last ssdp:alive, if it moved
         self._listener: AnnouncementListener | None = None
-        self._ssdp_listener: SsdpNotifyListener | None = None
-        self._recoveries: set[asyncio.Task[None]] = set()
+        self._restarts = UpnpRestartWatch(
+            client=lambda: self._upnp, reconnect=self._reconnect_upnp,
+            recover=self._recover_upnp, delay=lambda: _rng.uniform(0, self.recovery_delay),
+        )  # fmt: skip
         self._epochs = {
             Mechanism.PCP: EpochTracker(EpochRule.PCP),
             Mechanism.NATPMP: EpochTracker(EpochRule.NATPMP),
@@ -225,13 +219,12 @@ class PortMapper:
         for client in (self._natpmp, self._pcp):
             if client is not None:
                 client.close()
-        for listener in (self._listener, self._ssdp_listener):
-            if listener is not None:
-                listener.close()
+        if self._listener is not None:
+            self._listener.close()
         self._natpmp = self._pcp = None
-        self._listener = self._ssdp_listener = None
+        self._listener = None
         self._upnp = self._upnp_driver = None
-        self._upnp_boot, self._upnp_seen_at = None, ""
+        self._restarts.reset()
         for tracker in self._epochs.values():
             tracker.server = tracker.client = None
         self.last_probe = None
@@ -293,7 +286,7 @@ class PortMapper:
         return self._upnp
 
     def _use_upnp(self, client: UpnpIgdClient, boot_id: int | None) -> None:
-        self._upnp, self._upnp_boot = client, boot_id
+        self._upnp, self._restarts.boot = client, boot_id
         if self._upnp_driver is not None:
             self._upnp_driver.client = client  # mappings made before keep working
 
@@ -491,23 +484,11 @@ class PortMapper:
     ) -> Exposed:
         """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
         A family that fails is left out, its error in `errors`; raises only if both fail."""
-        asked = (
+        return await expose(
             self.map(internal_port, protocol, lifetime=lifetime, description=description),
             self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
+            timeout,
         )
-        got = await bounded(
-            asyncio.gather(*(_awaited(c) for c in asked), return_exceptions=True),
-            timeout, f"expose {internal_port}/{protocol}",
-        )  # fmt: skip
-        errors = tuple(e for e in got if isinstance(e, PortMappingError))
-        for other in got:
-            if isinstance(other, BaseException) and not isinstance(other, PortMappingError):
-                raise other
-        mapping, pinhole = (g if isinstance(g, Mapping) else None for g in got)
-        if mapping is None and pinhole is None:
-            raise errors[0]
-        assert pinhole is None or isinstance(pinhole, Pinhole)
-        return Exposed(mapping, pinhole, errors)
 
     async def probe_ipv6(
         self, *, refresh: bool = False, timeout: float | None = None
@@ -527,7 +508,8 @@ class PortMapper:
     async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping[Any]:
         self.note_epoch(grant)
         if grant.mechanism is Mechanism.UPNP and spec.internal_address.version == 4:
-            await self._watch_upnp()
+            if self.listen:  # listen for the IGD's NOTIFY once a UPnP mapping exists
+                await self._restarts.start(await self.local_address())
         kind = Pinhole if spec.internal_address.version == 6 else Mapping
         mapping = kind(self, driver, spec, grant)
         self.mappings.append(mapping)
@@ -663,47 +645,12 @@ class PortMapper:
             if mapping.mechanism is mechanism and mapping.family == 6:
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
 
-    async def _watch_upnp(self) -> None:
-        """Listen for the IGD's SSDP NOTIFY once a UPnP mapping exists."""
-        if not self.listen or self._ssdp_listener is not None or self._upnp is None:
-            return
-        try:
-            host = IPv4Address(urlsplit(self._upnp.location).hostname or "")
-        except AddressValueError:
-            return  # a host name in LOCATION: sources cannot be checked, so do not listen
-        _, pcp = await self._clients()
-        listener = SsdpNotifyListener(host, pcp.local_address, self._ssdp_notified)
-        if await listener.start():
-            self._ssdp_listener = listener
+    async def _reconnect_upnp(self, location: str) -> None:
+        self._use_upnp(await UpnpIgdClient.connect(location), self._restarts.boot)
 
-    def _ssdp_notified(self, notify: SsdpNotify) -> None:
-        client = self._upnp
-        if client is None or notify.usn.split("::", 1)[0] not in client.udns:
-            return  # another device on the same host (a media server on the router)
-        if notify.nts == "ssdp:alive" and notify.location != client.location:
-            self._upnp_seen_at = notify.location
-        previous, self._upnp_boot = self._upnp_boot, notify.boot_id
-        if previous is None or previous == notify.boot_id:
-            return
-        # UDA 1.1 §1.2.2: a new BOOTID means the device restarted, and an IGD that restarts
-        # may have lost its mappings; the entry check at renewal would find out too late.
-        log.warning("UPnP BOOTID %d -> %d: the gateway restarted; re-creating mappings",
-                    previous, notify.boot_id)  # fmt: skip
-        if len(self._recoveries) < MAX_RECOVERIES:
-            task = asyncio.get_running_loop().create_task(self._recover_upnp())
-            self._recoveries.add(task)
-            task.add_done_callback(self._recoveries.discard)
-
-    async def _recover_upnp(self) -> None:
-        # The same random wait as for PCP (RFC 6887 §14.1.3): every client on the LAN heard
-        # the same NOTIFY. The alive that follows a byebye arrives meanwhile, with LOCATION.
-        await asyncio.sleep(_rng.uniform(0, self.recovery_delay))
-        moved, self._upnp_seen_at = self._upnp_seen_at, ""
-        if moved:
-            try:  # the control URL changed with the restart (miniupnpd picks a new port)
-                self._use_upnp(await UpnpIgdClient.connect(moved), self._upnp_boot)
-            except PortMappingError as exc:
-                log.warning("cannot read the restarted IGD at %s: %s", moved, exc)
+    def _recover_upnp(self) -> None:
+        """The IGD restarted: re-create every UPnP mapping and pinhole."""
+        self.six.forget_upnp()  # its IPv6 control URL may have moved too
         for mapping in self.mappings:
             if mapping.mechanism is Mechanism.UPNP:
                 mapping.recover()
@@ -723,17 +670,11 @@ class PortMapper:
         for client in (self._natpmp, self._pcp):
             if client is not None:
                 client.close()
-        for task in list(self._recoveries):
-            task.cancel()
+        self._restarts.close()
         if self._watcher is not None:
             await self._watcher.close()
-        for listener in (self._listener, self._ssdp_listener):
-            if listener is not None:
-                listener.close()
+        if self._listener is not None:
+            self._listener.close()
         self._natpmp = self._pcp = None
-        self._listener = self._ssdp_listener = None
+        self._listener = None
         self.six.close()
-
-
-async def _awaited(call: Awaitable[T]) -> T:
-    return await call

@@ -16,7 +16,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import Any
@@ -123,14 +123,16 @@ class UpnpPinholeDriver:
 
     name = "upnp (IPv6)"
 
-    def __init__(self, client: UpnpFirewallClient) -> None:
+    def __init__(self, client: Callable[[], Awaitable[UpnpFirewallClient]]) -> None:
         self.client = client
+        """The service, found again after the IGD restarted (its control URL may move)."""
 
     async def create(self, spec: MapSpec, previous: Grant | None) -> Grant:
         lease = spec.lifetime
+        client = await self.client()
         if previous is not None and previous.unique_id is not None:
             try:
-                await self.client.update_pinhole(previous.unique_id, lease)
+                await client.update_pinhole(previous.unique_id, lease)
                 return Grant(
                     Mechanism.UPNP, _address(spec), spec.internal_port, min(lease, 86400),
                     unique_id=previous.unique_id,
@@ -142,7 +144,7 @@ class UpnpPinholeDriver:
                 # it extends the pinhole and returns its UniqueID (§2.6.3.3).
                 log.info("UpdatePinhole %d failed (%s); adding the pinhole again",
                          previous.unique_id, exc)  # fmt: skip
-        unique_id = await self.client.add_pinhole(
+        unique_id = await client.add_pinhole(
             _address(spec), spec.internal_port, spec.protocol, lease
         )
         return Grant(
@@ -154,13 +156,13 @@ class UpnpPinholeDriver:
         if grant.unique_id is None:
             return
         with contextlib.suppress(NoSuchMapping):  # gone already: what we wanted
-            await self.client.delete_pinhole(grant.unique_id)
+            await (await self.client()).delete_pinhole(grant.unique_id)
 
     async def verify(self, spec: MapSpec, grant: Grant) -> bool:
         if grant.unique_id is None:
             return False
         try:
-            await self.client.pinhole_packets(grant.unique_id)
+            await (await self.client()).pinhole_packets(grant.unique_id)
         except NoSuchMapping:
             return False
         except PortMappingError:
@@ -301,7 +303,8 @@ class Ipv6Gateway:
         if mechanism is Mechanism.PCP:
             return Pcp6Driver(await self.pcp())
         if mechanism is Mechanism.UPNP:
-            return UpnpPinholeDriver(await self.upnp())
+            await self.upnp()  # found now: a missing service fails the request at once
+            return UpnpPinholeDriver(self.upnp)
         raise ValueError(f"{mechanism.value} cannot open IPv6 pinholes (PCP or UPnP can)")
 
     async def probe(
