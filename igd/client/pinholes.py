@@ -45,6 +45,8 @@ log = logging.getLogger("igd.client")
 ALL_NODES = "ff02::1"  # RFC 6887 §14.1.3: unsolicited ANNOUNCE to [ff02::1]:5350
 ANNOUNCE_PORT = 5350
 PINHOLE_MECHANISMS = (Mechanism.PCP, Mechanism.UPNP)  # in order of preference
+# Once PCP answered, an IGD gets this long to answer SSDP too (as probe.py does for IPv4).
+UPNP_GRACE = 0.3
 HINT_INTERVAL = 1.0  # at most one solicited ANNOUNCE a second, however many we hear
 
 
@@ -277,12 +279,12 @@ class Ipv6Gateway:
                 await self._listen(router)
         return self._pcp
 
-    async def upnp(self) -> UpnpFirewallClient:
+    async def upnp(self, cutoff: asyncio.Event | None = None) -> UpnpFirewallClient:
         """The router's WANIPv6FirewallControl service, found by SSDP over IPv6."""
         if self._upnp is None:
             router = self.router
             replies = await ssdp_search6(
-                router, local=self.local_address, budget=self.probe_timeout
+                router, local=self.local_address, budget=self.probe_timeout, cutoff=cutoff
             )
             errors = []
             for reply in replies[:3]:
@@ -319,6 +321,7 @@ class Ipv6Gateway:
         except NoGatewayError as exc:
             return Ipv6Report(None, None, pcp_error=str(exc), upnp_error=str(exc))
         budget = self.probe_timeout
+        cutoff = asyncio.Event()
 
         async def over_pcp() -> tuple[int | None, str | None]:
             if Mechanism.PCP not in mechanisms:
@@ -330,6 +333,7 @@ class Ipv6Gateway:
             except PortMappingError as exc:
                 return None, str(exc)
             self.observe(answer.epoch)
+            asyncio.get_running_loop().call_later(UPNP_GRACE, cutoff.set)
             return answer.epoch, None
 
         async def over_upnp() -> tuple[
@@ -338,7 +342,7 @@ class Ipv6Gateway:
             if Mechanism.UPNP not in mechanisms:
                 return None, None, "disabled"
             try:
-                client = await self.upnp()
+                client = await self.upnp(cutoff)
                 return client, await client.firewall_status(), None
             except PortMappingError as exc:
                 return self._upnp, None, str(exc)

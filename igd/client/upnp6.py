@@ -18,7 +18,7 @@ from async_upnp_client.exceptions import UpnpError
 from async_upnp_client.search import SsdpSearchListener
 from async_upnp_client.ssdp import SsdpProtocol, build_ssdp_search_packet
 
-from igd.client.discovery import MAX_REPLIES, SETTLE, Router6, SsdpReply, _source
+from igd.client.discovery import MAX_REPLIES, SETTLE, Router6, SsdpReply, _first_of, _source
 from igd.client.errors import GatewayTimeout, NoGatewayError, Unsupported
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -120,10 +120,16 @@ def is_firewall_reply(headers: Any) -> bool:
 
 
 async def ssdp_search6(
-    router: Router6, *, local: IPv6Address | None = None, budget: float = 2.0, mx: int = 1
+    router: Router6,
+    *,
+    local: IPv6Address | None = None,
+    budget: float = 2.0,
+    mx: int = 1,
+    cutoff: asyncio.Event | None = None,
 ) -> list[SsdpReply]:
     """Search the router's link for IGD:2 devices over IPv6: `ssdp:all` unicast to the
-    router, the firewall service and IGD:2 to ff02::c; those on the router first."""
+    router, the firewall service and IGD:2 to ff02::c; those on the router first. Returns
+    early when `cutoff` is set with no answer yet (PCP answered: UPnP had its grace)."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     replies: dict[str, SsdpReply] = {}
@@ -165,8 +171,9 @@ async def ssdp_search6(
             protocol.send_ssdp_packet(build_ssdp_search_packet(group, mx, target), group)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
-                await first.wait()
-                await asyncio.sleep(SETTLE)
+                await _first_of(first, cutoff)
+                if first.is_set():
+                    await asyncio.sleep(SETTLE)
     finally:
         listener.async_stop()
 
