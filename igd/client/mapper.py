@@ -459,16 +459,7 @@ class PortMapper:
             )  # fmt: skip
             held = await self._resume_stored(spec, via)
         if held is None:
-            if via is None:
-                report = await self.six.probe(self._pinhole_mechanisms())
-                if not report.mechanisms:
-                    raise NoGatewayError(
-                        f"the IPv6 router {report.router} opens no pinholes (PCP: "
-                        f"{report.pcp_error}; UPnP: {report.upnp_error})"
-                    )
-                drivers = [await self.six.driver(m) for m in report.mechanisms]
-            else:
-                drivers = [await self.six.driver(via)]
+            drivers = await self.six.drivers(self._pinhole_mechanisms(), via)
             held = await self._first_grant(drivers, spec)
         assert isinstance(held, Pinhole)
         return held

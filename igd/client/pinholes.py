@@ -48,6 +48,7 @@ PINHOLE_MECHANISMS = (Mechanism.PCP, Mechanism.UPNP)  # in order of preference
 # Once PCP answered, an IGD gets this long to answer SSDP too (as probe.py does for IPv4).
 UPNP_GRACE = 0.3
 HINT_INTERVAL = 1.0  # at most one solicited ANNOUNCE a second, however many we hear
+PROBE_MAX_AGE = 1800.0  # as for IPv4 (mapper.py): mechanisms may have come up since
 
 
 class Pinhole(Mapping[IPv6Address]):
@@ -236,6 +237,7 @@ class Ipv6Gateway:
         self.pcp_port = pcp.SERVER_PORT
         """Where the router's PCP server listens (RFC 6887 §19.1: 5351)."""
         self.last_probe: Ipv6Report | None = None
+        self._probed_at = 0.0
         self._pcp: Pcp6Client | None = None
         self._upnp: UpnpFirewallClient | None = None
         self._listener: asyncio.DatagramTransport | None = None
@@ -309,11 +311,26 @@ class Ipv6Gateway:
             return UpnpPinholeDriver(self.upnp)
         raise ValueError(f"{mechanism.value} cannot open IPv6 pinholes (PCP or UPnP can)")
 
+    async def drivers(
+        self, mechanisms: tuple[Mechanism, ...], via: Mechanism | None
+    ) -> list[Driver]:
+        """The drivers to try: `via`'s, else those of the mechanisms the probe found."""
+        if via is not None:
+            return [await self.driver(via)]
+        report = await self.probe(mechanisms)
+        if not report.mechanisms:
+            raise NoGatewayError(
+                f"the IPv6 router {report.router} opens no pinholes (PCP: "
+                f"{report.pcp_error}; UPnP: {report.upnp_error})"
+            )
+        return [await self.driver(m) for m in report.mechanisms]
+
     async def probe(
         self, mechanisms: tuple[Mechanism, ...] = PINHOLE_MECHANISMS, *, refresh: bool = False
     ) -> Ipv6Report:
         """Ask PCP (ANNOUNCE over IPv6) and UPnP (SSDP on ff02::c, GetFirewallStatus) at once."""
-        if self.last_probe is not None and not refresh:
+        fresh = self.clock() - self._probed_at <= PROBE_MAX_AGE
+        if self.last_probe is not None and fresh and not refresh:
             return self.last_probe
         started = time.monotonic()
         try:
@@ -360,7 +377,7 @@ class Ipv6Gateway:
             client.location if client else None, upnp_error, status,
             time.monotonic() - started, client,
         )  # fmt: skip
-        self.last_probe = report
+        self.last_probe, self._probed_at = report, self.clock()
         return report
 
     def observe(self, epoch: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from lab import Lab
 from tests.lab.client_run import igd
-from tests.lab.conftest import StartGateway
+from tests.lab.conftest import LAB_POLICY, StartGateway
 from tests.lab.test_pinholes_gateway import PORT, kernel, reaches, service, start
 
 pytestmark = pytest.mark.lab
@@ -127,3 +127,43 @@ def test_without_ipv6_on_the_router_a_pinhole_is_a_typed_error(
     assert error["type"] in ("NoGatewayError", "GatewayTimeout")
     code, report = igd(lab, "probe")
     assert report["ipv6"]["pcp"]["available"] is False
+
+
+_WATCH = """
+import asyncio, json, sys
+from igd.client import EventKind, PortMapper
+async def main():
+    async with PortMapper(recovery_delay=0.5) as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600)
+        print(json.dumps(p.to_dict()), flush=True)
+        event = await p.wait_for(EventKind.RECREATED, within=20)
+        print(json.dumps({"event": event.kind.value, "lifetime": p.lifetime}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def test_a_router_that_lost_its_pinholes_is_noticed_by_its_announcement(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    watcher = lab.python_popen(
+        "lan1", ["-c", _WATCH, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert watcher.stdin is not None and watcher.stdout is not None
+    assert json.loads(watcher.stdout.readline())["family"] == 6
+    assert reaches(lab, "wan1", lan1)
+    # The router restarts with none of its state (another state directory): the pinhole is
+    # gone from the kernel, and its epoch starts again. Its ANNOUNCE to [ff02::1]:5350 makes
+    # the client ask, see the epoch go back (RFC 6887 §8.5) and open the pinhole again, long
+    # before the 600 s lease would have been renewed.
+    lab.stop_gateway()
+    config = lab.write_gateway_config(LAB_POLICY, state_name="fresh", ipv6={"enabled": True})
+    lab.start_gateway(config)
+    event = json.loads(watcher.stdout.readline())
+    assert event["event"] == "recreated", lab.gateway_log()[-2000:]
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1)
+    watcher.communicate("\n", timeout=30)
