@@ -194,10 +194,21 @@ async def _command(args: argparse.Namespace, scope: asyncio.Timeout) -> int:
         args.gateway, probe_timeout=probe_budget, state=state, gateway6=args.gateway6
     ) as mapper:
         if args.command == "probe":
-            result, six = await asyncio.gather(mapper.probe(), mapper.probe_ipv6())
-            text = _describe_probe(result, args.verbose > 0) + "\n" + _describe_six(six)
-            _out(args, {**result.to_dict(), "ipv6": six.to_dict()}, text)
-            return EXIT_OK if result.choice.mechanism or six.mechanisms else EXIT_NO_GATEWAY
+            four, six = await asyncio.gather(
+                mapper.probe(), mapper.probe_ipv6(), return_exceptions=True
+            )
+            if isinstance(six, BaseException):
+                raise six
+            if isinstance(four, BaseException):
+                if not (isinstance(four, PortMappingError) and six.mechanisms):
+                    raise four
+                # An IPv6-only network: no IPv4 gateway, but pinholes to report.
+                text = f"ipv4: {four}\n{_describe_six(six)}"
+                _out(args, {"error": str(four), "ipv6": six.to_dict()}, text)
+                return EXIT_OK
+            text = _describe_probe(four, args.verbose > 0) + "\n" + _describe_six(six)
+            _out(args, {**four.to_dict(), "ipv6": six.to_dict()}, text)
+            return EXIT_OK if four.choice.mechanism or six.mechanisms else EXIT_NO_GATEWAY
         if args.command == "ip":
             address = await mapper.external_address()
             verdict = mapper.last_probe.choice.verdict.value if mapper.last_probe else None
