@@ -358,8 +358,8 @@ async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Time
         return EXIT_OK
     scope.reschedule(None)  # mapped in time; now it lasts until interrupted
 
-    def shower(mapping: Mapping[Any]) -> Callable[[MappingEvent], None]:
-        def show(event: MappingEvent) -> None:
+    def shower(mapping: Mapping[Any]) -> Callable[[MappingEvent[Any]], None]:
+        def show(event: MappingEvent[Any]) -> None:
             data = {"event": event.kind.value, **mapping.to_dict()}
             if event.error is not None:
                 data["error"] = str(event.error)

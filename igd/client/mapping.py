@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, cast
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import GatewayTimeout, NoGatewayError, PortMappingError
@@ -28,7 +28,16 @@ _rng = random.SystemRandom()  # timer jitter; the OS source needs no seeding
 MAX_QUEUED_EVENTS = 64  # per subscriber; the oldest are dropped beyond it
 RELEASE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0  # one create or renew, retransmissions included
-A = TypeVar("A", IPv4Address, IPv6Address)
+if TYPE_CHECKING:
+    # PEP 696 (typing 3.13): a bare `Mapping` is a `Mapping[IPv4Address]` to the checker,
+    # as it was before pinholes; at run time the default is not needed.
+    from typing_extensions import TypeVar
+
+    A = TypeVar("A", IPv4Address, IPv6Address, default=IPv4Address)
+else:
+    from typing import TypeVar
+
+    A = TypeVar("A", IPv4Address, IPv6Address)
 
 
 class MapperView(TypingProtocol):
@@ -87,12 +96,12 @@ class EventKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class MappingEvent:
+class MappingEvent(Generic[A]):
     """One change, with the mapping as it is after it."""
 
     kind: EventKind
     mechanism: Mechanism
-    external_address: IPv4Address | IPv6Address
+    external_address: A
     external_port: int
     lifetime: int
     error: PortMappingError | None = None
@@ -119,7 +128,7 @@ class Mapping(Generic[A]):
         self.released = False
         self._wake = asyncio.Event()
         self._recover_after: float | None = None
-        self._subscribers: list[Callable[[MappingEvent], None]] = []
+        self._subscribers: list[Callable[[MappingEvent[A]], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     # -- what the application reads --------------------------------------------------------
@@ -203,16 +212,16 @@ class Mapping(Generic[A]):
 
     # -- events ----------------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[MappingEvent[A]], None]) -> Callable[[], None]:
         """Call `callback` on every event; returns the function that unsubscribes."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
-    async def events(self) -> AsyncIterator[MappingEvent]:
+    async def events(self) -> AsyncIterator[MappingEvent[A]]:
         """Every event from now on, until the mapping is released."""
-        queue: asyncio.Queue[MappingEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        queue: asyncio.Queue[MappingEvent[A]] = asyncio.Queue(MAX_QUEUED_EVENTS)
 
-        def put(event: MappingEvent) -> None:
+        def put(event: MappingEvent[A]) -> None:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(event)
@@ -227,7 +236,7 @@ class Mapping(Generic[A]):
         finally:
             unsubscribe()
 
-    async def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
+    async def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent[A]:
         """The next event of one of `kinds` (any kind if none given)."""
         async with asyncio.timeout(within):
             async for event in self.events():
@@ -237,8 +246,8 @@ class Mapping(Generic[A]):
 
     def _emit(self, kind: EventKind, error: PortMappingError | None = None) -> None:
         g = self.grant
-        event = MappingEvent(
-            kind, g.mechanism, g.external_address, g.external_port, g.lifetime, error
+        event: MappingEvent[A] = MappingEvent(
+            kind, g.mechanism, self.external_address, g.external_port, g.lifetime, error
         )
         log.info("mapping %s: %s%s", self, kind.value, f" ({error})" if error else "")
         for callback in list(self._subscribers):

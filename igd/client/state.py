@@ -221,7 +221,7 @@ class Memory:
             log.warning("cannot read the state file %s: %s", self.state.path, exc)
             return None
 
-    def remember(self, gateway: str, mapping: Mapping[Any], event: MappingEvent) -> None:
+    def remember(self, gateway: str, mapping: Mapping[Any], event: MappingEvent[Any]) -> None:
         """Keep the file in step with `mapping` after `event`."""
         if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
             return

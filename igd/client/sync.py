@@ -19,6 +19,7 @@ from igd.client.mapper import PortMapper
 from igd.client.mapping import (
     MAX_QUEUED_EVENTS,
     REQUEST_TIMEOUT,
+    A,
     EventKind,
     Mapping,
     MappingEvent,
@@ -32,7 +33,6 @@ from igd.client.upnp import UpnpEntry
 from igd.model import Mechanism, Protocol
 
 T = TypeVar("T")
-A = TypeVar("A", IPv4Address, IPv6Address)
 
 
 class SyncMapping(Generic[A]):
@@ -115,15 +115,15 @@ class SyncMapping(Generic[A]):
         """A JSON-ready view."""
         return self._owner._run(_call(self.mapping.to_dict))
 
-    def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[MappingEvent[A]], None]) -> Callable[[], None]:
         """`callback` runs on the mapper's thread; returns the function that unsubscribes."""
         return self._owner._run(_call(self.mapping.subscribe, callback))
 
-    def events(self) -> Iterator[MappingEvent]:
+    def events(self) -> Iterator[MappingEvent[A]]:
         """Every event from now on, until the mapping is released; blocks between events."""
-        events: queue.Queue[MappingEvent] = queue.Queue(MAX_QUEUED_EVENTS)
+        events: queue.Queue[MappingEvent[A]] = queue.Queue(MAX_QUEUED_EVENTS)
 
-        def put(event: MappingEvent) -> None:
+        def put(event: MappingEvent[A]) -> None:
             with contextlib.suppress(queue.Full):  # a consumer that stopped reading
                 events.put_nowait(event)
 
@@ -138,7 +138,7 @@ class SyncMapping(Generic[A]):
             if self._owner._thread.is_alive():
                 self._owner._run(_call(unsubscribe))
 
-    def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
+    def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent[A]:
         """Block until the next event of one of `kinds` (any kind if none given)."""
         return self._owner._run(self.mapping.wait_for(*kinds, within=within))
 
