@@ -73,6 +73,7 @@ class MiniupnpdOptions:
     system_uptime: bool = False  # report the system's uptime, not the daemon's
     clean_ruleset_interval: int | None = None  # 0: never clean; None: its default
     lease_file: bool = False  # keep its leases in <workdir>/<name>.leases
+    ipv6: bool = False  # SSDP, HTTP and PCP on the LAN's IPv6 address too: UPnP pinholes
 
     def __post_init__(self) -> None:
         if self.upnp and self.http_port is None:
@@ -120,6 +121,10 @@ class Miniupnpd:
         ]
         if opts.http_port is not None:
             lines.append(f"http_port={opts.http_port}")
+        if opts.ipv6:
+            # Not ipv6_listening_ip: with it 2.3.1 serves HTTP on that IPv6 address only,
+            # and IPv4 control points lose the description.
+            lines.append("ipv6_disable=no")
         if opts.system_uptime:
             lines.append("system_uptime=yes")
         if opts.clean_ruleset_interval is not None:

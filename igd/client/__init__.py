@@ -1,7 +1,7 @@
-"""Client library: find the gateway, map a port over PCP, NAT-PMP or UPnP IGD, and keep the
-mapping working (docs/client.md)."""
+"""Client library: find the gateway, map a port over PCP, NAT-PMP or UPnP IGD, or open an
+IPv6 pinhole over PCP or UPnP, and keep it working (docs/client.md)."""
 
-from igd.client.calls import MapCall
+from igd.client.calls import Exposed, MapCall
 from igd.client.errors import (
     Advice,
     GatewayTimeout,
@@ -23,19 +23,25 @@ from igd.client.mapper import PortMapper
 from igd.client.mapping import EventKind, Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
+from igd.client.pcp6 import Pcp6Client
+from igd.client.pinholes import Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult
 from igd.client.selection import AddressKind, Verdict
 from igd.client.state import Record, StateFile
 from igd.client.sync import SyncMapping, SyncPortMapper
 from igd.client.upnp import UpnpIgdClient
+from igd.client.upnp6 import FirewallStatus, UpnpFirewallClient
 from igd.model import Mechanism, Protocol
 
 __all__ = [
     "AddressKind",
     "Advice",
     "EventKind",
+    "Exposed",
+    "FirewallStatus",
     "GatewayTimeout",
     "InvalidRequest",
+    "Ipv6Report",
     "MapCall",
     "Mapping",
     "MappingEvent",
@@ -46,7 +52,9 @@ __all__ = [
     "NoSuchMapping",
     "NotAuthorized",
     "OutOfResources",
+    "Pcp6Client",
     "PcpClient",
+    "Pinhole",
     "PortMapper",
     "PortMappingError",
     "PortUnavailable",
@@ -60,6 +68,7 @@ __all__ = [
     "TemporaryFailure",
     "Unsupported",
     "UnsupportedVersion",
+    "UpnpFirewallClient",
     "UpnpIgdClient",
     "UpstreamNat",
     "Verdict",

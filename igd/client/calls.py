@@ -1,17 +1,22 @@
 """What the mapper's calls share: a bound on a whole call that ends in a typed
-`GatewayTimeout`, and `MapCall`, the awaitable (or `async with`) result of `map()`."""
+`GatewayTimeout`; `MapCall`, the awaitable (or `async with`) result of `map()` and
+`pinhole()`; `Exposed`, what `expose()` got for each family."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Coroutine, Generator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from igd.client.errors import GatewayTimeout
+from igd.client.errors import GatewayTimeout, PortMappingError
 from igd.client.mapping import Mapping
+from igd.client.pinholes import Pinhole
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Mapping[Any])
 
 
 async def bounded(work: Awaitable[T], timeout: float | None, what: str) -> T:
@@ -26,20 +31,20 @@ async def bounded(work: Awaitable[T], timeout: float | None, what: str) -> T:
         raise
 
 
-class MapCall:
-    """What `PortMapper.map()` returns: `await` it for the mapping, or use it as
-    `async with pm.map(...) as m:` to release the mapping when the block ends."""
+class MapCall(Generic[M]):
+    """What `PortMapper.map()` (and `pinhole()`) returns: `await` it for the mapping, or use
+    it as `async with pm.map(...) as m:` to release the mapping when the block ends."""
 
     __slots__ = ("_mapping", "_work")
 
-    def __init__(self, work: Coroutine[Any, Any, Mapping]) -> None:
+    def __init__(self, work: Coroutine[Any, Any, M]) -> None:
         self._work = work
-        self._mapping: Mapping | None = None
+        self._mapping: M | None = None
 
-    def __await__(self) -> Generator[Any, None, Mapping]:
+    def __await__(self) -> Generator[Any, None, M]:
         return self._work.__await__()
 
-    async def __aenter__(self) -> Mapping:
+    async def __aenter__(self) -> M:
         self._mapping = await self._work
         return self._mapping
 
@@ -48,3 +53,45 @@ class MapCall:
     ) -> None:
         if self._mapping is not None:
             await self._mapping.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Exposed:
+    """What `PortMapper.expose()` got: the IPv4 mapping and the IPv6 pinhole, each None if
+    its family failed (its error is in `errors`)."""
+
+    mapping: Mapping[IPv4Address] | None
+    pinhole: Pinhole | None
+    errors: tuple[PortMappingError, ...] = ()
+
+    async def release(self) -> None:
+        """Release both."""
+        for held in (self.mapping, self.pinhole):
+            if held is not None:
+                await held.release()
+
+
+async def expose(
+    mapping: MapCall[Mapping[IPv4Address]], pinhole: MapCall[Pinhole], timeout: float | None
+) -> Exposed:
+    """Both calls at once; raises only if both fail (the IPv4 error first)."""
+    got = await bounded(
+        asyncio.gather(_awaited(mapping), _awaited(pinhole), return_exceptions=True),
+        timeout, "expose",
+    )  # fmt: skip
+    for other in got:
+        if isinstance(other, BaseException) and not isinstance(other, PortMappingError):
+            raise other
+    errors = tuple(e for e in got if isinstance(e, PortMappingError))
+    four, six = got
+    held = Exposed(
+        four if isinstance(four, Mapping) else None, six if isinstance(six, Pinhole) else None,
+        errors,
+    )  # fmt: skip
+    if held.mapping is None and held.pinhole is None:
+        raise errors[0]
+    return held
+
+
+async def _awaited(call: Awaitable[T]) -> T:
+    return await call

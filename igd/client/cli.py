@@ -1,4 +1,5 @@
-"""`igd`: probe the gateway, show the external address, map, unmap and list port mappings.
+"""`igd`: probe the gateway, show the external address, map, unmap and list port mappings
+(and IPv6 pinholes).
 
 Exit codes: 0 done, 1 other error, 2 usage, 3 no gateway found (or it did not answer),
 4 refused by the gateway, 5 the gateway answered something invalid.
@@ -13,7 +14,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import igd
@@ -29,6 +30,7 @@ from igd.client.mapper import PortMapper
 from igd.client.mapping import Mapping, MappingEvent
 from igd.client.natpmp import NatPmpClient
 from igd.client.pcp import PcpClient
+from igd.client.pinholes import Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult
 from igd.client.state import StateFile
 from igd.model import REQUESTED, Mechanism, Protocol
@@ -75,6 +77,10 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         help=f"seconds the whole command may take ({DEFAULT_TIMEOUT:g})",
     )  # fmt: skip
     parser.add_argument(
+        "--gateway6", default=default(None),
+        help="IPv6 router asked for pinholes (default: the IPv6 default route's)",
+    )  # fmt: skip
+    parser.add_argument(
         "--state-file", default=default(None),
         help="where this user's mappings are remembered (default: $XDG_STATE_HOME/igd/)",
     )  # fmt: skip
@@ -105,11 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--via", choices=vias, help="force a mechanism")
     add.add_argument("--description", default="igd", help="label stored on the gateway")
     add.add_argument("--keep", action="store_true", help="renew until interrupted, then release")
+    family = add.add_mutually_exclusive_group()
+    family.add_argument("--ipv6", action="store_true", help="open an IPv6 pinhole instead")
+    family.add_argument("--both", action="store_true", help="an IPv4 mapping and an IPv6 pinhole")
     rm = sub.add_parser("unmap", parents=[common], help="delete a mapping of this host")
     rm.add_argument("port", type=_port_spec, metavar="PORT[/tcp|/udp]")
     rm.add_argument("--via", choices=vias, help="mechanism, if igd did not make the mapping")
     rm.add_argument("--external-port", type=int, help="UPnP: the external port")
     rm.add_argument("--nonce", help="PCP: the mapping nonce, if igd did not make the mapping")
+    rm.add_argument("--ipv6", action="store_true", help="the IPv6 pinhole (from the state file)")
     ls = sub.add_parser("list", parents=[common], help="this user's mappings on the gateway")
     ls.add_argument(
         "--router", action="store_true", help="the gateway's whole UPnP mapping list instead"
@@ -128,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:  # a request the library cannot make (a pinhole over NAT-PMP)
+        print(f"igd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except PortMappingError as exc:
         code = _exit_code(exc)
         if args.json:
@@ -177,11 +190,25 @@ async def _run(args: argparse.Namespace) -> int:
 async def _command(args: argparse.Namespace, scope: asyncio.Timeout) -> int:
     state = StateFile(args.state_file)
     probe_budget = min(2.0, args.timeout * PROBE_SHARE)
-    async with PortMapper(args.gateway, probe_timeout=probe_budget, state=state) as mapper:
+    async with PortMapper(
+        args.gateway, probe_timeout=probe_budget, state=state, gateway6=args.gateway6
+    ) as mapper:
         if args.command == "probe":
-            result = await mapper.probe()
-            _out(args, result.to_dict(), _describe_probe(result, args.verbose > 0))
-            return EXIT_OK if result.choice.mechanism else EXIT_NO_GATEWAY
+            four, six = await asyncio.gather(
+                mapper.probe(), mapper.probe_ipv6(), return_exceptions=True
+            )
+            if isinstance(six, BaseException):
+                raise six
+            if isinstance(four, BaseException):
+                if not (isinstance(four, PortMappingError) and six.mechanisms):
+                    raise four
+                # An IPv6-only network: no IPv4 gateway, but pinholes to report.
+                text = f"ipv4: {four}\n{_describe_six(six)}"
+                _out(args, {"error": str(four), "ipv6": six.to_dict()}, text)
+                return EXIT_OK
+            text = _describe_probe(four, args.verbose > 0) + "\n" + _describe_six(six)
+            _out(args, {**four.to_dict(), "ipv6": six.to_dict()}, text)
+            return EXIT_OK if four.choice.mechanism or six.mechanisms else EXIT_NO_GATEWAY
         if args.command == "ip":
             address = await mapper.external_address()
             verdict = mapper.last_probe.choice.verdict.value if mapper.last_probe else None
@@ -205,7 +232,10 @@ async def _command(args: argparse.Namespace, scope: asyncio.Timeout) -> int:
         records = mapper.stored()
         rows = [{**r.to_dict(), "remaining": _rounded(r.remaining(now))} for r in records]
         text = "\n".join(
-            f"{r.protocol.value:<4} {r.external_address}:{r.external_port} -> "
+            f"{r.protocol.value:<4} [{r.internal_address}]:{r.internal_port} pinhole"
+            f" via {r.mechanism.value}, {_left(r.remaining(now))}  {r.description}"
+            if r.family == 6
+            else f"{r.protocol.value:<4} {r.external_address}:{r.external_port} -> "
             f"{r.internal_address}:{r.internal_port} via {r.mechanism.value}, "
             f"{_left(r.remaining(now))}  {r.description}"
             for r in records
@@ -254,9 +284,29 @@ def _describe_probe(result: ProbeResult, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _describe(mapping: Mapping) -> str:
+def _describe_six(report: Ipv6Report) -> str:
+    if report.router is None:
+        return f"ipv6: {report.pcp_error}"
+    lines = [f"ipv6 router {report.router} (this host {report.local_address})"]
+    pcp = f"epoch {report.pcp_epoch}" if report.pcp else report.pcp_error or ""
+    lines.append(f"  pcp     {'yes' if report.pcp else 'no '}  {pcp}")
+    status = report.firewall
+    upnp = report.upnp_location or "" if report.upnp else report.upnp_error or ""
+    if status is not None:
+        upnp += f"; firewall {'enabled' if status.enabled else 'disabled'}, pinholes "
+        upnp += "allowed" if status.inbound_allowed else "not allowed"
+    lines.append(f"  upnp    {'yes' if report.upnp else 'no '}  {upnp}")
+    return "\n".join(lines)
+
+
+def _describe(mapping: Mapping[Any]) -> str:
     expires_at = mapping.expires_at
     until = f" (until {expires_at:%Y-%m-%d %H:%M:%S} UTC)" if expires_at else ""
+    if isinstance(mapping, Pinhole):
+        return (
+            f"[{mapping.address}]:{mapping.port}/{mapping.protocol.value} open (IPv6 pinhole)"
+            f" via {mapping.mechanism.value}, lifetime {mapping.lifetime}{until}"
+        )
     return (
         f"{mapping.external_address}:{mapping.external_port} -> {mapping.internal_address}:"
         f"{mapping.internal_port}/{mapping.protocol.value} via {mapping.mechanism.value}, "
@@ -264,8 +314,29 @@ def _describe(mapping: Mapping) -> str:
     )
 
 
-async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Timeout) -> int:
+async def _made(args: argparse.Namespace, mapper: PortMapper) -> list[Mapping[Any]]:
+    """What `igd map` asked for: a mapping, a pinhole (--ipv6) or both (--both)."""
     port, protocol = args.port
+    if (args.ipv6 or args.both) and (args.external_port or args.exact):
+        raise ValueError("a pinhole opens the internal port: no --external-port or --exact")
+    if args.ipv6:
+        pinhole = await mapper.pinhole(
+            port, protocol, lifetime=args.lifetime, description=args.description, via=args.via
+        )
+        _out(args, pinhole.to_dict(), _describe(pinhole))
+        return [pinhole]
+    if args.both:
+        got = await mapper.expose(port, protocol, lifetime=args.lifetime,
+                                  description=args.description)  # fmt: skip
+        held = [m for m in (got.mapping, got.pinhole) if m is not None]
+        data = {
+            "ipv4": got.mapping.to_dict() if got.mapping else None,
+            "ipv6": got.pinhole.to_dict() if got.pinhole else None,
+            "errors": [str(e) for e in got.errors],
+        }
+        text = [_describe(m) for m in held] + [f"failed: {e}" for e in got.errors]
+        _out(args, data, "\n".join(text))
+        return held
     mapping = await mapper.map(
         port,
         protocol,
@@ -276,18 +347,28 @@ async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Time
         exact=args.exact,
     )
     _out(args, mapping.to_dict(), _describe(mapping))
+    return [mapping]
+
+
+async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Timeout) -> int:
+    held = await _made(args, mapper)
     if not args.keep:
-        await mapping.detach()  # stays on the gateway until its lease ends
+        for mapping in held:
+            await mapping.detach()  # stays on the gateway until its lease ends
         return EXIT_OK
     scope.reschedule(None)  # mapped in time; now it lasts until interrupted
 
-    def show(event: MappingEvent) -> None:
-        data = {"event": event.kind.value, **mapping.to_dict()}
-        if event.error is not None:
-            data["error"] = str(event.error)
-        _out(args, data, f"{event.kind.value}: {_describe(mapping)}")
+    def shower(mapping: Mapping[Any]) -> Callable[[MappingEvent[Any]], None]:
+        def show(event: MappingEvent[Any]) -> None:
+            data = {"event": event.kind.value, **mapping.to_dict()}
+            if event.error is not None:
+                data["error"] = str(event.error)
+            _out(args, data, f"{event.kind.value}: {_describe(mapping)}")
 
-    mapping.subscribe(show)
+        return show
+
+    for mapping in held:
+        mapping.subscribe(shower(mapping))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,12 +378,22 @@ async def _map(args: argparse.Namespace, mapper: PortMapper, scope: asyncio.Time
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await mapping.release()
+        for mapping in held:
+            await mapping.release()
     return EXIT_OK
 
 
 async def _unmap(args: argparse.Namespace, mapper: PortMapper) -> int:
     port, protocol = args.port
+    if args.ipv6:
+        records = [r for r in mapper.stored() if r.family == 6]
+        record = next((r for r in records if (r.protocol, r.internal_port) == (protocol, port)),
+                      None)  # fmt: skip
+        if record is None or not await mapper.unmap(port, protocol, family=6):
+            raise NoSuchMapping(f"igd has no record of an IPv6 pinhole for {port}/{protocol.value}")
+        data = {"deleted": [record.mechanism.value], **record.to_dict()}
+        _out(args, data, f"closed the pinhole over {record.mechanism.value}")
+        return EXIT_OK
     via = Mechanism(args.via) if args.via else None
     local = str(await mapper.local_address())
     record = next(

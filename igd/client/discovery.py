@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -80,6 +80,81 @@ def default_routes(table: Path = PROC_ROUTE) -> list[GatewayCandidate]:
             routes.append((metric, GatewayCandidate(address, fields[0], False)))
     routes.sort(key=lambda mc: mc[0])
     return [replace(c, default=i == 0) for i, (_, c) in enumerate(routes)]
+
+
+PROC_ROUTE6 = Path("/proc/net/ipv6_route")
+
+
+@dataclass(frozen=True, slots=True)
+class Router6:
+    """An IPv6 default router: its address (often link-local) and the interface to it."""
+
+    address: IPv6Address
+    interface: str
+
+    @property
+    def index(self) -> int:
+        """The interface's index (0 if it is gone)."""
+        try:
+            return socket.if_nametoindex(self.interface)
+        except OSError:
+            return 0
+
+    @property
+    def scope(self) -> int:
+        """The scope a link-local address needs (0 for a global one)."""
+        return self.index if self.address.is_link_local else 0
+
+
+def default_routers6(table: Path = PROC_ROUTE6) -> list[Router6]:
+    """The IPv6 default routes' next hops, best metric first (RFC 6887 §8.1: the PCP
+    server of a host is its default router, unless configured otherwise)."""
+    try:
+        lines = table.read_text().splitlines()
+    except OSError:
+        return []
+    routes: list[tuple[int, Router6]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or fields[0] != "0" * 32 or fields[1] != "00":
+            continue  # not ::/0
+        try:
+            hop = IPv6Address(bytes.fromhex(fields[4]))
+            metric, flags = int(fields[5], 16), int(fields[8], 16)
+        except ValueError:
+            continue
+        if flags & _RTF_UP and flags & _RTF_GATEWAY and not hop.is_unspecified:
+            routes.append((metric, Router6(hop, fields[9])))
+    routes.sort(key=lambda mr: mr[0])
+    return list(dict.fromkeys(r for _, r in routes))
+
+
+def global_address6(router: Router6) -> IPv6Address | None:
+    """This host's address for pinholes toward `router`: the kernel's source toward a global
+    router, else a global address on the router's interface (a link-local source cannot be
+    reached from the Internet); None if the host has none."""
+    if not router.address.is_link_local:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.connect((str(router.address), 5351))  # a route lookup; nothing is sent
+                source = IPv6Address(udp.getsockname()[0].split("%", 1)[0])
+            except (OSError, ValueError):
+                source = None
+        if source is not None and not source.is_link_local:
+            return source
+    import netifaces
+
+    found: list[IPv6Address] = []
+    for entry in netifaces.ifaddresses(router.interface).get(netifaces.AF_INET6, []):
+        try:
+            address = IPv6Address(str(entry.get("addr", "")).split("%", 1)[0])
+        except ValueError:
+            continue
+        if not (address.is_link_local or address.is_loopback or address.is_multicast):
+            found.append(address)
+    # Global unicast before unique local (RFC 6724 would pick that way toward the Internet).
+    found.sort(key=lambda a: a.is_private)
+    return found[0] if found else None
 
 
 def default_gateway() -> IPv4Address:

@@ -1,7 +1,8 @@
 """`PortMapper`: one call gets a working mapping over PCP, NAT-PMP or UPnP, and a `Mapping`
-(mapping.py) that keeps working. The mapper owns what is shared by every mapping on one
-gateway: the sockets, the drivers, and the restart detection that re-creates them all (the
-PCP/NAT-PMP epoch rule, announcements on 224.0.0.1:5350, the UPnP BOOTID in SSDP NOTIFY)."""
+(mapping.py) that keeps working; or an IPv6 pinhole (pinholes.py) over PCP or UPnP. The
+mapper owns what is shared by every mapping on one gateway: the sockets, the drivers, and
+the restart detection that re-creates them all (the PCP/NAT-PMP epoch rule, announcements
+on 224.0.0.1:5350, the UPnP BOOTID in SSDP NOTIFY); the IPv6 side is `Ipv6Gateway`'s."""
 
 from __future__ import annotations
 
@@ -13,17 +14,12 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
-from igd.client.announce import (
-    Announcement,
-    AnnouncementListener,
-    SsdpNotify,
-    SsdpNotifyListener,
-)
-from igd.client.calls import MapCall, bounded
+from igd.client.announce import Announcement, AnnouncementListener
+from igd.client.calls import Exposed, MapCall, bounded, expose
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import (
     GatewayTimeout,
@@ -32,7 +28,7 @@ from igd.client.errors import (
     NoSuchMapping,
     PortMappingError,
 )
-from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping, MappingEvent
+from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping
 from igd.client.mechanisms import (
     Driver,
     Grant,
@@ -45,9 +41,11 @@ from igd.client.mechanisms import (
 from igd.client.natpmp import NatPmpClient
 from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
+from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
+from igd.client.restart import UpnpRestartWatch
 from igd.client.selection import DEFAULT_PREFERENCE
-from igd.client.state import Key, Record, StateFile
+from igd.client.state import Memory, Record, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -55,10 +53,10 @@ from igd.proto.pcp import NONCE_SIZE as PCP_NONCE_SIZE
 from igd.proto.pcp import PcpResponse
 
 log = logging.getLogger("igd.client")
+T = TypeVar("T")
 
 _rng = random.SystemRandom()  # recovery jitter; the OS source needs no seeding
 MAX_MAPPINGS = 256  # per PortMapper by default (`max_mappings`): each holds a timer task
-MAX_RECOVERIES = 4  # UPnP restart recoveries pending at once; more restarts are coalesced
 # Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
 # 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
 PROBE_MAX_AGE = 1800.0
@@ -71,7 +69,8 @@ class PortMapper:
     `async with PortMapper() as pm: m = await pm.map(8080, "tcp")`. Every mapping still
     held is released when the block ends. A named `gateway` is the only one used; `prefer`
     orders the mechanisms, `disable` turns some off, `force` uses one without probing;
-    `state` remembers mappings across runs (state.py).
+    `state` remembers mappings across runs (state.py). `gateway6` names the router asked
+    for IPv6 pinholes (default: the IPv6 default route's).
     """
 
     def __init__(
@@ -89,12 +88,14 @@ class PortMapper:
         pcp_addresses: Sequence[IPv4Address | str] = (),
         network_check: float | None = NETWORK_CHECK,
         max_mappings: int = MAX_MAPPINGS,
+        gateway6: IPv6Address | str | None = None,
     ) -> None:
         if max_mappings < 1:
             raise ValueError("max_mappings must be positive")
         self.max_mappings = max_mappings
         """How many mappings this mapper holds at most (each one a renewal timer)."""
-        self._by_port: dict[tuple[Protocol, int], Mapping] = {}
+        self._by_port: dict[tuple[Protocol, int, int], Mapping[Any]] = {}
+        """Held mappings and pinholes by (protocol, internal port, address family)."""
         self._gateway = IPv4Address(gateway) if gateway else None
         self.named_gateway = self._gateway is not None
         """True if the caller named the gateway: then no other device is used (SSDP)."""
@@ -128,22 +129,28 @@ class PortMapper:
         """RFC 6887 §14.1.3 and RFC 6886 §3.7: wait a random 0..this many seconds."""
         self.listen = listen
         self.clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
-        self.mappings: list[Mapping] = []
+        self.mappings: list[Mapping[Any]] = []
         self.last_probe: ProbeResult | None = None
         self._natpmp: NatPmpClient | None = None
         self._pcp: PcpClient | None = None
         self._upnp: UpnpIgdClient | None = None
         self._upnp_driver: UpnpDriver | None = None
-        self._upnp_boot: int | None = None
-        self._upnp_seen_at = ""  # the LOCATION of the last ssdp:alive, if it moved
         self._listener: AnnouncementListener | None = None
-        self._ssdp_listener: SsdpNotifyListener | None = None
-        self._recoveries: set[asyncio.Task[None]] = set()
+        self._restarts = UpnpRestartWatch(
+            client=lambda: self._upnp, reconnect=self._reconnect_upnp,
+            recover=self._recover_upnp, delay=lambda: _rng.uniform(0, self.recovery_delay),
+        )  # fmt: skip
         self._epochs = {
             Mechanism.PCP: EpochTracker(EpochRule.PCP),
             Mechanism.NATPMP: EpochTracker(EpochRule.NATPMP),
         }
         self._lock = asyncio.Lock()
+        self.six = Ipv6Gateway(
+            gateway6, restarted=self._six_restarted, clock=lambda: self.clock(), listen=listen,
+            probe_timeout=probe_timeout,
+        )  # fmt: skip
+        """The IPv6 side: the router pinholes are asked of, its clients and epoch."""
+        self.memory = Memory(self.state, lambda: self.wall_clock())
 
     async def __aenter__(self) -> PortMapper:
         return self
@@ -220,13 +227,12 @@ class PortMapper:
         for client in (self._natpmp, self._pcp):
             if client is not None:
                 client.close()
-        for listener in (self._listener, self._ssdp_listener):
-            if listener is not None:
-                listener.close()
+        if self._listener is not None:
+            self._listener.close()
         self._natpmp = self._pcp = None
-        self._listener = self._ssdp_listener = None
+        self._listener = None
         self._upnp = self._upnp_driver = None
-        self._upnp_boot, self._upnp_seen_at = None, ""
+        self._restarts.reset()
         for tracker in self._epochs.values():
             tracker.server = tracker.client = None
         self.last_probe = None
@@ -255,8 +261,9 @@ class PortMapper:
         require_gateway(result)
         local = await self.local_address()
         for mapping in list(self.mappings):
-            driver = await self.driver(result.choice.mechanism or mapping.mechanism)
-            mapping.move(driver, local)
+            if mapping.family == 4:  # pinholes belong to the IPv6 router, not this gateway
+                driver = await self.driver(result.choice.mechanism or mapping.mechanism)
+                mapping.move(driver, local)
 
     async def external_address(self, *, timeout: float | None = None) -> IPv4Address:
         """The external address of the chosen mechanism."""
@@ -287,7 +294,7 @@ class PortMapper:
         return self._upnp
 
     def _use_upnp(self, client: UpnpIgdClient, boot_id: int | None) -> None:
-        self._upnp, self._upnp_boot = client, boot_id
+        self._upnp, self._restarts.boot = client, boot_id
         if self._upnp_driver is not None:
             self._upnp_driver.client = client  # mappings made before keep working
 
@@ -317,7 +324,7 @@ class PortMapper:
         exact: bool = False,
         timeout: float | None = None,
         nonce: bytes | None = None,
-    ) -> MapCall:
+    ) -> MapCall[Mapping[IPv4Address]]:
         """Get a mapping and keep it alive. `external_port` is a suggestion unless `exact`;
         `via` forces a mechanism (otherwise the probe's choice, then the others ranked);
         `timeout` bounds the whole call; `nonce` (12 bytes) is the PCP nonce of a new
@@ -342,35 +349,24 @@ class PortMapper:
         via: Mechanism | None,
         exact: bool,
         nonce: bytes | None = None,
-    ) -> Mapping:
+    ) -> Mapping[IPv4Address]:
         if not 0 < internal_port < 65536 or lifetime <= 0:
             raise ValueError("internal_port must be 1..65535 and lifetime positive")
         if via is not None and via not in self.mechanisms:
             raise ValueError(f"{via.value} is disabled on this PortMapper")
         # One mapping per internal port: a second PCP request with a new nonce is refused
         # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
-        held = self._by_port.get((protocol, internal_port))
+        held = await self._refresh_held(protocol, internal_port, 4, via, lifetime, description)
         if held is not None:
-            if via is None or via is held.mechanism:
-                held.spec = replace(held.spec, lifetime=lifetime, description=description)
-                await held.renew()
-                return held
-            await held.release()
-        if len(self.mappings) >= self.max_mappings:
-            raise ValueError(f"a PortMapper holds at most {self.max_mappings} mappings")
+            return held
         _, pcp = await self._clients()
         spec = MapSpec(
             protocol, internal_port, pcp.local_address, lifetime,
             external_port, exact, description, nonce,
         )  # fmt: skip
-        stored = self._stored(spec)
-        if stored is not None:
-            if via is None or via is stored.mechanism:
-                resumed = await self._resume(spec, stored)
-                if resumed is not None:
-                    return resumed
-            else:
-                await self._delete_stored(spec, stored)
+        resumed = await self._resume_stored(spec, via)
+        if resumed is not None:
+            return resumed
         if via is not None:
             drivers = [await self.driver(via, fallback=False)]
         else:
@@ -380,6 +376,41 @@ class PortMapper:
             if Mechanism.PCP in order and Mechanism.NATPMP in order:
                 order.remove(Mechanism.NATPMP)  # the PCP driver falls back to it
             drivers = [await self.driver(m) for m in order]
+        return await self._first_grant(drivers, spec)
+
+    async def _refresh_held(
+        self,
+        protocol: Protocol,
+        internal_port: int,
+        family: int,
+        via: Mechanism | None,
+        lifetime: int,
+        description: str,
+    ) -> Mapping[Any] | None:
+        """The mapping (or pinhole) of this internal port held already, refreshed."""
+        # One mapping per internal port: a second PCP request with a new nonce is refused
+        # (RFC 6887 §11.1 ties the mapping to its nonce), so refresh the one held instead.
+        held = self._by_port.get((protocol, internal_port, family))
+        if held is not None:
+            if via is None or via is held.mechanism:
+                held.spec = replace(held.spec, lifetime=lifetime, description=description)
+                await held.renew()
+                return held
+            await held.release()
+        if len(self.mappings) >= self.max_mappings:
+            raise ValueError(f"a PortMapper holds at most {self.max_mappings} mappings")
+        return None
+
+    async def _resume_stored(self, spec: MapSpec, via: Mechanism | None) -> Mapping[Any] | None:
+        stored = self.memory.find(self._gateway_of(spec), spec)
+        if stored is None:
+            return None
+        if via is None or via is stored.mechanism:
+            return await self._resume(spec, stored)
+        await self._delete_stored(spec, stored)
+        return None
+
+    async def _first_grant(self, drivers: list[Driver], spec: MapSpec) -> Mapping[Any]:
         error: PortMappingError | None = None
         for driver in drivers:
             try:
@@ -395,6 +426,77 @@ class PortMapper:
             return await self._adopt(driver, spec, grant)
         raise error or NoGatewayError("no mechanism available")
 
+    def pinhole(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        via: Mechanism | str | None = None,
+        timeout: float | None = None,
+    ) -> MapCall[Pinhole]:
+        """Open an IPv6 pinhole to this host's global address and `internal_port` and keep it
+        open (PCP over IPv6 first, then UPnP WANIPv6FirewallControl; `via` forces one)."""
+        work = self._pinhole(
+            internal_port, Protocol(protocol), lifetime, description,
+            Mechanism(via) if via is not None else self.force,
+        )  # fmt: skip
+        return MapCall(bounded(work, timeout, f"pinhole {internal_port}/{protocol}"))
+
+    def _pinhole_mechanisms(self) -> tuple[Mechanism, ...]:
+        return tuple(m for m in self.mechanisms if m in PINHOLE_MECHANISMS)
+
+    async def _pinhole(
+        self,
+        internal_port: int,
+        protocol: Protocol,
+        lifetime: int,
+        description: str,
+        via: Mechanism | None,
+    ) -> Pinhole:
+        if not 0 < internal_port < 65536 or lifetime <= 0:
+            raise ValueError("internal_port must be 1..65535 and lifetime positive")
+        if via is not None and via not in self._pinhole_mechanisms():
+            raise ValueError(f"{via.value} cannot open pinholes on this PortMapper")
+        held = await self._refresh_held(protocol, internal_port, 6, via, lifetime, description)
+        if held is None:
+            spec = MapSpec(
+                protocol, internal_port, self.six.local_address, lifetime, None, True,
+                description,
+            )  # fmt: skip
+            held = await self._resume_stored(spec, via)
+        if held is None:
+            drivers = await self.six.drivers(self._pinhole_mechanisms(), via)
+            held = await self._first_grant(drivers, spec)
+        assert isinstance(held, Pinhole)
+        return held
+
+    async def expose(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        timeout: float | None = None,
+    ) -> Exposed:
+        """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
+        A family that fails is left out, its error in `errors`; raises only if both fail."""
+        return await expose(
+            self.map(internal_port, protocol, lifetime=lifetime, description=description),
+            self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
+            timeout,
+        )
+
+    async def probe_ipv6(
+        self, *, refresh: bool = False, timeout: float | None = None
+    ) -> Ipv6Report:
+        """What the IPv6 router offers for pinholes: PCP over IPv6, UPnP pinholes, the
+        firewall's status (cached unless `refresh`)."""
+        work = self.six.probe(self._pinhole_mechanisms(), refresh=refresh)
+        return await bounded(work, timeout, "IPv6 probe")
+
     async def _create(self, driver: Driver, spec: MapSpec, previous: Grant | None) -> Grant:
         try:
             async with asyncio.timeout(self.request_timeout):
@@ -402,15 +504,18 @@ class PortMapper:
         except TimeoutError:
             raise GatewayTimeout(f"no answer over {driver.name}") from None
 
-    async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping:
+    async def _adopt(self, driver: Driver, spec: MapSpec, grant: Grant) -> Mapping[Any]:
         self.note_epoch(grant)
-        if grant.mechanism is Mechanism.UPNP:
-            await self._watch_upnp()
-        mapping = Mapping(self, driver, spec, grant)
+        if grant.mechanism is Mechanism.UPNP and spec.internal_address.version == 4:
+            if self.listen:  # listen for the IGD's NOTIFY once a UPnP mapping exists
+                await self._restarts.start(await self.local_address())
+        kind = Pinhole if spec.internal_address.version == 6 else Mapping
+        mapping = kind(self, driver, spec, grant)
         self.mappings.append(mapping)
-        self._by_port[mapping.protocol, mapping.internal_port] = mapping
+        self._by_port[mapping.protocol, mapping.internal_port, mapping.family] = mapping
         if self.state is not None:
-            mapping.subscribe(lambda event: self._remember(mapping, event))
+            gateway = self._gateway_of(spec)
+            mapping.subscribe(lambda event: self.memory.remember(gateway, mapping, event))
         mapping._start()
         mapping._emit(EventKind.CREATED)
         self._watch_network()
@@ -418,36 +523,16 @@ class PortMapper:
 
     # -- what earlier runs left (the state file) -------------------------------------------
 
-    def _key(self, protocol: Protocol, internal_address: IPv4Address, port: int) -> Key:
-        return (str(self.gateway), protocol.value, str(internal_address), port)
+    def _gateway_of(self, spec: MapSpec) -> str:
+        """The state file's name for the gateway of a mapping (IPv4) or a pinhole (IPv6)."""
+        if spec.internal_address.version == 6:
+            return str(self.six.router.address)
+        return str(self.gateway)
 
-    def _stored(self, spec: MapSpec) -> Record | None:
-        if self.state is None:
-            return None
-        key = self._key(spec.protocol, spec.internal_address, spec.internal_port)
-        try:
-            return self.state.find(key, now=self.wall_clock())
-        except OSError as exc:
-            log.warning("cannot read the state file %s: %s", self.state.path, exc)
-            return None
-
-    def _remember(self, mapping: Mapping, event: MappingEvent) -> None:
-        if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
-            return
-        now = self.wall_clock()
-        record = Record.of(str(self.gateway), mapping, now=now)
-        try:
-            if event.kind is EventKind.RELEASED:
-                self.state.remove(record.key, now=now)
-            else:
-                self.state.put(record, now=now)
-        except OSError as exc:
-            log.warning("cannot update the state file %s: %s", self.state.path, exc)
-
-    async def _resume(self, spec: MapSpec, record: Record) -> Mapping | None:
+    async def _resume(self, spec: MapSpec, record: Record) -> Mapping[Any] | None:
         """Refresh a mapping an earlier run made (same mechanism, port and PCP nonce)."""
         try:
-            driver = await self.driver(record.mechanism, fallback=False)
+            driver = await self._driver_for(spec, record.mechanism)
             grant = await self._create(driver, spec, record.grant())
         except GatewayTimeout:
             raise
@@ -463,7 +548,7 @@ class PortMapper:
         """Delete a mapping an earlier run made, and its record. `strict`: a failure is
         raised and the record kept (unmap); otherwise it is logged (a mapping replaced)."""
         try:
-            driver = await self.driver(record.mechanism, fallback=False)
+            driver = await self._driver_for(spec, record.mechanism)
             try:
                 async with asyncio.timeout(self.request_timeout):
                     await driver.delete(spec, record.grant())
@@ -476,17 +561,20 @@ class PortMapper:
                 raise
             log.info("could not delete the %s mapping of an earlier run: %s",
                      record.mechanism.value, exc)  # fmt: skip
-        if self.state is not None:
-            with contextlib.suppress(OSError):
-                self.state.remove(record.key, now=self.wall_clock())
+        self.memory.forget(record.key)
+
+    async def _driver_for(self, spec: MapSpec, mechanism: Mechanism) -> Driver:
+        if spec.internal_address.version == 6:
+            return await self.six.driver(mechanism)
+        return await self.driver(mechanism, fallback=False)
 
     def stored(self) -> list[Record]:
-        """This gateway's records in the state file (every mechanism, live leases only)."""
-        if self.state is None:
-            return []
-        return [
-            r for r in self.state.records(now=self.wall_clock()) if r.gateway == str(self.gateway)
-        ]
+        """This gateway's records in the state file (every mechanism, live leases only),
+        and the IPv6 router's pinholes."""
+        gateways = {str(self.gateway)}
+        with contextlib.suppress(NoGatewayError):
+            gateways.add(str(self.six.router.address))
+        return self.memory.records(gateways)
 
     async def unmap(
         self,
@@ -494,19 +582,23 @@ class PortMapper:
         protocol: Protocol | str = Protocol.TCP,
         *,
         timeout: float | None = None,
+        family: int = 4,
     ) -> bool:
         """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
-        run left in the state file; False if neither knew one."""
-        return await bounded(self._unmap(internal_port, Protocol(protocol)), timeout, "unmap")
+        run left in the state file; False if neither knew one. `family=6`: the pinhole."""
+        work = self._unmap(internal_port, Protocol(protocol), family)
+        return await bounded(work, timeout, "unmap")
 
-    async def _unmap(self, internal_port: int, protocol: Protocol) -> bool:
+    async def _unmap(self, internal_port: int, protocol: Protocol, family: int) -> bool:
         for mapping in self.mappings:
-            if (mapping.protocol, mapping.internal_port) == (protocol, internal_port):
+            if (mapping.protocol, mapping.internal_port, mapping.family) == (
+                protocol, internal_port, family,
+            ):  # fmt: skip
                 await mapping.release()
                 return True
-        local = await self.local_address()
+        local = self.six.local_address if family == 6 else await self.local_address()
         spec = MapSpec(protocol, internal_port, local, 1)
-        record = self._stored(spec)
+        record = self.memory.find(self._gateway_of(spec), spec)
         if record is None:
             return False
         await self._delete_stored(spec, record, strict=True)
@@ -520,15 +612,19 @@ class PortMapper:
 
         return await bounded(work(), timeout, "UPnP list")
 
-    def forget(self, mapping: Mapping) -> None:
+    def forget(self, mapping: Mapping[Any]) -> None:
         with contextlib.suppress(ValueError):
             self.mappings.remove(mapping)
-        key = (mapping.protocol, mapping.internal_port)
+        key = (mapping.protocol, mapping.internal_port, mapping.family)
         if self._by_port.get(key) is mapping:
             del self._by_port[key]
 
     def note_epoch(self, grant: Grant) -> None:
-        if grant.epoch is not None and grant.mechanism in self._epochs:
+        if grant.epoch is None:
+            return
+        if grant.external_address.version == 6:
+            self.six.observe(grant.epoch)  # the IPv6 server's epoch, apart from the IPv4 one
+        elif grant.mechanism in self._epochs:
             self._epoch(grant.mechanism, grant.epoch)
 
     def _epoch(self, mechanism: Mechanism, epoch: int) -> None:
@@ -544,50 +640,20 @@ class PortMapper:
         log.warning("%s epoch %d: the gateway lost its state; re-creating mappings",
                     mechanism.value, epoch)  # fmt: skip
         for mapping in self.mappings:
-            if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP):
+            if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP) and mapping.family == 4:
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
 
-    async def _watch_upnp(self) -> None:
-        """Listen for the IGD's SSDP NOTIFY once a UPnP mapping exists."""
-        if not self.listen or self._ssdp_listener is not None or self._upnp is None:
-            return
-        try:
-            host = IPv4Address(urlsplit(self._upnp.location).hostname or "")
-        except AddressValueError:
-            return  # a host name in LOCATION: sources cannot be checked, so do not listen
-        _, pcp = await self._clients()
-        listener = SsdpNotifyListener(host, pcp.local_address, self._ssdp_notified)
-        if await listener.start():
-            self._ssdp_listener = listener
+    def _six_restarted(self, mechanism: Mechanism) -> None:
+        for mapping in self.mappings:
+            if mapping.mechanism is mechanism and mapping.family == 6:
+                mapping.recover(_rng.uniform(0, self.recovery_delay))
 
-    def _ssdp_notified(self, notify: SsdpNotify) -> None:
-        client = self._upnp
-        if client is None or notify.usn.split("::", 1)[0] not in client.udns:
-            return  # another device on the same host (a media server on the router)
-        if notify.nts == "ssdp:alive" and notify.location != client.location:
-            self._upnp_seen_at = notify.location
-        previous, self._upnp_boot = self._upnp_boot, notify.boot_id
-        if previous is None or previous == notify.boot_id:
-            return
-        # UDA 1.1 §1.2.2: a new BOOTID means the device restarted, and an IGD that restarts
-        # may have lost its mappings; the entry check at renewal would find out too late.
-        log.warning("UPnP BOOTID %d -> %d: the gateway restarted; re-creating mappings",
-                    previous, notify.boot_id)  # fmt: skip
-        if len(self._recoveries) < MAX_RECOVERIES:
-            task = asyncio.get_running_loop().create_task(self._recover_upnp())
-            self._recoveries.add(task)
-            task.add_done_callback(self._recoveries.discard)
+    async def _reconnect_upnp(self, location: str) -> None:
+        self._use_upnp(await UpnpIgdClient.connect(location), self._restarts.boot)
 
-    async def _recover_upnp(self) -> None:
-        # The same random wait as for PCP (RFC 6887 §14.1.3): every client on the LAN heard
-        # the same NOTIFY. The alive that follows a byebye arrives meanwhile, with LOCATION.
-        await asyncio.sleep(_rng.uniform(0, self.recovery_delay))
-        moved, self._upnp_seen_at = self._upnp_seen_at, ""
-        if moved:
-            try:  # the control URL changed with the restart (miniupnpd picks a new port)
-                self._use_upnp(await UpnpIgdClient.connect(moved), self._upnp_boot)
-            except PortMappingError as exc:
-                log.warning("cannot read the restarted IGD at %s: %s", moved, exc)
+    def _recover_upnp(self) -> None:
+        """The IGD restarted: re-create every UPnP mapping and pinhole."""
+        self.six.forget_upnp()  # its IPv6 control URL may have moved too
         for mapping in self.mappings:
             if mapping.mechanism is Mechanism.UPNP:
                 mapping.recover()
@@ -607,12 +673,11 @@ class PortMapper:
         for client in (self._natpmp, self._pcp):
             if client is not None:
                 client.close()
-        for task in list(self._recoveries):
-            task.cancel()
+        self._restarts.close()
         if self._watcher is not None:
             await self._watcher.close()
-        for listener in (self._listener, self._ssdp_listener):
-            if listener is not None:
-                listener.close()
+        if self._listener is not None:
+            self._listener.close()
         self._natpmp = self._pcp = None
-        self._listener = self._ssdp_listener = None
+        self._listener = None
+        self.six.close()

@@ -13,8 +13,8 @@ import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
-from typing import Any
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, Generic, cast
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import GatewayTimeout, NoGatewayError, PortMappingError
@@ -28,6 +28,16 @@ _rng = random.SystemRandom()  # timer jitter; the OS source needs no seeding
 MAX_QUEUED_EVENTS = 64  # per subscriber; the oldest are dropped beyond it
 RELEASE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 30.0  # one create or renew, retransmissions included
+if TYPE_CHECKING:
+    # PEP 696 (typing 3.13): a bare `Mapping` is a `Mapping[IPv4Address]` to the checker,
+    # as it was before pinholes; at run time the default is not needed.
+    from typing_extensions import TypeVar
+
+    A = TypeVar("A", IPv4Address, IPv6Address, default=IPv4Address)
+else:
+    from typing import TypeVar
+
+    A = TypeVar("A", IPv4Address, IPv6Address)
 
 
 class MapperView(TypingProtocol):
@@ -37,7 +47,7 @@ class MapperView(TypingProtocol):
     wall_clock: Callable[[], float]
     request_timeout: float
 
-    def forget(self, mapping: Mapping) -> None:
+    def forget(self, mapping: Mapping[Any]) -> None:
         """Drop a released or detached mapping."""
         ...
 
@@ -86,19 +96,20 @@ class EventKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class MappingEvent:
+class MappingEvent(Generic[A]):
     """One change, with the mapping as it is after it."""
 
     kind: EventKind
     mechanism: Mechanism
-    external_address: IPv4Address
+    external_address: A
     external_port: int
     lifetime: int
     error: PortMappingError | None = None
 
 
-class Mapping:
-    """A mapping the gateway granted, kept alive until `release()`."""
+class Mapping(Generic[A]):
+    """A mapping the gateway granted, kept alive until `release()`: `Mapping[IPv4Address]`
+    from `map()`; a `Pinhole` (pinholes.py) is a `Mapping[IPv6Address]`."""
 
     def __init__(
         self,
@@ -117,7 +128,7 @@ class Mapping:
         self.released = False
         self._wake = asyncio.Event()
         self._recover_after: float | None = None
-        self._subscribers: list[Callable[[MappingEvent], None]] = []
+        self._subscribers: list[Callable[[MappingEvent[A]], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     # -- what the application reads --------------------------------------------------------
@@ -131,12 +142,17 @@ class Mapping:
         return self.spec.internal_port
 
     @property
-    def internal_address(self) -> IPv4Address:
-        return self.spec.internal_address
+    def internal_address(self) -> A:
+        return cast(A, self.spec.internal_address)  # the mapper makes a pinhole a Pinhole
 
     @property
-    def external_address(self) -> IPv4Address:
-        return self.grant.external_address
+    def external_address(self) -> A:
+        return cast(A, self.grant.external_address)
+
+    @property
+    def family(self) -> int:
+        """4 for a port mapping, 6 for a pinhole."""
+        return self.spec.internal_address.version
 
     @property
     def external_port(self) -> int:
@@ -196,16 +212,16 @@ class Mapping:
 
     # -- events ----------------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[MappingEvent[A]], None]) -> Callable[[], None]:
         """Call `callback` on every event; returns the function that unsubscribes."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
-    async def events(self) -> AsyncIterator[MappingEvent]:
+    async def events(self) -> AsyncIterator[MappingEvent[A]]:
         """Every event from now on, until the mapping is released."""
-        queue: asyncio.Queue[MappingEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        queue: asyncio.Queue[MappingEvent[A]] = asyncio.Queue(MAX_QUEUED_EVENTS)
 
-        def put(event: MappingEvent) -> None:
+        def put(event: MappingEvent[A]) -> None:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(event)
@@ -220,7 +236,7 @@ class Mapping:
         finally:
             unsubscribe()
 
-    async def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
+    async def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent[A]:
         """The next event of one of `kinds` (any kind if none given)."""
         async with asyncio.timeout(within):
             async for event in self.events():
@@ -230,8 +246,8 @@ class Mapping:
 
     def _emit(self, kind: EventKind, error: PortMappingError | None = None) -> None:
         g = self.grant
-        event = MappingEvent(
-            kind, g.mechanism, g.external_address, g.external_port, g.lifetime, error
+        event: MappingEvent[A] = MappingEvent(
+            kind, g.mechanism, self.external_address, g.external_port, g.lifetime, error
         )
         log.info("mapping %s: %s%s", self, kind.value, f" ({error})" if error else "")
         for callback in list(self._subscribers):
@@ -251,7 +267,7 @@ class Mapping:
             self._recover_after = delay
             self._wake.set()
 
-    def move(self, driver: Driver, internal_address: IPv4Address) -> None:
+    def move(self, driver: Driver, internal_address: IPv4Address | IPv6Address) -> None:
         """Re-create the mapping over `driver` from `internal_address` (a new network)."""
         if self.released:
             return

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import (
@@ -32,7 +32,8 @@ class MapSpec:
 
     protocol: Protocol
     internal_port: int
-    internal_address: IPv4Address
+    internal_address: IPv4Address | IPv6Address
+    """This host's address: IPv4 for a mapping, IPv6 for a pinhole."""
     lifetime: int
     external_port: int | None = None
     exact: bool = False
@@ -43,15 +44,18 @@ class MapSpec:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What the gateway granted. `lifetime` 0 is a permanent UPnP lease."""
+    """What the gateway granted. `lifetime` 0 is a permanent UPnP lease. For a pinhole the
+    external address and port are those reachable from outside (the internal ones)."""
 
     mechanism: Mechanism
-    external_address: IPv4Address
+    external_address: IPv4Address | IPv6Address
     external_port: int
     lifetime: int
     epoch: int | None = None
     nonce: bytes | None = None
     notes: tuple[str, ...] = field(default=())
+    unique_id: int | None = None
+    """UPnP pinholes: the UniqueID that UpdatePinhole and DeletePinhole take."""
 
 
 class Driver(TypingProtocol):
@@ -124,7 +128,7 @@ class PcpDriver:
         nonce = previous.nonce if previous and previous.nonce else spec.nonce or new_nonce()
         description = spec.description or None
         if description and self.pad_description:
-            description = _padded(description)
+            description = padded(description)
         try:
             return await self._map(spec, previous, nonce, description)
         except InvalidRequest as exc:
@@ -132,10 +136,10 @@ class PcpDriver:
             # a multiple of 4 (it counts the padding); pad the text with spaces instead.
             if exc.code != PcpResult.MALFORMED_OPTION or not description:
                 raise
-            if _padded(description) == description:
+            if padded(description) == description:
                 raise
             self.pad_description = True
-            return await self._map(spec, previous, nonce, _padded(description))
+            return await self._map(spec, previous, nonce, padded(description))
 
     async def _map(
         self, spec: MapSpec, previous: Grant | None, nonce: bytes, description: str | None
@@ -146,7 +150,7 @@ class PcpDriver:
             spec.lifetime,
             nonce=nonce,
             external_port=_suggest(spec, previous, self.rng),
-            external_address=previous.external_address if previous else None,
+            external_address=_v4(previous.external_address) if previous else None,
             prefer_failure=spec.exact,
             description=description,
         )
@@ -212,7 +216,7 @@ class UpnpDriver:
                 previous.external_port,
                 spec.protocol,
                 spec.internal_port,
-                spec.internal_address,
+                ipv4(spec),
                 lease=previous.lifetime,
                 description=spec.description,
             )
@@ -221,7 +225,7 @@ class UpnpDriver:
             got = await self.client.add_mapping(
                 spec.protocol,
                 spec.internal_port,
-                spec.internal_address,
+                ipv4(spec),
                 external_port=spec.external_port,
                 lease=spec.lifetime,
                 description=spec.description,
@@ -249,5 +253,17 @@ class UpnpDriver:
         )  # fmt: skip
 
 
-def _padded(text: str) -> str:
+def ipv4(spec: MapSpec) -> IPv4Address:
+    """The internal address of a mapping (IPv4 drivers are never given a pinhole)."""
+    if not isinstance(spec.internal_address, IPv4Address):
+        raise TypeError(f"an IPv4 mechanism was asked for {spec.internal_address}")
+    return spec.internal_address
+
+
+def _v4(address: IPv4Address | IPv6Address) -> IPv4Address | None:
+    return address if isinstance(address, IPv4Address) else None
+
+
+def padded(text: str) -> str:
+    """`text` padded with spaces to a multiple of 4 octets."""
     return text + " " * (-len(text.encode()) % 4)

@@ -76,6 +76,8 @@ class PcpClient(ChannelClient):
     when none answers, `GatewayTimeout` says to repeat in 15 minutes (`retry_after`).
     """
 
+    channel: UdpChannel[IPv4Address]
+
     def __init__(
         self,
         gateway: IPv4Address | str,
@@ -95,7 +97,7 @@ class PcpClient(ChannelClient):
         self.on_unsolicited: Callable[[PcpResponse], None] | None = None
         self._closed = False
 
-    def _channel(self, address: IPv4Address) -> UdpChannel:
+    def _channel(self, address: IPv4Address) -> UdpChannel[IPv4Address]:
         channel = UdpChannel(address, pcp.SERVER_PORT)
         channel.on_unsolicited = self._unsolicited
         return channel
@@ -248,25 +250,7 @@ class PcpClient(ChannelClient):
         what: str,
         waits: Iterable[float] | None = None,
     ) -> PcpResponse:
-        def matcher(data: bytes) -> PcpResponse | PortMappingError | None:
-            if len(data) >= 4 and data[0] != pcp.VERSION and data[3] == PcpResult.UNSUPP_VERSION:
-                # RFC 6887 §9 and appendix A: a NAT-PMP server's "unsupported version" names
-                # version 0; the caller falls back to NAT-PMP for this request only.
-                # For a version this client cannot speak, RFC 6887 §9 step 5: retry in
-                # 30 minutes (or the answer's lifetime, if shorter): the server may have been
-                # upgraded by then.
-                return UnsupportedVersion(
-                    f"the gateway does not speak PCP (it offers version {data[0]})",
-                    version=data[0],
-                    mechanism=Mechanism.PCP,
-                    code=int(PcpResult.UNSUPP_VERSION),
-                    retry_after=None if data[0] == 0 else _version_retry(data),
-                )
-            try:
-                response = pcp.decode_response(data)
-            except DecodeError:
-                return None
-            return response if match(response) else None
+        matcher = answer_matcher(match)
 
         def schedule() -> Iterable[float]:
             if waits is not None:
@@ -303,6 +287,35 @@ class PcpClient(ChannelClient):
         self.channel.close()
         self.gateway, self.channel = address, self._channel(address)
         await self.channel.open()
+
+
+def answer_matcher(
+    match: Callable[[PcpResponse], bool],
+) -> Callable[[bytes], PcpResponse | PortMappingError | None]:
+    """A datagram matcher for `UdpChannel.exchange`: the matching answer, UnsupportedVersion
+    for a server of another version, None for anything else."""
+
+    def matcher(data: bytes) -> PcpResponse | PortMappingError | None:
+        if len(data) >= 4 and data[0] != pcp.VERSION and data[3] == PcpResult.UNSUPP_VERSION:
+            # RFC 6887 §9 and appendix A: a NAT-PMP server's "unsupported version" names
+            # version 0; the caller falls back to NAT-PMP for this request only.
+            # For a version this client cannot speak, RFC 6887 §9 step 5: retry in
+            # 30 minutes (or the answer's lifetime, if shorter): the server may have been
+            # upgraded by then.
+            return UnsupportedVersion(
+                f"the gateway does not speak PCP (it offers version {data[0]})",
+                version=data[0],
+                mechanism=Mechanism.PCP,
+                code=int(PcpResult.UNSUPP_VERSION),
+                retry_after=None if data[0] == 0 else _version_retry(data),
+            )
+        try:
+            response = pcp.decode_response(data)
+        except DecodeError:
+            return None
+        return response if match(response) else None
+
+    return matcher
 
 
 SERVER_RETRY = 900.0  # RFC 7488 §3 step 5: no address answered; try again in 15 minutes

@@ -14,14 +14,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from igd.client.mapping import Mapping
-from igd.client.mechanisms import Grant
+from igd.client.mapping import EventKind, Mapping, MappingEvent
+from igd.client.mechanisms import Grant, MapSpec
 from igd.model import Mechanism, Protocol
 
 log = logging.getLogger("igd.client")
@@ -31,12 +31,13 @@ FILE_NAME = "mappings.json"
 VERSION = 1
 
 Key = tuple[str, str, str, int]
-"""(gateway, protocol, internal address, internal port): one mapping per internal port."""
+"""(gateway, protocol, internal address, internal port): one mapping per internal port (and
+one pinhole: its gateway and internal address are IPv6)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One mapping this user made, as remembered between runs."""
+    """One mapping (or IPv6 pinhole) this user made, as remembered between runs."""
 
     gateway: str
     mechanism: Mechanism
@@ -51,6 +52,13 @@ class Record:
     nonce: str | None = None
     """PCP mapping nonce, hex: a PCP server deletes or renews a mapping only with it."""
     description: str = ""
+    unique_id: int | None = None
+    """UPnP pinholes: the UniqueID that updates and deletes it."""
+
+    @property
+    def family(self) -> int:
+        """4 for a port mapping, 6 for a pinhole."""
+        return ip_address(self.internal_address).version
 
     @property
     def key(self) -> Key:
@@ -65,21 +73,22 @@ class Record:
         return None if self.expires_at is None else max(0.0, self.expires_at - now)
 
     @classmethod
-    def of(cls, gateway: str, mapping: Mapping, *, now: float) -> Record:
+    def of(cls, gateway: str, mapping: Mapping[Any], *, now: float) -> Record:
         """The record of `mapping` on `gateway`, as granted at `now` (wall clock)."""
         nonce = mapping.grant.nonce
         return cls(
             gateway, mapping.mechanism, mapping.protocol, str(mapping.internal_address),
             mapping.internal_port, str(mapping.external_address), mapping.external_port,
             mapping.lifetime, now + mapping.lifetime if mapping.lifetime else None,
-            nonce.hex() if nonce else None, mapping.spec.description,
+            nonce.hex() if nonce else None, mapping.spec.description, mapping.grant.unique_id,
         )  # fmt: skip
 
     def grant(self) -> Grant:
         """The grant to renew or delete (same mechanism, port and nonce)."""
         return Grant(
-            self.mechanism, IPv4Address(self.external_address), self.external_port,
+            self.mechanism, ip_address(self.external_address), self.external_port,
             self.lifetime, nonce=bytes.fromhex(self.nonce) if self.nonce else None,
+            unique_id=self.unique_id,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +112,7 @@ class Record:
             expires_at=None if expires is None else float(expires),
             nonce=None if data.get("nonce") is None else str(data["nonce"]),
             description=str(data.get("description", "")),
+            unique_id=None if data.get("unique_id") is None else int(data["unique_id"]),
         )
 
 
@@ -190,3 +200,49 @@ class StateFile:
             with contextlib.suppress(OSError):
                 os.unlink(name)
             raise
+
+
+class Memory:
+    """What a `PortMapper` remembers in its state file (nothing without one); a file that
+    cannot be read or written is logged, never fatal to the mapping itself."""
+
+    def __init__(self, state: StateFile | None, wall_clock: Callable[[], float]) -> None:
+        self.state = state
+        self.wall_clock = wall_clock
+
+    def find(self, gateway: str, spec: MapSpec) -> Record | None:
+        """The live record of `spec`'s internal port on `gateway`, if any."""
+        if self.state is None:
+            return None
+        key = (gateway, spec.protocol.value, str(spec.internal_address), spec.internal_port)
+        try:
+            return self.state.find(key, now=self.wall_clock())
+        except OSError as exc:
+            log.warning("cannot read the state file %s: %s", self.state.path, exc)
+            return None
+
+    def remember(self, gateway: str, mapping: Mapping[Any], event: MappingEvent[Any]) -> None:
+        """Keep the file in step with `mapping` after `event`."""
+        if self.state is None or event.kind in (EventKind.FAILED, EventKind.LOST):
+            return
+        now = self.wall_clock()
+        record = Record.of(gateway, mapping, now=now)
+        try:
+            if event.kind is EventKind.RELEASED:
+                self.state.remove(record.key, now=now)
+            else:
+                self.state.put(record, now=now)
+        except OSError as exc:
+            log.warning("cannot update the state file %s: %s", self.state.path, exc)
+
+    def forget(self, key: Key) -> None:
+        """Drop the record for `key` (an unreadable file: nothing to drop)."""
+        if self.state is not None:
+            with contextlib.suppress(OSError):
+                self.state.remove(key, now=self.wall_clock())
+
+    def records(self, gateways: Collection[str]) -> list[Record]:
+        """The live records made on any of `gateways`."""
+        if self.state is None:
+            return []
+        return [r for r in self.state.records(now=self.wall_clock()) if r.gateway in gateways]

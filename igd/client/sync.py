@@ -11,19 +11,21 @@ import queue
 import threading
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from datetime import datetime
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from igd.client.mapper import PortMapper
 from igd.client.mapping import (
     MAX_QUEUED_EVENTS,
     REQUEST_TIMEOUT,
+    A,
     EventKind,
     Mapping,
     MappingEvent,
 )
 from igd.client.network import NETWORK_CHECK
+from igd.client.pinholes import Ipv6Report
 from igd.client.probe import ProbeResult
 from igd.client.selection import DEFAULT_PREFERENCE
 from igd.client.state import Record, StateFile
@@ -33,22 +35,22 @@ from igd.model import Mechanism, Protocol
 T = TypeVar("T")
 
 
-class SyncMapping:
+class SyncMapping(Generic[A]):
     """A `Mapping` seen from another thread; every read and action runs on the mapper's
     thread (whose event loop keeps the clock) and blocks until done.
 
     `with pm.map(8080, "tcp") as m:` releases the mapping when the block ends.
     """
 
-    def __init__(self, owner: SyncPortMapper, mapping: Mapping) -> None:
+    def __init__(self, owner: SyncPortMapper, mapping: Mapping[A]) -> None:
         self._owner = owner
-        self.mapping = mapping
+        self.mapping: Mapping[A] = mapping
         """The asyncio mapping underneath (use it only on the mapper's thread)."""
 
     def __repr__(self) -> str:
         return repr(self.mapping)
 
-    def __enter__(self) -> SyncMapping:
+    def __enter__(self) -> SyncMapping[A]:
         return self
 
     def __exit__(
@@ -65,12 +67,17 @@ class SyncMapping:
         return self.mapping.internal_port
 
     @property
-    def internal_address(self) -> IPv4Address:
+    def internal_address(self) -> A:
         return self.mapping.internal_address
 
     @property
-    def external_address(self) -> IPv4Address:
+    def external_address(self) -> A:
         return self.mapping.external_address
+
+    @property
+    def family(self) -> int:
+        """4 for a port mapping, 6 for an IPv6 pinhole."""
+        return self.mapping.family
 
     @property
     def external_port(self) -> int:
@@ -108,15 +115,15 @@ class SyncMapping:
         """A JSON-ready view."""
         return self._owner._run(_call(self.mapping.to_dict))
 
-    def subscribe(self, callback: Callable[[MappingEvent], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[MappingEvent[A]], None]) -> Callable[[], None]:
         """`callback` runs on the mapper's thread; returns the function that unsubscribes."""
         return self._owner._run(_call(self.mapping.subscribe, callback))
 
-    def events(self) -> Iterator[MappingEvent]:
+    def events(self) -> Iterator[MappingEvent[A]]:
         """Every event from now on, until the mapping is released; blocks between events."""
-        events: queue.Queue[MappingEvent] = queue.Queue(MAX_QUEUED_EVENTS)
+        events: queue.Queue[MappingEvent[A]] = queue.Queue(MAX_QUEUED_EVENTS)
 
-        def put(event: MappingEvent) -> None:
+        def put(event: MappingEvent[A]) -> None:
             with contextlib.suppress(queue.Full):  # a consumer that stopped reading
                 events.put_nowait(event)
 
@@ -131,7 +138,7 @@ class SyncMapping:
             if self._owner._thread.is_alive():
                 self._owner._run(_call(unsubscribe))
 
-    def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent:
+    def wait_for(self, *kinds: EventKind, within: float | None = None) -> MappingEvent[A]:
         """Block until the next event of one of `kinds` (any kind if none given)."""
         return self._owner._run(self.mapping.wait_for(*kinds, within=within))
 
@@ -165,6 +172,7 @@ class SyncPortMapper:
         state: StateFile | str | os.PathLike[str] | None = None,
         pcp_addresses: Sequence[IPv4Address | str] = (),
         network_check: float | None = NETWORK_CHECK,
+        gateway6: IPv6Address | str | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -177,7 +185,7 @@ class SyncPortMapper:
                 gateway, prefer=prefer, disable=disable, force=force,
                 probe_timeout=probe_timeout, request_timeout=request_timeout,
                 recovery_delay=recovery_delay, listen=listen, state=state,
-                pcp_addresses=pcp_addresses, network_check=network_check,
+                pcp_addresses=pcp_addresses, network_check=network_check, gateway6=gateway6,
             )  # fmt: skip
 
         try:
@@ -227,7 +235,7 @@ class SyncPortMapper:
         via: Mechanism | str | None = None,
         exact: bool = False,
         timeout: float | None = None,
-    ) -> SyncMapping:
+    ) -> SyncMapping[IPv4Address]:
         """Get a mapping and keep it alive on the background thread (see PortMapper.map)."""
         mapping = self._run(
             self._mapper.map(
@@ -237,15 +245,43 @@ class SyncPortMapper:
         )  # fmt: skip
         return SyncMapping(self, mapping)
 
+    def pinhole(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        via: Mechanism | str | None = None,
+        timeout: float | None = None,
+    ) -> SyncMapping[IPv6Address]:
+        """Open an IPv6 pinhole and keep it open on the background thread (see
+        PortMapper.pinhole); `family` is 6 and `external_address` this host's own."""
+        pinhole = self._run(
+            self._mapper.pinhole(
+                internal_port, protocol, lifetime=lifetime, description=description, via=via,
+                timeout=timeout,
+            )
+        )  # fmt: skip
+        return SyncMapping(self, pinhole)
+
+    def probe_ipv6(self, *, refresh: bool = False, timeout: float | None = None) -> Ipv6Report:
+        """What the IPv6 router offers for pinholes (see PortMapper.probe_ipv6)."""
+        return self._run(self._mapper.probe_ipv6(refresh=refresh, timeout=timeout))
+
     def unmap(
         self,
         internal_port: int,
         protocol: Protocol | str = Protocol.TCP,
         *,
         timeout: float | None = None,
+        family: int = 4,
     ) -> bool:
-        """Delete the mapping held or remembered for `internal_port` (see PortMapper.unmap)."""
-        return self._run(self._mapper.unmap(internal_port, protocol, timeout=timeout))
+        """Delete the mapping held or remembered for `internal_port` (see PortMapper.unmap);
+        `family=6`: the pinhole."""
+        return self._run(
+            self._mapper.unmap(internal_port, protocol, timeout=timeout, family=family)
+        )
 
     def stored(self) -> list[Record]:
         """This gateway's records in the state file."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from igd.client.errors import GatewayTimeout, NoGatewayError, PortMappingError
 
 log = logging.getLogger("igd.client")
 
 T = TypeVar("T")
+A = TypeVar("A", IPv4Address, IPv6Address)
 
 Matcher = Callable[[bytes], "T | PortMappingError | None"]
 """Looks at one datagram: the answer, an error to raise, or None (not for this request)."""
@@ -29,30 +31,56 @@ class _Pending(Generic[T]):
     )
 
 
-class UdpChannel(asyncio.DatagramProtocol):
+class UdpChannel(asyncio.DatagramProtocol, Generic[A]):
     """A datagram socket connected to gateway:port; the kernel drops anything from elsewhere
-    (RFC 6886 §3.2 and RFC 6887 §8.3: answers must come from the server's address and port)."""
+    (RFC 6886 §3.2 and RFC 6887 §8.3: answers must come from the server's address and port).
 
-    def __init__(self, gateway: IPv4Address, port: int) -> None:
-        self.gateway = gateway
+    IPv6: `scope` is the interface index a link-local gateway needs, `local` the address
+    to send from (a link-local destination would otherwise get a link-local source)."""
+
+    def __init__(self, gateway: A, port: int, *, local: A | None = None, scope: int = 0) -> None:
+        self.gateway: A = gateway
         self.port = port
-        self.local_address = IPv4Address(0)
+        self.local_address: A = type(gateway)(0)
+        self.bind: A | None = local
+        self.scope = scope
         self.on_unsolicited: Callable[[bytes], None] | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._pending: list[_Pending[object]] = []
 
-    async def open(self) -> UdpChannel:
+    async def open(self) -> UdpChannel[A]:
         """Open the socket (a random source port, RFC 6056)."""
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, remote_addr=(str(self.gateway), self.port)
-            )
+            if isinstance(self.gateway, IPv6Address):
+                # asyncio takes only 2-tuples: a link-local gateway needs its scope, so the
+                # socket is bound and connected here.
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self, sock=self._socket6(self.gateway)
+                )
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self, remote_addr=(str(self.gateway), self.port)
+                )
         except OSError as exc:
             raise NoGatewayError(f"cannot reach the gateway {self.gateway}: {exc}") from exc
         self._transport = transport
-        self.local_address = IPv4Address(transport.get_extra_info("sockname")[0])
+        name = str(transport.get_extra_info("sockname")[0]).split("%", 1)[0]
+        self.local_address = type(self.gateway)(name)
         return self
+
+    def _socket6(self, gateway: IPv6Address) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            if self.bind is not None:
+                scope = self.scope if self.bind.is_link_local else 0
+                sock.bind((str(self.bind), 0, 0, scope))
+            sock.connect((str(gateway), self.port, 0, self.scope))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         """Close the socket; requests in flight fail."""
@@ -126,7 +154,7 @@ class ChannelClient:
     """A protocol client over one UdpChannel: opened by `async with` or `open()`, closed on
     leaving it or by `close()`."""
 
-    channel: UdpChannel
+    channel: UdpChannel[Any]
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -62,7 +62,7 @@ class _Mapping:
 def _mapper(boot_id: int | None) -> tuple[PortMapper, _Mapping, _Mapping]:
     mapper = PortMapper("192.168.77.1", recovery_delay=0.0, listen=False)
     upnp, pcp = _Mapping(Mechanism.UPNP), _Mapping(Mechanism.PCP)
-    mapper._upnp, mapper._upnp_boot = _Client(), boot_id  # type: ignore[assignment]
+    mapper._upnp, mapper._restarts.boot = _Client(), boot_id  # type: ignore[assignment]
     mapper.mappings = [upnp, pcp]  # type: ignore[list-item]
     return mapper, upnp, pcp
 
@@ -71,7 +71,7 @@ async def _hear(mapper: PortMapper, *messages: bytes) -> None:
     for data in messages:
         notify = parse_notify(data)
         assert notify is not None
-        mapper._ssdp_notified(notify)
+        mapper._restarts.notified(notify)
     await asyncio.sleep(0.01)  # the recovery task
 
 
@@ -82,7 +82,7 @@ def test_new_boot_id_recreates_upnp_mappings_once() -> None:
         before = list(upnp.recovered)
         # A restart: byebye then alive, both with the new BOOTID (IGD:2 §1.2).
         await _hear(mapper, _notify(ssdp.BYEBYE, 8), _notify(ssdp.ALIVE, 8))
-        return before, upnp.recovered, pcp.recovered, mapper._upnp_boot
+        return before, upnp.recovered, pcp.recovered, mapper._restarts.boot
 
     assert asyncio.run(run()) == ([], [True], [], 8)
 
@@ -93,7 +93,7 @@ def test_other_devices_on_the_router_are_ignored_and_a_first_boot_id_is_a_baseli
         media_server = "uuid:99999999-0000-0000-0000-000000000000::upnp:rootdevice"
         await _hear(mapper, _notify(ssdp.ALIVE, 500, usn=media_server))
         await _hear(mapper, _notify(ssdp.ALIVE, 3))  # no BOOTID in the search reply
-        return upnp.recovered, mapper._upnp_boot
+        return upnp.recovered, mapper._restarts.boot
 
     assert asyncio.run(run()) == ([], 3)
 

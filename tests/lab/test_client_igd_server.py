@@ -20,6 +20,7 @@ from lab import Lab
 from lab.bench_client import client_python
 from lab.demo import DemoError, connect, start_service, wait_for_gateway
 from tests.lab.client_run import IGD, igd, renew_script, state_file
+from tests.lab.test_pinholes_gateway import kernel as pinholes
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policies" / "lab.toml"
@@ -30,9 +31,13 @@ UPNP = {"enabled": True}  # igd_version "auto": IGD:2, and IGD:1 to v1-only cont
 PUBLIC_LOOKING_WAN = "100.128.7.0/24"
 
 
-def start_gateway(lab: Lab, **upnp: object) -> None:
-    """igd-server with NAT-PMP, PCP and UPnP; waits until NAT-PMP and UPnP HTTP answer."""
-    config = lab.write_gateway_config(POLICY, nftables=FLUSH, upnp={**UPNP, **upnp})
+def start_gateway(lab: Lab, *, ipv6: bool = False, **upnp: object) -> None:
+    """igd-server with NAT-PMP, PCP and UPnP (and PCP over IPv6 if `ipv6`); waits until
+    NAT-PMP and UPnP HTTP answer."""
+    sections: dict[str, dict[str, object]] = {"nftables": FLUSH, "upnp": {**UPNP, **upnp}}
+    if ipv6:
+        sections["ipv6"] = {"enabled": True}
+    config = lab.write_gateway_config(POLICY, **sections)  # type: ignore[arg-type]
     lab.start_gateway(config)
     wait_for_gateway(lab)
     deadline = time.monotonic() + 10
@@ -421,6 +426,8 @@ def doc_examples() -> list[str]:
 def test_every_python_example_in_the_docs_runs(lab: Lab) -> None:
     examples = doc_examples()
     assert len(examples) >= 6
+    lab.stop_gateway()
+    start_gateway(lab, ipv6=True)  # the pinhole example needs PCP over IPv6
     # The examples use the default state directory; point it into the lab's workdir.
     prelude = f"import os; os.environ['XDG_STATE_HOME'] = {str(lab.workdir)!r}\n"
     for example in examples:
@@ -428,6 +435,7 @@ def test_every_python_example_in_the_docs_runs(lab: Lab) -> None:
         assert proc.returncode == 0, (example, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert kernel_ports(lab) == []  # every example cleaned up after itself
+    assert pinholes(lab) == []
 
 
 def test_no_gateway_is_exit_code_3(lab: Lab) -> None:

@@ -1,0 +1,172 @@
+"""The client's IPv6 pinholes against igd-server's PCP over IPv6 (`[ipv6] enabled`): a LAN
+host's service is reached from the WAN over IPv6 only while our client holds a pinhole,
+through the library and through `igd map --ipv6`; unmap and release close it again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from lab import Lab
+from tests.lab.client_run import igd
+from tests.lab.conftest import LAB_POLICY, StartGateway
+from tests.lab.test_pinholes_gateway import PORT, kernel, reaches, service, start
+
+pytestmark = pytest.mark.lab
+__all__ = ["service"]  # the fixture, used by name
+
+_HOLD = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper() as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=int(sys.argv[2]))
+        print(json.dumps({**p.to_dict(), "repr": repr(p)}), flush=True)
+        kinds = []
+        p.subscribe(lambda e: kinds.append(e.kind.value))
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        print(json.dumps({"kinds": kinds}), flush=True)
+    # leaving the block released the pinhole
+asyncio.run(main())
+"""
+
+
+def test_the_library_opens_a_pinhole_the_wan_then_reaches_and_release_closes_it(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway, min_lifetime=2)
+    assert not reaches(lab, "wan1", lan1)  # the router's default deny (RFC 6092)
+    holder = lab.python_popen(
+        "lan1", ["-c", _HOLD, str(PORT), "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    pinhole = json.loads(holder.stdout.readline())
+    # A pure firewall: the address and port to publish are this host's own (RFC 6887 §11.3).
+    assert (pinhole["mechanism"], pinhole["family"]) == ("pcp", 6)
+    assert (pinhole["external_address"], pinhole["external_port"]) == (lan1.address6, PORT)
+    assert pinhole["internal_address"] == lan1.address6 and pinhole["lifetime"] == 2
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1) and reaches(lab, "wan2", lan1)
+    # A 2 s lease outlived: the keeper renewed it over IPv6 with the same nonce.
+    lab.run("lan1", ["sleep", "4"])
+    assert reaches(lab, "wan1", lan1)
+    out, _ = holder.communicate("\n", timeout=30)
+    kinds = json.loads(out.splitlines()[-1])["kinds"]
+    assert kinds.count("renewed") >= 2 and "failed" not in kinds, kinds
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+def test_igd_map_ipv6_twice_list_and_unmap_across_runs(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    code, first = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--lifetime", "600")
+    assert code == 0, first
+    assert (first["external_address"], first["external_port"]) == (lan1.address6, PORT)
+    assert reaches(lab, "wan1", lan1)  # `igd map` leaves it open for its lifetime
+    # Another run refreshes it with the nonce the state file kept (a new one is refused).
+    code, again = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--lifetime", "600")
+    assert code == 0, again
+    assert again["nonce"] == first["nonce"]
+    assert "refreshed the mapping of an earlier run (state file)" in again["notes"]
+    code, rows = igd(lab, "list")
+    assert code == 0
+    assert [(r["internal_address"], r["internal_port"], r["mechanism"]) for r in rows] == [
+        (lan1.address6, PORT, "pcp")
+    ]
+    code, closed = igd(lab, "unmap", f"{PORT}/tcp", "--ipv6")
+    assert code == 0, closed
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+    assert igd(lab, "list") == (0, [])
+    code, error = igd(lab, "unmap", f"{PORT}/tcp", "--ipv6")
+    assert (code, error["type"]) == (4, "NoSuchMapping")
+
+
+def test_igd_map_both_maps_ipv4_and_opens_ipv6(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    code, both = igd(lab, "map", f"{PORT}/tcp", "--both", "--lifetime", "600")
+    assert code == 0, both
+    assert both["errors"] == []
+    assert both["ipv4"]["external_address"] == lab.gateway.external_address
+    assert both["ipv6"]["external_address"] == lan1.address6
+    assert reaches(lab, "wan1", lan1)
+    code, rows = igd(lab, "list")
+    assert sorted(r["internal_address"] for r in rows) == sorted([lan1.address, lan1.address6])
+    assert igd(lab, "unmap", f"{PORT}/tcp", "--ipv6")[0] == 0
+    assert igd(lab, "unmap", f"{PORT}/tcp")[0] == 0
+    assert igd(lab, "list") == (0, [])
+
+
+def test_probe_reports_ipv6_pinhole_capability(lab: Lab, gateway: StartGateway) -> None:
+    start(lab, gateway)
+    code, report = igd(lab, "probe")
+    assert code == 0, report
+    six = report["ipv6"]
+    assert six["router"] == lab.gateway.address6
+    assert six["local_address"] == lab.lan[0].address6
+    assert six["pcp"]["available"] and isinstance(six["pcp"]["epoch"], int)
+    # igd-server has no WANIPv6FirewallControl here (UPnP off in this config's default?):
+    # whatever it says, the report says it with a reason when it is not there.
+    assert six["upnp"]["available"] or six["upnp"]["error"]
+
+
+def test_without_ipv6_on_the_router_a_pinhole_is_a_typed_error(
+    lab: Lab, gateway: StartGateway
+) -> None:
+    gateway()  # [ipv6] off: nothing answers PCP over IPv6
+    code, error = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--timeout", "8")
+    assert code == 3, error
+    assert error["type"] in ("NoGatewayError", "GatewayTimeout")
+    code, report = igd(lab, "probe")
+    assert report["ipv6"]["pcp"]["available"] is False
+
+
+_WATCH = """
+import asyncio, json, sys
+from igd.client import EventKind, PortMapper
+async def main():
+    async with PortMapper(recovery_delay=0.5) as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600)
+        print(json.dumps(p.to_dict()), flush=True)
+        event = await p.wait_for(EventKind.RECREATED, within=20)
+        print(json.dumps({"event": event.kind.value, "lifetime": p.lifetime}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def test_a_router_that_lost_its_pinholes_is_noticed_by_its_announcement(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    watcher = lab.python_popen(
+        "lan1", ["-c", _WATCH, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert watcher.stdin is not None and watcher.stdout is not None
+    assert json.loads(watcher.stdout.readline())["family"] == 6
+    assert reaches(lab, "wan1", lan1)
+    # The router restarts with none of its state (another state directory): the pinhole is
+    # gone from the kernel, and its epoch starts again. Its ANNOUNCE to [ff02::1]:5350 makes
+    # the client ask, see the epoch go back (RFC 6887 §8.5) and open the pinhole again, long
+    # before the 600 s lease would have been renewed.
+    # RFC 6887 §8.5 allows 2 s of slack: a restart sooner than that after the last answer
+    # cannot be told from the epochs, so the router runs a while first.
+    lab.run("lan1", ["sleep", "4"])
+    lab.stop_gateway()
+    config = lab.write_gateway_config(LAB_POLICY, state_name="fresh", ipv6={"enabled": True})
+    lab.start_gateway(config)
+    event = json.loads(watcher.stdout.readline())
+    assert event["event"] == "recreated", lab.gateway_log()[-2000:]
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1)
+    watcher.communicate("\n", timeout=30)
