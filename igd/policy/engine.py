@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from igd.decision import Allow, Decision, Deny, Reason
 from igd.model import (
@@ -278,7 +278,7 @@ class Policy:
             filters = restricted
         lifetime, notes = self._lease(rule, request.lifetime)
         if filters is not None and filters != request.filters:
-            sources = ", ".join(_pinhole_filter_text(f) for f in filters)
+            sources = ", ".join(_filter_text(f) for f in filters)
             notes.append(f"remote sources limited to {sources} by rule {name!r}")
         return PinholeAllow(name, lifetime, tuple(notes), filters)
 
@@ -458,9 +458,7 @@ def sources_changed(decision: Allow, mapping: Mapping) -> Deny | None:
     return Deny(Reason.POLICY_DENIED, decision.rule, detail)
 
 
-def _restrict(
-    listed: tuple[Network, ...], request: MapRequest
-) -> tuple[RemoteFilter, ...] | str:
+def _restrict(listed: tuple[Network, ...], request: MapRequest) -> tuple[RemoteFilter, ...] | str:
     """The FILTERs a mapping gets under a rule's remote_hosts, or why none is left."""
     allowed = tuple(n for n in listed if isinstance(n, IPv4Network))
     if not allowed:
@@ -472,20 +470,7 @@ def _restrict(
         if not any(remote in network for network in allowed):
             return f"remote host {remote} is outside the rule's remote_hosts ({sources})"
         return request.filters
-    if not request.filters:
-        return tuple(RemoteFilter(network) for network in allowed)
-    found: set[RemoteFilter] = set()
-    for asked in request.filters:
-        for network in allowed:
-            # Two prefixes overlap only when one holds the other: the narrower is the overlap.
-            if asked.network.subnet_of(network):
-                found.add(asked)
-            elif network.subnet_of(asked.network):
-                found.add(RemoteFilter(network, asked.port))
-    if not found:
-        asked_text = ", ".join(_filter_text(f) for f in request.filters)
-        return f"the FILTERs asked for ({asked_text}) admit no source in remote_hosts ({sources})"
-    return tuple(sorted(found))
+    return _intersect(request.filters, allowed, RemoteFilter, sources)
 
 
 def _restrict_pinhole(
@@ -502,27 +487,37 @@ def _restrict_pinhole(
         if not any(remote.network.subnet_of(network) for network in allowed):
             return f"remote host {remote.network} is outside the rule's remote_hosts ({sources})"
         return request.filters
-    if not request.filters:
-        return tuple(PinholeFilter(network) for network in allowed)
-    found: set[PinholeFilter] = set()
-    for asked in request.filters:
+    return _intersect(request.filters, allowed, PinholeFilter, sources)
+
+
+_F = TypeVar("_F", RemoteFilter, PinholeFilter)
+
+
+def _intersect(
+    asked: tuple[_F, ...],
+    allowed: tuple[IPv4Network, ...] | tuple[IPv6Network, ...],
+    make: Callable[[Any, int], _F],
+    sources: str,
+) -> tuple[_F, ...] | str:
+    """The FILTERs asked for cut down to the rule's networks (all of them if none was asked),
+    or why nothing is left."""
+    if not asked:
+        return tuple(make(network, 0) for network in allowed)
+    found: set[_F] = set()
+    for wanted in asked:
         for network in allowed:
             # Two prefixes overlap only when one holds the other: the narrower is the overlap.
-            if asked.network.subnet_of(network):
-                found.add(asked)
-            elif network.subnet_of(asked.network):
-                found.add(PinholeFilter(network, asked.port))
+            if wanted.network.subnet_of(network):  # type: ignore[arg-type]  # same family
+                found.add(wanted)
+            elif network.subnet_of(wanted.network):  # type: ignore[arg-type]
+                found.add(make(network, wanted.port))
     if not found:
-        asked_text = ", ".join(_pinhole_filter_text(f) for f in request.filters)
+        asked_text = ", ".join(_filter_text(f) for f in asked)
         return f"the FILTERs asked for ({asked_text}) admit no source in remote_hosts ({sources})"
     return tuple(sorted(found))
 
 
-def _pinhole_filter_text(remote: PinholeFilter) -> str:
-    return str(remote.network) + (f" port {remote.port}" if remote.port else "")
-
-
-def _filter_text(remote: RemoteFilter) -> str:
+def _filter_text(remote: RemoteFilter | PinholeFilter) -> str:
     return str(remote.network) + (f" port {remote.port}" if remote.port else "")
 
 
@@ -548,8 +543,9 @@ def _pinhole_matches(rule: Rule, request: PinholeRequest) -> bool:
     """Whether the rule applies to the pinhole request (its IPv6 networks do)."""
     key = request.key
     return (
-        _requester_matches(rule, request_client=request.owner.client,
-                           mechanism=request.owner.mechanism)
+        _requester_matches(
+            rule, request_client=request.owner.client, mechanism=request.owner.mechanism
+        )
         and (
             rule.internal_addresses is None
             or any(key.internal_address in net for net in rule.internal_addresses)
