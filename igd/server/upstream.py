@@ -545,6 +545,11 @@ class Upstream:
             return None
         return f"{mirror.mapping.external_address}:{mirror.mapping.external_port}"
 
+    def counts(self) -> tuple[int, int]:
+        """Mirrors held upstream and mirrors without an upstream mapping (status() numbers)."""
+        mirrored = sum(1 for m in self._mirrors.values() if m.mapping is not None)
+        return mirrored, len(self._mirrors) - mirrored
+
     def status(self) -> dict[str, Any]:
         """The chain, for the admin status command and the console."""
         held = [m for m in self._mirrors.values() if m.mapping is not None]

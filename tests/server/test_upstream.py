@@ -34,6 +34,7 @@ from igd.proto.pcp import (
     PcpResponse,
     PcpResult,
 )
+from igd.server.admin.metrics import Metrics
 from igd.server.backends.memory import MemoryBackend
 from igd.server.config import Config, ConfigError, UpstreamSettings
 from igd.server.interfaces import ExternalAddress
@@ -473,3 +474,33 @@ async def test_pcp_peer_refused_upstream_is_refused_and_leaves_nothing(rig: Rig)
     answer = await rig.pcp_peer(0)
     assert answer.result is PcpResult.NOT_AUTHORIZED
     assert rig.service.count() == 0
+
+
+def gauges(rig: Rig) -> dict[str, float]:
+    text = Metrics(rig.service).scrape().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("igd_upstream_"):
+            name, value = line.split()
+            found[name] = float(value)
+    return found
+
+
+async def test_metrics_show_mirrored_failing_and_up(rig: Rig) -> None:
+    await rig.map(8080, 18080, 3600)
+    assert gauges(rig) == {
+        "igd_upstream_mirrored": 1, "igd_upstream_failing": 0, "igd_upstream_up": 1
+    }
+    rig.up.mode = "silent"
+    await rig.map(8081, 18081, 3600)
+    assert gauges(rig)["igd_upstream_failing"] == 1
+    rig.mirror.stop_loop("a test loop")
+    assert gauges(rig) == {
+        "igd_upstream_mirrored": 0, "igd_upstream_failing": 0, "igd_upstream_up": 0
+    }
+
+
+async def test_metrics_without_an_upstream_have_no_upstream_gauges(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.service.upstream = None
+    assert gauges(rig) == {}
