@@ -489,14 +489,18 @@ def gauges(rig: Rig) -> dict[str, float]:
 async def test_metrics_show_mirrored_failing_and_up(rig: Rig) -> None:
     await rig.map(8080, 18080, 3600)
     assert gauges(rig) == {
-        "igd_upstream_mirrored": 1, "igd_upstream_failing": 0, "igd_upstream_up": 1
+        "igd_upstream_mirrored": 1,
+        "igd_upstream_failing": 0,
+        "igd_upstream_up": 1,
     }
     rig.up.mode = "silent"
     await rig.map(8081, 18081, 3600)
     assert gauges(rig)["igd_upstream_failing"] == 1
     rig.mirror.stop_loop("a test loop")
     assert gauges(rig) == {
-        "igd_upstream_mirrored": 0, "igd_upstream_failing": 0, "igd_upstream_up": 0
+        "igd_upstream_mirrored": 0,
+        "igd_upstream_failing": 0,
+        "igd_upstream_up": 0,
     }
 
 
