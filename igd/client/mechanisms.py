@@ -23,6 +23,11 @@ from igd.client.upnp import UpnpIgdClient, choose_port
 from igd.model import Mechanism, Protocol
 from igd.proto.pcp import PcpResult
 
+# Suggested ports come from the OS's generator. SystemRandom keeps no state of its own, yet
+# each instance carries Random's ~2.5 kB table: one for all drivers, since every mapping has a
+# driver and a gateway may hold thousands (the double-NAT mirror, docs/performance.md).
+SYSTEM_RANDOM = random.SystemRandom()
+
 log = logging.getLogger("igd.client")
 
 
@@ -91,7 +96,7 @@ class NatPmpDriver:
 
     def __init__(self, client: NatPmpClient) -> None:
         self.client = client
-        self.rng = random.SystemRandom()
+        self.rng: random.Random = SYSTEM_RANDOM
         self.address: IPv4Address | None = None
 
     async def create(self, spec: MapSpec, previous: Grant | None) -> Grant:
@@ -121,7 +126,7 @@ class PcpDriver:
 
     def __init__(self, client: PcpClient) -> None:
         self.client = client
-        self.rng = random.SystemRandom()
+        self.rng: random.Random = SYSTEM_RANDOM
         self.pad_description = False
 
     async def create(self, spec: MapSpec, previous: Grant | None) -> Grant:

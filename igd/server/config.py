@@ -215,7 +215,7 @@ class UpstreamSettings:
     """How often the upstream is probed: noticed gone, restarted (epoch), back."""
     max_mappings: int = 10000
     """Upstream mappings held at most (one per mirrored port, each a renewal timer, about
-    10 kB); grants past it stay local, answered with the local endpoint and logged. The
+    6 kB); grants past it stay local, answered with the local endpoint and logged. The
     default is the policy's default `max_mappings`, so every local mapping can be mirrored."""
 
 

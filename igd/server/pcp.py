@@ -234,6 +234,11 @@ class PcpHandler:
             exact_port=data.external_port != 0,
         )
         existing = self._existing(ask)
+        if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
+            told = self.service.told(existing, 0)
+            if told is not None and told.port == ask.external_port:
+                # Double NAT: the client renews with the port it was told, the upstream's.
+                ask = replace(ask, external_port=existing.external_port)
         if existing is not None:
             # PEER can extend a mapping but never shorten or delete it (§12.3, §15).
             ask = replace(
@@ -243,13 +248,37 @@ class PcpHandler:
             return PcpResponse(PcpOpcode.PEER, PcpResult.SUCCESS, 0, self.service.epoch(), data)
         ask = replace(ask, description=self.options.description(options, existing))
         mapping, granted = await self._grant(ask)
+        port, address = mapping.external_port, self._external()
+        # Double NAT: the remote peer sees the upstream's endpoint, so that is the answer (a
+        # PCP proxy, RFC 7648 §3); the mirror holds it with a MAP of our port (docs/upstream.md).
+        public = await self.service.public(mapping, granted)
+        if isinstance(public, UpstreamRefusal):
+            raise PcpError(RESULT_FOR[public.reason], public.detail, None)
+        if (
+            public is not None
+            and existing is None
+            and data.external_port != 0
+            and public.address is not None
+            and public.port != data.external_port
+        ):
+            # §12.3: a new PEER mapping whose suggested port cannot be honoured fails.
+            try:
+                await self.service.remove([mapping], why="upstream gave another port")
+            except BackendError as error:
+                log.error("could not remove %s: %s", mapping, error)
+            detail = f"the upstream gateway gave port {public.port}, not {data.external_port}"
+            raise PcpError(PcpResult.CANNOT_PROVIDE_EXTERNAL, detail, None)
+        if public is not None:
+            port, granted = public.port, public.lifetime
+            if public.address is not None:
+                address = pcp.mapped(public.address)
         self._remember(mapping, source)
         return PcpResponse(
             PcpOpcode.PEER,
             PcpResult.SUCCESS,
             granted,
             self.service.epoch(),
-            replace(data, external_port=mapping.external_port, external_address=self._external()),
+            replace(data, external_port=port, external_address=address),
             self.options.echo(options, mapping),
         )
 

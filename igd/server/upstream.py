@@ -148,7 +148,7 @@ class ServiceView(TypingProtocol):
 class _Mirror:
     """One upstream mapping and the local mappings it serves."""
 
-    __slots__ = ("done", "error", "holders", "mapping", "port", "protocol", "task")
+    __slots__ = ("asking", "error", "holders", "mapping", "port", "protocol", "task")
 
     def __init__(self, protocol: Protocol, port: int) -> None:
         self.protocol = protocol
@@ -157,7 +157,15 @@ class _Mirror:
         self.mapping: UpstreamMapping | None = None
         self.error: PortMappingError | None = None
         self.task: asyncio.Task[None] | None = None
-        self.done = asyncio.Event()
+        self.asking: asyncio.Event | None = None
+        """Set when the request in flight ends; None while none is (an Event is ~700 B, and
+        thousands of mirrors wait for nothing most of their life)."""
+
+    def finished(self) -> None:
+        """The request in flight ended: wake whoever waits for it."""
+        asking, self.asking = self.asking, None
+        if asking is not None:
+            asking.set()
 
 
 class Upstream:
@@ -192,7 +200,7 @@ class Upstream:
     def _default_mapper(self) -> PortMapper:
         prefer = (Mechanism.PCP, Mechanism.NATPMP, Mechanism.UPNP)
         # One upstream mapping per mirrored port, each with its renewal timer (a sleeping
-        # task): about 10 kB each in all (docs/performance.md), bounded by max_mappings.
+        # task): about 5 kB each in all (docs/performance.md), bounded by max_mappings.
         return PortMapper(self.address, prefer=prefer, max_mappings=self.settings.max_mappings)
 
     # -- start and the feed ------------------------------------------------------------------
@@ -336,7 +344,7 @@ class Upstream:
             mirror = self._mirrors[slot] = _Mirror(*slot)
         mirror.holders.add(mapping.key)
         if mirror.mapping is None and (mirror.task is None or mirror.task.done()):
-            mirror.done.clear()
+            mirror.asking = asyncio.Event()
             mirror.task = asyncio.get_running_loop().create_task(self._create(mirror))
         return mirror
 
@@ -370,7 +378,7 @@ class Upstream:
             except PortMappingError as error:
                 mirror.error = error
                 self._fail(f"no upstream gateway: {error}")
-                mirror.done.set()
+                mirror.finished()
                 return
             self.mapper = self._factory()
         via = self.settings.mode if self.settings.mode in ("pcp", "natpmp", "upnp") else None
@@ -409,7 +417,7 @@ class Upstream:
                 held.mechanism, held.lifetime,
             )  # fmt: skip
         finally:
-            mirror.done.set()
+            mirror.finished()
             if mirror.task is asyncio.current_task():
                 mirror.task = None  # a finished task keeps its frame: ~1 kB per mirror
 
@@ -515,9 +523,11 @@ class Upstream:
         mirror = self.ensure(mapping)
         if mirror is None:
             return None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.reply_wait):
-                await mirror.done.wait()
+        asking = mirror.asking
+        if asking is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.reply_wait):
+                    await asking.wait()
         held = mirror.mapping
         if held is not None:
             return Public(held.external_address, held.external_port, _lesser(lifetime, held))
@@ -544,6 +554,11 @@ class Upstream:
         if mirror is None or mirror.mapping is None or mapping.key.external_address is not None:
             return None
         return f"{mirror.mapping.external_address}:{mirror.mapping.external_port}"
+
+    def counts(self) -> tuple[int, int]:
+        """Mirrors held upstream and mirrors without an upstream mapping (status() numbers)."""
+        mirrored = sum(1 for m in self._mirrors.values() if m.mapping is not None)
+        return mirrored, len(self._mirrors) - mirrored
 
     def status(self) -> dict[str, Any]:
         """The chain, for the admin status command and the console."""

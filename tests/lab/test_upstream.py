@@ -492,3 +492,91 @@ def test_kill_9_of_our_gateway_with_miniupnpd_upstream_leaves_one_mapping_each()
                 assert "hello from the LAN service" in answer
             finally:
                 service.kill()
+
+
+PEER_CODE = """
+import json, socket, sys
+from ipaddress import IPv4Address
+from igd.proto import pcp
+from igd.proto.pcp import PcpOpcode, PcpPeerData, PcpRequest
+gateway, client, remote = sys.argv[1], IPv4Address(sys.argv[2]), IPv4Address(sys.argv[3])
+data = PcpPeerData(bytes(range(12)), 6, 8095, 0, pcp.mapped(IPv4Address(0)), 443,
+                   pcp.mapped(remote))
+request = PcpRequest(PcpOpcode.PEER, 600, pcp.mapped(client), data)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(5)
+    sock.sendto(pcp.encode_request(request), (gateway, 5351))
+    answer = pcp.decode_response(sock.recv(1100))
+print(json.dumps({"result": answer.result.name, "lifetime": answer.lifetime,
+                  "address": str(pcp.unmapped(answer.data.external_address)),
+                  "port": answer.data.external_port}))
+"""
+
+
+def test_pcp_peer_answer_names_the_public_endpoint_and_is_held_upstream(
+    cascade: CascadeLab,
+) -> None:
+    lab = cascade
+    start_both(lab)
+    argv = ["-c", PEER_CODE, lab.gateway.address, lab.lan[0].address, lab.wan[0].address]
+    got = json.loads(lab.python(lab.lan[0], argv, timeout=30).stdout.splitlines()[-1])
+    assert got["result"] == "SUCCESS"
+    # RFC 7648: the remote peer sees the upstream's endpoint, so the client is told that.
+    assert got["address"] == lab.upstream.external_address
+    assert 0 < got["lifetime"] <= 600
+    argv = [IGD_SERVER, "list", "--json", "--config", str(lab.gateway_config)]
+    ours = json.loads(lab.run(lab.gateway, argv).stdout)
+    assert len(ours) == 1
+    local_port = ours[0]["external_port"]
+    held = upstream_listed(lab)
+    assert [(m["external_port"], m["internal_address"], m["internal_port"]) for m in held] == [
+        (got["port"], lab.gateway.external_address, local_port)
+    ]
+    # Deleting the local PEER mapping (PEER itself never deletes, RFC 6887 §15) releases it.
+    argv = [IGD_SERVER, "delete", "tcp", str(local_port), "--remote-host", lab.wan[0].address,
+            "--config", str(lab.gateway_config)]  # fmt: skip
+    lab.run(lab.gateway, argv)
+    wait_until(lambda: upstream_listed(lab) == [], 10, "the upstream mapping to go")
+
+
+def test_two_gateways_mirroring_onto_each_other_stop_with_a_loop(cascade: CascadeLab) -> None:
+    lab = cascade
+    # The upstream is told (wrongly) that our gateway is its upstream: each mirrors onto the
+    # other. Mirroring must stop with the verdict "loop" instead of a storm of ports.
+    upstream_config = lab.write_upstream_config(
+        UPSTREAM_POLICY, upstream={"mode": "pcp", "gateway": lab.gateway.external_address}
+    )
+    lab.start_upstream(upstream_config)
+    wait_until(
+        lambda: "Public IP address" in lab.run(
+            lab.gateway, ["natpmpc", "-g", lab.upstream.address], check=False, timeout=10
+        ).stdout,
+        15, "the upstream gateway",
+    )  # fmt: skip
+    config = lab.write_gateway_config(
+        LAN_POLICY, upstream={"mode": "pcp"}, network={"address_poll_interval": 0.5}
+    )
+    lab.start_gateway(config)
+    wait_until(lambda: natpmp_map(lab, lab.lan[0], 18096, 8096), 20, "our gateway to map")
+
+    def upstream_status() -> dict[str, Any]:
+        argv = [IGD_SERVER, "status", "--json", "--config", str(upstream_config)]
+        return json.loads(lab.run(lab.upstream, argv).stdout)  # type: ignore[no-any-return]
+
+    # The upstream finds at start that its "upstream" is on its own LAN (the only way our
+    # gateway can answer it, as gateways serve their LAN only): a loop, mirroring off there.
+    wait_until(lambda: upstream_status()["upstream"]["verdict"] == "loop", 20, "the loop")
+    theirs_chain = upstream_status()["upstream"]
+    assert not theirs_chain["active"] and "mirroring loop" in theirs_chain["last_error"]
+    assert "mirroring loop" in lab.upstream_log()
+    time.sleep(2.0)  # what a storm would have made by now
+    argv = [IGD_SERVER, "list", "--json", "--config", str(config)]
+    ours = json.loads(lab.run(lab.gateway, argv).stdout)
+    theirs = upstream_listed(lab)
+    # No port storm: the client's mapping here, its one mirror upstream, no echo back to us.
+    assert [m["external_port"] for m in ours] == [18096]
+    assert [(m["external_port"], m["internal_address"]) for m in theirs] == [
+        (18096, lab.gateway.external_address)
+    ]
+    chain = status(lab)["upstream"]
+    assert (chain["verdict"], chain["mirrored"], chain["failing"]) == ("double-nat", 1, 0)

@@ -28,11 +28,13 @@ from igd.proto.natpmp import (
 from igd.proto.pcp import (
     PcpMapData,
     PcpOpcode,
+    PcpPeerData,
     PcpPreferFailure,
     PcpRequest,
     PcpResponse,
     PcpResult,
 )
+from igd.server.admin.metrics import Metrics
 from igd.server.backends.memory import MemoryBackend
 from igd.server.config import Config, ConfigError, UpstreamSettings
 from igd.server.interfaces import ExternalAddress
@@ -45,6 +47,7 @@ from igd.server.upstream import NONCE_KEY_FILE, PENDING_LIFETIME, Upstream, nonc
 CLIENT = IPv4Address("192.168.77.10")
 LOCAL = IPv4Address("192.168.1.2")
 PUBLIC = IPv4Address("203.0.113.1")
+REMOTE = IPv4Address("198.51.100.7")
 NONCE = bytes(range(12))
 POLICY = """
 [defaults]
@@ -145,6 +148,15 @@ class Rig:
         data = PcpMapData(nonce, 6, 8080, external, pcp.mapped(IPv4Address(0)))
         options = (PcpPreferFailure(),) if prefer_failure else ()
         request = PcpRequest(PcpOpcode.MAP, 3600, pcp.mapped(CLIENT), data, options)
+        reply = await self.pcp.handle(pcp.encode_request(request), (str(CLIENT), 5351))
+        assert reply is not None
+        return pcp.decode_response(reply)
+
+    async def pcp_peer(self, external: int, lifetime: int = 3600) -> PcpResponse:
+        data = PcpPeerData(
+            NONCE, 6, 8080, external, pcp.mapped(IPv4Address(0)), 443, pcp.mapped(REMOTE)
+        )
+        request = PcpRequest(PcpOpcode.PEER, lifetime, pcp.mapped(CLIENT), data)
         reply = await self.pcp.handle(pcp.encode_request(request), (str(CLIENT), 5351))
         assert reply is not None
         return pcp.decode_response(reply)
@@ -436,3 +448,63 @@ async def test_a_mapping_on_a_further_external_address_is_not_mirrored(rig: Rig)
     assert rig.mirror.told(mapping, 3600) is None and rig.mirror.endpoint(mapping) is None
     await rig.map(8080, 18080, 3600)  # the same port on the default address is mirrored
     assert rig.up.asked == [(18080, Protocol.TCP, 18080)]
+
+
+async def test_pcp_peer_answer_names_the_upstream_endpoint(rig: Rig) -> None:
+    rig.up.shift, rig.up.lifetime = 7, 600
+    answer = await rig.pcp_peer(0)
+    assert answer.result is PcpResult.SUCCESS
+    assert isinstance(answer.data, PcpPeerData)
+    # The remote peer sees the upstream's endpoint (RFC 7648): that is what the client learns.
+    assert pcp.unmapped(answer.data.external_address) == PUBLIC
+    local = [m.external_port for m in rig.service.mappings()]
+    assert rig.up.asked == [(local[0], Protocol.TCP, local[0])]
+    assert answer.data.external_port == local[0] + 7
+    assert 590 <= answer.lifetime <= 600
+    # The renewal with the port it was told keeps the one mapping, upstream and here.
+    again = await rig.pcp_peer(answer.data.external_port)
+    assert again.result is PcpResult.SUCCESS
+    assert isinstance(again.data, PcpPeerData)
+    assert again.data.external_port == answer.data.external_port
+    assert len(rig.up.asked) == 1 and rig.service.count() == 1
+
+
+async def test_pcp_peer_refused_upstream_is_refused_and_leaves_nothing(rig: Rig) -> None:
+    rig.up.mode = "refuse"
+    answer = await rig.pcp_peer(0)
+    assert answer.result is PcpResult.NOT_AUTHORIZED
+    assert rig.service.count() == 0
+
+
+def gauges(rig: Rig) -> dict[str, float]:
+    text = Metrics(rig.service).scrape().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("igd_upstream_"):
+            name, value = line.split()
+            found[name] = float(value)
+    return found
+
+
+async def test_metrics_show_mirrored_failing_and_up(rig: Rig) -> None:
+    await rig.map(8080, 18080, 3600)
+    assert gauges(rig) == {
+        "igd_upstream_mirrored": 1,
+        "igd_upstream_failing": 0,
+        "igd_upstream_up": 1,
+    }
+    rig.up.mode = "silent"
+    await rig.map(8081, 18081, 3600)
+    assert gauges(rig)["igd_upstream_failing"] == 1
+    rig.mirror.stop_loop("a test loop")
+    assert gauges(rig) == {
+        "igd_upstream_mirrored": 0,
+        "igd_upstream_failing": 0,
+        "igd_upstream_up": 0,
+    }
+
+
+async def test_metrics_without_an_upstream_have_no_upstream_gauges(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.service.upstream = None
+    assert gauges(rig) == {}

@@ -73,6 +73,24 @@ class _State(Collector):
                     pair = (str(mechanism), str(protocol))
                     pinholes.add_metric(list(pair), open_now.get(pair, 0))
             yield pinholes
+        upstream = self.service.upstream
+        if upstream is not None:
+            # Double NAT (docs/upstream.md): read as status() reads them, without its list.
+            mirrored, failing = upstream.counts()
+            yield GaugeMetricFamily(
+                "igd_upstream_mirrored", "Ports held on the upstream gateway.", value=mirrored
+            )
+            yield GaugeMetricFamily(
+                "igd_upstream_failing",
+                "Ports not (yet) held upstream: still asking, or refused.",
+                value=failing,
+            )
+            yield GaugeMetricFamily(
+                "igd_upstream_up",
+                "1 while mirroring and the upstream gateway answers; 0 when it does not, or"
+                " mirroring is off (a loop, a public external address).",
+                value=int(upstream.active and upstream.reachable),
+            )
         yield GaugeMetricFamily(
             "igd_epoch_seconds",
             "Seconds since the mapping state began (NAT-PMP SSSoE, PCP epoch).",
