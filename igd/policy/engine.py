@@ -75,6 +75,8 @@ class _EmptyView:
 
 
 EMPTY_VIEW: TableView = _EmptyView()
+_PortsKey = tuple[int, PortSet, tuple[str, ...]]
+_Ports = tuple[PortSet, tuple[str, ...], str]
 MAX_REMEMBERED_REQUESTERS = 4096
 """(client, mechanism) pairs whose rule matches a Policy remembers (all cleared beyond it)."""
 _DEFAULT_ONLY: tuple[IPv4Address | None, ...] = (None,)
@@ -96,9 +98,7 @@ class Policy:
     )
     """Which rules each (client, mechanism) passes, worked out once per client: a reload
     makes a new Policy, so nothing outlives the rules it was computed from."""
-    _ports: dict[tuple[int, PortSet, tuple[str, ...]], tuple[PortSet, tuple[str, ...], str]] = field(
-        init=False, compare=False, repr=False
-    )
+    _ports: dict[_PortsKey, _Ports] = field(init=False, compare=False, repr=False)
     """The ports an allowing rule grants after the deny rules carved theirs out, and what
     narrowed them (the same few combinations for every request)."""
 
@@ -462,7 +462,7 @@ class Policy:
 
     def _allowed_ports(
         self, rule: Rule | None, carved: PortSet, carved_by: list[str]
-    ) -> tuple[PortSet, tuple[str, ...], str]:
+    ) -> _Ports:
         """The external ports an allowing rule grants once `carved` is taken out, the rules
         that narrowed them and the note saying so ("" if none did), remembered: the same few
         combinations recur."""

@@ -124,7 +124,8 @@ def decode_request(data: bytes) -> NatPmpRequest:
     if len(data) < _MAP_REQUEST.size:
         raise DecodeError(f"NAT-PMP map request of {len(data)} octets, want 12")
     _, _, _reserved, internal, external, lifetime = _MAP_REQUEST.unpack_from(data)
-    return NatPmpMapRequest(_PROTOCOL_OF[NatPmpOpcode(opcode)], internal, external, lifetime)
+    # An int indexes the IntEnum-keyed table alike, without NatPmpOpcode()'s lookup.
+    return NatPmpMapRequest(_PROTOCOL_OF[opcode], internal, external, lifetime)
 
 
 def encode_request(request: NatPmpRequest) -> bytes:
