@@ -44,7 +44,10 @@ class NatPmpResult(enum.IntEnum):
     UNSUPPORTED_OPCODE = 5
 
 
-_PROTOCOL_OF = {NatPmpOpcode.MAP_UDP: Protocol.UDP, NatPmpOpcode.MAP_TCP: Protocol.TCP}
+_PROTOCOL_OF: dict[int, Protocol] = {
+    NatPmpOpcode.MAP_UDP: Protocol.UDP,
+    NatPmpOpcode.MAP_TCP: Protocol.TCP,
+}
 _OPCODE_OF = {Protocol.UDP: NatPmpOpcode.MAP_UDP, Protocol.TCP: NatPmpOpcode.MAP_TCP}
 
 
