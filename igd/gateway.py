@@ -44,6 +44,8 @@ RANDOM_PROBES = 64
 # After FEW_PROBES misses, fewer than one free port in SPARSE ends the probing.
 FEW_PROBES = 4
 SPARSE = 16
+MAX_REMEMBERED_TARGETS = 4096
+"""Internal addresses whose target_problem answer is remembered (all cleared beyond it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,13 @@ class Gateway:
     own_addresses: frozenset[IPv4Address] = frozenset()
     """The gateway's own addresses (internal and external): never a mapping's target, and a
     client only when the deciding rule names it (docs/policy.md)."""
+    _problems: dict[IPv4Address, str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """target_problem's answers for the current own_addresses and internal_networks."""
+    _problems_for: tuple[object, object] = field(
+        default=(None, None), init=False, repr=False, compare=False
+    )
 
     # -- requests --------------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ class Gateway:
                 return self._refuse(request, chosen)
             port, address, created = chosen, placed, now
         mapping = Mapping(
-            key=replace(_key_of(request, address), external_port=port),
+            key=MappingKey(request.protocol, port, request.remote_host, address),
             internal_address=request.internal_address,
             internal_port=request.internal_port,
             owner=Owner(request.mechanism, request.client, request.nonce),
@@ -281,6 +290,21 @@ class Gateway:
 
     def target_problem(self, address: IPv4Address) -> str | None:
         """Why a mapping may not point at this address, whatever the policy says; or None."""
+        # ipaddress's is_reserved and the network tests cost ~10 µs a grant: remember the
+        # answer per address until either field is replaced (the daemon assigns new objects).
+        problems = self._problems
+        basis = self._problems_for
+        if basis[0] is not self.own_addresses or basis[1] is not self.internal_networks:
+            problems.clear()
+            self._problems_for = (self.own_addresses, self.internal_networks)
+        elif address in problems:
+            return problems[address]
+        if len(problems) >= MAX_REMEMBERED_TARGETS:
+            problems.clear()
+        problem = problems[address] = self._target_problem(address)
+        return problem
+
+    def _target_problem(self, address: IPv4Address) -> str | None:
         # A mapping must reach one LAN host: never the router itself (its LAN-only services),
         # a broadcast or multicast group, or a host outside the LAN (a relay, UPnProxy).
         if address in self.own_addresses:

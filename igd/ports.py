@@ -55,7 +55,13 @@ class PortSet:
         return cls(((1, 65535),))
 
     def __contains__(self, port: object) -> bool:
-        return isinstance(port, int) and any(lo <= port <= hi for lo, hi in self.intervals)
+        if not isinstance(port, int):
+            return False
+        # A plain loop, no generator: the policy asks this for every request.
+        for lo, hi in self.intervals:
+            if port <= hi:
+                return port >= lo  # sorted and disjoint: no later interval holds it
+        return False
 
     def __len__(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.intervals)

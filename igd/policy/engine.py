@@ -75,6 +75,10 @@ class _EmptyView:
 
 
 EMPTY_VIEW: TableView = _EmptyView()
+_PortsKey = tuple[int, PortSet, tuple[str, ...]]
+_Ports = tuple[PortSet, tuple[str, ...], str]
+MAX_REMEMBERED_REQUESTERS = 4096
+"""(client, mechanism) pairs whose rule matches a Policy remembers (all cleared beyond it)."""
 _DEFAULT_ONLY: tuple[IPv4Address | None, ...] = (None,)
 
 
@@ -89,10 +93,20 @@ class Policy:
     """The admin's static forwards ([[forwards]]), in file order."""
     addressed: bool = field(init=False, compare=False, repr=False)
     """Whether any rule names external addresses (else every mapping uses the default)."""
+    _requesters: dict[tuple[IPv4Address, Mechanism], tuple[bool, ...]] = field(
+        init=False, compare=False, repr=False
+    )
+    """Which rules each (client, mechanism) passes, worked out once per client: a reload
+    makes a new Policy, so nothing outlives the rules it was computed from."""
+    _ports: dict[_PortsKey, _Ports] = field(init=False, compare=False, repr=False)
+    """The ports an allowing rule grants after the deny rules carved theirs out, and what
+    narrowed them (the same few combinations for every request)."""
 
     def __post_init__(self) -> None:
         addressed = any(rule.external_addresses for rule in self.rules)
         object.__setattr__(self, "addressed", addressed)
+        object.__setattr__(self, "_requesters", {})
+        object.__setattr__(self, "_ports", {})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
@@ -194,8 +208,9 @@ class Policy:
         carved = PortSet()
         carved_by: list[str] = []
         port_denied: Deny | None = None
-        for rule in self.rules:
-            if not _matches(rule, request):
+        requester = self._requester(request.client, request.mechanism)
+        for rule, passes in zip(self.rules, requester, strict=True):
+            if not passes or not _target_matches(rule, request):
                 continue
             if rule.action is Action.ALLOW:
                 return self._decide(
@@ -216,6 +231,19 @@ class Policy:
             detail = f"no rule matches {_describe(request)} and the default action is deny"
             return port_denied or Deny(Reason.POLICY_DENIED, DEFAULTS_NAME, detail)
         return self._decide(None, request, view, fixed, renewal, carved, carved_by, port_denied)
+
+    def _requester(self, client: IPv4Address, mechanism: Mechanism) -> tuple[bool, ...]:
+        """Whether each rule applies to this requester and mechanism (remembered)."""
+        key = (client, mechanism)
+        found = self._requesters.get(key)
+        if found is None:
+            if len(self._requesters) >= MAX_REMEMBERED_REQUESTERS:
+                self._requesters.clear()
+            found = self._requesters[key] = tuple(
+                _requester_matches(rule, request_client=client, mechanism=mechanism)
+                for rule in self.rules
+            )
+        return found
 
     def evaluate_pinhole(
         self, request: PinholeRequest, *, held: int, total: int, now: float, renewal: bool = False
@@ -388,11 +416,7 @@ class Policy:
             )
             return Deny(Reason.THIRD_PARTY_DENIED, name, detail)
 
-        granted = rule.external_ports if rule and rule.external_ports is not None else None
-        # Port 0 is never a real mapping, whatever the rule says.
-        allowed = (granted or PortSet.full()).intersect(PortSet.full()).subtract(carved)
-        narrowed_by = [f"rule {name!r}"] if granted is not None else []
-        narrowed_by += [f"deny rule {denier!r}" for denier in carved_by]
+        allowed, narrowed_by, narrowed = self._allowed_ports(rule, carved, carved_by)
         if not allowed:
             detail = f"no external port is left to assign ({', '.join(narrowed_by)})"
             return Deny(Reason.POLICY_DENIED, name, detail)
@@ -427,14 +451,38 @@ class Policy:
         if filters is not None and filters != request.filters:
             sources = ", ".join(_filter_text(f) for f in filters)
             notes.append(f"remote sources limited to {sources} by rule {name!r}")
-        if allowed != PortSet.full():
-            notes.append(f"external ports limited to {allowed} by {', '.join(narrowed_by)}")
+        if narrowed:
+            notes.append(narrowed)
         if not fixed and request.external_port and request.external_port not in allowed:
             notes.append(
                 f"suggested external port {request.external_port} is not allowed;"
                 " the gateway assigns another"
             )
         return Allow(name, lifetime, allowed, tuple(notes), filters)
+
+    def _allowed_ports(
+        self, rule: Rule | None, carved: PortSet, carved_by: list[str]
+    ) -> _Ports:
+        """The external ports an allowing rule grants once `carved` is taken out, the rules
+        that narrowed them and the note saying so ("" if none did), remembered: the same few
+        combinations recur."""
+        # id(): the rules live as long as this Policy, and hashing a Rule hashes every field.
+        key = (id(rule), carved, tuple(carved_by))
+        found = self._ports.get(key)
+        if found is None:
+            name = DEFAULTS_NAME if rule is None else rule.name
+            granted = rule.external_ports if rule and rule.external_ports is not None else None
+            # Port 0 is never a real mapping, whatever the rule says.
+            allowed = (granted or PortSet.full()).intersect(PortSet.full()).subtract(carved)
+            narrowed_by = [f"rule {name!r}"] if granted is not None else []
+            narrowed_by += [f"deny rule {denier!r}" for denier in carved_by]
+            if len(self._ports) >= MAX_REMEMBERED_REQUESTERS:
+                self._ports.clear()
+            narrowed = ""
+            if allowed != PortSet.full():
+                narrowed = f"external ports limited to {allowed} by {', '.join(narrowed_by)}"
+            found = self._ports[key] = (allowed, tuple(narrowed_by), narrowed)
+        return found
 
     def _lease(self, rule: Rule | None, requested: int) -> tuple[int, list[str]]:
         """Clamp a requested lease to the rule's and the defaults' bounds."""
@@ -527,9 +575,16 @@ def _instant(wall: float) -> str:
 
 def _matches(rule: Rule, request: MapRequest) -> bool:
     """Whether the rule applies to the request, external ports aside."""
+    return _requester_matches(
+        rule, request_client=request.client, mechanism=request.mechanism
+    ) and _target_matches(rule, request)
+
+
+def _target_matches(rule: Rule, request: MapRequest) -> bool:
+    """Whether the rule applies to what the request asks for, requester and external ports
+    aside."""
     return (
-        _requester_matches(rule, request_client=request.client, mechanism=request.mechanism)
-        and (
+        (
             rule.internal_addresses is None
             or any(request.internal_address in net for net in rule.internal_addresses)
         )

@@ -44,7 +44,10 @@ class NatPmpResult(enum.IntEnum):
     UNSUPPORTED_OPCODE = 5
 
 
-_PROTOCOL_OF = {NatPmpOpcode.MAP_UDP: Protocol.UDP, NatPmpOpcode.MAP_TCP: Protocol.TCP}
+_PROTOCOL_OF: dict[int, Protocol] = {
+    NatPmpOpcode.MAP_UDP: Protocol.UDP,
+    NatPmpOpcode.MAP_TCP: Protocol.TCP,
+}
 _OPCODE_OF = {Protocol.UDP: NatPmpOpcode.MAP_UDP, Protocol.TCP: NatPmpOpcode.MAP_TCP}
 
 
@@ -124,7 +127,8 @@ def decode_request(data: bytes) -> NatPmpRequest:
     if len(data) < _MAP_REQUEST.size:
         raise DecodeError(f"NAT-PMP map request of {len(data)} octets, want 12")
     _, _, _reserved, internal, external, lifetime = _MAP_REQUEST.unpack_from(data)
-    return NatPmpMapRequest(_PROTOCOL_OF[NatPmpOpcode(opcode)], internal, external, lifetime)
+    # An int indexes the IntEnum-keyed table alike, without NatPmpOpcode()'s lookup.
+    return NatPmpMapRequest(_PROTOCOL_OF[opcode], internal, external, lifetime)
 
 
 def encode_request(request: NatPmpRequest) -> bytes:

@@ -110,6 +110,8 @@ class PxpServer:
         """Clients with queued requests, in turn order."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._clients: dict[str, IPv4Address] = {}
+        """Source address texts parsed already (at most MAX_TRACKED_CLIENTS)."""
 
     async def start(self) -> None:
         """Open one socket per internal interface."""
@@ -169,7 +171,14 @@ class PxpServer:
 
     def received(self, data: bytes, source: tuple[str, int], interface: InternalInterface) -> None:
         """One datagram from a LAN interface."""
-        client = IPv4Address(source[0])
+        # Parsing the address text costs more than the rest of admitting a request: the
+        # same few clients ask again and again.
+        client = self._clients.get(source[0])
+        if client is None:
+            client = IPv4Address(source[0])
+            if len(self._clients) >= MAX_TRACKED_CLIENTS:
+                self._clients.clear()
+            self._clients[source[0]] = client
         if not interface.serves(client):
             log.debug("dropped datagram from %s: not on %s's networks", client, interface.name)
             return
