@@ -49,7 +49,7 @@ from igd.pinhole import (
 from igd.server.backends import BackendError
 from igd.server.backends.pinholes import PinholeEntry
 from igd.server.feed import EventFeed
-from igd.server.pinhole_store import PinholeStore
+from igd.server.pinhole_store import PinholeStore, address_text
 from igd.server.store import Clock
 
 log = logging.getLogger("igd.pinholes")
@@ -248,8 +248,8 @@ class PinholeService:
         log.info(
             "pinhole %s: %s %s port %d for %s, %d s, rule %r",
             "renewed" if change.removed else "opened",
-            hole.key.internal_address, hole.key.protocol, hole.key.internal_port,
-            hole.owner.client, hole.remaining(now), change.rule,
+            address_text(hole.key.internal_address), hole.key.protocol, hole.key.internal_port,
+            address_text(hole.owner.client), hole.remaining(now), change.rule,
         )  # fmt: skip
         if change.removed:
             self.feed.publish(PinholeRenewed(hole, change.removed[0], change.rule))
