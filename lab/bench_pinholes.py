@@ -1,19 +1,27 @@
-"""IPv6 pinholes: PCP MAP, UPnP AddPinhole and new inbound TCP flows, few and many pinholes.
+"""IPv6 pinholes: PCP and UPnP pinholes/s, PCP renewals, new inbound flows, few and many pinholes.
 
-`python -m lab.bench_pinholes [--pinholes 0 10000] [--requests 200] [--connects 200]
-[--upnp 200] [--miniupnpd]`.
+`python -m lab.bench_pinholes [--pinholes 0 10000 50000] [--upnp 2000] [--pcp 2000]
+[--clients 4] [--miniupnpd [SIZE ...]]` (the other options: `--help`).
 For each table size it builds a lab, seeds the lease store with that many pinholes (to other
 LAN addresses), starts the daemon with `[ipv6] enabled` (start-up puts them all in the kernel
-in one transaction), then from lan1 times PCP MAP renewals over IPv6 (each answered only once
-the kernel and the store hold it), and from wan1 times TCP connects through lan1's pinhole
-(each a new flow: a conntrack miss and one pinhole set lookup in the forward hook). Prints
-one line per size: start-up restore time, and the median and 99th percentile of both.
-With `--upnp N` it also times N UPnP AddPinhole requests over IPv6 from lan1, each for a new
-pinhole (a new connection per request, as upnpc makes), and prints pinholes/s. With
-`--miniupnpd` the same AddPinhole run goes against Debian's miniupnpd in its own lab (it
-cannot be seeded: its pinholes live only in its chain's rule comments, so its sizes are the
-pinholes the run itself adds).
-Bounded: a fixed number of requests and connects, each with a timeout.
+in one transaction) and the per-client rate limit off, then from lan1:
+- times `--requests` PCP MAP renewals of one pinhole, one after another (latency);
+- from wan1, `--connects` TCP connects through it (each a new flow: latency);
+- `--upnp` UPnP AddPinhole requests, each for a new pinhole, a new HTTP connection each (as
+  upnpc makes), from `--clients` processes at once (one Python client saturates before the
+  gateway does): pinholes/s over the wall-clock time, and the daemon's CPU time per request;
+- `--pcp` PCP MAP requests for new pinholes the same way;
+- `--flood-repeats` bounded UDP floods of `--flood-seconds` from wan1 to a UDP pinhole of
+  lan1, each datagram from the next source port (a new flow; hping3 has no IPv6, so a raw
+  socket sender), counted on arrival by an nftables rule on lan1; conntrack flushed before
+  each; new flows/s admitted, median.
+With `--miniupnpd`, the same AddPinhole run (same clients) against Debian's miniupnpd in a lab
+of its own, filled over UPnP towards each size with `--fill-seconds` per size; it stops at the
+first size it does not reach (its line says how many pinholes it held). It cannot be seeded:
+its pinholes exist only as rules in its chain.
+Prints a markdown row per size as it goes, then the table and the verdicts (flat cost:
+50,000 vs 0 at least 0.9x; at least 20x miniupnpd's rate at its largest size).
+Bounded: a fixed number of requests, connects and datagrams, each with a timeout.
 """
 
 from __future__ import annotations
