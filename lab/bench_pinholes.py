@@ -11,10 +11,11 @@ in one transaction) and the per-client rate limit off, then from lan1:
   upnpc makes), from `--clients` processes at once (one Python client saturates before the
   gateway does): pinholes/s over the wall-clock time, and the daemon's CPU time per request;
 - `--pcp` PCP MAP requests for new pinholes the same way;
-- `--flood-repeats` bounded UDP floods of `--flood-seconds` from wan1 to a UDP pinhole of
-  lan1, each datagram from the next source port (a new flow; hping3 has no IPv6, so a raw
-  socket sender), counted on arrival by an nftables rule on lan1; conntrack flushed before
-  each; new flows/s admitted, median.
+- `--flood-repeats` bounded UDP floods of `--flood-seconds` from wan1 (`--senders` processes,
+  disjoint source ports) to a UDP pinhole of lan1, each datagram from the next source port
+  (a new flow; hping3 has no IPv6, so raw-socket senders), counted on arrival by an nftables
+  rule on lan1; conntrack flushed before each; new flows/s admitted (median), and the share
+  of the datagrams sent that arrived (100 %: the senders, not the gateway, set the pace).
 With `--miniupnpd`, the same AddPinhole run (same clients) against Debian's miniupnpd in a lab
 of its own, filled over UPnP towards each size with `--fill-seconds` per size; it stops at the
 first size it does not reach (its line says how many pinholes it held). It cannot be seeded:
@@ -147,16 +148,18 @@ print(json.dumps({"start": began, "end": time.time(), "times": times}))
 _FLOOD = """
 import errno, json, socket, struct, sys, time
 me, target, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-seconds, first = float(sys.argv[4]), int(sys.argv[5])
+seconds, first, last = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+start_at = float(sys.argv[7])
 s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, 6)  # the kernel fills the UDP checksum
 s.bind((me, 0))
 payload = b"x" * 18
 datagrams = [struct.pack("!HHHH", p, port, 8 + len(payload), 0) + payload
-             for p in range(first, 65536)]
+             for p in range(first, last)]
 address = (target, 0)
 send = s.sendto
 sent = 0
+time.sleep(max(0.0, start_at - time.time()))
 began = time.perf_counter()
 deadline = began + seconds
 for datagram in datagrams:
@@ -268,16 +271,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def flows(lab: Lab, seconds: float) -> tuple[float, bool]:
+def flows(lab: Lab, seconds: float, senders: int) -> tuple[float, bool, float]:
     """One bounded UDP flood from wan1 to lan1's pinholed port, each datagram from the next
-    source port (a new flow); datagrams that reached lan1 per second, and whether the source
-    ports ran out (the rate is then a lower bound)."""
+    source port (a new flow); datagrams that reached lan1 per second, whether the source
+    ports ran out (the rate is then a lower bound), and the share of those sent that arrived
+    (near 1: the sender, not the gateway, set the pace)."""
     lab.run(lab.gateway, ["conntrack", "-F"], check=False)
     lab.run(lab.lan[0], ["nft", "-f", "-"], input=SINK6)
     time.sleep(0.05)
-    argv = ["-c", _FLOOD, lab.wan[0].address6, lab.lan[0].address6, str(PORT), repr(seconds),
-            str(FIRST_SOURCE_PORT)]  # fmt: skip
-    result = json.loads(lab.python("wan1", argv, timeout=seconds + 30).stdout)
+    start_at = time.time() + STARTUP
+    procs = []
+    for offset, n in split(65536 - FIRST_SOURCE_PORT, senders):
+        first = FIRST_SOURCE_PORT + offset
+        argv = ["-c", _FLOOD, lab.wan[0].address6, lab.lan[0].address6, str(PORT),
+                repr(seconds), str(first), str(first + n), repr(start_at)]  # fmt: skip
+        procs.append(lab.python_popen("wan1", argv, stdout=subprocess.PIPE, text=True))
+    results = [json.loads(proc.communicate(timeout=seconds + 30)[0]) for proc in procs]
+    sent = sum(r["sent"] for r in results)
+    elapsed = max(r["seconds"] for r in results)
     time.sleep(0.05)  # the last datagrams in flight
     out = lab.run(lab.lan[0], ["nft", "-j", "list", "table", "ip6", "sink"]).stdout
     arrived = 0
@@ -285,8 +296,8 @@ def flows(lab: Lab, seconds: float) -> tuple[float, bool]:
         for expr in obj.get("rule", {}).get("expr", []):
             if "counter" in expr:
                 arrived = int(expr["counter"]["packets"])
-    exhausted = result["sent"] >= (65536 - FIRST_SOURCE_PORT) * 0.95
-    return arrived / result["seconds"], exhausted
+    exhausted = sent >= (65536 - FIRST_SOURCE_PORT) * 0.95
+    return arrived / elapsed, exhausted, arrived / max(1, sent)
 
 
 def seed(lab: Lab, count: int) -> None:
@@ -319,6 +330,8 @@ class Size:
     connect: tuple[float, ...] = ()
     flows: tuple[float, ...] = ()
     exhausted: bool = False
+    arrived: tuple[float, ...] = ()
+    """Per flood, the share of the datagrams sent that reached lan1."""
     restored: int | None = None
     """Seeded pinholes the daemon put back in the kernel at start."""
 
@@ -369,17 +382,19 @@ def run(count: int, options: argparse.Namespace) -> Size:
             pcp_result = pcp_run(lab, pcp_new, PCP_FIRST, options.clients)
             pcp_cpu = (cpu_seconds(daemon.pid) - before) / pcp_new
         rates: list[float] = []
+        shares: list[float] = []
         exhausted = False
         if options.flood_repeats:
             # The UDP pinhole the flood goes through.
             argv = ["-c", _PCP, lan1.address6, lab.gateway.address6, "1", "17"]
             lab.python("lan1", argv, timeout=30)
             for _ in range(options.flood_repeats):
-                flow_rate, out = flows(lab, options.flood_seconds)
+                flow_rate, out, share = flows(lab, options.flood_seconds, options.senders)
                 rates.append(flow_rate)
+                shares.append(share)
                 exhausted |= out
         return Size("igd", count, upnp_result, upnp_cpu, pcp_result, pcp_cpu, tuple(renew),
-                    tuple(connect), tuple(rates), exhausted,
+                    tuple(connect), tuple(rates), exhausted, tuple(shares),
                     int(restored.group(1)) if restored else None)  # fmt: skip
 
 
@@ -437,6 +452,10 @@ def _rate(run: Run | None) -> str:
     return f"{run.rate:,.0f}" if run is not None and run.count else "-"
 
 
+def _share(values: Sequence[float]) -> str:
+    return f"{min(values):.0%} to {max(values):.0%}" if values else "-"
+
+
 def _cpu(value: float | None) -> str:
     return _us(value) if value is not None else "-"
 
@@ -446,8 +465,8 @@ def markdown(igd: Sequence[Size], mini: Sequence[Size]) -> str:
     lines = [
         "| gateway | pinholes | UPnP AddPinhole/s | median | p99 | gateway CPU per AddPinhole"
         " | PCP new pinholes/s | gateway CPU per PCP MAP | PCP renewal median | p99"
-        " | new TCP flow median | new UDP flows/s (median) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " | new TCP flow median | new UDP flows/s (median) | of those sent |",
+        "| --- " + "| ---: " * 12 + "|",
     ]
     for size in [*igd, *mini]:
         upnp_times = size.upnp.times if size.upnp is not None else ()
@@ -458,7 +477,7 @@ def markdown(igd: Sequence[Size], mini: Sequence[Size]) -> str:
             f"| {size.gateway} | {size.pinholes:,} | {_rate(size.upnp)} | {_median(upnp_times)}"
             f" | {_p99(upnp_times)} | {_cpu(size.upnp_cpu)} | {_rate(size.pcp)}"
             f" | {_cpu(size.pcp_cpu)} | {_median(size.renew)} | {_p99(size.renew)}"
-            f" | {_median(size.connect)} | {flows} |"
+            f" | {_median(size.connect)} | {flows} | {_share(size.arrived)} |"
         )
     lines.append("")
     by_size = {s.pinholes: s for s in igd}
@@ -512,6 +531,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=4, help="client processes at once")
     parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS)
     parser.add_argument("--flood-repeats", type=int, default=FLOOD_REPEATS)
+    parser.add_argument("--senders", type=int, default=2, help="flood processes at once")
     sizes_help = "also miniupnpd, filled to these sizes (none given: 0 2000 4000 8000)"
     parser.add_argument("--miniupnpd", type=int, nargs="*", metavar="SIZE", help=sizes_help)
     parser.add_argument("--miniupnpd-requests", type=int, default=100)
