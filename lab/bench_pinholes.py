@@ -493,6 +493,18 @@ def markdown(igd: Sequence[Size], mini: Sequence[Size]) -> str:
                 verdict = "met" if ratio >= 0.9 else "NOT met"
                 lines.append(f"- flat cost, {name}: {largest.pinholes:,} vs 0 = {ratio:.2f}x"
                              f" (target ≥ 0.9x): {verdict}")  # fmt: skip
+        for name, cpu0, cpu1 in (
+            ("AddPinhole", first.upnp_cpu, largest.upnp_cpu),
+            ("PCP MAP", first.pcp_cpu, largest.pcp_cpu),
+        ):
+            if cpu0 and cpu1:
+                # The rate a core can sustain is 1 / CPU per request: ≥ 0.9x is ≤ 1/0.9.
+                ratio = cpu1 / cpu0
+                verdict = "met" if ratio <= 1 / 0.9 else "NOT met"
+                lines.append(
+                    f"- flat cost, gateway CPU per {name}: {largest.pinholes:,} vs 0 ="
+                    f" {ratio:.2f}x (target ≤ 1.11x, load-independent): {verdict}"
+                )
         if first.flows and largest.flows:
             ratio = statistics.median(largest.flows) / statistics.median(first.flows)
             verdict = "met" if ratio >= 0.9 else "NOT met"
