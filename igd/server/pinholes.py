@@ -207,8 +207,18 @@ class PinholeService:
                         continue
                     keys.add(queued.request.key)
                     batch.append((queued, change))
-                if batch:
+                if not batch:
+                    continue
+                try:
                     await self._commit_batch(batch)
+                except Exception as error:
+                    # Whatever went wrong belongs to this batch: its callers hear of it, and
+                    # the drainer lives on for the requests behind it.
+                    log.exception("pinhole batch failed unexpectedly")
+                    for queued, change in batch:
+                        if not queued.done.done() or queued.done.cancelled():
+                            self._holes.undo(change)
+                        _settle(queued.done, CommitError(f"internal error: {error}"))
 
     async def _commit_batch(self, batch: list[tuple[_Queued, PinholeChange]]) -> None:
         removed = tuple(h for _, c in batch for h in c.removed)

@@ -89,3 +89,22 @@ async def test_a_lone_request_fails_cleanly(tmp_path: Path) -> None:
         await service.open(ask(8000), now=1.0)
     assert service.pinholes() == [] and backend.held == {}
     assert store.load(service._clock, now=2.0) == []
+
+
+async def test_an_unexpected_backend_error_refuses_its_batch_and_later_requests_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, backend, _ = await make(tmp_path)
+    apply = backend.apply
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(backend, "apply", apply)
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(backend, "apply", broken)
+    answers = await asyncio.gather(
+        *(service.open(ask(p), now=1.0) for p in (9000, 9001)), return_exceptions=True
+    )
+    assert all(isinstance(a, CommitError) for a in answers)
+    assert service.pinholes() == [] and backend.held == {}
+    assert isinstance(await service.open(ask(9002), now=2.0), Pinhole)
