@@ -3,8 +3,12 @@
 Every command changes the core (`igd.pinhole.Pinholes`), then commits the change to the
 kernel and then to the lease store, and only then returns: a client told "open" holds a
 pinhole that survives `kill -9`. A failed commit is taken back in all three. Commands run one
-at a time (a lock), so a failing commit never meets an interleaved change; throughput is
-one nftables and one SQLite transaction per request (batching as in commits.py is not done).
+at a time (a lock), so a failing commit never meets an interleaved change. Opens and renewals
+(PCP MAP, AddPinhole, UpdatePinhole: the hot path) are batched: the requests that arrive
+while a commit is under way, or in the same turn of the event loop, are applied to the core
+by one drainer and committed together in one nftables and one SQLite transaction (up to
+MAX_BATCH, keys distinct); each is answered only after that commit. If the batch fails, it is
+taken back whole and each request is retried alone, so only the failing ones are refused.
 What happened is published on the event feed it is given (the mapping service's, so GENA,
 metrics, the console and the audit log see pinholes beside mappings): `PinholeOpened`,
 `PinholeRenewed`, `PinholeRefused`, `PinholeRemoved` with its cause (igd/events.py).
@@ -17,7 +21,9 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv6Network
 from typing import Protocol as TypingProtocol
 
@@ -43,13 +49,15 @@ from igd.pinhole import (
 from igd.server.backends import BackendError
 from igd.server.backends.pinholes import PinholeEntry
 from igd.server.feed import EventFeed
-from igd.server.pinhole_store import PinholeStore
+from igd.server.pinhole_store import PinholeStore, address_text
 from igd.server.store import Clock
 
 log = logging.getLogger("igd.pinholes")
 
 EPOCH_KEY = "epoch_origin"
 """Pinhole store meta: wall-clock second the IPv6 PCP epoch counts from (RFC 6887 §8.5)."""
+MAX_BATCH = 512
+"""Open requests committed together in one kernel and one store transaction at most."""
 RETRY_DELAY = 1.0
 """Seconds the expiry task waits after a failed removal before it tries again."""
 
@@ -69,6 +77,15 @@ class PinholeBackend(TypingProtocol):
 
 class CommitError(RuntimeError):
     """The kernel or the lease store refused a change; nothing of it took effect."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    """One open request waiting for the drainer, and where its answer goes."""
+
+    request: PinholeRequest
+    now: float
+    done: asyncio.Future[Pinhole | Refusal]
 
 
 class PinholeService:
@@ -91,6 +108,14 @@ class PinholeService:
         self._clock = Clock()
         self._wake = asyncio.Event()
         self._epoch_origin = time.monotonic()
+        self._queue: deque[_Queued] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._batches = 0
+
+    @property
+    def batches(self) -> int:
+        """Kernel-and-store transactions attempted for open requests so far."""
+        return self._batches
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -155,25 +180,93 @@ class PinholeService:
 
     async def open(self, request: PinholeRequest, *, now: float) -> Pinhole | Refusal:
         """Open or renew a pinhole; CommitError if it could not be committed."""
-        async with self._lock:
-            change = self._holes.open(request, now=now)
-            if isinstance(change, PinholeDeny):
-                self._refused(request, change)
-                return change.refusal
-            await self._commit(change, now=now)
-            hole = change.added[0]
-            log.info(
-                "pinhole %s: %s %s port %d for %s, %d s, rule %r",
-                "renewed" if change.removed else "opened",
-                hole.key.internal_address, hole.key.protocol, hole.key.internal_port,
-                hole.owner.client, hole.remaining(now), change.rule,
-            )  # fmt: skip
-            if change.removed:
-                self.feed.publish(PinholeRenewed(hole, change.removed[0], change.rule))
+        done: asyncio.Future[Pinhole | Refusal] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(request, now, done))
+        if self._drainer is None or self._drainer.done():
+            # A task of its own: requests of this loop turn queue behind it and join its batch.
+            self._drainer = asyncio.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        """Commit queued open requests in batches until none is left."""
+        while self._queue:
+            async with self._lock:
+                batch: list[tuple[_Queued, PinholeChange]] = []
+                keys: set[PinholeKey] = set()
+                while self._queue and len(batch) < MAX_BATCH:
+                    queued = self._queue[0]
+                    if queued.request.key in keys:
+                        break  # the same key twice: its second change goes in the next batch
+                    self._queue.popleft()
+                    if queued.done.done():
+                        continue  # its caller is gone (cancelled): nothing to do
+                    change = self._holes.open(queued.request, now=queued.now)
+                    if isinstance(change, PinholeDeny):
+                        self._refused(queued.request, change)
+                        _settle(queued.done, change.refusal)
+                        continue
+                    keys.add(queued.request.key)
+                    batch.append((queued, change))
+                if not batch:
+                    continue
+                try:
+                    await self._commit_batch(batch)
+                except Exception as error:
+                    # Whatever went wrong belongs to this batch: its callers hear of it, and
+                    # the drainer lives on for the requests behind it.
+                    log.exception("pinhole batch failed unexpectedly")
+                    for queued, change in batch:
+                        if not queued.done.done() or queued.done.cancelled():
+                            self._holes.undo(change)
+                        _settle(queued.done, CommitError(f"internal error: {error}"))
+
+    async def _commit_batch(self, batch: list[tuple[_Queued, PinholeChange]]) -> None:
+        removed = tuple(h for _, c in batch for h in c.removed)
+        added = tuple(h for _, c in batch for h in c.added)
+        self._batches += 1
+        try:
+            # Keys are distinct, so the batch is one change; a failure undoes it whole.
+            await self._commit(PinholeChange(removed, added), now=batch[-1][0].now)
+        except CommitError as error:
+            if len(batch) > 1:
+                # Retry each alone, so only the failing requests are refused.
+                for queued, _ in batch:
+                    await self._open_alone(queued)
             else:
-                self.feed.publish(PinholeOpened(hole, change.rule, change.notes))
-            self._wake.set()
-            return hole
+                _settle(batch[0][0].done, error)
+            return
+        for queued, change in batch:
+            self._opened(queued, change)
+
+    async def _open_alone(self, queued: _Queued) -> None:
+        change = self._holes.open(queued.request, now=queued.now)
+        if isinstance(change, PinholeDeny):
+            self._refused(queued.request, change)
+            _settle(queued.done, change.refusal)
+            return
+        self._batches += 1
+        try:
+            await self._commit(change, now=queued.now)
+        except CommitError as error:
+            _settle(queued.done, error)
+            return
+        self._opened(queued, change)
+
+    def _opened(self, queued: _Queued, change: PinholeChange) -> None:
+        hole = change.added[0]
+        now = queued.now
+        log.info(
+            "pinhole %s: %s %s port %d for %s, %d s, rule %r",
+            "renewed" if change.removed else "opened",
+            address_text(hole.key.internal_address), hole.key.protocol, hole.key.internal_port,
+            address_text(hole.owner.client), hole.remaining(now), change.rule,
+        )  # fmt: skip
+        if change.removed:
+            self.feed.publish(PinholeRenewed(hole, change.removed[0], change.rule))
+        else:
+            self.feed.publish(PinholeOpened(hole, change.rule, change.notes))
+        self._wake.set()
+        _settle(queued.done, hole)
 
     async def close(self, key: PinholeKey, owner: PinholeOwner, *, now: float) -> Refusal | None:
         """Close `owner`'s pinhole at `key` (closing none is fine); CommitError on failure."""
@@ -304,3 +397,16 @@ class PinholeService:
                 log.error("pinhole kernel undo failed too: %s", undo_error)
             log.error("pinhole change not stored: %s", error)
             raise CommitError(str(error)) from error
+
+
+Answer = Pinhole | Refusal
+
+
+def _settle(done: asyncio.Future[Answer], outcome: Answer | Exception) -> None:
+    """Answer a queued request unless its caller has gone (cancelled)."""
+    if done.done():
+        return
+    if isinstance(outcome, Exception):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
