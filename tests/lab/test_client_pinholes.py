@@ -10,9 +10,10 @@ import subprocess
 import pytest
 
 from lab import Lab
-from tests.lab.client_run import igd
+from tests.lab.client_run import IGD, igd, state_file
 from tests.lab.conftest import LAB_POLICY, StartGateway
 from tests.lab.test_pinholes_gateway import PORT, kernel, reaches, service, start
+from tests.lab.test_upnp_pinholes import start as start_upnp
 
 pytestmark = pytest.mark.lab
 __all__ = ["service"]  # the fixture, used by name
@@ -113,9 +114,8 @@ def test_probe_reports_ipv6_pinhole_capability(lab: Lab, gateway: StartGateway) 
     assert six["router"] == lab.gateway.address6
     assert six["local_address"] == lab.lan[0].address6
     assert six["pcp"]["available"] and isinstance(six["pcp"]["epoch"], int)
-    # igd-server has no WANIPv6FirewallControl here (UPnP off in this config's default?):
-    # whatever it says, the report says it with a reason when it is not there.
-    assert six["upnp"]["available"] or six["upnp"]["error"]
+    # UPnP is off in this config: the report says why there are no UPnP pinholes.
+    assert six["upnp"]["available"] is False and six["upnp"]["error"]
 
 
 def test_without_ipv6_on_the_router_a_pinhole_is_a_typed_error(
@@ -170,3 +170,98 @@ def test_a_router_that_lost_its_pinholes_is_noticed_by_its_announcement(
     assert [lan1.address6, "tcp", PORT] in kernel(lab)
     assert reaches(lab, "wan1", lan1)
     watcher.communicate("\n", timeout=30)
+
+
+
+
+def test_igd_map_ipv6_via_upnp_opens_renews_and_unmap_closes_on_igd_server(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    assert not reaches(lab, "wan1", lan1)
+    code, first = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--via", "upnp", "--lifetime", "600")
+    assert code == 0, (first, lab.gateway_log()[-3000:])
+    assert (first["mechanism"], first["family"]) == ("upnp", 6), first
+    assert (first["external_address"], first["external_port"]) == (lan1.address6, PORT)
+    assert isinstance(first["unique_id"], int)
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1)
+    # Another run: UpdatePinhole with the UniqueID the state file kept, not a second pinhole.
+    code, again = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--lifetime", "600")
+    assert code == 0, again
+    assert (again["mechanism"], again["unique_id"]) == ("upnp", first["unique_id"]), again
+    assert kernel(lab) == [[lan1.address6, "tcp", PORT]]
+    code, closed = igd(lab, "unmap", f"{PORT}/tcp", "--ipv6")
+    assert code == 0, closed
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+    assert igd(lab, "list") == (0, [])
+
+
+_HOLD_UPNP = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper() as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=2, via="upnp")
+        print(json.dumps(p.to_dict()), flush=True)
+        kinds = []
+        p.subscribe(lambda e: kinds.append(e.kind.value + (f": {e.error}" if e.error else "")))
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        print(json.dumps({"kinds": kinds, "id": p.unique_id}), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_the_library_holds_a_upnp_pinhole_on_igd_server_renewing_it_until_release(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _HOLD_UPNP, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    pinhole = json.loads(holder.stdout.readline())
+    assert (pinhole["mechanism"], pinhole["family"]) == ("upnp", 6), pinhole
+    assert reaches(lab, "wan1", lan1)
+    # A lease of 2 s outlived twice over: UpdatePinhole kept it open all along.
+    lab.run("lan1", ["sleep", "5"])
+    assert reaches(lab, "wan1", lan1)
+    out, _ = holder.communicate("\n", timeout=30)
+    result = json.loads(out.splitlines()[-1])
+    assert result["kinds"].count("renewed") >= 2, result
+    assert not any(k.startswith("failed") for k in result["kinds"]), result
+    assert result["id"] == pinhole["unique_id"]
+    # Leaving the block sent DeletePinhole.
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+def test_igd_map_keep_via_upnp_holds_the_pinhole_until_sigterm(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    argv = [IGD, "--json", "--state-file", state_file(lab), "map", f"{PORT}/tcp", "--ipv6"]
+    proc = lab.popen(
+        "lan1", [*argv, "--via", "upnp", "--lifetime", "300", "--keep"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    pinhole = json.loads(proc.stdout.readline())
+    assert (pinhole["mechanism"], pinhole["family"]) == ("upnp", 6), pinhole
+    assert reaches(lab, "wan1", lan1)
+    proc.terminate()
+    assert proc.wait(15) == 0
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+def test_probe_reports_upnp_pinholes_on_igd_server(lab: Lab, gateway: StartGateway) -> None:
+    start_upnp(lab, gateway)
+    code, report = igd(lab, "probe")
+    assert code == 0, report
+    upnp = report["ipv6"]["upnp"]
+    assert upnp["available"], report["ipv6"]
+    assert (upnp["firewall_enabled"], upnp["inbound_pinhole_allowed"]) == (True, True)
+    assert upnp["location"].startswith(f"http://[{lab.gateway.address6}]:")
