@@ -172,8 +172,6 @@ def test_a_router_that_lost_its_pinholes_is_noticed_by_its_announcement(
     watcher.communicate("\n", timeout=30)
 
 
-
-
 def test_igd_map_ipv6_via_upnp_opens_renews_and_unmap_closes_on_igd_server(
     lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
 ) -> None:
