@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -41,7 +41,13 @@ from igd.client.mechanisms import (
 from igd.client.natpmp import NatPmpClient
 from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
-from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole
+from igd.client.pinholes import (
+    PINHOLE_MECHANISMS,
+    Ipv6Gateway,
+    Ipv6Report,
+    Pinhole,
+    remote_peers,
+)
 from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
 from igd.client.restart import UpnpRestartWatch
 from igd.client.selection import DEFAULT_PREFERENCE
@@ -435,12 +441,16 @@ class PortMapper:
         description: str = "",
         via: Mechanism | str | None = None,
         timeout: float | None = None,
+        remote: IPv6Address | IPv6Network | str | None = None,
+        remote_port: int = 0,
     ) -> MapCall[Pinhole]:
         """Open an IPv6 pinhole to this host's global address and `internal_port` and keep it
-        open (PCP over IPv6 first, then UPnP WANIPv6FirewallControl; `via` forces one)."""
+        open (PCP over IPv6 first, then UPnP WANIPv6FirewallControl; `via` forces one).
+        `remote` (an address, or a prefix over PCP) and `remote_port` let in only those
+        peers: PCP FILTER, UPnP RemoteHost/RemotePort."""
         work = self._pinhole(
             internal_port, Protocol(protocol), lifetime, description,
-            Mechanism(via) if via is not None else self.force,
+            Mechanism(via) if via is not None else self.force, remote_peers(remote, remote_port),
         )  # fmt: skip
         return MapCall(bounded(work, timeout, f"pinhole {internal_port}/{protocol}"))
 
@@ -454,20 +464,26 @@ class PortMapper:
         lifetime: int,
         description: str,
         via: Mechanism | None,
+        remote: tuple[IPv6Network, int] | None = None,
     ) -> Pinhole:
         if not 0 < internal_port < 65536 or lifetime <= 0:
             raise ValueError("internal_port must be 1..65535 and lifetime positive")
-        if via is not None and via not in self._pinhole_mechanisms():
-            raise ValueError(f"{via.value} cannot open pinholes on this PortMapper")
+        mechanisms = self._pinhole_mechanisms()
+        if remote is not None and 0 < remote[0].prefixlen < 128:
+            # WANIPv6FirewallControl's RemoteHost is one address or any: only PCP's FILTER
+            # takes a prefix (RFC 6887 §13.3).
+            mechanisms = tuple(m for m in mechanisms if m is Mechanism.PCP)
+        if via is not None and via not in mechanisms:
+            raise ValueError(f"{via.value} cannot open this pinhole on this PortMapper")
         held = await self._refresh_held(protocol, internal_port, 6, via, lifetime, description)
         if held is None:
             spec = MapSpec(
                 protocol, internal_port, self.six.local_address, lifetime, None, True,
-                description,
+                description, remote=remote,
             )  # fmt: skip
             held = await self._resume_stored(spec, via)
         if held is None:
-            drivers = await self.six.drivers(self._pinhole_mechanisms(), via)
+            drivers = await self.six.drivers(mechanisms, via)
             held = await self._first_grant(drivers, spec)
         assert isinstance(held, Pinhole)
         return held

@@ -263,3 +263,68 @@ def test_probe_reports_upnp_pinholes_on_igd_server(lab: Lab, gateway: StartGatew
     assert upnp["available"], report["ipv6"]
     assert (upnp["firewall_enabled"], upnp["inbound_pinhole_allowed"]) == (True, True)
     assert upnp["location"].startswith(f"http://[{lab.gateway.address6}]:")
+
+
+_REMOTE = """
+import json, sys
+from igd.client import SyncPortMapper
+with SyncPortMapper() as pm:
+    p = pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600, via=sys.argv[2], remote=sys.argv[3])
+    print(json.dumps(p.to_dict()), flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "upnp"])
+def test_a_pinhole_for_one_remote_peer_lets_in_that_peer_only(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str], via: str
+) -> None:
+    lan1, wan1 = lab.lan[0], lab.wan[0]
+    start_upnp(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _REMOTE, str(PORT), via, wan1.address6],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    line = holder.stdout.readline()
+    assert line, lab.gateway_log()[-2000:]
+    assert json.loads(line)["mechanism"] == via
+    # PCP FILTER (RFC 6887 §13.3) or UPnP RemoteHost: wan1 gets in, wan2 does not.
+    assert reaches(lab, "wan1", lan1)
+    assert not reaches(lab, "wan2", lan1)
+    holder.communicate("\n", timeout=30)
+    assert not reaches(lab, "wan1", lan1)
+
+
+_EXPOSE = """
+import json, sys
+from igd.client import SyncPortMapper
+with SyncPortMapper() as pm:
+    both = pm.expose(int(sys.argv[1]), "tcp", lifetime=600)
+    print(json.dumps({"four": both.mapping and both.mapping.to_dict(),
+                      "six": both.pinhole and both.pinhole.to_dict(),
+                      "errors": [str(e) for e in both.errors]}), flush=True)
+    sys.stdin.readline()
+    both.release()
+    print(json.dumps({"released": [both.mapping.released, both.pinhole.released]}), flush=True)
+"""
+
+
+def test_sync_expose_maps_ipv4_and_opens_ipv6_until_release(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _EXPOSE, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    both = json.loads(holder.stdout.readline())
+    assert both["errors"] == [], both
+    assert both["four"]["external_address"] == lab.gateway.external_address
+    assert (both["six"]["family"], both["six"]["external_address"]) == (6, lan1.address6)
+    assert reaches(lab, "wan1", lan1)
+    out, _ = holder.communicate("\n", timeout=30)
+    assert json.loads(out.splitlines()[-1]) == {"released": [True, True]}
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
