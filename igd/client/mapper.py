@@ -244,15 +244,29 @@ class PortMapper(EarlierRuns, PinholeCalls):
     # -- a change of network ---------------------------------------------------------------
 
     def _look(self) -> NetworkView:
-        return look(self._gateway if self.named_gateway else None)
+        view = look(self._gateway if self.named_gateway else None)
+        if any(m.family == 6 for m in self.mappings):
+            router6, source6 = self.six.look()
+            view = replace(view, router6=router6, source6=source6)
+        return view
 
     def _watch_network(self) -> None:
         if self.network_check is not None and self._watcher is None:
             self._watcher = NetworkWatch(
-                self._look, self._move_mappings, lambda: bool(self.mappings), self.network_check
+                self._look, self._moved, lambda: bool(self.mappings), self.network_check
             )
         if self._watcher is not None:
             self._watcher.start()
+
+    async def _moved(self, before: NetworkView, now: NetworkView) -> None:
+        """Re-make what the change concerns: pinholes for a new IPv6 router or address (not
+        for the first pinhole after IPv4 mappings alone), mappings for a new IPv4 view."""
+        if before.router6 is not None and (before.router6, before.source6) != (
+            now.router6, now.source6,
+        ):  # fmt: skip
+            await self._move_pinholes(now.source6)
+        if (before.route, before.source) != (now.route, now.source):
+            await self._move_mappings(now)
 
     async def _move_mappings(self, now: NetworkView) -> None:
         """Re-make every mapping over the gateway and local address in use now."""
@@ -264,7 +278,7 @@ class PortMapper(EarlierRuns, PinholeCalls):
         require_gateway(result)
         local = await self.local_address()
         for mapping in list(self.mappings):
-            if mapping.family == 4:  # pinholes belong to the IPv6 router, not this gateway
+            if mapping.family == 4:  # pinholes move with the IPv6 view (_move_pinholes)
                 driver = await self.driver(result.choice.mechanism or mapping.mechanism)
                 mapping.move(driver, local)
 

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from igd.client.calls import Exposed, MapCall, bounded, expose
+from igd.client.errors import PortMappingError
 from igd.client.mapping import Mapping
 from igd.client.mechanisms import Driver, MapSpec
 from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole, remote_peers
@@ -143,3 +144,17 @@ class PinholeCalls:
         for mapping in self.mappings:
             if mapping.mechanism is mechanism and mapping.family == 6:
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
+
+    async def _move_pinholes(self, source: IPv6Address | None) -> None:
+        """Re-open every pinhole from the IPv6 router and global address in use now (a new
+        network, or the LAN renumbered): over its mechanism there, else the first found."""
+        self.six.reset()
+        if source is None:
+            return  # no IPv6 route or address: renewals fail until the watcher sees one
+        for pinhole in [m for m in self.mappings if m.family == 6]:
+            try:
+                driver = await self.six.driver(pinhole.mechanism)
+            except PortMappingError:
+                drivers = await self.six.drivers(self._pinhole_mechanisms(), None)
+                driver = drivers[0]
+            pinhole.move(driver, source)

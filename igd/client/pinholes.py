@@ -282,16 +282,35 @@ class Ipv6Gateway:
     def router(self) -> Router6:
         """The router pinholes are asked of; NoGatewayError without an IPv6 route."""
         if self._router is None:
-            routes = default_routers6()
-            if self._named is not None:
-                named = self._named
-                via = next((r for r in routes if r.address == named), None)
-                self._router = via or Router6(named, routes[0].interface if routes else "")
-            elif routes:
-                self._router = routes[0]
-            else:
+            self._router = self._find_router()
+            if self._router is None:
                 raise NoGatewayError("no IPv6 default route: pass the IPv6 gateway explicitly")
         return self._router
+
+    def _find_router(self) -> Router6 | None:
+        routes = default_routers6()
+        if self._named is not None:
+            named = self._named
+            via = next((r for r in routes if r.address == named), None)
+            return via or Router6(named, routes[0].interface if routes else "")
+        return routes[0] if routes else None
+
+    def look(self) -> tuple[IPv6Address | None, IPv6Address | None]:
+        """The router and this host's global address toward it now (not cached): what the
+        network watch compares to notice a new IPv6 network or prefix."""
+        router = self._find_router()
+        if router is None:
+            return None, None
+        return router.address, global_address6(router)
+
+    def reset(self) -> None:
+        """A new IPv6 network: close the sockets, forget the router, its epoch and probe;
+        the next use finds them again."""
+        self.close()
+        self._router = None
+        self.epoch = EpochTracker(EpochRule.PCP)
+        self.last_probe = None
+        self._probed_at = 0.0
 
     @property
     def local_address(self) -> IPv6Address:

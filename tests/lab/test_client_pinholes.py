@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -328,3 +331,60 @@ def test_sync_expose_maps_ipv4_and_opens_ipv6_until_release(
     out, _ = holder.communicate("\n", timeout=30)
     assert json.loads(out.splitlines()[-1]) == {"released": [True, True]}
     assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+_MOVE = """
+import asyncio, json, sys
+from igd.client import EventKind, PortMapper
+async def main():
+    async with PortMapper(network_check=1, recovery_delay=0.5) as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600, via=sys.argv[2])
+        print(json.dumps(p.to_dict()), flush=True)
+        event = await p.wait_for(EventKind.RECREATED, within=30)
+        print(json.dumps({"event": event.kind.value, **p.to_dict()}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "upnp"])
+def test_a_held_pinhole_moves_to_the_new_address_after_a_lan_renumbering(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str], tmp_path: Path, via: str
+) -> None:
+    lan1, gw = lab.lan[0], lab.gateway
+    # A policy naming the ISP's whole delegation (a /60) admits the LAN after it moves.
+    policy = tmp_path / "delegation.toml"
+    policy.write_text(
+        LAB_POLICY.read_text().replace('"2001:db8:0:77::/64"', '"2001:db8:0:70::/60"')
+    )
+    start_upnp(lab, gateway, policy)
+    holder = lab.python_popen(
+        "lan1", ["-c", _MOVE, str(PORT), via],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    first = json.loads(holder.stdout.readline())
+    assert (first["mechanism"], first["internal_address"]) == (via, lan1.address6)
+    new_gw, new_lan1 = "2001:db8:0:78::1", lan1.address6.replace(":77:", ":78:")
+    lab.run(gw, ["ip", "-6", "addr", "add", f"{new_gw}/64", "dev", gw.interface, "nodad"])
+    lab.run(gw, ["ip", "-6", "addr", "del", f"{gw.address6}/64", "dev", gw.interface])
+    lab.run(lan1, ["ip", "-6", "addr", "add", f"{new_lan1}/64", "dev", lan1.interface, "nodad"])
+    lab.run(lan1, ["ip", "-6", "addr", "del", f"{lan1.address6}/64", "dev", lan1.interface])
+    lab.run(lan1, ["ip", "-6", "route", "replace", "default", "via", new_gw])
+    lab.run("wan1", ["ip", "-6", "route", "add", "2001:db8:0:78::/64", "via",
+                     gw.external_address6])  # fmt: skip
+    # The client's network watch sees the new router and address and opens the pinhole
+    # again there (the gateway removed the old one: off the new prefix).
+    line = holder.stdout.readline()
+    assert line, lab.gateway_log()[-3000:]
+    moved = json.loads(line)
+    assert moved["event"] == "recreated"
+    assert (moved["mechanism"], moved["internal_address"]) == (via, new_lan1)
+    assert moved["external_address"] == new_lan1
+    deadline = time.monotonic() + 5
+    while [new_lan1, "tcp", PORT] not in kernel(lab) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel(lab) == [[new_lan1, "tcp", PORT]]
+    assert reaches(lab, "wan1", replace(lan1, address6=new_lan1))
+    holder.communicate("\n", timeout=30)
+    assert kernel(lab) == []
