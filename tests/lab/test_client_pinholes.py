@@ -41,7 +41,7 @@ def test_the_library_opens_a_pinhole_the_wan_then_reaches_and_release_closes_it(
     lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
 ) -> None:
     lan1 = lab.lan[0]
-    start(lab, gateway, min_lifetime=2)
+    start(lab, gateway)  # the lab policy's min_lease is 2 s
     assert not reaches(lab, "wan1", lan1)  # the router's default deny (RFC 6092)
     holder = lab.python_popen(
         "lan1", ["-c", _HOLD, str(PORT), "2"],
