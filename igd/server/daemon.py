@@ -293,12 +293,14 @@ class Daemon:
         # UPnP over IPv6 serves the LAN's current addresses: a stale LOCATION is a dead URL.
         lan6 = internal_interfaces6(self.config.internal_interfaces, rules.internal_networks)
         if lan6 != self.lan6:
+            # An address still tentative (RFC 4862 §5.4) cannot be bound: kept as not done,
+            # so the next look (every address_poll_interval) tries it again.
+            if self.upnp is not None and not await self.upnp.readdress6(lan6):
+                return
             log.info("UPnP over IPv6 now at %s (was %s)",
                      ", ".join(str(i.address) for i in lan6) or "none",
                      ", ".join(str(i.address) for i in self.lan6) or "none")  # fmt: skip
             self.lan6 = lan6
-            if self.upnp is not None:
-                await self.upnp.readdress6(lan6)
 
     def own_addresses6(self) -> frozenset[IPv6Address]:
         """The gateway's own IPv6 addresses: never a pinhole's target."""

@@ -186,13 +186,14 @@ class UpnpServer:
             if names:
                 self.events.changed(WAN_IP, names)
 
-    async def readdress6(self, lan6: Sequence[InternalInterface6]) -> None:
+    async def readdress6(self, lan6: Sequence[InternalInterface6]) -> bool:
         """The LAN's IPv6 addresses changed (renumbering): HTTP listens on the new ones and
-        SSDP over IPv6 advertises them."""
+        SSDP over IPv6 advertises them; False if HTTP could not listen on one yet."""
         self.lan6 = lan6
-        await self.http.rebind6(lan6)
+        bound = await self.http.rebind6(lan6)
         if self.ssdp6 is not None:
             await self.ssdp6.readdress(lan6)
+        return bound
 
     async def stop(self) -> None:
         """Byebye, then close every socket and subscription."""

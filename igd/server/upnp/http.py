@@ -113,6 +113,8 @@ class UpnpHttp:
         self._served: dict[str, InternalInterface | InternalInterface6] = {}
         """The interface of each address listened on (the admission check reads it)."""
         self._bind_device = True
+        self.unbound = RateLimitedLog(log, logging.WARNING)
+        """New IPv6 addresses that could not be listened on yet (`count`)."""
         self._http: _GuardedServer | None = None
         self.rebinding = RateLimitedLog(log, logging.WARNING)
         self.limiter = limiter
@@ -148,9 +150,11 @@ class UpnpHttp:
         for interface in served:
             await self._listen(interface)
 
-    async def rebind6(self, lan6: Sequence[InternalInterface6]) -> None:
+    async def rebind6(self, lan6: Sequence[InternalInterface6]) -> bool:
         """Follow a LAN renumbering: stop listening on IPv6 addresses no longer served and
-        listen on the new ones (connections already open finish where they are)."""
+        listen on the new ones (connections already open finish where they are); False if
+        one could not be bound yet (asked again, only the missing ones are tried)."""
+        bound = True
         wanted = {str(i.address): i for i in lan6}
         for address, server in list(self._servers6.items()):
             if address in wanted:
@@ -165,9 +169,14 @@ class UpnpHttp:
                 try:
                     await self._listen(interface)
                 except OSError as error:
-                    # The address may already be gone again (or still tentative, RFC 4862
-                    # §5.4): the next poll tries again.
-                    log.warning("cannot listen on [%s]:%d: %s", address, self.port, error)
+                    # The address may be gone again, or still tentative (RFC 4862 §5.4:
+                    # not bindable during duplicate address detection): the caller asks
+                    # again at its next look.
+                    bound = False
+                    now = asyncio.get_running_loop().time()
+                    self.unbound.note(now, "cannot listen on [%s]:%d yet: %s", address,
+                                      self.port, error)  # fmt: skip
+        return bound
 
     async def _listen(self, interface: InternalInterface | InternalInterface6) -> None:
         assert self._http is not None
