@@ -191,7 +191,8 @@ class UpnpServer:
         SSDP over IPv6 advertises them; False if HTTP could not listen on one yet."""
         self.lan6 = lan6
         bound = await self.http.rebind6(lan6)
-        if self.ssdp6 is not None:
+        if bound and self.ssdp6 is not None:
+            # Advertised once HTTP listens there: a LOCATION must answer when fetched.
             await self.ssdp6.readdress(lan6)
         return bound
 
