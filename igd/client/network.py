@@ -77,6 +77,9 @@ class NetworkWatch:
             try:
                 await self.changed(before, now)
             except PortMappingError as exc:
+                # The new network's gateway may not be ready yet (its addresses, its UPnP
+                # listeners): the next look sees the change again and retries.
+                self.last = before
                 log.warning("cannot map again after the network change: %s", exc)
 
     async def close(self) -> None:

@@ -9,7 +9,6 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from igd.client.calls import Exposed, MapCall, bounded, expose
-from igd.client.errors import PortMappingError
 from igd.client.mapping import Mapping
 from igd.client.mechanisms import Driver, MapSpec
 from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole, remote_peers
@@ -147,14 +146,11 @@ class PinholeCalls:
 
     async def _move_pinholes(self, source: IPv6Address | None) -> None:
         """Re-open every pinhole from the IPv6 router and global address in use now (a new
-        network, or the LAN renumbered): over its mechanism there, else the first found."""
+        network, or the LAN renumbered), each over its own mechanism."""
         self.six.reset()
         if source is None:
             return  # no IPv6 route or address: renewals fail until the watcher sees one
         for pinhole in [m for m in self.mappings if m.family == 6]:
-            try:
-                driver = await self.six.driver(pinhole.mechanism)
-            except PortMappingError:
-                drivers = await self.six.drivers(self._pinhole_mechanisms(), None)
-                driver = drivers[0]
-            pinhole.move(driver, source)
+            # Its own mechanism (maybe forced by `via`): if the router does not offer it yet
+            # (its UPnP still at the old address), the error makes the watch try again.
+            pinhole.move(await self.six.driver(pinhole.mechanism), source)
