@@ -28,7 +28,7 @@ from igd.client.pinholes import Ipv6Report, Pinhole
 from igd.client.probe import ProbeResult
 from igd.client.selection import AddressKind, Verdict
 from igd.client.state import Record, StateFile
-from igd.client.sync import SyncMapping, SyncPortMapper
+from igd.client.sync import SyncExposed, SyncMapping, SyncPortMapper
 from igd.client.upnp import UpnpIgdClient
 from igd.client.upnp6 import FirewallStatus, UpnpFirewallClient
 from igd.model import Mechanism, Protocol
@@ -63,6 +63,7 @@ __all__ = [
     "ProtocolError",
     "Record",
     "StateFile",
+    "SyncExposed",
     "SyncMapping",
     "SyncPortMapper",
     "TemporaryFailure",

@@ -19,15 +19,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from igd.client.announce import Announcement, AnnouncementListener
-from igd.client.calls import Exposed, MapCall, bounded, expose
+from igd.client.calls import MapCall, bounded
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import (
     GatewayTimeout,
     MappingRefused,
     NoGatewayError,
-    NoSuchMapping,
     PortMappingError,
 )
+from igd.client.held import EarlierRuns
 from igd.client.mapping import REQUEST_TIMEOUT, EventKind, Mapping
 from igd.client.mechanisms import (
     Driver,
@@ -41,11 +41,15 @@ from igd.client.mechanisms import (
 from igd.client.natpmp import NatPmpClient
 from igd.client.network import NETWORK_CHECK, NetworkView, NetworkWatch, look
 from igd.client.pcp import PcpClient
-from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole
+from igd.client.pinhole_calls import PinholeCalls
+from igd.client.pinholes import (
+    Ipv6Gateway,
+    Pinhole,
+)
 from igd.client.probe import ProbeResult, probe, probe_routes, require_gateway
 from igd.client.restart import UpnpRestartWatch
 from igd.client.selection import DEFAULT_PREFERENCE
-from igd.client.state import Memory, Record, StateFile
+from igd.client.state import Memory, StateFile
 from igd.client.timing import EpochRule, EpochTracker
 from igd.client.upnp import UpnpEntry, UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -60,10 +64,9 @@ MAX_MAPPINGS = 256  # per PortMapper by default (`max_mappings`): each holds a t
 # Probe again after this long: RFC 6887 §9 retries a server of another PCP version after
 # 30 minutes (it may have been upgraded), and other mechanisms may have come up meanwhile.
 PROBE_MAX_AGE = 1800.0
-REFRESHED = "refreshed the mapping of an earlier run (state file)"
 
 
-class PortMapper:
+class PortMapper(EarlierRuns, PinholeCalls):
     """Finds the gateway, picks the mechanism, makes and keeps mappings.
 
     `async with PortMapper() as pm: m = await pm.map(8080, "tcp")`. Every mapping still
@@ -241,15 +244,29 @@ class PortMapper:
     # -- a change of network ---------------------------------------------------------------
 
     def _look(self) -> NetworkView:
-        return look(self._gateway if self.named_gateway else None)
+        view = look(self._gateway if self.named_gateway else None)
+        if any(m.family == 6 for m in self.mappings):
+            router6, source6 = self.six.look()
+            view = replace(view, router6=router6, source6=source6)
+        return view
 
     def _watch_network(self) -> None:
         if self.network_check is not None and self._watcher is None:
             self._watcher = NetworkWatch(
-                self._look, self._move_mappings, lambda: bool(self.mappings), self.network_check
+                self._look, self._moved, lambda: bool(self.mappings), self.network_check
             )
         if self._watcher is not None:
             self._watcher.start()
+
+    async def _moved(self, before: NetworkView, now: NetworkView) -> None:
+        """Re-make what the change concerns: pinholes for a new IPv6 router or address (not
+        for the first pinhole after IPv4 mappings alone), mappings for a new IPv4 view."""
+        if before.router6 is not None and (before.router6, before.source6) != (
+            now.router6, now.source6,
+        ):  # fmt: skip
+            await self._move_pinholes(now.source6)
+        if (before.route, before.source) != (now.route, now.source):
+            await self._move_mappings(now)
 
     async def _move_mappings(self, now: NetworkView) -> None:
         """Re-make every mapping over the gateway and local address in use now."""
@@ -261,7 +278,7 @@ class PortMapper:
         require_gateway(result)
         local = await self.local_address()
         for mapping in list(self.mappings):
-            if mapping.family == 4:  # pinholes belong to the IPv6 router, not this gateway
+            if mapping.family == 4:  # pinholes move with the IPv6 view (_move_pinholes)
                 driver = await self.driver(result.choice.mechanism or mapping.mechanism)
                 mapping.move(driver, local)
 
@@ -401,15 +418,6 @@ class PortMapper:
             raise ValueError(f"a PortMapper holds at most {self.max_mappings} mappings")
         return None
 
-    async def _resume_stored(self, spec: MapSpec, via: Mechanism | None) -> Mapping[Any] | None:
-        stored = self.memory.find(self._gateway_of(spec), spec)
-        if stored is None:
-            return None
-        if via is None or via is stored.mechanism:
-            return await self._resume(spec, stored)
-        await self._delete_stored(spec, stored)
-        return None
-
     async def _first_grant(self, drivers: list[Driver], spec: MapSpec) -> Mapping[Any]:
         error: PortMappingError | None = None
         for driver in drivers:
@@ -425,77 +433,6 @@ class PortMapper:
                 continue
             return await self._adopt(driver, spec, grant)
         raise error or NoGatewayError("no mechanism available")
-
-    def pinhole(
-        self,
-        internal_port: int,
-        protocol: Protocol | str = Protocol.TCP,
-        *,
-        lifetime: int = 7200,
-        description: str = "",
-        via: Mechanism | str | None = None,
-        timeout: float | None = None,
-    ) -> MapCall[Pinhole]:
-        """Open an IPv6 pinhole to this host's global address and `internal_port` and keep it
-        open (PCP over IPv6 first, then UPnP WANIPv6FirewallControl; `via` forces one)."""
-        work = self._pinhole(
-            internal_port, Protocol(protocol), lifetime, description,
-            Mechanism(via) if via is not None else self.force,
-        )  # fmt: skip
-        return MapCall(bounded(work, timeout, f"pinhole {internal_port}/{protocol}"))
-
-    def _pinhole_mechanisms(self) -> tuple[Mechanism, ...]:
-        return tuple(m for m in self.mechanisms if m in PINHOLE_MECHANISMS)
-
-    async def _pinhole(
-        self,
-        internal_port: int,
-        protocol: Protocol,
-        lifetime: int,
-        description: str,
-        via: Mechanism | None,
-    ) -> Pinhole:
-        if not 0 < internal_port < 65536 or lifetime <= 0:
-            raise ValueError("internal_port must be 1..65535 and lifetime positive")
-        if via is not None and via not in self._pinhole_mechanisms():
-            raise ValueError(f"{via.value} cannot open pinholes on this PortMapper")
-        held = await self._refresh_held(protocol, internal_port, 6, via, lifetime, description)
-        if held is None:
-            spec = MapSpec(
-                protocol, internal_port, self.six.local_address, lifetime, None, True,
-                description,
-            )  # fmt: skip
-            held = await self._resume_stored(spec, via)
-        if held is None:
-            drivers = await self.six.drivers(self._pinhole_mechanisms(), via)
-            held = await self._first_grant(drivers, spec)
-        assert isinstance(held, Pinhole)
-        return held
-
-    async def expose(
-        self,
-        internal_port: int,
-        protocol: Protocol | str = Protocol.TCP,
-        *,
-        lifetime: int = 7200,
-        description: str = "",
-        timeout: float | None = None,
-    ) -> Exposed:
-        """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
-        A family that fails is left out, its error in `errors`; raises only if both fail."""
-        return await expose(
-            self.map(internal_port, protocol, lifetime=lifetime, description=description),
-            self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
-            timeout,
-        )
-
-    async def probe_ipv6(
-        self, *, refresh: bool = False, timeout: float | None = None
-    ) -> Ipv6Report:
-        """What the IPv6 router offers for pinholes: PCP over IPv6, UPnP pinholes, the
-        firewall's status (cached unless `refresh`)."""
-        work = self.six.probe(self._pinhole_mechanisms(), refresh=refresh)
-        return await bounded(work, timeout, "IPv6 probe")
 
     async def _create(self, driver: Driver, spec: MapSpec, previous: Grant | None) -> Grant:
         try:
@@ -520,89 +457,6 @@ class PortMapper:
         mapping._emit(EventKind.CREATED)
         self._watch_network()
         return mapping
-
-    # -- what earlier runs left (the state file) -------------------------------------------
-
-    def _gateway_of(self, spec: MapSpec) -> str:
-        """The state file's name for the gateway of a mapping (IPv4) or a pinhole (IPv6)."""
-        if spec.internal_address.version == 6:
-            return str(self.six.router.address)
-        return str(self.gateway)
-
-    async def _resume(self, spec: MapSpec, record: Record) -> Mapping[Any] | None:
-        """Refresh a mapping an earlier run made (same mechanism, port and PCP nonce)."""
-        try:
-            driver = await self._driver_for(spec, record.mechanism)
-            grant = await self._create(driver, spec, record.grant())
-        except GatewayTimeout:
-            raise
-        except (MappingRefused, NoGatewayError) as exc:
-            log.info(
-                "cannot refresh %s %d/%s of an earlier run (%s); mapping afresh",
-                record.mechanism.value, spec.internal_port, spec.protocol.value, exc,
-            )  # fmt: skip
-            return None
-        return await self._adopt(driver, spec, replace(grant, notes=(*grant.notes, REFRESHED)))
-
-    async def _delete_stored(self, spec: MapSpec, record: Record, *, strict: bool = False) -> None:
-        """Delete a mapping an earlier run made, and its record. `strict`: a failure is
-        raised and the record kept (unmap); otherwise it is logged (a mapping replaced)."""
-        try:
-            driver = await self._driver_for(spec, record.mechanism)
-            try:
-                async with asyncio.timeout(self.request_timeout):
-                    await driver.delete(spec, record.grant())
-            except TimeoutError:
-                raise GatewayTimeout(f"no answer to the delete over {driver.name}") from None
-            except NoSuchMapping:
-                pass  # gone already (expired, or the gateway restarted): what we wanted
-        except PortMappingError as exc:
-            if strict:
-                raise
-            log.info("could not delete the %s mapping of an earlier run: %s",
-                     record.mechanism.value, exc)  # fmt: skip
-        self.memory.forget(record.key)
-
-    async def _driver_for(self, spec: MapSpec, mechanism: Mechanism) -> Driver:
-        if spec.internal_address.version == 6:
-            return await self.six.driver(mechanism)
-        return await self.driver(mechanism, fallback=False)
-
-    def stored(self) -> list[Record]:
-        """This gateway's records in the state file (every mechanism, live leases only),
-        and the IPv6 router's pinholes."""
-        gateways = {str(self.gateway)}
-        with contextlib.suppress(NoGatewayError):
-            gateways.add(str(self.six.router.address))
-        return self.memory.records(gateways)
-
-    async def unmap(
-        self,
-        internal_port: int,
-        protocol: Protocol | str = Protocol.TCP,
-        *,
-        timeout: float | None = None,
-        family: int = 4,
-    ) -> bool:
-        """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
-        run left in the state file; False if neither knew one. `family=6`: the pinhole."""
-        work = self._unmap(internal_port, Protocol(protocol), family)
-        return await bounded(work, timeout, "unmap")
-
-    async def _unmap(self, internal_port: int, protocol: Protocol, family: int) -> bool:
-        for mapping in self.mappings:
-            if (mapping.protocol, mapping.internal_port, mapping.family) == (
-                protocol, internal_port, family,
-            ):  # fmt: skip
-                await mapping.release()
-                return True
-        local = self.six.local_address if family == 6 else await self.local_address()
-        spec = MapSpec(protocol, internal_port, local, 1)
-        record = self.memory.find(self._gateway_of(spec), spec)
-        if record is None:
-            return False
-        await self._delete_stored(spec, record, strict=True)
-        return True
 
     async def list(self, *, timeout: float | None = None) -> list[UpnpEntry]:
         """The router's UPnP mapping list (all hosts)."""
@@ -641,11 +495,6 @@ class PortMapper:
                     mechanism.value, epoch)  # fmt: skip
         for mapping in self.mappings:
             if mapping.mechanism in (Mechanism.PCP, Mechanism.NATPMP) and mapping.family == 4:
-                mapping.recover(_rng.uniform(0, self.recovery_delay))
-
-    def _six_restarted(self, mechanism: Mechanism) -> None:
-        for mapping in self.mappings:
-            if mapping.mechanism is mechanism and mapping.family == 6:
                 mapping.recover(_rng.uniform(0, self.recovery_delay))
 
     async def _reconnect_upnp(self, location: str) -> None:

@@ -273,8 +273,9 @@ class Mapping(Generic[A]):
             return
         self._driver = driver
         self.spec = replace(self.spec, internal_address=internal_address)
-        # RFC 7488 §4: another PCP server gets another nonce; the port is asked again.
-        self.grant = replace(self.grant, nonce=None)
+        # RFC 7488 §4: another PCP server gets another nonce; the port is asked again. A
+        # UPnP pinhole's UniqueID belonged to the old address: AddPinhole anew.
+        self.grant = replace(self.grant, nonce=None, unique_id=None)
         self.recover(0.0)
 
     async def renew(self, *, timeout: float | None = None) -> None:

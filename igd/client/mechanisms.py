@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import Protocol as TypingProtocol
 
 from igd.client.errors import (
@@ -45,6 +45,8 @@ class MapSpec:
     description: str = ""
     nonce: bytes | None = None
     """The PCP nonce a new mapping gets (None: a random one)."""
+    remote: tuple[IPv6Network, int] | None = None
+    """Pinholes: the only remote peers let in (prefix, port 0 for any); None lets in all."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from igd.client.discovery import default_gateway, source_toward
 from igd.client.errors import NoGatewayError, PortMappingError
@@ -27,6 +27,10 @@ class NetworkView:
     """The first default route's gateway (None when the user named the gateway, or none)."""
     source: IPv4Address | None
     """This host's address toward the gateway in use (None without a route)."""
+    router6: IPv6Address | None = None
+    """The IPv6 router pinholes are asked of (None: no pinholes held, or no IPv6 route)."""
+    source6: IPv6Address | None = None
+    """This host's global IPv6 address toward it: what pinholes open to."""
 
 
 def look(named: IPv4Address | None) -> NetworkView:
@@ -41,13 +45,13 @@ def look(named: IPv4Address | None) -> NetworkView:
 
 
 class NetworkWatch:
-    """Calls `changed(view)` when `view()` differs from the last look, every `interval`
+    """Calls `changed(before, now)` when `view()` differs from the last look, every `interval`
     seconds while `active()` holds; one task, kept here, ended by `close()`."""
 
     def __init__(
         self,
         view: Callable[[], NetworkView],
-        changed: Callable[[NetworkView], Awaitable[None]],
+        changed: Callable[[NetworkView, NetworkView], Awaitable[None]],
         active: Callable[[], bool],
         interval: float = NETWORK_CHECK,
     ) -> None:
@@ -64,15 +68,18 @@ class NetworkWatch:
     async def _run(self) -> None:
         while self.active():
             await asyncio.sleep(self.interval)
-            now = self.view()
-            if now == self.last:
+            now, before = self.view(), self.last
+            if before is None or now == before:
                 continue
             log.warning("the network changed (%s -> %s); making the mappings again",
                         self.last, now)  # fmt: skip
             self.last = now
             try:
-                await self.changed(now)
+                await self.changed(before, now)
             except PortMappingError as exc:
+                # The new network's gateway may not be ready yet (its addresses, its UPnP
+                # listeners): the next look sees the change again and retries.
+                self.last = before
                 log.warning("cannot map again after the network change: %s", exc)
 
     async def close(self) -> None:

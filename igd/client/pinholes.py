@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv6Address
+from ipaddress import IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 from igd.client.discovery import Router6, default_routers6, global_address6
@@ -83,6 +83,31 @@ def _address(spec: MapSpec) -> IPv6Address:
     return spec.internal_address
 
 
+def remote_peers(
+    remote: IPv6Address | IPv6Network | str | None, port: int
+) -> tuple[IPv6Network, int] | None:
+    """The remote peers a pinhole lets in (None: all); ValueError for what is not IPv6."""
+    if not 0 <= port < 65536:
+        raise ValueError("remote_port must be 0..65535 (0: any)")
+    if remote is None:
+        return (IPv6Network("::/0"), port) if port else None
+    network = ip_network(remote, strict=False) if isinstance(remote, str) else remote
+    if isinstance(network, IPv6Address):
+        network = IPv6Network(network)
+    if not isinstance(network, IPv6Network):
+        raise ValueError(f"a pinhole's remote peers are IPv6, not {remote}")
+    return network, port
+
+
+def _remote_host(spec: MapSpec) -> tuple[str, int]:
+    """AddPinhole's RemoteHost and RemotePort: one address or the wildcard (WANIPv6FC §2.5.7
+    has no prefixes; `PortMapper.pinhole` refuses a prefix over UPnP before asking)."""
+    if spec.remote is None:
+        return "", 0
+    network, port = spec.remote
+    return (str(network.network_address) if network.prefixlen else ""), port
+
+
 class Pcp6Driver:
     """PCP MAP over IPv6; one nonce per pinhole, kept across renewals (RFC 6887 §11.2.1)."""
 
@@ -97,10 +122,17 @@ class Pcp6Driver:
         text = spec.description or None
         if text and self.pad_description:
             text = padded(text)
+        # RFC 6887 §13.3: FILTER lets in only the remote peers it names.
+        filters = (
+            [(spec.remote[0].network_address, spec.remote[0].prefixlen, spec.remote[1])]
+            if spec.remote is not None
+            else []
+        )
         try:
             got = await self.client.map(
-                spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce, description=text
-            )
+                spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce,
+                description=text, filters=filters,
+            )  # fmt: skip
         except InvalidRequest as exc:
             # miniupnpd 2.3.1's DESCRIPTION length bug, as over IPv4 (mechanisms.py).
             if exc.code != PcpResult.MALFORMED_OPTION or not text or padded(text) == text:
@@ -108,7 +140,7 @@ class Pcp6Driver:
             self.pad_description = True
             got = await self.client.map(
                 spec.protocol, spec.internal_port, spec.lifetime, nonce=nonce,
-                description=padded(text),
+                description=padded(text), filters=filters,
             )  # fmt: skip
         return Grant(Mechanism.PCP, got.address, got.port, got.lifetime, got.epoch, nonce)
 
@@ -147,9 +179,11 @@ class UpnpPinholeDriver:
                 # it extends the pinhole and returns its UniqueID (§2.6.3.3).
                 log.info("UpdatePinhole %d failed (%s); adding the pinhole again",
                          previous.unique_id, exc)  # fmt: skip
+        host, port = _remote_host(spec)
         unique_id = await client.add_pinhole(
-            _address(spec), spec.internal_port, spec.protocol, lease
-        )
+            _address(spec), spec.internal_port, spec.protocol, lease,
+            remote_host=host, remote_port=port,
+        )  # fmt: skip
         return Grant(
             Mechanism.UPNP, _address(spec), spec.internal_port, min(lease, 86400),
             unique_id=unique_id,
@@ -248,16 +282,35 @@ class Ipv6Gateway:
     def router(self) -> Router6:
         """The router pinholes are asked of; NoGatewayError without an IPv6 route."""
         if self._router is None:
-            routes = default_routers6()
-            if self._named is not None:
-                named = self._named
-                via = next((r for r in routes if r.address == named), None)
-                self._router = via or Router6(named, routes[0].interface if routes else "")
-            elif routes:
-                self._router = routes[0]
-            else:
+            self._router = self._find_router()
+            if self._router is None:
                 raise NoGatewayError("no IPv6 default route: pass the IPv6 gateway explicitly")
         return self._router
+
+    def _find_router(self) -> Router6 | None:
+        routes = default_routers6()
+        if self._named is not None:
+            named = self._named
+            via = next((r for r in routes if r.address == named), None)
+            return via or Router6(named, routes[0].interface if routes else "")
+        return routes[0] if routes else None
+
+    def look(self) -> tuple[IPv6Address | None, IPv6Address | None]:
+        """The router and this host's global address toward it now (not cached): what the
+        network watch compares to notice a new IPv6 network or prefix."""
+        router = self._find_router()
+        if router is None:
+            return None, None
+        return router.address, global_address6(router)
+
+    def reset(self) -> None:
+        """A new IPv6 network: close the sockets, forget the router, its epoch and probe;
+        the next use finds them again."""
+        self.close()
+        self._router = None
+        self.epoch = EpochTracker(EpochRule.PCP)
+        self.last_probe = None
+        self._probed_at = 0.0
 
     @property
     def local_address(self) -> IPv6Address:

@@ -10,11 +10,13 @@ import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from igd.client.errors import PortMappingError
 from igd.client.mapper import PortMapper
 from igd.client.mapping import (
     MAX_QUEUED_EVENTS,
@@ -155,6 +157,22 @@ class SyncMapping(Generic[A]):
         self._owner._run(self.mapping.detach())
 
 
+@dataclass(frozen=True, slots=True)
+class SyncExposed:
+    """What `SyncPortMapper.expose()` got; a family that failed is None, its error in
+    `errors`."""
+
+    mapping: SyncMapping[IPv4Address] | None
+    pinhole: SyncMapping[IPv6Address] | None
+    errors: tuple[PortMappingError, ...] = ()
+
+    def release(self) -> None:
+        """Release both."""
+        for held in (self.mapping, self.pinhole):
+            if held is not None:
+                held.release()
+
+
 class SyncPortMapper:
     """`with SyncPortMapper() as pm: m = pm.map(8080, "tcp")`; the arguments of PortMapper."""
 
@@ -254,16 +272,41 @@ class SyncPortMapper:
         description: str = "",
         via: Mechanism | str | None = None,
         timeout: float | None = None,
+        remote: IPv6Address | IPv6Network | str | None = None,
+        remote_port: int = 0,
     ) -> SyncMapping[IPv6Address]:
         """Open an IPv6 pinhole and keep it open on the background thread (see
         PortMapper.pinhole); `family` is 6 and `external_address` this host's own."""
         pinhole = self._run(
             self._mapper.pinhole(
                 internal_port, protocol, lifetime=lifetime, description=description, via=via,
-                timeout=timeout,
+                timeout=timeout, remote=remote, remote_port=remote_port,
             )
         )  # fmt: skip
         return SyncMapping(self, pinhole)
+
+    def expose(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        timeout: float | None = None,
+    ) -> SyncExposed:
+        """Both families at once (see PortMapper.expose): the IPv4 mapping and the IPv6
+        pinhole, each None if its family failed (its error in `errors`)."""
+        got = self._run(
+            self._mapper.expose(
+                internal_port, protocol, lifetime=lifetime, description=description,
+                timeout=timeout,
+            )
+        )  # fmt: skip
+        return SyncExposed(
+            SyncMapping(self, got.mapping) if got.mapping is not None else None,
+            SyncMapping(self, got.pinhole) if got.pinhole is not None else None,
+            got.errors,
+        )
 
     def probe_ipv6(self, *, refresh: bool = False, timeout: float | None = None) -> Ipv6Report:
         """What the IPv6 router offers for pinholes (see PortMapper.probe_ipv6)."""

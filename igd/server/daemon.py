@@ -278,19 +278,29 @@ class Daemon:
         rules = replace(
             current, internal_networks=self.lan_prefixes6(), own_addresses=self.own_addresses6()
         )
-        if rules == current:
-            return
-        if rules.internal_networks != current.internal_networks:
-            log.info("IPv6 LAN prefixes now %s (were %s)",
-                     ", ".join(map(str, rules.internal_networks)) or "none",
-                     ", ".join(map(str, current.internal_networks)) or "none")  # fmt: skip
-        try:
-            await self.pinholes.readdress(rules, now=time.monotonic())
-        except PinholeCommitError as error:
-            log.error("could not follow the IPv6 prefix change: %s", error)
-            return
-        if self.pcp6 is not None:
-            self.pcp6.lan = rules.internal_networks
+        if rules != current:
+            if rules.internal_networks != current.internal_networks:
+                log.info("IPv6 LAN prefixes now %s (were %s)",
+                         ", ".join(map(str, rules.internal_networks)) or "none",
+                         ", ".join(map(str, current.internal_networks)) or "none")  # fmt: skip
+            try:
+                await self.pinholes.readdress(rules, now=time.monotonic())
+            except PinholeCommitError as error:
+                log.error("could not follow the IPv6 prefix change: %s", error)
+                return
+            if self.pcp6 is not None:
+                self.pcp6.lan = rules.internal_networks
+        # UPnP over IPv6 serves the LAN's current addresses: a stale LOCATION is a dead URL.
+        lan6 = internal_interfaces6(self.config.internal_interfaces, rules.internal_networks)
+        if lan6 != self.lan6:
+            # An address still tentative (RFC 4862 §5.4) cannot be bound: kept as not done,
+            # so the next look (every address_poll_interval) tries it again.
+            if self.upnp is not None and not await self.upnp.readdress6(lan6):
+                return
+            log.info("UPnP over IPv6 now at %s (was %s)",
+                     ", ".join(str(i.address) for i in lan6) or "none",
+                     ", ".join(str(i.address) for i in self.lan6) or "none")  # fmt: skip
+            self.lan6 = lan6
 
     def own_addresses6(self) -> frozenset[IPv6Address]:
         """The gateway's own IPv6 addresses: never a pinhole's target."""

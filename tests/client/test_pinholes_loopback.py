@@ -175,3 +175,15 @@ async def test_natpmp_cannot_open_a_pinhole(server: Pcp6Server) -> None:
     async with mapper(server) as pm:
         with pytest.raises(ValueError, match="natpmp"):
             await pm.pinhole(8080, "tcp", via="natpmp")
+
+
+async def test_a_remote_prefix_is_pcp_only_and_a_remote_must_be_ipv6(server: Pcp6Server) -> None:
+    async with mapper(server) as pm:
+        # WANIPv6FirewallControl's RemoteHost is one address: a prefix cannot go over UPnP.
+        with pytest.raises(ValueError, match="upnp"):
+            await pm.pinhole(8080, "tcp", via="upnp", remote="2001:db8:1::/48")
+        with pytest.raises(ValueError, match="IPv6"):
+            await pm.pinhole(8080, "tcp", remote="192.0.2.1")
+        with pytest.raises(ValueError, match="remote_port"):
+            await pm.pinhole(8080, "tcp", remote_port=70000)
+        assert server.held == {}

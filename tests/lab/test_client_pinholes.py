@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from lab import Lab
-from tests.lab.client_run import igd
+from tests.lab.client_run import IGD, igd, state_file
 from tests.lab.conftest import LAB_POLICY, StartGateway
 from tests.lab.test_pinholes_gateway import PORT, kernel, reaches, service, start
+from tests.lab.test_upnp_pinholes import start as start_upnp
 
 pytestmark = pytest.mark.lab
 __all__ = ["service"]  # the fixture, used by name
@@ -113,9 +117,8 @@ def test_probe_reports_ipv6_pinhole_capability(lab: Lab, gateway: StartGateway) 
     assert six["router"] == lab.gateway.address6
     assert six["local_address"] == lab.lan[0].address6
     assert six["pcp"]["available"] and isinstance(six["pcp"]["epoch"], int)
-    # igd-server has no WANIPv6FirewallControl here (UPnP off in this config's default?):
-    # whatever it says, the report says it with a reason when it is not there.
-    assert six["upnp"]["available"] or six["upnp"]["error"]
+    # UPnP is off in this config: the report says why there are no UPnP pinholes.
+    assert six["upnp"]["available"] is False and six["upnp"]["error"]
 
 
 def test_without_ipv6_on_the_router_a_pinhole_is_a_typed_error(
@@ -170,3 +173,218 @@ def test_a_router_that_lost_its_pinholes_is_noticed_by_its_announcement(
     assert [lan1.address6, "tcp", PORT] in kernel(lab)
     assert reaches(lab, "wan1", lan1)
     watcher.communicate("\n", timeout=30)
+
+
+def test_igd_map_ipv6_via_upnp_opens_renews_and_unmap_closes_on_igd_server(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    assert not reaches(lab, "wan1", lan1)
+    code, first = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--via", "upnp", "--lifetime", "600")
+    assert code == 0, (first, lab.gateway_log()[-3000:])
+    assert (first["mechanism"], first["family"]) == ("upnp", 6), first
+    assert (first["external_address"], first["external_port"]) == (lan1.address6, PORT)
+    assert isinstance(first["unique_id"], int)
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1)
+    # Another run: UpdatePinhole with the UniqueID the state file kept, not a second pinhole.
+    code, again = igd(lab, "map", f"{PORT}/tcp", "--ipv6", "--lifetime", "600")
+    assert code == 0, again
+    assert (again["mechanism"], again["unique_id"]) == ("upnp", first["unique_id"]), again
+    assert kernel(lab) == [[lan1.address6, "tcp", PORT]]
+    code, closed = igd(lab, "unmap", f"{PORT}/tcp", "--ipv6")
+    assert code == 0, closed
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+    assert igd(lab, "list") == (0, [])
+
+
+_HOLD_UPNP = """
+import asyncio, json, sys
+from igd.client import PortMapper
+async def main():
+    async with PortMapper() as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=2, via="upnp")
+        print(json.dumps(p.to_dict()), flush=True)
+        kinds = []
+        p.subscribe(lambda e: kinds.append(e.kind.value + (f": {e.error}" if e.error else "")))
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        print(json.dumps({"kinds": kinds, "id": p.unique_id}), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_the_library_holds_a_upnp_pinhole_on_igd_server_renewing_it_until_release(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _HOLD_UPNP, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    pinhole = json.loads(holder.stdout.readline())
+    assert (pinhole["mechanism"], pinhole["family"]) == ("upnp", 6), pinhole
+    assert reaches(lab, "wan1", lan1)
+    # A lease of 2 s outlived twice over: UpdatePinhole kept it open all along.
+    lab.run("lan1", ["sleep", "5"])
+    assert reaches(lab, "wan1", lan1)
+    out, _ = holder.communicate("\n", timeout=30)
+    result = json.loads(out.splitlines()[-1])
+    assert result["kinds"].count("renewed") >= 2, result
+    assert not any(k.startswith("failed") for k in result["kinds"]), result
+    assert result["id"] == pinhole["unique_id"]
+    # Leaving the block sent DeletePinhole.
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+def test_igd_map_keep_via_upnp_holds_the_pinhole_until_sigterm(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start_upnp(lab, gateway)
+    argv = [IGD, "--json", "--state-file", state_file(lab), "map", f"{PORT}/tcp", "--ipv6"]
+    proc = lab.popen(
+        "lan1", [*argv, "--via", "upnp", "--lifetime", "300", "--keep"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    pinhole = json.loads(proc.stdout.readline())
+    assert (pinhole["mechanism"], pinhole["family"]) == ("upnp", 6), pinhole
+    assert reaches(lab, "wan1", lan1)
+    proc.terminate()
+    assert proc.wait(15) == 0
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+def test_probe_reports_upnp_pinholes_on_igd_server(lab: Lab, gateway: StartGateway) -> None:
+    start_upnp(lab, gateway)
+    code, report = igd(lab, "probe")
+    assert code == 0, report
+    upnp = report["ipv6"]["upnp"]
+    assert upnp["available"], report["ipv6"]
+    assert (upnp["firewall_enabled"], upnp["inbound_pinhole_allowed"]) == (True, True)
+    assert upnp["location"].startswith(f"http://[{lab.gateway.address6}]:")
+
+
+_REMOTE = """
+import json, sys
+from igd.client import SyncPortMapper
+with SyncPortMapper() as pm:
+    p = pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600, via=sys.argv[2], remote=sys.argv[3])
+    print(json.dumps(p.to_dict()), flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "upnp"])
+def test_a_pinhole_for_one_remote_peer_lets_in_that_peer_only(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str], via: str
+) -> None:
+    lan1, wan1 = lab.lan[0], lab.wan[0]
+    start_upnp(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _REMOTE, str(PORT), via, wan1.address6],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    line = holder.stdout.readline()
+    assert line, lab.gateway_log()[-2000:]
+    assert json.loads(line)["mechanism"] == via
+    # PCP FILTER (RFC 6887 §13.3) or UPnP RemoteHost: wan1 gets in, wan2 does not.
+    assert reaches(lab, "wan1", lan1)
+    assert not reaches(lab, "wan2", lan1)
+    holder.communicate("\n", timeout=30)
+    assert not reaches(lab, "wan1", lan1)
+
+
+_EXPOSE = """
+import json, sys
+from igd.client import SyncPortMapper
+with SyncPortMapper() as pm:
+    both = pm.expose(int(sys.argv[1]), "tcp", lifetime=600)
+    print(json.dumps({"four": both.mapping and both.mapping.to_dict(),
+                      "six": both.pinhole and both.pinhole.to_dict(),
+                      "errors": [str(e) for e in both.errors]}), flush=True)
+    sys.stdin.readline()
+    both.release()
+    print(json.dumps({"released": [both.mapping.released, both.pinhole.released]}), flush=True)
+"""
+
+
+def test_sync_expose_maps_ipv4_and_opens_ipv6_until_release(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    holder = lab.python_popen(
+        "lan1", ["-c", _EXPOSE, str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    both = json.loads(holder.stdout.readline())
+    assert both["errors"] == [], both
+    assert both["four"]["external_address"] == lab.gateway.external_address
+    assert (both["six"]["family"], both["six"]["external_address"]) == (6, lan1.address6)
+    assert reaches(lab, "wan1", lan1)
+    out, _ = holder.communicate("\n", timeout=30)
+    assert json.loads(out.splitlines()[-1]) == {"released": [True, True]}
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+
+
+_MOVE = """
+import asyncio, json, sys
+from igd.client import EventKind, PortMapper
+async def main():
+    async with PortMapper(network_check=1, recovery_delay=0.5) as pm:
+        p = await pm.pinhole(int(sys.argv[1]), "tcp", lifetime=600, via=sys.argv[2])
+        print(json.dumps(p.to_dict()), flush=True)
+        event = await p.wait_for(EventKind.RECREATED, within=30)
+        print(json.dumps({"event": event.kind.value, **p.to_dict()}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("via", ["pcp", "upnp"])
+def test_a_held_pinhole_moves_to_the_new_address_after_a_lan_renumbering(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str], tmp_path: Path, via: str
+) -> None:
+    lan1, gw = lab.lan[0], lab.gateway
+    # A policy naming the ISP's whole delegation (a /60) admits the LAN after it moves.
+    policy = tmp_path / "delegation.toml"
+    policy.write_text(
+        LAB_POLICY.read_text().replace('"2001:db8:0:77::/64"', '"2001:db8:0:70::/60"')
+    )
+    start_upnp(lab, gateway, policy)
+    holder = lab.python_popen(
+        "lan1", ["-c", _MOVE, str(PORT), via],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    first = json.loads(holder.stdout.readline())
+    assert (first["mechanism"], first["internal_address"]) == (via, lan1.address6)
+    new_gw, new_lan1 = "2001:db8:0:78::1", lan1.address6.replace(":77:", ":78:")
+    lab.run(gw, ["ip", "-6", "addr", "add", f"{new_gw}/64", "dev", gw.interface, "nodad"])
+    lab.run(gw, ["ip", "-6", "addr", "del", f"{gw.address6}/64", "dev", gw.interface])
+    lab.run(lan1, ["ip", "-6", "addr", "add", f"{new_lan1}/64", "dev", lan1.interface, "nodad"])
+    lab.run(lan1, ["ip", "-6", "addr", "del", f"{lan1.address6}/64", "dev", lan1.interface])
+    lab.run(lan1, ["ip", "-6", "route", "replace", "default", "via", new_gw])
+    lab.run("wan1", ["ip", "-6", "route", "add", "2001:db8:0:78::/64", "via",
+                     gw.external_address6])  # fmt: skip
+    # The client's network watch sees the new router and address and opens the pinhole
+    # again there (the gateway removed the old one: off the new prefix).
+    line = holder.stdout.readline()
+    assert line, lab.gateway_log()[-3000:]
+    moved = json.loads(line)
+    assert moved["event"] == "recreated"
+    assert (moved["mechanism"], moved["internal_address"]) == (via, new_lan1)
+    assert moved["external_address"] == new_lan1
+    deadline = time.monotonic() + 5
+    while [new_lan1, "tcp", PORT] not in kernel(lab) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel(lab) == [[new_lan1, "tcp", PORT]]
+    assert reaches(lab, "wan1", replace(lan1, address6=new_lan1))
+    holder.communicate("\n", timeout=30)
+    assert kernel(lab) == []

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +299,44 @@ def test_upnpc_finds_the_service_by_plain_discovery() -> None:
             time.sleep(0.5)
         assert "Pinhole ID = " in out, out + lab.gateway_log()
         assert re.search(r"desc: http://\[[0-9a-f:]+\]:\d+/", out)
+
+
+def test_after_a_lan_renumbering_upnpc_finds_and_uses_the_new_address(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    lan1, gw = lab.lan[0], lab.gateway
+    # A policy naming the ISP's whole delegation (a /60) still admits the LAN after it moves
+    # to another /64 of it; one naming the /64 would refuse (the admin's choice).
+    policy = tmp_path / "delegation.toml"
+    policy.write_text(
+        LAB_POLICY.read_text().replace('"2001:db8:0:77::/64"', '"2001:db8:0:70::/60"')
+    )
+    old_url = start(lab, gateway, policy)
+    assert f"[{gw.address6}]" in old_url
+    # The ISP delegates another prefix: the gateway's LAN address and lan1's move to it.
+    new_gw, new_lan1 = "2001:db8:0:78::1", lan1.address6.replace(":77:", ":78:")
+    assert new_lan1 != lan1.address6
+    lab.run(gw, ["ip", "-6", "addr", "add", f"{new_gw}/64", "dev", gw.interface, "nodad"])
+    lab.run(gw, ["ip", "-6", "addr", "del", f"{gw.address6}/64", "dev", gw.interface])
+    lab.run(lan1, ["ip", "-6", "addr", "add", f"{new_lan1}/64", "dev", lan1.interface, "nodad"])
+    lab.run(lan1, ["ip", "-6", "addr", "del", f"{lan1.address6}/64", "dev", lan1.interface])
+    lab.run(lan1, ["ip", "-6", "route", "replace", "default", "via", new_gw])
+    lab.run("wan1", ["ip", "-6", "route", "add", "2001:db8:0:78::/64", "via",
+                     gw.external_address6])  # fmt: skip
+    # SSDP over IPv6 now gives a LOCATION on the new address (the watcher polls every 2 s).
+    deadline = time.monotonic() + 15
+    while True:
+        listed = lab.run(lan1, ["upnpc", "-6", "-s"], check=False).stdout
+        found = re.search(r"desc: (http://\[[0-9a-f:]+\]:\d+/\S+/)igd1/desc.xml", listed)
+        if found and f"[{new_gw}]" in found.group(1):
+            break
+        assert time.monotonic() < deadline, listed + lab.gateway_log()[-3000:]
+    url = found.group(1) + "igd2/desc.xml"
+    assert url == old_url.replace(f"[{gw.address6}]", f"[{new_gw}]")
+    # ... where HTTP listens: upnpc opens a pinhole for lan1's new address through it.
+    added = upnpc(lab, lan1, url, "-A", "", "0", new_lan1, str(PORT), "6", "600")
+    assert re.search(r"Pinhole ID = \d+", added), added + lab.gateway_log()[-3000:]
+    moved = replace(lan1, address6=new_lan1)
+    assert reaches(lab, "wan1", moved)
+    assert "UPnP over IPv6 now at 2001:db8:0:78::1" in lab.gateway_log()
+    assert "Traceback" not in lab.gateway_log()

@@ -130,7 +130,7 @@ class UpnpServer:
             server=self.server,
             boot_id=boot_id,
         )
-        # SSDP over IPv6 on the LAN's IPv6 address, when there is one to serve HTTP on.
+        # SSDP over IPv6 on the LAN's IPv6 addresses (none yet is fine: a prefix may come).
         self.ssdp6 = (
             Ssdp6Responder(
                 lan6,
@@ -142,7 +142,7 @@ class UpnpServer:
                 server=self.server,
                 boot_id=boot_id,
             )
-            if lan6
+            if pinholes is not None or lan6
             else None
         )
         self.feed = service.subscribe(
@@ -185,6 +185,16 @@ class UpnpServer:
                     self.address_changed()
             if names:
                 self.events.changed(WAN_IP, names)
+
+    async def readdress6(self, lan6: Sequence[InternalInterface6]) -> bool:
+        """The LAN's IPv6 addresses changed (renumbering): HTTP listens on the new ones and
+        SSDP over IPv6 advertises them; False if HTTP could not listen on one yet."""
+        self.lan6 = lan6
+        bound = await self.http.rebind6(lan6)
+        if bound and self.ssdp6 is not None:
+            # Advertised once HTTP listens there: a LOCATION must answer when fetched.
+            await self.ssdp6.readdress(lan6)
+        return bound
 
     async def stop(self) -> None:
         """Byebye, then close every socket and subscription."""

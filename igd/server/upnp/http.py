@@ -108,6 +108,13 @@ class UpnpHttp:
         self.server_header = server
         self.auto_v1 = auto_v1
         self._servers: list[asyncio.Server] = []
+        self._servers6: dict[str, asyncio.Server] = {}
+        """The IPv6 listeners by address: rebind6 follows a renumbering."""
+        self._served: dict[str, InternalInterface | InternalInterface6] = {}
+        """The interface of each address listened on (the admission check reads it)."""
+        self._bind_device = True
+        self.unbound = RateLimitedLog(log, logging.WARNING)
+        """New IPv6 addresses that could not be listened on yet (`count`)."""
         self._http: _GuardedServer | None = None
         self.rebinding = RateLimitedLog(log, logging.WARNING)
         self.limiter = limiter
@@ -124,11 +131,10 @@ class UpnpHttp:
     ) -> None:
         """Listen on each interface's own address (never on the wildcard address), and on
         the LAN's IPv6 address of each interface in `lan6`."""
-        loop = asyncio.get_running_loop()
-        served: list[InternalInterface | InternalInterface6] = [*interfaces, *lan6]
+        self._bind_device = bind_device
         self._http = _GuardedServer(
             self.handle,
-            {str(i.address): i for i in served},
+            self._served,
             # aiohttp's keep-alive timer runs from the connection's start and from each
             # answer until a complete head arrives: the header timeout.
             keepalive_timeout=HEADER_TIMEOUT,
@@ -140,25 +146,67 @@ class UpnpHttp:
             max_headers=MAX_HEADERS,
             access_log=None,
         )
+        served: list[InternalInterface | InternalInterface6] = [*interfaces, *lan6]
         for interface in served:
-            six = isinstance(interface, InternalInterface6)
-            sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
+            await self._listen(interface)
+
+    async def rebind6(self, lan6: Sequence[InternalInterface6]) -> bool:
+        """Follow a LAN renumbering: stop listening on IPv6 addresses no longer served and
+        listen on the new ones (connections already open finish where they are); False if
+        one could not be bound yet (asked again, only the missing ones are tried)."""
+        bound = True
+        wanted = {str(i.address): i for i in lan6}
+        for address, server in list(self._servers6.items()):
+            if address in wanted:
+                self._served[address] = wanted[address]  # its prefixes may have changed
+                continue
+            server.close()
+            self._servers.remove(server)
+            del self._servers6[address], self._served[address]
+            log.info("UPnP HTTP no longer listening on [%s]:%d", address, self.port)
+        for address, interface in wanted.items():
+            if address not in self._servers6:
+                try:
+                    await self._listen(interface)
+                except OSError as error:
+                    # The address may be gone again, or still tentative (RFC 4862 §5.4:
+                    # not bindable during duplicate address detection): the caller asks
+                    # again at its next look.
+                    bound = False
+                    now = asyncio.get_running_loop().time()
+                    self.unbound.note(now, "cannot listen on [%s]:%d yet: %s", address,
+                                      self.port, error)  # fmt: skip
+        return bound
+
+    async def _listen(self, interface: InternalInterface | InternalInterface6) -> None:
+        assert self._http is not None
+        loop = asyncio.get_running_loop()
+        six = isinstance(interface, InternalInterface6)
+        sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if six:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if bind_device:
+            if self._bind_device:
                 # A packet for this address arriving on the WAN interface is not accepted.
                 bind_to_device(sock, interface.name)
             sock.bind((str(interface.address), self.port))
             sock.listen(128)
             sock.setblocking(False)
-            self._servers.append(await loop.create_server(self._http, sock=sock))
-            log.info(
-                "UPnP HTTP listening on %s:%d (%s)",
-                f"[{interface.address}]" if six else interface.address,
-                self.port,
-                interface.name,
-            )
+        except OSError:
+            sock.close()
+            raise
+        server = await loop.create_server(self._http, sock=sock)
+        self._servers.append(server)
+        self._served[str(interface.address)] = interface
+        if six:
+            self._servers6[str(interface.address)] = server
+        log.info(
+            "UPnP HTTP listening on %s:%d (%s)",
+            f"[{interface.address}]" if six else interface.address,
+            self.port,
+            interface.name,
+        )
 
     @property
     def connections(self) -> int:
@@ -173,6 +221,8 @@ class UpnpHttp:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        self._servers6.clear()
+        self._served.clear()
 
     # -- requests ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import logging
 import re
+from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ import pytest
 
 from igd.proto import soap
 from igd.proto.description import ServiceKind
+from igd.server.interfaces import InternalInterface6
 from igd.server.pxp import RateLimiter
 from igd.server.upnp import http
 from igd.server.upnp.http import (
@@ -281,3 +283,25 @@ async def test_actions_beyond_the_clients_rate_get_503_with_retry_after(tmp_path
         await rig.session.close()
         await rig.upnp.events.close()
         await rig.upnp.http.close()
+
+
+async def test_ipv6_listeners_follow_a_renumbering_and_retry_an_unbindable_address(
+    rig: Rig,
+) -> None:
+    loopback = InternalInterface6("lo", IPv6Address("::1"), (IPv6Network("::1/128"),))
+    description = f"http://[::1]:{rig.port}{rig.upnp.urls[2].description}"
+    http = rig.upnp.http
+    assert await http.rebind6([loopback])
+    async with rig.session.get(description, headers={"Host": f"[::1]:{rig.port}"}) as reply:
+        assert reply.status == 200
+    # The LAN moved to an address this host does not have (yet: RFC 4862 §5.4 tentative):
+    # the old listener closes, the new one is reported missing each time until it binds.
+    gone = InternalInterface6(
+        "lo", IPv6Address("2001:db8:0:78::1"), (IPv6Network("2001:db8:0:78::/64"),)
+    )
+    assert not await http.rebind6([gone])
+    assert not await http.rebind6([gone])
+    assert http.unbound.count == 2
+    with pytest.raises(ConnectionRefusedError):  # a new connection: nobody listens there
+        await asyncio.open_connection("::1", rig.port)
+    assert await http.rebind6([])

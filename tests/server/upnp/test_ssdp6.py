@@ -86,3 +86,27 @@ async def test_notifies_go_to_the_link_local_group() -> None:
         _, headers = ssdp.decode_message(data)
         assert to == ("ff02::c", 1900) and headers["HOST"] == "[FF02::C]:1900"
         assert headers["NTS"] == ssdp.BYEBYE
+
+
+async def test_a_renumbering_says_byebye_for_the_old_location_and_answers_with_the_new() -> None:
+    made, transport, _ = responder()
+    moved = InternalInterface6(
+        "lan0", IPv6Address("2001:db8:0:78::1"), (IPv6Network("2001:db8:0:78::/64"),)
+    )
+    await made.readdress([moved])
+    notes = await sent(transport)
+    # byebye (it carries no LOCATION: control points drop the device's USNs), then alive.
+    kinds = [h["NTS"] for h, _ in notes]
+    assert ssdp.BYEBYE in kinds and ssdp.ALIVE in kinds
+    assert kinds.index(ssdp.ALIVE) > max(i for i, k in enumerate(kinds) if k == ssdp.BYEBYE)
+    alives = {h["LOCATION"] for h, _ in notes if h["NTS"] == ssdp.ALIVE}
+    assert alives == {"http://[2001:db8:0:78::1]:5000/igd2/desc.xml"}
+    # The socket stays (it is bound to the interface); a searcher on the new prefix is
+    # answered with the new LOCATION, one left on the old prefix no longer.
+    made.received(search(ssdp.ALL, mx=1), ("2001:db8:0:77::a", 50000, 0, 0), LAN6)
+    assert await sent(transport) == []
+    made.received(search(ssdp.ALL, mx=1), ("2001:db8:0:78::a", 50000, 0, 0), LAN6)
+    answers = await sent(transport)
+    assert answers and {h["LOCATION"] for h, _ in answers} == {
+        "http://[2001:db8:0:78::1]:5000/igd2/desc.xml"
+    }
