@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+from igd.model import Mapping
 from igd.server.backends import BackendError, KernelEntry
 from igd.server.backends.nft_payload import (
     ADDR_MAP,
@@ -39,6 +40,7 @@ from igd.server.backends.nft_payload import (
     WILDCARD_MAP,
     check_entry,
     check_table_name,
+    element_timeout,
     elements,
 )
 
@@ -317,6 +319,113 @@ def encode_batch(table: str, ops: Sequence[SetOp], seq: int) -> bytes:
     return b"".join(parts)
 
 
+# -- restoring: elements encoded straight from the mapping table ---------------------------
+
+REFILL_MESSAGE = 60 * 1024
+"""Octets of encoded elements per message when restoring (an attribute's length is 16 bits;
+an element is at most 60 octets): ~1,000 elements a message, so 50 ACKs for 50,000."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlainElements:
+    """Every plain mapping of a table as encoded NFTA_LIST_ELEMs, grouped by set: what a
+    repair writes back, built without intermediate objects (~5x faster than `plain_ops`)."""
+
+    maps: dict[str, list[bytes]]
+    """Forwarding elements (key, timeout, data): what makes the mappings work."""
+    counters: dict[str, list[bytes]]
+    """Counter-set elements (key only): the per-mapping packet and byte counts."""
+    rest: list[Mapping]
+    """Mappings with FILTERs or a PEER port: not plain, written through libnftables."""
+
+    @property
+    def count(self) -> int:
+        """Plain mappings held."""
+        return sum(map(len, self.maps.values()))
+
+
+_KEY_VALUE = {n: _NLATTR.pack(8 + n, SetElemAttr.KEY | NLA_F_NESTED) + _NLATTR.pack(4 + n, 1)
+              for n in (8, 12, 16)}  # fmt: skip
+_TIMEOUT = _NLATTR.pack(12, SetElemAttr.TIMEOUT)
+_DATA_VALUE = _NLATTR.pack(16, SetElemAttr.DATA | NLA_F_NESTED) + _NLATTR.pack(12, 1)
+_LIST_ELEM = NFTA_LIST_ELEM | NLA_F_NESTED
+
+
+def _address(address: object) -> bytes:
+    packed = getattr(address, "packed", b"")
+    if not isinstance(packed, bytes) or len(packed) != 4:
+        raise ValueError(f"invalid IPv4 address {address!r}")
+    return packed
+
+
+def plain_elements(mappings: Iterable[Mapping], now: float) -> PlainElements:
+    """Encode every plain mapping's map and counter elements (the layout `encode_element`
+    gives `plain_ops`' elements); ValueError for a field the kernel would refuse."""
+    maps: dict[str, list[bytes]] = {n: [] for n in (WILDCARD_MAP, REMOTE_MAP, ADDR_MAP,
+                                                   ADDR_REMOTE_MAP)}  # fmt: skip
+    counters: dict[str, list[bytes]] = {n: [] for n in COUNTERS}
+    rest: list[Mapping] = []
+    pack = _NLATTR.pack
+    try:
+        for mapping in mappings:
+            if mapping.filters or mapping.peer_port:
+                rest.append(mapping)
+                continue
+            key = mapping.key
+            name, counted = WILDCARD_MAP, COUNTED
+            raw = bytes((key.protocol.number, 0, 0, 0)) + _port(key.external_port)
+            if key.external_address is not None:
+                raw = _address(key.external_address) + raw
+                name, counted = ADDR_MAP, COUNTED_ADDR
+            if key.remote_host is not None:
+                raw = _address(key.remote_host) + raw
+                name = ADDR_REMOTE_MAP if name == ADDR_MAP else REMOTE_MAP
+                counted = COUNTED_ADDR_REMOTE if counted == COUNTED_ADDR else COUNTED_REMOTE
+            head = _KEY_VALUE[len(raw)] + raw
+            data = _DATA_VALUE + _address(mapping.internal_address)
+            data += _port(mapping.internal_port)
+            timeout = element_timeout(mapping, now)
+            if timeout is not None:
+                head += _TIMEOUT + (timeout * 1000).to_bytes(8, "big")
+            maps[name].append(pack(4 + len(head) + len(data), _LIST_ELEM) + head + data)
+            plain = _KEY_VALUE[len(raw)] + raw
+            counters[counted].append(pack(4 + len(plain), _LIST_ELEM) + plain)
+    except (OverflowError, AttributeError) as exc:
+        raise ValueError(f"invalid mapping: {exc}") from exc
+    return PlainElements(maps, counters, rest)
+
+
+def element_messages(
+    table: str, groups: dict[str, list[bytes]], seq: int, *, flush: Sequence[str] = ()
+) -> list[tuple[bytes, str]]:
+    """NEWSETELEM messages (seq, seq + 1, ...) adding pre-encoded elements, after a flush of
+    each set in `flush`; each with its description for errors."""
+    check_table_name(table)
+    head = _attr(SetElemListAttr.TABLE, table.encode() + b"\0")
+    out: list[tuple[bytes, str]] = []
+
+    def add(kind: int, flags: int, name: str, body: bytes, text: str) -> None:
+        body = head + _attr(SetElemListAttr.SET, name.encode() + b"\0") + body
+        kind |= NFNL_SUBSYS_NFTABLES << 8
+        out.append((_message(kind, flags, seq + len(out), NFPROTO_IPV4, 0, body), text))
+
+    for name in flush:
+        add(NftMsg.DELSETELEM, NLM_F_REQUEST | NLM_F_ACK, name, b"", f"flush set {name}")
+    for name, encoded in groups.items():
+        at = 0
+        while at < len(encoded):
+            size, end = 0, at
+            while end < len(encoded) and size + len(encoded[end]) <= REFILL_MESSAGE:
+                size += len(encoded[end])
+                end += 1
+            nest = _NLATTR.pack(4 + size, SetElemListAttr.ELEMENTS | NLA_F_NESTED)
+            text = f"add element {name} {{ ... ({end - at} elements) }}"
+            flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+            add(NftMsg.NEWSETELEM, flags, name, nest + b"".join(encoded[at:end]), text)
+            at = end
+    return out
+
+
 # -- replies --------------------------------------------------------------------------------
 
 
@@ -351,12 +460,13 @@ def _ext_ack_message(body: bytes, flags: int) -> str:
     return ""
 
 
-def describe_failure(reply: Reply, op: SetOp | None) -> str:
-    """The BackendError text for a refused batch: what failed, and why in words."""
+def describe_failure(reply: Reply, op: SetOp | str | None) -> str:
+    """The BackendError text for a refused batch: what failed (an op or its text), and why
+    in words."""
     why = os.strerror(reply.errno) if reply.errno else "unknown error"
     if reply.message:
         why += f" ({reply.message})"
-    what = op.text if op is not None else "the transaction"
+    what = "the transaction" if op is None else op if isinstance(op, str) else op.text
     return f"nftables refused {what}: {why}; nothing was changed"
 
 
@@ -391,10 +501,38 @@ class NetlinkSets:
             return
         seq = self._next_seq(len(ops) + 2)
         batch = encode_batch(table, ops, seq)
+        await self._run(batch, seq, [op.text for op in ops], large=large)
+
+    async def transact_elements(
+        self, table: str, groups: dict[str, list[bytes]], *, flush: Sequence[str] = ()
+    ) -> None:
+        """Add pre-encoded elements (`plain_elements`), after flushing the sets in `flush`,
+        as one transaction of up to MAX_REFILL_BATCH octets; BackendError and no change if
+        the kernel refuses."""
+        most = len(flush) + sum(map(len, groups.values())) + 2  # at most one message each
+        seq = self._next_seq(most)
+        messages = element_messages(table, groups, seq + 1, flush=flush)
+        if not messages:
+            return
+
+        def frame(kind: int, at: int) -> bytes:
+            return _message(kind, NLM_F_REQUEST, at, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")
+
+        batch = b"".join(
+            [
+                frame(NFNL_MSG_BATCH_BEGIN, seq),
+                *(m for m, _ in messages),
+                frame(NFNL_MSG_BATCH_END, seq + 1 + len(messages)),
+            ]
+        )
+        await self._run(batch, seq, [text for _, text in messages], large=True)
+
+    async def _run(self, batch: bytes, seq: int, texts: Sequence[str], *, large: bool) -> None:
+        """Send one batch (BEGIN at `seq`, a message per text, END) and read its replies."""
         if len(batch) > (MAX_REFILL_BATCH if large else MAX_BATCH):
             raise BackendError(f"netlink batch of {len(batch)} octets is too large")
         if len(batch) > MAX_BATCH:
-            self._fit(len(batch), len(ops))
+            self._fit(len(batch), len(texts))
         if self._stale:
             self._drain()
         try:
@@ -408,7 +546,7 @@ class NetlinkSets:
         self._stale = True  # until every reply is read (cancellation, timeout, early error)
         try:
             async with asyncio.timeout(ACK_TIMEOUT):
-                failure = await self._await_replies(seq, ops)
+                failure = await self._await_replies(seq, texts)
         except TimeoutError:
             raise BackendError("no answer from nftables; the change may have been made") from None
         except OSError as exc:
@@ -440,7 +578,7 @@ class NetlinkSets:
         self._seq += count
         return seq
 
-    async def _await_replies(self, seq: int, ops: Sequence[SetOp]) -> str | None:
+    async def _await_replies(self, seq: int, ops: Sequence[str]) -> str | None:
         """Collect one reply per op (each asked for an ACK); the first error wins."""
         waiting = set(range(seq + 1, seq + 1 + len(ops)))
         failure: str | None = None
