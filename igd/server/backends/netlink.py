@@ -69,6 +69,7 @@ class NftMsg(IntEnum):
     """nf_tables message types (enum nf_tables_msg_types) we send."""
 
     NEWSETELEM = 12
+    GETSETELEM = 13
     DELSETELEM = 14
 
 
@@ -424,6 +425,16 @@ def element_messages(
             add(NftMsg.NEWSETELEM, flags, name, nest + b"".join(encoded[at:end]), text)
             at = end
     return out
+
+
+def encode_get(table: str, name: str, key: bytes, seq: int) -> bytes:
+    """A GETSETELEM request for one key (not batched): the kernel answers with the element
+    and an ACK, or with ENOENT (no such element, set or table)."""
+    body = _attr(SetElemListAttr.TABLE, check_table_name(table).encode() + b"\0")
+    body += _attr(SetElemListAttr.SET, name.encode() + b"\0")
+    body += _nest(SetElemListAttr.ELEMENTS, encode_element(Element(key)))
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NftMsg.GETSETELEM
+    return _message(kind, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_IPV4, 0, body)
 
 
 # -- replies --------------------------------------------------------------------------------
