@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from ipaddress import IPv4Address
 
 from igd.model import Mapping
-from igd.server.backends import BackendError, KernelEntry
+from igd.server.backends import BackendError, KernelEntry, nft_payload
 from igd.server.backends.nft_payload import (
     ADDR_MAP,
     ADDR_REMOTE_MAP,
@@ -40,7 +42,6 @@ from igd.server.backends.nft_payload import (
     WILDCARD_MAP,
     check_entry,
     check_table_name,
-    element_timeout,
     elements,
 )
 
@@ -329,13 +330,14 @@ an element is at most 60 octets): ~1,000 elements a message, so 50 ACKs for 50,0
 
 @dataclass(frozen=True, slots=True)
 class PlainElements:
-    """Every plain mapping of a table as encoded NFTA_LIST_ELEMs, grouped by set: what a
-    repair writes back, built without intermediate objects (~5x faster than `plain_ops`)."""
+    """The forwarding elements of every plain mapping as encoded NFTA_LIST_ELEMs, grouped
+    by map: what a repair writes back first, built without intermediate objects (one
+    struct.pack each, ~10x faster than `plain_ops` and `encode_element`)."""
 
     maps: dict[str, list[bytes]]
     """Forwarding elements (key, timeout, data): what makes the mappings work."""
-    counters: dict[str, list[bytes]]
-    """Counter-set elements (key only): the per-mapping packet and byte counts."""
+    plain: list[Mapping]
+    """The mappings encoded (their counter elements: `counter_elements`)."""
     rest: list[Mapping]
     """Mappings with FILTERs or a PEER port: not plain, written through libnftables."""
 
@@ -345,55 +347,103 @@ class PlainElements:
         return sum(map(len, self.maps.values()))
 
 
-_KEY_VALUE = {n: _NLATTR.pack(8 + n, SetElemAttr.KEY | NLA_F_NESTED) + _NLATTR.pack(4 + n, 1)
-              for n in (8, 12, 16)}  # fmt: skip
+def _element_struct(addresses: int, timeout: bool, data: bool) -> struct.Struct:
+    """One NFTA_LIST_ELEM of a plain mapping as one struct: the attribute headers (host
+    order, passed as bytes), key [remote .] [external .] proto . port, then the timeout and
+    data if any (network order)."""
+    layout = f">12s{'I' * addresses}B3xH2x"
+    if timeout:
+        layout += "4sQ"
+    if data:
+        layout += "8sIH2x"
+    return struct.Struct(layout)
+
+
+def _element_heads(addresses: int, timeout: bool, data: bool) -> bytes:
+    key = 8 + 4 * addresses  # each field padded to 4 octets
+    size = 4 + 8 + key + (12 if timeout else 0) + (16 if data else 0)
+    return (
+        _NLATTR.pack(size, NFTA_LIST_ELEM | NLA_F_NESTED)
+        + _NLATTR.pack(8 + key, SetElemAttr.KEY | NLA_F_NESTED)
+        + _NLATTR.pack(4 + key, NFTA_DATA_VALUE)
+    )
+
+
+_SHAPES = [(n, t, d) for n in (0, 1, 2) for t, d in ((False, False), (False, True), (True, True))]
+_ELEMENT = {shape: (_element_struct(*shape), _element_heads(*shape)) for shape in _SHAPES}
 _TIMEOUT = _NLATTR.pack(12, SetElemAttr.TIMEOUT)
-_DATA_VALUE = _NLATTR.pack(16, SetElemAttr.DATA | NLA_F_NESTED) + _NLATTR.pack(12, 1)
-_LIST_ELEM = NFTA_LIST_ELEM | NLA_F_NESTED
-
-
-def _address(address: object) -> bytes:
-    packed = getattr(address, "packed", b"")
-    if not isinstance(packed, bytes) or len(packed) != 4:
-        raise ValueError(f"invalid IPv4 address {address!r}")
-    return packed
+_DATA_VALUE = _NLATTR.pack(16, SetElemAttr.DATA | NLA_F_NESTED) + _NLATTR.pack(12, NFTA_DATA_VALUE)
+_SETS = {
+    (False, False): (WILDCARD_MAP, COUNTED),
+    (True, False): (REMOTE_MAP, COUNTED_REMOTE),
+    (False, True): (ADDR_MAP, COUNTED_ADDR),
+    (True, True): (ADDR_REMOTE_MAP, COUNTED_ADDR_REMOTE),
+}
+"""The map and the counter set of a plain key, by (remote host?, external address?)."""
 
 
 def plain_elements(mappings: Iterable[Mapping], now: float) -> PlainElements:
-    """Encode every plain mapping's map and counter elements (the layout `encode_element`
-    gives `plain_ops`' elements); ValueError for a field the kernel would refuse."""
-    maps: dict[str, list[bytes]] = {n: [] for n in (WILDCARD_MAP, REMOTE_MAP, ADDR_MAP,
-                                                   ADDR_REMOTE_MAP)}  # fmt: skip
-    counters: dict[str, list[bytes]] = {n: [] for n in COUNTERS}
+    """Encode every plain mapping's map element (byte for byte what `encode_element` makes
+    of `plain_ops`' elements); ValueError for a field the kernel would refuse."""
+    maps: dict[str, list[bytes]] = {name: [] for name, _ in _SETS.values()}
+    plain: list[Mapping] = []
     rest: list[Mapping] = []
-    pack = _NLATTR.pack
+    grace, longest = nft_payload.KERNEL_GRACE, nft_payload.MAX_ELEMENT_TIMEOUT
     try:
         for mapping in mappings:
             if mapping.filters or mapping.peer_port:
                 rest.append(mapping)
                 continue
+            plain.append(mapping)
             key = mapping.key
-            name, counted = WILDCARD_MAP, COUNTED
-            raw = bytes((key.protocol.number, 0, 0, 0)) + _port(key.external_port)
-            if key.external_address is not None:
-                raw = _address(key.external_address) + raw
-                name, counted = ADDR_MAP, COUNTED_ADDR
-            if key.remote_host is not None:
-                raw = _address(key.remote_host) + raw
-                name = ADDR_REMOTE_MAP if name == ADDR_MAP else REMOTE_MAP
-                counted = COUNTED_ADDR_REMOTE if counted == COUNTED_ADDR else COUNTED_REMOTE
-            head = _KEY_VALUE[len(raw)] + raw
-            data = _DATA_VALUE + _address(mapping.internal_address)
-            data += _port(mapping.internal_port)
-            timeout = element_timeout(mapping, now)
-            if timeout is not None:
-                head += _TIMEOUT + (timeout * 1000).to_bytes(8, "big")
-            maps[name].append(pack(4 + len(head) + len(data), _LIST_ELEM) + head + data)
-            plain = _KEY_VALUE[len(raw)] + raw
-            counters[counted].append(pack(4 + len(plain), _LIST_ELEM) + plain)
-    except (OverflowError, AttributeError) as exc:
+            prefix = [_address(a) for a in (key.remote_host, key.external_address) if a is not None]
+            name, _ = _SETS[key.remote_host is not None, key.external_address is not None]
+            proto, port = key.protocol.number, _checked_port(key.external_port)
+            internal = _address(mapping.internal_address), _checked_port(mapping.internal_port)
+            data = (_DATA_VALUE, *internal)
+            # element_timeout, inline: remaining lease plus grace; none if too long.
+            remaining = mapping.expires - now
+            timeout = None
+            if remaining == remaining and remaining != math.inf:  # not NaN, not infinite
+                seconds = math.ceil(max(0.0, remaining)) + grace
+                timeout = None if seconds > longest else seconds
+            if timeout is None:
+                layout, heads = _ELEMENT[len(prefix), False, True]
+                maps[name].append(layout.pack(heads, *prefix, proto, port, *data))
+            else:
+                layout, heads = _ELEMENT[len(prefix), True, True]
+                ms = timeout * 1000
+                maps[name].append(layout.pack(heads, *prefix, proto, port, _TIMEOUT, ms, *data))
+    except (struct.error, OverflowError, AttributeError, TypeError) as exc:
         raise ValueError(f"invalid mapping: {exc}") from exc
-    return PlainElements(maps, counters, rest)
+    return PlainElements(maps, plain, rest)
+
+
+def counter_elements(plain: Iterable[Mapping]) -> dict[str, list[bytes]]:
+    """Encode the counter-set element (key only) of each plain mapping, which
+    `plain_elements` has checked."""
+    counters: dict[str, list[bytes]] = {name: [] for _, name in _SETS.values()}
+    for mapping in plain:
+        key = mapping.key
+        prefix = [int(a) for a in (key.remote_host, key.external_address) if a is not None]
+        _, counted = _SETS[key.remote_host is not None, key.external_address is not None]
+        layout, heads = _ELEMENT[len(prefix), False, False]
+        counters[counted].append(
+            layout.pack(heads, *prefix, key.protocol.number, key.external_port)
+        )
+    return counters
+
+
+def _address(address: object) -> int:
+    if not isinstance(address, IPv4Address):
+        raise ValueError(f"invalid IPv4 address {address!r}")
+    return int(address)
+
+
+def _checked_port(port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+    return port
 
 
 def element_messages(

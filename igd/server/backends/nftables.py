@@ -43,6 +43,7 @@ from igd.server.backends.libnft import Nft
 from igd.server.backends.netlink import (
     NetlinkSets,
     SetOp,
+    counter_elements,
     is_plain,
     plain_elements,
     plain_ops,
@@ -265,7 +266,7 @@ class NftablesBackend:
             await sets.transact_elements(self.table, plain.maps)
             if forwarding is not None:
                 forwarding()
-            await sets.transact_elements(self.table, plain.counters)
+            await sets.transact_elements(self.table, counter_elements(plain.plain))
 
     async def entries(self) -> set[KernelEntry]:
         """What the table holds now, as entries (filters and PEER ports included)."""
