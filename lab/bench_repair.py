@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import secrets
 import statistics
@@ -136,7 +137,8 @@ class Repair:
 
 
 def first_after(samples: list[list[object]], since: float, column: int) -> float:
-    """Seconds from `since` to the first sample with `column` true after one with it false."""
+    """Seconds from `since` to the first sample with `column` true after one with it false;
+    NaN if no sample after `since` saw it false (the gap fell between two samples)."""
     gone = False
     for row in samples:
         t = float(row[0])  # type: ignore[arg-type]
@@ -146,7 +148,9 @@ def first_after(samples: list[list[object]], since: float, column: int) -> float
             gone = True
         elif gone:
             return t - since
-    raise BenchError(f"never lost and repaired (column {column}): {samples[-3:]}")
+    if gone or not samples or float(samples[-1][0]) < since:  # type: ignore[arg-type]
+        raise BenchError(f"not repaired within the window (column {column}): {samples[-3:]}")
+    return math.nan
 
 
 def target_mapping(lab: Lab, now: float) -> Mapping:
@@ -248,9 +252,14 @@ def run_size(lab: Lab, size: int, repeats: int, say: Callable[[str], None]) -> l
 
 
 def spread(values: Sequence[float]) -> str:
-    """`median (min-max)` in ms."""
-    ms = [v * 1000 for v in values]
-    return f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})"
+    """`median (min-max)` in ms, over the runs whose probe saw the gap (and how many did
+    not, if any)."""
+    ms = [v * 1000 for v in values if not math.isnan(v)]
+    unseen = len(values) - len(ms)
+    note = f", {unseen} gap unseen" if unseen else ""
+    if not ms:
+        return f"gap unseen ({unseen} runs)"
+    return f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f}{note})"
 
 
 def report(results: dict[int, list[Repair]], repeats: int) -> str:

@@ -47,7 +47,6 @@ from igd.server.backends.netlink import (
     is_plain,
     plain_elements,
     plain_ops,
-    refill_ops,
 )
 from igd.server.backends.nft_listing import Listing, parse_counters, parse_listing
 from igd.server.backends.nft_payload import (
@@ -200,22 +199,25 @@ class NftablesBackend:
         self, wanted: Sequence[Mapping], *, now: float, audit: bool = True
     ) -> ReconcileReport:
         """Make the kernel hold exactly `wanted` (one listing, one transaction)."""
-        entries = [KernelEntry.of(mapping) for mapping in wanted]
-        for entry in entries:  # fail before touching the kernel
-            try:
-                check_entry(entry)
+        if not audit and self.fast_path and not any(m.filters or m.peer_port for m in wanted):
+            try:  # checks every field, before touching the kernel
+                plain = plain_elements(wanted, now)
             except ValueError as exc:
                 raise BackendError(f"invalid mapping: {exc}") from exc
-        if not audit and self.fast_path and all(map(is_plain, entries)):
-            timeouts = [element_timeout(m, now) for m in wanted]
-            if await self._refill(list(zip(entries, timeouts, strict=True))):
+            if await self._refill(plain.maps | counter_elements(plain.plain)):
                 return ReconcileReport((), (), audited=False)
+        for mapping in wanted:  # fail before touching the kernel
+            try:
+                check_entry(KernelEntry.of(mapping))
+            except ValueError as exc:
+                raise BackendError(f"invalid mapping: {exc}") from exc
         return await self._call(functools.partial(self._reconcile, list(wanted), now, audit))
 
-    async def _refill(self, entries: list[tuple[KernelEntry, int | None]]) -> bool:
+    async def _refill(self, elements: dict[str, list[bytes]]) -> bool:
         """Flush and refill the table in one raw netlink transaction (what `_reconcile` does
         unaudited through libnftables, whose parsing of 100,000 elements took 2-4 s at
-        start); False if there is no netlink socket."""
+        start), the elements encoded straight from the mappings (`plain_elements`); False
+        if there is no netlink socket."""
         async with self._lock:
             sets = await self._netlink()
             if sets is None:
@@ -223,7 +225,7 @@ class NftablesBackend:
             await self._worker_idle()
             if self._lengths != frozenset():  # no FILTER among plain entries
                 await self._submit(functools.partial(self._set_lengths, frozenset()))
-            await sets.transact(self.table, refill_ops(CONTAINERS, entries), large=True)
+            await sets.transact_elements(self.table, elements, flush=CONTAINERS)
         return True
 
     def _set_lengths(self, lengths: frozenset[int]) -> None:
