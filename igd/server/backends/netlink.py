@@ -217,15 +217,6 @@ def plain_ops(
     return [*_ops(True, gone), *_ops(False, gone), *_ops(True, fresh)]
 
 
-def refill_ops(
-    containers: Iterable[str], entries: Iterable[tuple[KernelEntry, int | None]]
-) -> list[SetOp]:
-    """Flush every container, then add these plain entries: in one batch, the kernel goes
-    from whatever it held to exactly them in one transaction (packets never see a gap)."""
-    flushes = [SetOp(False, name, (), text=f"flush set {name}") for name in containers]
-    return [*flushes, *plain_ops((), entries)]
-
-
 def _checked(entry: KernelEntry) -> KernelEntry:
     check_entry(entry)
     if not is_plain(entry):
