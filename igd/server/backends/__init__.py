@@ -83,9 +83,16 @@ class Backend(TypingProtocol):
         `audit` the kernel is not read first (reading 50,000 elements costs seconds) and the
         report says nothing about what differed."""
 
-    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+    async def restore(
+        self,
+        wanted: Sequence[Mapping],
+        *,
+        now: float,
+        forwarding: Callable[[], None] | None = None,
+    ) -> None:
         """After a loss reported by `watch`: recreate what the backend owns and hold exactly
-        `wanted`, as fast as possible (not necessarily in one transaction)."""
+        `wanted`, as fast as possible (not necessarily in one transaction); `forwarding()`
+        is called as soon as every mapping forwards again (counters may follow)."""
 
     async def entries(self) -> set[KernelEntry]:
         """What the data plane holds now."""

@@ -134,9 +134,17 @@ class MemoryBackend:
         self.transactions += 1
         return report
 
-    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+    async def restore(
+        self,
+        wanted: Sequence[Mapping],
+        *,
+        now: float,
+        forwarding: Callable[[], None] | None = None,
+    ) -> None:
         """Hold exactly `wanted` again (what reconcile does, without the report)."""
         await self.reconcile(wanted, now=now, audit=False)
+        if forwarding is not None:
+            forwarding()
 
     async def entries(self) -> set[KernelEntry]:
         """What the pretend data plane holds."""

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from ipaddress import IPv4Address
 
-from igd.server.backends import BackendError, KernelEntry
+from igd.model import Mapping
+from igd.server.backends import BackendError, KernelEntry, nft_payload
 from igd.server.backends.nft_payload import (
     ADDR_MAP,
     ADDR_REMOTE_MAP,
@@ -67,6 +70,7 @@ class NftMsg(IntEnum):
     """nf_tables message types (enum nf_tables_msg_types) we send."""
 
     NEWSETELEM = 12
+    GETSETELEM = 13
     DELSETELEM = 14
 
 
@@ -213,15 +217,6 @@ def plain_ops(
     return [*_ops(True, gone), *_ops(False, gone), *_ops(True, fresh)]
 
 
-def refill_ops(
-    containers: Iterable[str], entries: Iterable[tuple[KernelEntry, int | None]]
-) -> list[SetOp]:
-    """Flush every container, then add these plain entries: in one batch, the kernel goes
-    from whatever it held to exactly them in one transaction (packets never see a gap)."""
-    flushes = [SetOp(False, name, (), text=f"flush set {name}") for name in containers]
-    return [*flushes, *plain_ops((), entries)]
-
-
 def _checked(entry: KernelEntry) -> KernelEntry:
     check_entry(entry)
     if not is_plain(entry):
@@ -317,6 +312,172 @@ def encode_batch(table: str, ops: Sequence[SetOp], seq: int) -> bytes:
     return b"".join(parts)
 
 
+# -- restoring: elements encoded straight from the mapping table ---------------------------
+
+REFILL_MESSAGE = 60 * 1024
+"""Octets of encoded elements per message when restoring (an attribute's length is 16 bits;
+an element is at most 60 octets): ~1,000 elements a message, so 50 ACKs for 50,000."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlainElements:
+    """The forwarding elements of every plain mapping as encoded NFTA_LIST_ELEMs, grouped
+    by map: what a repair writes back first, built without intermediate objects (one
+    struct.pack each, ~10x faster than `plain_ops` and `encode_element`)."""
+
+    maps: dict[str, list[bytes]]
+    """Forwarding elements (key, timeout, data): what makes the mappings work."""
+    plain: list[Mapping]
+    """The mappings encoded (their counter elements: `counter_elements`)."""
+    rest: list[Mapping]
+    """Mappings with FILTERs or a PEER port: not plain, written through libnftables."""
+
+    @property
+    def count(self) -> int:
+        """Plain mappings held."""
+        return sum(map(len, self.maps.values()))
+
+
+def _element_struct(addresses: int, timeout: bool, data: bool) -> struct.Struct:
+    """One NFTA_LIST_ELEM of a plain mapping as one struct: the attribute headers (host
+    order, passed as bytes), key [remote .] [external .] proto . port, then the timeout and
+    data if any (network order)."""
+    layout = f">12s{'I' * addresses}B3xH2x"
+    if timeout:
+        layout += "4sQ"
+    if data:
+        layout += "8sIH2x"
+    return struct.Struct(layout)
+
+
+def _element_heads(addresses: int, timeout: bool, data: bool) -> bytes:
+    key = 8 + 4 * addresses  # each field padded to 4 octets
+    size = 4 + 8 + key + (12 if timeout else 0) + (16 if data else 0)
+    return (
+        _NLATTR.pack(size, NFTA_LIST_ELEM | NLA_F_NESTED)
+        + _NLATTR.pack(8 + key, SetElemAttr.KEY | NLA_F_NESTED)
+        + _NLATTR.pack(4 + key, NFTA_DATA_VALUE)
+    )
+
+
+_SHAPES = [(n, t, d) for n in (0, 1, 2) for t, d in ((False, False), (False, True), (True, True))]
+_ELEMENT = {shape: (_element_struct(*shape), _element_heads(*shape)) for shape in _SHAPES}
+_TIMEOUT = _NLATTR.pack(12, SetElemAttr.TIMEOUT)
+_DATA_VALUE = _NLATTR.pack(16, SetElemAttr.DATA | NLA_F_NESTED) + _NLATTR.pack(12, NFTA_DATA_VALUE)
+_SETS = {
+    (False, False): (WILDCARD_MAP, COUNTED),
+    (True, False): (REMOTE_MAP, COUNTED_REMOTE),
+    (False, True): (ADDR_MAP, COUNTED_ADDR),
+    (True, True): (ADDR_REMOTE_MAP, COUNTED_ADDR_REMOTE),
+}
+"""The map and the counter set of a plain key, by (remote host?, external address?)."""
+
+
+def plain_elements(mappings: Iterable[Mapping], now: float) -> PlainElements:
+    """Encode every plain mapping's map element (byte for byte what `encode_element` makes
+    of `plain_ops`' elements); ValueError for a field the kernel would refuse."""
+    maps: dict[str, list[bytes]] = {name: [] for name, _ in _SETS.values()}
+    plain: list[Mapping] = []
+    rest: list[Mapping] = []
+    grace, longest = nft_payload.KERNEL_GRACE, nft_payload.MAX_ELEMENT_TIMEOUT
+    try:
+        for mapping in mappings:
+            if mapping.filters or mapping.peer_port:
+                rest.append(mapping)
+                continue
+            plain.append(mapping)
+            key = mapping.key
+            prefix = [_address(a) for a in (key.remote_host, key.external_address) if a is not None]
+            name, _ = _SETS[key.remote_host is not None, key.external_address is not None]
+            proto, port = key.protocol.number, _checked_port(key.external_port)
+            internal = _address(mapping.internal_address), _checked_port(mapping.internal_port)
+            data = (_DATA_VALUE, *internal)
+            # element_timeout, inline: remaining lease plus grace; none if too long.
+            remaining = mapping.expires - now
+            timeout = None
+            if remaining == remaining and remaining != math.inf:  # not NaN, not infinite
+                seconds = math.ceil(max(0.0, remaining)) + grace
+                timeout = None if seconds > longest else seconds
+            if timeout is None:
+                layout, heads = _ELEMENT[len(prefix), False, True]
+                maps[name].append(layout.pack(heads, *prefix, proto, port, *data))
+            else:
+                layout, heads = _ELEMENT[len(prefix), True, True]
+                ms = timeout * 1000
+                maps[name].append(layout.pack(heads, *prefix, proto, port, _TIMEOUT, ms, *data))
+    except (struct.error, OverflowError, AttributeError, TypeError) as exc:
+        raise ValueError(f"invalid mapping: {exc}") from exc
+    return PlainElements(maps, plain, rest)
+
+
+def counter_elements(plain: Iterable[Mapping]) -> dict[str, list[bytes]]:
+    """Encode the counter-set element (key only) of each plain mapping, which
+    `plain_elements` has checked."""
+    counters: dict[str, list[bytes]] = {name: [] for _, name in _SETS.values()}
+    for mapping in plain:
+        key = mapping.key
+        prefix = [int(a) for a in (key.remote_host, key.external_address) if a is not None]
+        _, counted = _SETS[key.remote_host is not None, key.external_address is not None]
+        layout, heads = _ELEMENT[len(prefix), False, False]
+        counters[counted].append(
+            layout.pack(heads, *prefix, key.protocol.number, key.external_port)
+        )
+    return counters
+
+
+def _address(address: object) -> int:
+    if not isinstance(address, IPv4Address):
+        raise ValueError(f"invalid IPv4 address {address!r}")
+    return int(address)
+
+
+def _checked_port(port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}")
+    return port
+
+
+def element_messages(
+    table: str, groups: dict[str, list[bytes]], seq: int, *, flush: Sequence[str] = ()
+) -> list[tuple[bytes, str]]:
+    """NEWSETELEM messages (seq, seq + 1, ...) adding pre-encoded elements, after a flush of
+    each set in `flush`; each with its description for errors."""
+    check_table_name(table)
+    head = _attr(SetElemListAttr.TABLE, table.encode() + b"\0")
+    out: list[tuple[bytes, str]] = []
+
+    def add(kind: int, flags: int, name: str, body: bytes, text: str) -> None:
+        body = head + _attr(SetElemListAttr.SET, name.encode() + b"\0") + body
+        kind |= NFNL_SUBSYS_NFTABLES << 8
+        out.append((_message(kind, flags, seq + len(out), NFPROTO_IPV4, 0, body), text))
+
+    for name in flush:
+        add(NftMsg.DELSETELEM, NLM_F_REQUEST | NLM_F_ACK, name, b"", f"flush set {name}")
+    for name, encoded in groups.items():
+        at = 0
+        while at < len(encoded):
+            size, end = 0, at
+            while end < len(encoded) and size + len(encoded[end]) <= REFILL_MESSAGE:
+                size += len(encoded[end])
+                end += 1
+            nest = _NLATTR.pack(4 + size, SetElemListAttr.ELEMENTS | NLA_F_NESTED)
+            text = f"add element {name} {{ ... ({end - at} elements) }}"
+            flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+            add(NftMsg.NEWSETELEM, flags, name, nest + b"".join(encoded[at:end]), text)
+            at = end
+    return out
+
+
+def encode_get(table: str, name: str, key: bytes, seq: int) -> bytes:
+    """A GETSETELEM request for one key (not batched): the kernel answers with the element
+    and an ACK, or with ENOENT (no such element, set or table)."""
+    body = _attr(SetElemListAttr.TABLE, check_table_name(table).encode() + b"\0")
+    body += _attr(SetElemListAttr.SET, name.encode() + b"\0")
+    body += _nest(SetElemListAttr.ELEMENTS, encode_element(Element(key)))
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NftMsg.GETSETELEM
+    return _message(kind, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_IPV4, 0, body)
+
+
 # -- replies --------------------------------------------------------------------------------
 
 
@@ -351,12 +512,13 @@ def _ext_ack_message(body: bytes, flags: int) -> str:
     return ""
 
 
-def describe_failure(reply: Reply, op: SetOp | None) -> str:
-    """The BackendError text for a refused batch: what failed, and why in words."""
+def describe_failure(reply: Reply, op: SetOp | str | None) -> str:
+    """The BackendError text for a refused batch: what failed (an op or its text), and why
+    in words."""
     why = os.strerror(reply.errno) if reply.errno else "unknown error"
     if reply.message:
         why += f" ({reply.message})"
-    what = op.text if op is not None else "the transaction"
+    what = "the transaction" if op is None else op if isinstance(op, str) else op.text
     return f"nftables refused {what}: {why}; nothing was changed"
 
 
@@ -391,10 +553,38 @@ class NetlinkSets:
             return
         seq = self._next_seq(len(ops) + 2)
         batch = encode_batch(table, ops, seq)
+        await self._run(batch, seq, [op.text for op in ops], large=large)
+
+    async def transact_elements(
+        self, table: str, groups: dict[str, list[bytes]], *, flush: Sequence[str] = ()
+    ) -> None:
+        """Add pre-encoded elements (`plain_elements`), after flushing the sets in `flush`,
+        as one transaction of up to MAX_REFILL_BATCH octets; BackendError and no change if
+        the kernel refuses."""
+        most = len(flush) + sum(map(len, groups.values())) + 2  # at most one message each
+        seq = self._next_seq(most)
+        messages = element_messages(table, groups, seq + 1, flush=flush)
+        if not messages:
+            return
+
+        def frame(kind: int, at: int) -> bytes:
+            return _message(kind, NLM_F_REQUEST, at, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES, b"")
+
+        batch = b"".join(
+            [
+                frame(NFNL_MSG_BATCH_BEGIN, seq),
+                *(m for m, _ in messages),
+                frame(NFNL_MSG_BATCH_END, seq + 1 + len(messages)),
+            ]
+        )
+        await self._run(batch, seq, [text for _, text in messages], large=True)
+
+    async def _run(self, batch: bytes, seq: int, texts: Sequence[str], *, large: bool) -> None:
+        """Send one batch (BEGIN at `seq`, a message per text, END) and read its replies."""
         if len(batch) > (MAX_REFILL_BATCH if large else MAX_BATCH):
             raise BackendError(f"netlink batch of {len(batch)} octets is too large")
         if len(batch) > MAX_BATCH:
-            self._fit(len(batch), len(ops))
+            self._fit(len(batch), len(texts))
         if self._stale:
             self._drain()
         try:
@@ -408,7 +598,7 @@ class NetlinkSets:
         self._stale = True  # until every reply is read (cancellation, timeout, early error)
         try:
             async with asyncio.timeout(ACK_TIMEOUT):
-                failure = await self._await_replies(seq, ops)
+                failure = await self._await_replies(seq, texts)
         except TimeoutError:
             raise BackendError("no answer from nftables; the change may have been made") from None
         except OSError as exc:
@@ -440,7 +630,7 @@ class NetlinkSets:
         self._seq += count
         return seq
 
-    async def _await_replies(self, seq: int, ops: Sequence[SetOp]) -> str | None:
+    async def _await_replies(self, seq: int, ops: Sequence[str]) -> str | None:
         """Collect one reply per op (each asked for an ACK); the first error wins."""
         waiting = set(range(seq + 1, seq + 1 + len(ops)))
         failure: str | None = None

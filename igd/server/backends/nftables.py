@@ -40,7 +40,14 @@ from typing import Any, TypeVar
 from igd.model import Mapping, MappingKey
 from igd.server.backends import BackendError, KernelEntry, ReconcileReport
 from igd.server.backends.libnft import Nft
-from igd.server.backends.netlink import NetlinkSets, SetOp, is_plain, plain_ops, refill_ops
+from igd.server.backends.netlink import (
+    NetlinkSets,
+    SetOp,
+    counter_elements,
+    is_plain,
+    plain_elements,
+    plain_ops,
+)
 from igd.server.backends.nft_listing import Listing, parse_counters, parse_listing
 from igd.server.backends.nft_payload import (
     CONTAINERS,
@@ -74,11 +81,6 @@ CLONE_NEWNET = 0x40000000
 MAX_FAST_ELEMENTS = 1024
 """Largest change (in elements) sent as one raw netlink batch; bigger ones (a client's
 mappings deleted at once) go through libnftables, which splits batches itself."""
-
-
-RESTORE_CHUNK = 1000
-"""Plain mappings per netlink batch when restoring (two elements each, ~90 KiB a batch:
-below netlink.MAX_BATCH)."""
 
 
 def check_netns_name(name: str) -> str:
@@ -197,22 +199,25 @@ class NftablesBackend:
         self, wanted: Sequence[Mapping], *, now: float, audit: bool = True
     ) -> ReconcileReport:
         """Make the kernel hold exactly `wanted` (one listing, one transaction)."""
-        entries = [KernelEntry.of(mapping) for mapping in wanted]
-        for entry in entries:  # fail before touching the kernel
-            try:
-                check_entry(entry)
+        if not audit and self.fast_path and not any(m.filters or m.peer_port for m in wanted):
+            try:  # checks every field, before touching the kernel
+                plain = plain_elements(wanted, now)
             except ValueError as exc:
                 raise BackendError(f"invalid mapping: {exc}") from exc
-        if not audit and self.fast_path and all(map(is_plain, entries)):
-            timeouts = [element_timeout(m, now) for m in wanted]
-            if await self._refill(list(zip(entries, timeouts, strict=True))):
+            if await self._refill(plain.maps | counter_elements(plain.plain)):
                 return ReconcileReport((), (), audited=False)
+        for mapping in wanted:  # fail before touching the kernel
+            try:
+                check_entry(KernelEntry.of(mapping))
+            except ValueError as exc:
+                raise BackendError(f"invalid mapping: {exc}") from exc
         return await self._call(functools.partial(self._reconcile, list(wanted), now, audit))
 
-    async def _refill(self, entries: list[tuple[KernelEntry, int | None]]) -> bool:
+    async def _refill(self, elements: dict[str, list[bytes]]) -> bool:
         """Flush and refill the table in one raw netlink transaction (what `_reconcile` does
         unaudited through libnftables, whose parsing of 100,000 elements took 2-4 s at
-        start); False if there is no netlink socket."""
+        start), the elements encoded straight from the mappings (`plain_elements`); False
+        if there is no netlink socket."""
         async with self._lock:
             sets = await self._netlink()
             if sets is None:
@@ -220,37 +225,50 @@ class NftablesBackend:
             await self._worker_idle()
             if self._lengths != frozenset():  # no FILTER among plain entries
                 await self._submit(functools.partial(self._set_lengths, frozenset()))
-            await sets.transact(self.table, refill_ops(CONTAINERS, entries), large=True)
+            await sets.transact_elements(self.table, elements, flush=CONTAINERS)
         return True
 
     def _set_lengths(self, lengths: frozenset[int]) -> None:
         self._context().run(admit_commands(self.table, lengths))
         self._lengths = lengths
 
-    async def restore(self, wanted: Sequence[Mapping], *, now: float) -> None:
+    async def restore(
+        self,
+        wanted: Sequence[Mapping],
+        *,
+        now: float,
+        forwarding: Callable[[], None] | None = None,
+    ) -> None:
         """After another program removed (part of) the table: recreate it and put `wanted`
-        back, quickly rather than atomically (the table is broken already). Everything but
-        plain mappings goes in one libnftables transaction that also flushes every set;
-        plain ones follow as raw netlink batches of RESTORE_CHUNK, about five times faster
-        than the same through libnftables. The lock is held throughout, so a change made
-        meanwhile (a mapping deleted) is applied after the restore, never undone by it."""
-        entries = [(KernelEntry.of(m), m) for m in wanted]
-        for entry, _ in entries:
-            try:
-                check_entry(entry)
-            except ValueError as exc:
-                raise BackendError(f"invalid mapping: {exc}") from exc
+        back, quickly rather than atomically (the table is broken already). The table's
+        shape and every mapping with FILTERs or a PEER port go in one libnftables
+        transaction that also flushes every set; then the forwarding elements of the plain
+        mappings in one raw netlink transaction (they are what makes mappings work:
+        `forwarding()` is called once they are back), then their counter elements in
+        another (the counts restart from 0). The elements are encoded straight from the
+        mappings before the kernel is touched. The lock is held throughout, so a change
+        made meanwhile (a grant, a deletion) is applied after the restore, never undone
+        by it."""
+        try:
+            for mapping in wanted:
+                if mapping.filters or mapping.peer_port:
+                    check_entry(KernelEntry.of(mapping))
+            plain = plain_elements(wanted, now) if self.fast_path else None
+        except ValueError as exc:
+            raise BackendError(f"invalid mapping: {exc}") from exc
         async with self._lock:
             await self._submit(functools.partial(self._run, self._open_commands()))
-            sets = await self._netlink() if self.fast_path else None
-            plain = [(e, m) for e, m in entries if is_plain(e)] if sets is not None else []
-            rest = [m for e, m in entries if sets is None or not is_plain(e)]
-            await self._submit(functools.partial(self._reconcile, rest, now, False))
-            for start in range(0, len(plain), RESTORE_CHUNK):
-                chunk = plain[start : start + RESTORE_CHUNK]
-                ops = plain_ops([], [(e, element_timeout(m, now)) for e, m in chunk])
-                assert sets is not None
-                await sets.transact(self.table, ops)
+            sets = await self._netlink() if plain is not None else None
+            if sets is None or plain is None:
+                await self._submit(functools.partial(self._reconcile, list(wanted), now, False))
+                if forwarding is not None:
+                    forwarding()
+                return
+            await self._submit(functools.partial(self._reconcile, plain.rest, now, False))
+            await sets.transact_elements(self.table, plain.maps)
+            if forwarding is not None:
+                forwarding()
+            await sets.transact_elements(self.table, counter_elements(plain.plain))
 
     async def entries(self) -> set[KernelEntry]:
         """What the table holds now, as entries (filters and PEER ports included)."""

@@ -13,15 +13,20 @@ from igd.server.backends.netlink import (
     Element,
     Reply,
     SetOp,
+    counter_elements,
     describe_failure,
     encode_batch,
+    encode_element,
     encode_op,
     entry_data,
     entry_key,
     is_plain,
     parse_replies,
+    plain_elements,
     plain_ops,
 )
+from igd.server.backends.nft_payload import element_timeout
+from tests.server.backends.nftlab import mapping, only
 
 LAN = IPv4Address("192.168.78.10")
 WILD = KernelEntry(Protocol.TCP, 18080, None, LAN, 8080)
@@ -184,3 +189,39 @@ def test_failure_message_names_the_change_and_the_errno() -> None:
         " nothing was changed"
     )
     assert "Operation not permitted" in describe_failure(Reply(1, 1), None)
+
+
+def test_restore_elements_are_byte_for_byte_those_of_the_general_encoder() -> None:
+    extra = "198.51.100.9"
+    wanted = [
+        mapping(18080),
+        mapping(5000, protocol=Protocol.UDP, remote="203.0.113.3", internal_port=5001),
+        mapping(443, address=extra, lease=float("inf")),
+        mapping(444, remote="203.0.113.4", address=extra),
+        mapping(7000, lease=10**9),  # longer than an element timeout may be: none
+        mapping(8000, filters=(only("203.0.113.0/24"),)),  # not plain: left to libnftables
+    ]
+    now = 1000.0
+    plain = plain_elements(wanted, now)
+    assert [m.external_port for m in plain.rest] == [8000]
+    expected: dict[str, list[bytes]] = {}
+    for op in plain_ops(
+        [],
+        [
+            (KernelEntry.of(m), element_timeout(m, now))
+            for m in wanted
+            if is_plain(KernelEntry.of(m))
+        ],
+    ):
+        expected.setdefault(op.container, []).extend(map(encode_element, op.elements))
+    got = {n: e for n, e in (plain.maps | counter_elements(plain.plain)).items() if e}
+    assert got == expected
+    assert plain.count == 5
+
+
+@pytest.mark.parametrize("port", [0, 70000])
+def test_restore_elements_refuse_a_port_the_kernel_would(port: int) -> None:
+    with pytest.raises(ValueError, match="invalid port"):
+        plain_elements([mapping(port)], 1000.0)
+    with pytest.raises(ValueError, match="invalid port"):
+        plain_elements([mapping(80, internal_port=port)], 1000.0)
