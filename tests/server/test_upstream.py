@@ -122,10 +122,15 @@ class Upstream_:
 
 class Rig:
     def __init__(
-        self, tmp: Path, local: IPv4Address = LOCAL, mode: str = "auto", **settings: Any
+        self,
+        tmp: Path,
+        local: IPv4Address = LOCAL,
+        mode: str = "auto",
+        policy: str = POLICY,
+        **settings: Any,
     ) -> None:
         self.service = Service(
-            Gateway(Policy.parse(POLICY)), MemoryBackend(), LeaseStore(tmp / "l.sqlite")
+            Gateway(Policy.parse(policy)), MemoryBackend(), LeaseStore(tmp / "l.sqlite")
         )
         self.external = ExternalAddress("wan0", override=local, allow_private=True)
         self.external.refresh()
@@ -508,3 +513,23 @@ async def test_metrics_without_an_upstream_have_no_upstream_gauges(tmp_path: Pat
     rig = Rig(tmp_path)
     rig.service.upstream = None
     assert gauges(rig) == {}
+
+
+def forward(name: str, port: int) -> str:
+    return (f'\n[[forwards]]\nname = "{name}"\nprotocols = ["tcp"]\nexternal_ports = "{port}"\n'
+            'internal_address = "192.168.77.20"\n')  # fmt: skip
+
+
+async def test_static_forwards_are_mirrored_at_start_and_after_a_reload(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, policy=POLICY + forward("web", 8443))
+    rig.service.restore([], recheck=None, now=rig.service.now())  # start-up installs forwards
+    task = asyncio.create_task(rig.mirror.run(rig.service))
+    await asyncio.sleep(0.05)
+    assert rig.up.asked == [(8443, Protocol.TCP, 8443)]
+    await rig.service.reload(Policy.parse(POLICY + forward("web", 8443) + forward("mail", 8993)))
+    await asyncio.sleep(0.05)
+    assert rig.up.asked == [(8443, Protocol.TCP, 8443), (8993, Protocol.TCP, 8993)]
+    await rig.service.reload(Policy.parse(POLICY + forward("mail", 8993)))
+    await asyncio.sleep(0.05)
+    assert [h.internal_port for h in rig.up.held if h.released] == [8443]
+    task.cancel()
