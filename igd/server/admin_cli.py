@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import AddressValueError, IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ def add_control_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `status`, `delete`, `flush` and `reload`."""
+    """Add `status`, `delete`, `delete-pinhole`, `flush` and `reload`."""
     status = subparsers.add_parser("status", help="the running daemon's state")
     add_control_options(status)
     status.set_defaults(handler=run_command("status", _no_args, format_status))
@@ -51,6 +51,20 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )
     add_control_options(delete)
     delete.set_defaults(handler=run_command("delete", _delete_args, format_deleted))
+
+    delete_pinhole = subparsers.add_parser(
+        "delete-pinhole",
+        help="close the IPv6 pinholes to one LAN endpoint, whoever holds them",
+        description="Close every pinhole to PROTO [ADDRESS]:PORT (whatever remote host it"
+        " admits) in the kernel and the lease store.",
+    )
+    delete_pinhole.add_argument("protocol", type=str.lower, choices=("tcp", "udp"), metavar="PROTO")
+    delete_pinhole.add_argument("internal_address", type=_address6, metavar="ADDRESS")
+    delete_pinhole.add_argument("internal_port", type=_port, metavar="PORT")
+    add_control_options(delete_pinhole)
+    delete_pinhole.set_defaults(
+        handler=run_command("delete-pinhole", _delete_pinhole_args, format_pinholes_deleted)
+    )
 
     flush = subparsers.add_parser(
         "flush",
@@ -128,6 +142,7 @@ def format_status(status: dict[str, Any]) -> str:
         ),
         ("epoch", str(status["epoch"])),
         ("mappings", f"{status['mappings']}" + (f" ({mechanisms})" if mechanisms else "")),
+        *([("pinholes", str(status["pinholes"]))] if status.get("pinholes") is not None else []),
         ("policy", f"{status['policy']} ({status['rules']} rules)"),
         ("policy sha256", status["policy_sha256"]),
         ("policy loaded", status["policy_loaded"]),
@@ -157,6 +172,17 @@ def _chain(up: dict[str, Any]) -> str:
 
 def format_deleted(mapping: dict[str, Any]) -> str:
     return f"deleted {_describe(mapping)}"
+
+
+def format_pinholes_deleted(result: dict[str, Any]) -> str:
+    removed = result["removed"]
+    lines = [f"closed {len(removed)} pinhole{'' if len(removed) == 1 else 's'}"]
+    lines += [
+        f"  {p['protocol']} [{p['internal_address']}]:{p['internal_port']}"
+        f" ({p['mechanism']}, client {p['client']})"
+        for p in removed
+    ]
+    return "\n".join(lines)
 
 
 def format_flushed(result: dict[str, Any]) -> str:
@@ -204,6 +230,14 @@ def _delete_args(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def _delete_pinhole_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "protocol": args.protocol,
+        "internal_address": str(args.internal_address),
+        "internal_port": args.internal_port,
+    }
+
+
 def _flush_args(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {}
     if args.client is not None:
@@ -221,6 +255,13 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"want a port 1-65535, not {text!r}")
     return port
+
+
+def _address6(text: str) -> IPv6Address:
+    try:
+        return IPv6Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv6 address: {text!r}") from None
 
 
 def _address(text: str) -> IPv4Address:

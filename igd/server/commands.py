@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import AddressValueError, IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from igd.events import RemovalCause
 from igd.model import REQUESTED, Mapping, MappingKey, Mechanism, Protocol, RemoteFilter
+from igd.pinhole import Pinhole
 from igd.policy import PolicyFileError
 from igd.server.backends import BackendError
 from igd.server.control import Command, CommandError
+from igd.server.pinholes import CommitError as PinholeCommitError
 
 if TYPE_CHECKING:
     from igd.server.daemon import Daemon
@@ -39,6 +42,20 @@ def mapping_row(mapping: Mapping, now: float) -> dict[str, Any]:
         "remote_sources": [_source(f) for f in mapping.filters],
         # None: the default external address (what GetExternalIPAddress and NAT-PMP say).
         "external_address": str(mapping.external_address) if mapping.external_address else None,
+    }
+
+
+def pinhole_row(hole: Pinhole, now: float) -> dict[str, Any]:
+    """One pinhole as `igd-server list --pinholes --json` shows it."""
+    return {
+        "internal_address": str(hole.key.internal_address),
+        "protocol": str(hole.key.protocol),
+        "internal_port": hole.key.internal_port,
+        "remote": [f"{f.network} port {f.port or 'any'}" for f in hole.admits],
+        "lease_remaining": hole.remaining(now),
+        "mechanism": str(hole.owner.mechanism),
+        "client": str(hole.owner.client),
+        "description": hole.description,
     }
 
 
@@ -123,9 +140,36 @@ def admin_commands(daemon: Daemon) -> dict[str, Command]:
         _no_args(args, ())
         return daemon.list_pinholes()
 
+    async def delete_pinhole(args: dict[str, Any]) -> Any:
+        _no_args(args, ("protocol", "internal_address", "internal_port"))
+        protocol = _protocol(args.get("protocol"))
+        port = _port(args.get("internal_port"), "internal port")
+        address = _address6(args.get("internal_address"))
+        if daemon.pinholes is None:
+            raise CommandError("IPv6 pinholes are off ([ipv6] enabled = false)")
+        # Every pinhole to this internal endpoint, whatever remote host it admits.
+        holes = [
+            h
+            for h in daemon.pinholes.pinholes()
+            if (h.key.internal_address, h.key.protocol, h.key.internal_port)
+            == (address, protocol, port)
+        ]
+        if not holes:
+            raise CommandError(f"no pinhole {protocol} [{address}]:{port}")
+        now = time.monotonic()
+        try:
+            await daemon.pinholes.remove([h.key for h in holes], cause=RemovalCause.ADMIN, now=now)
+        except PinholeCommitError as error:
+            raise CommandError(
+                f"not deleted (the kernel or the lease store refused): {error}"
+            ) from None
+        log.info("admin deleted pinhole %s [%s]:%d", protocol, address, port)
+        return {"removed": [pinhole_row(h, now) for h in holes]}
+
     return {
         "list": listing,
         "pinholes": pinholes,
+        "delete-pinhole": delete_pinhole,
         "status": status,
         "delete": delete,
         "flush": flush,
@@ -147,10 +191,19 @@ def _protocol(value: object) -> Protocol:
     raise CommandError(f"protocol: want tcp or udp, not {_show(value)}")
 
 
-def _port(value: object) -> int:
+def _port(value: object, name: str = "external port") -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
-    raise CommandError(f"external port: want 1-65535, not {_show(value)}")
+    raise CommandError(f"{name}: want 1-65535, not {_show(value)}")
+
+
+def _address6(value: object) -> IPv6Address:
+    if isinstance(value, str):
+        try:
+            return IPv6Address(value)
+        except ValueError:
+            pass
+    raise CommandError(f"internal address: want an IPv6 address, not {_show(value)}")
 
 
 def _address(value: object, name: str) -> IPv4Address | None:

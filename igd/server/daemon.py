@@ -26,7 +26,7 @@ from igd.server.backends.memory import MemoryBackend
 from igd.server.backends.nft_payload import Guard
 from igd.server.backends.nftables import NftablesBackend
 from igd.server.backends.pinholes import Firewall, MemoryPinholeBackend, NftPinholeBackend
-from igd.server.commands import admin_commands, mapping_row
+from igd.server.commands import admin_commands, mapping_row, pinhole_row
 from igd.server.config import Config
 from igd.server.control import ControlServer
 from igd.server.hostports import HostPorts
@@ -528,19 +528,7 @@ class Daemon:
         if self.pinholes is None:
             return []
         now = time.monotonic()
-        return [
-            {
-                "internal_address": str(h.key.internal_address),
-                "protocol": str(h.key.protocol),
-                "internal_port": h.key.internal_port,
-                "remote": [f"{f.network} port {f.port or 'any'}" for f in h.admits],
-                "lease_remaining": h.remaining(now),
-                "mechanism": str(h.owner.mechanism),
-                "client": str(h.owner.client),
-                "description": h.description,
-            }
-            for h in self.pinholes.pinholes()
-        ]
+        return [pinhole_row(h, now) for h in self.pinholes.pinholes()]
 
     def status(self) -> dict[str, Any]:
         """A summary for `igd-server status`."""
@@ -549,6 +537,8 @@ class Daemon:
             "version": igd.__version__,
             "uptime": round(time.monotonic() - self.started),
             "external_address": str(self.external.current) if self.external.current else None,
+            # None: [ipv6] is off.
+            "pinholes": self.pinholes.count() if self.pinholes is not None else None,
             "external_addresses": [str(a) for a in self.config.external_addresses],
             "epoch": self.service.epoch(),
             "mappings": self.service.count(),

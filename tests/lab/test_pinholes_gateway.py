@@ -29,6 +29,7 @@ from igd.proto.pcp import (
 from lab import Host, Lab
 from lab.bench_pinholes import parser, run
 from tests.lab.conftest import StartGateway
+from tests.lab.test_admin import admin
 
 pytestmark = pytest.mark.lab
 
@@ -277,6 +278,23 @@ def test_metrics_count_the_pinholes_the_daemon_holds(lab: Lab, gateway: StartGat
     text = lab.python(lab.gateway, ["-c", code]).stdout
     assert 'igd_pinholes{mechanism="pcp",protocol="tcp"} 1.0' in text, text[-3000:]
     assert re.search(r'igd_pinholes_opened_total\{mechanism="pcp",rule="[^"]+"\} 1.0', text), text
+
+
+def test_the_admin_closes_a_pinhole_and_status_counts_them(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1 = lab.lan[0]
+    start(lab, gateway)
+    assert ask(lab, lan1, map_wire(lan1, 600)).result is PcpResult.SUCCESS
+    assert reaches(lab, "wan1", lan1)
+    assert json.loads(admin(lab, "status", "--json").stdout)["pinholes"] == 1
+    out = admin(lab, "delete-pinhole", "tcp", lan1.address6, str(PORT)).stdout
+    assert out.startswith(f"closed 1 pinhole\n  tcp [{lan1.address6}]:{PORT} (pcp"), out
+    assert kernel(lab) == [] and not reaches(lab, "wan1", lan1)
+    assert "pinholes:         0" in admin(lab, "status").stdout
+    missing = admin(lab, "delete-pinhole", "tcp", lan1.address6, str(PORT), check=False)
+    assert missing.returncode == 1 and "no pinhole tcp" in missing.stderr
+    assert "pinhole removed (deleted-by-admin)" in lab.gateway_log()
 
 
 def test_a_policy_rule_for_an_ipv6_prefix_decides_pcp_maps_over_ipv6(
