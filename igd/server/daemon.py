@@ -336,6 +336,7 @@ class Daemon:
                 tasks.append(group.create_task(self.upstream.run(self.service)))
             if self.pinholes is not None:
                 tasks.append(group.create_task(self.pinholes.run_expiry()))
+                tasks.append(group.create_task(self.pinholes.watch_kernel()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -558,6 +559,9 @@ class Daemon:
             "policy_loaded": timestamp(self.policy_loaded),
             "rules": len(self.policy.rules),
             "kernel_restores": self.kernel_restores,
+            "pinhole_kernel_restores": (
+                self.pinholes.kernel_restores if self.pinholes is not None else None
+            ),
             "upstream": self.upstream.status() if self.upstream is not None else None,
             "audit_file": str(self.config.audit_file) if self.config.audit_file else None,
         }
