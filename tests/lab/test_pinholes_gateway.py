@@ -241,7 +241,7 @@ def test_after_nft_flush_ruleset_the_pinhole_admits_again_and_the_default_deny_i
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert other.stdout is not None and other.stdout.readline().strip() == "ready"
     assert reaches(lab, "wan1", lan2)  # the lab alone forwards IPv6 unfiltered
-    start(lab, gateway)
+    start(lab, gateway, admin={"enabled": True})
     assert ask(lab, lan1, map_wire(lan1, 600)).result is PcpResult.SUCCESS
     assert reaches(lab, "wan1", lan1) and not reaches(lab, "wan1", lan2)
     lab.run(lab.gateway, ["nft", "flush", "ruleset"])  # a firewall reload
@@ -253,6 +253,10 @@ def test_after_nft_flush_ruleset_the_pinhole_admits_again_and_the_default_deny_i
     assert reaches(lab, "wan1", lan1)  # the pinhole admits again
     assert not reaches(lab, "wan1", lan2)  # RFC 6092 default deny is back
     assert "Traceback" not in lab.gateway_log()
+    url = "http://127.0.0.1:9351/metrics"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    text = lab.python(lab.gateway, ["-c", code]).stdout
+    assert 'igd_kernel_restores_total{table="ip6 igd6"} 1.0' in text, text[-3000:]
 
 
 def test_only_lan_sources_get_answers_and_the_client_field_must_be_the_source(
