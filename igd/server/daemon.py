@@ -209,6 +209,7 @@ class Daemon:
         self.admin: AdminServer | None = None
         if config.admin_enabled:
             self.admin = self._admin_server()
+            self.admin.metrics.state.kernel_restores = self._kernel_restores
             if self.pinholes is not None:
                 # Metrics and the console show pinholes beside mappings.
                 self.admin.metrics.state.pinholes = self.pinholes.pinholes
@@ -336,6 +337,7 @@ class Daemon:
                 tasks.append(group.create_task(self.upstream.run(self.service)))
             if self.pinholes is not None:
                 tasks.append(group.create_task(self.pinholes.run_expiry()))
+                tasks.append(group.create_task(self.pinholes.watch_kernel()))
             log.info(
                 "igd-server ready: %d mappings, epoch %d",
                 self.service.count(),
@@ -548,6 +550,9 @@ class Daemon:
             "policy_loaded": timestamp(self.policy_loaded),
             "rules": len(self.policy.rules),
             "kernel_restores": self.kernel_restores,
+            "pinhole_kernel_restores": (
+                self.pinholes.kernel_restores if self.pinholes is not None else None
+            ),
             "upstream": self.upstream.status() if self.upstream is not None else None,
             "audit_file": str(self.config.audit_file) if self.config.audit_file else None,
         }
@@ -620,6 +625,13 @@ class Daemon:
                 # its subscribers (RFC 6886 §3.2.1 announcements, §14.2 Mapping Update, GENA).
                 self.store.set_meta(ADDRESS_KEY, str(self.external.current))
                 self.service.address_changed(previous, self.external.current)
+
+    def _kernel_restores(self) -> dict[str, int]:
+        """Restores per kernel table, for the metrics."""
+        counts = {f"ip {self.config.nftables_table}": self.kernel_restores}
+        if self.pinholes is not None:
+            counts[f"ip6 {self.config.ipv6.nftables_table}"] = self.pinholes.kernel_restores
+        return counts
 
     async def _restore_kernel(self, reason: str) -> None:
         # Another program removed (part of) our table: a firewall reload or `nft flush

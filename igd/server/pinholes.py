@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Network
 from typing import Protocol as TypingProtocol
@@ -73,6 +73,7 @@ class PinholeBackend(TypingProtocol):
     async def packets(self, hole: Pinhole) -> int: ...
     async def close(self, *, flush: bool) -> None: ...
     def set_lan(self, lan: Sequence[IPv6Network]) -> None: ...
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None: ...
 
 
 class CommitError(RuntimeError):
@@ -111,6 +112,8 @@ class PinholeService:
         self._queue: deque[_Queued] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._batches = 0
+        self.kernel_restores = 0
+        """Times the kernel table was rebuilt after another program removed (part of) it."""
 
     @property
     def batches(self) -> int:
@@ -177,6 +180,32 @@ class PinholeService:
                 len(dropped),
             )
             return len(kept)
+
+    async def watch_kernel(self) -> None:
+        """Until cancelled: rebuild the kernel table whenever another program removes (part
+        of) it, as the IPv4 table is (docs/nftables.md, "Firewall reloads")."""
+        await self.backend.watch(self._restore_kernel)
+
+    async def _restore_kernel(self, reason: str) -> None:
+        # A firewall reload or `nft flush ruleset` took the table: every pinhole stopped
+        # admitting and, with firewall "own", the RFC 6092 default deny went with it. The
+        # table in memory is the truth; under the lock, so an open in flight is not lost.
+        started = time.perf_counter()
+        self.kernel_restores += 1
+        log.warning("nftables: ip6 %s; restoring table and pinholes", reason)
+        async with self._lock:
+            holes = list(self._holes)
+            try:
+                await self.backend.replace(holes, now=time.monotonic())
+            except BackendError as error:
+                log.error("could not restore the IPv6 pinhole table: %s", error)
+                return
+        log.warning(
+            "IPv6 pinhole table restored with %d pinholes in %.0f ms (restore %d since start)",
+            len(holes),
+            (time.perf_counter() - started) * 1000,
+            self.kernel_restores,
+        )
 
     async def open(self, request: PinholeRequest, *, now: float) -> Pinhole | Refusal:
         """Open or renew a pinhole; CommitError if it could not be committed."""

@@ -234,6 +234,32 @@ def test_a_pinhole_survives_kill_9_and_its_nonce_still_renews_it(
     assert ask(lab, lan1, map_wire(lan1, 600, nonce=b"y" * 12)).result is (PcpResult.NOT_AUTHORIZED)
 
 
+def test_after_nft_flush_ruleset_the_pinhole_admits_again_and_the_default_deny_is_back(
+    lab: Lab, gateway: StartGateway, service: subprocess.Popen[str]
+) -> None:
+    lan1, lan2 = lab.lan
+    other = lab.python_popen("lan2", ["-c", _SERVICE, str(PORT), GREETING],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert other.stdout is not None and other.stdout.readline().strip() == "ready"
+    assert reaches(lab, "wan1", lan2)  # the lab alone forwards IPv6 unfiltered
+    start(lab, gateway, admin={"enabled": True})
+    assert ask(lab, lan1, map_wire(lan1, 600)).result is PcpResult.SUCCESS
+    assert reaches(lab, "wan1", lan1) and not reaches(lab, "wan1", lan2)
+    lab.run(lab.gateway, ["nft", "flush", "ruleset"])  # a firewall reload
+    deadline = time.monotonic() + 2
+    while "IPv6 pinhole table restored" not in lab.gateway_log():
+        assert time.monotonic() < deadline, "not restored\n" + lab.gateway_log()[-2000:]
+        time.sleep(0.05)
+    assert [lan1.address6, "tcp", PORT] in kernel(lab)
+    assert reaches(lab, "wan1", lan1)  # the pinhole admits again
+    assert not reaches(lab, "wan1", lan2)  # RFC 6092 default deny is back
+    assert "Traceback" not in lab.gateway_log()
+    url = "http://127.0.0.1:9351/metrics"
+    code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    text = lab.python(lab.gateway, ["-c", code]).stdout
+    assert 'igd_kernel_restores_total{table="ip6 igd6"} 1.0' in text, text[-3000:]
+
+
 def test_only_lan_sources_get_answers_and_the_client_field_must_be_the_source(
     lab: Lab, gateway: StartGateway
 ) -> None:

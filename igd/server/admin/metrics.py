@@ -13,7 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from igd.events import (
@@ -48,6 +48,8 @@ class _State(Collector):
         self.service = service
         self.pinholes: Callable[[], Iterable[Pinhole]] | None = None
         """The open IPv6 pinholes, when `[ipv6]` is enabled."""
+        self.kernel_restores: Callable[[], dict[str, int]] | None = None
+        """Restores per kernel table after another program removed it (docs/nftables.md)."""
 
     def collect(self) -> Iterator[Metric]:
         held: Tally[tuple[str, str]] = Tally(
@@ -73,6 +75,15 @@ class _State(Collector):
                     pair = (str(mechanism), str(protocol))
                     pinholes.add_metric(list(pair), open_now.get(pair, 0))
             yield pinholes
+        if self.kernel_restores is not None:
+            restores = CounterMetricFamily(
+                "igd_kernel_restores",
+                "Kernel tables rebuilt after another program removed (part of) them.",
+                labels=["table"],
+            )
+            for table, count in sorted(self.kernel_restores().items()):
+                restores.add_metric([table], count)
+            yield restores
         upstream = self.service.upstream
         if upstream is not None:
             # Double NAT (docs/upstream.md): read as status() reads them, without its list.

@@ -31,9 +31,11 @@ through libnftables on one worker thread (as `NftablesBackend` does).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
@@ -52,6 +54,7 @@ from igd.server.backends.nft_payload import (
     guard_rules,
 )
 from igd.server.backends.nftables import check_netns_name, enter_netns
+from igd.server.backends.watch import NFPROTO_IPV6, RulesetWatcher, Transactions
 
 __all__ = [
     "PINHOLE_MARK",
@@ -73,6 +76,8 @@ PRIORITY = "filter - 5"
 """Before a filter-priority firewall of the admin's, so the mark is set when it looks."""
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -295,6 +300,9 @@ class NftPinholeBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nft-{table}")
         self._nft: Nft | None = None
         self._lock = asyncio.Lock()
+        self._own_threads: set[int] = set()
+        self.restores = 0
+        """Times another program's transaction removed (part of) the table (`watch`)."""
 
     def set_lan(self, lan: Sequence[IPv6Network]) -> None:
         """The LAN prefixes the next `replace` protects (they changed)."""
@@ -336,6 +344,29 @@ class NftPinholeBackend:
         command = f"list table ip6 {self.table}"
         return parse_entries(await self._call(lambda: self._context().run_json(command)))
 
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Until cancelled: after another program's transaction removed (part of) the table
+        (`nft flush ruleset`, a firewall reload, an element deleted by hand), await
+        restore(what happened); our own transactions are ignored. The IPv4 table's watcher
+        (docs/nftables.md, "Firewall reloads"): one socket, no cost per pinhole."""
+        watcher = await self._call(self._open_watcher)
+        if watcher is None:
+            return
+        transactions = Transactions(self.table, self._own_threads, family=NFPROTO_IPV6)
+        try:
+            while True:
+                reason: str | None = await watcher.next_change(transactions)
+                while reason is not None:
+                    self.restores += 1
+                    await restore(reason)
+                    # Our restore notifies once per element and may overflow the buffer:
+                    # then check that the table is there rather than trust the queue.
+                    reason, overflowed = watcher.drain(transactions)
+                    if reason is None and overflowed and not await self._call(self._intact):
+                        reason = "the table is missing (notifications were lost)"
+        finally:
+            watcher.close()
+
     async def close(self, *, flush: bool) -> None:
         """Keep the table (pinholes stay open until their timeouts) or delete it."""
         try:
@@ -354,10 +385,35 @@ class NftPinholeBackend:
 
     def _context(self) -> Nft:
         if self._nft is None:
-            if self.netns is not None:
-                enter_netns(self.netns)
+            self._enter()
             self._nft = Nft()
         return self._nft
+
+    def _enter(self) -> None:
+        if not self._own_threads and self.netns is not None:
+            enter_netns(self.netns)
+        # NEWGEN names the committing thread: this worker's commits are ours.
+        self._own_threads.add(threading.get_native_id())
+
+    def _open_watcher(self) -> RulesetWatcher | None:
+        self._enter()
+        try:
+            return RulesetWatcher()
+        except OSError as exc:
+            log.warning(
+                "cannot watch the nftables ruleset (%s): a firewall reload that removes"
+                " table ip6 %s goes unnoticed until the next start",
+                exc.strerror or exc,
+                self.table,
+            )
+            return None
+
+    def _intact(self) -> bool:
+        try:
+            self._context().run(f"list table ip6 {self.table}")
+        except BackendError:
+            return False
+        return True
 
     def _free(self) -> None:
         if self._nft is not None:
@@ -400,6 +456,9 @@ class MemoryPinholeBackend:
 
     async def packets(self, hole: Pinhole) -> int:
         return sum(self.counts.get(entry, 0) for entry in entries_of(hole))
+
+    async def watch(self, restore: Callable[[str], Awaitable[None]]) -> None:
+        """Nothing outside the process changes a Python set: returns at once."""
 
     async def close(self, *, flush: bool) -> None:
         if flush:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from igd.server.backends.netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4
 
+NFPROTO_IPV6 = 10
+
 NFNLGRP_NFTABLES = 7
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -115,11 +117,13 @@ class Transactions:
     own: set[int] = field(default_factory=set)
     """Thread ids whose commits are ours (the nft worker, the event loop's netlink socket)."""
     pending: list[Event] = field(default_factory=list)
+    family: int = NFPROTO_IPV4
+    """The table's family: `ip` for mappings, `ip6` for pinholes (same name, other table)."""
 
     def feed(self, event: Event) -> str | None:
         """Take one event; at a foreign commit that removed something of ours, say what."""
         if event.kind != "commit":
-            if event.family == NFPROTO_IPV4 and event.table == self.table:
+            if event.family == self.family and event.table == self.table:
                 self.pending.append(event)
             return None
         touched, self.pending = self.pending, []
