@@ -66,7 +66,7 @@ from igd.server.backends.nft_payload import (
     open_commands,
     reconcile_plan,
 )
-from igd.server.backends.watch import RulesetWatcher, Transactions
+from igd.server.backends.watch import RulesetWatcher, Transactions, repair_losses
 
 __all__ = ["NftablesBackend", "check_netns_name", "enter_netns"]
 
@@ -288,20 +288,12 @@ class NftablesBackend:
         # The fast path commits from the event loop's thread, libnftables from the worker.
         self._own_threads.add(threading.get_native_id())
         transactions = Transactions(self.table, self._own_threads)
-        try:
-            while True:
-                reason: str | None = await watcher.next_change(transactions)
-                while reason is not None:
-                    self.restores += 1
-                    await restore(reason)
-                    # Changes by others during the restore are still queued (and restored
-                    # again); if our own notifications overflowed the buffer, those may be
-                    # lost: then check that the table is there at least.
-                    reason, overflowed = watcher.drain(transactions)
-                    if reason is None and overflowed and not await self._call(self._intact):
-                        reason = "the table is missing (notifications were lost)"
-        finally:
-            watcher.close()
+        await repair_losses(
+            watcher, transactions, restore, lambda: self._call(self._intact), self._counted
+        )
+
+    def _counted(self) -> None:
+        self.restores += 1
 
     async def close(self, *, flush: bool) -> None:
         """Stop the worker; with flush, delete the table (every mapping) first."""

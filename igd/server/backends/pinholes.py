@@ -54,7 +54,12 @@ from igd.server.backends.nft_payload import (
     guard_rules,
 )
 from igd.server.backends.nftables import check_netns_name, enter_netns
-from igd.server.backends.watch import NFPROTO_IPV6, RulesetWatcher, Transactions
+from igd.server.backends.watch import (
+    NFPROTO_IPV6,
+    RulesetWatcher,
+    Transactions,
+    repair_losses,
+)
 
 __all__ = [
     "PINHOLE_MARK",
@@ -353,19 +358,12 @@ class NftPinholeBackend:
         if watcher is None:
             return
         transactions = Transactions(self.table, self._own_threads, family=NFPROTO_IPV6)
-        try:
-            while True:
-                reason: str | None = await watcher.next_change(transactions)
-                while reason is not None:
-                    self.restores += 1
-                    await restore(reason)
-                    # Our restore notifies once per element and may overflow the buffer:
-                    # then check that the table is there rather than trust the queue.
-                    reason, overflowed = watcher.drain(transactions)
-                    if reason is None and overflowed and not await self._call(self._intact):
-                        reason = "the table is missing (notifications were lost)"
-        finally:
-            watcher.close()
+        await repair_losses(
+            watcher, transactions, restore, lambda: self._call(self._intact), self._counted
+        )
+
+    def _counted(self) -> None:
+        self.restores += 1
 
     async def close(self, *, flush: bool) -> None:
         """Keep the table (pinholes stay open until their timeouts) or delete it."""

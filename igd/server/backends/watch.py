@@ -17,7 +17,7 @@ import asyncio
 import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from igd.server.backends.netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4
@@ -197,3 +197,29 @@ class RulesetWatcher:
     def close(self) -> None:
         """Close the socket; idempotent."""
         self._sock.close()
+
+
+async def repair_losses(
+    watcher: RulesetWatcher,
+    transactions: Transactions,
+    restore: Callable[[str], Awaitable[None]],
+    intact: Callable[[], Awaitable[bool]],
+    counted: Callable[[], None],
+) -> None:
+    """Until cancelled: await restore(what happened) after each transaction of another
+    program that removed (part of) the table, counting each with `counted`; closes the
+    watcher at the end. Both backends (ip and ip6) watch through this loop."""
+    try:
+        while True:
+            reason: str | None = await watcher.next_change(transactions)
+            while reason is not None:
+                counted()
+                await restore(reason)
+                # Changes by others during the restore are still queued (and restored
+                # again); if our own notifications overflowed the buffer, those may be
+                # lost: then check that the table is there at least.
+                reason, overflowed = watcher.drain(transactions)
+                if reason is None and overflowed and not await intact():
+                    reason = "the table is missing (notifications were lost)"
+    finally:
+        watcher.close()
