@@ -20,6 +20,9 @@ cd "$(dirname "$(readlink -f "$0")")"
 # cannot go, e.g. /root).
 # chromium and chromium-driver: the admin console's end-to-end tests drive the page headless
 # (Selenium with SE_OFFLINE=true, so nothing is downloaded).
+# hping3, and trafgen (package netsniff-ng) with ethtool: the data-path benchmark's load
+# generators (lab/bench_datapath.py; ethtool turns off scatter-gather on the sender's veth so
+# trafgen's frames reach the gateway in one piece).
 # miniupnpd-nftables ships only the binary and its nft scripts: no maintainer scripts,
 # no service. The service, its debconf questions and its config live in Debian's
 # `miniupnpd` package, which we do not install, so nothing starts behind our back.
@@ -31,6 +34,8 @@ APT_PACKAGES=(
     miniupnpd-nftables
     conntrack
     hping3
+    netsniff-ng
+    ethtool
     socat
     iputils-ping
     procps
