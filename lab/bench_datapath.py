@@ -145,7 +145,7 @@ def trafgen_packet(lab: Lab, destination: str) -> str:
 def generator_argv(lab: Lab, generator: str, destination: str) -> list[str]:
     """The flood's command line on wan1 (bounded in time by the caller, in count here)."""
     if generator == "trafgen":
-        # -P 1: one process (trafgen pins it to CPU 0); the gateway's work for each frame runs
+        # --cpus 1: one process (trafgen pins it to CPU 0); the gateway's work for each frame runs
         # in that process's send, on that CPU. --no-sock-mem: the socket memory sysctls it
         # would raise exist only in the initial namespace. -C: no CPU statistics at exit.
         return [
