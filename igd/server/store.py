@@ -23,7 +23,15 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
+from igd.model import (
+    Mapping,
+    MappingKey,
+    Mechanism,
+    Owner,
+    Protocol,
+    RemoteFilter,
+    address_text,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -302,18 +310,18 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
     return (
         str(key.protocol),
         key.external_port,
-        str(key.remote_host or ""),
-        str(mapping.internal_address),
+        "" if key.remote_host is None else address_text(key.remote_host),
+        address_text(mapping.internal_address),
         mapping.internal_port,
         str(mapping.owner.mechanism),
-        str(mapping.owner.client),
+        address_text(mapping.owner.client),
         mapping.owner.nonce,
         mapping.description,
         clock.to_wall(mapping.created),
         clock.to_wall(mapping.expires),
-        " ".join(f"{f.network}:{f.port}" for f in mapping.filters),
+        " ".join(f"{f.network}:{f.port}" for f in mapping.filters) if mapping.filters else "",
         mapping.peer_port,
-        str(key.external_address or ""),
+        "" if key.external_address is None else address_text(key.external_address),
     )
 
 
