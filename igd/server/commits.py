@@ -147,18 +147,12 @@ class Committer:
             raise
         finally:
             self._leading = False
-        if self._busy:
-            self._wake.set()
-            return
-        count = min(MAX_BATCH, len(self._waiting))
-        batch = [self._waiting.popleft() for _ in range(count)]
-        self._busy = True
         try:
-            await self._apply_batch(batch)
+            if not self._busy:
+                await self._commit_next()
         finally:
-            self._busy = False
             if self._waiting:
-                self._wake.set()
+                self._wake.set()  # what queued meanwhile, or beyond MAX_BATCH
 
     async def run(self, store_retry: float) -> None:
         """Commit what queued up while another commit was under way, in order, up to
@@ -173,13 +167,17 @@ class Committer:
                 continue
             self._wake.clear()
             while self._waiting and not self._busy:
-                count = min(MAX_BATCH, len(self._waiting))
-                batch = [self._waiting.popleft() for _ in range(count)]
-                self._busy = True
-                try:
-                    await self._apply_batch(batch)
-                finally:
-                    self._busy = False
+                await self._commit_next()
+
+    async def _commit_next(self) -> None:
+        """Commit the next MAX_BATCH waiting changes (or fewer) in one transaction."""
+        count = min(MAX_BATCH, len(self._waiting))
+        batch = [self._waiting.popleft() for _ in range(count)]
+        self._busy = True
+        try:
+            await self._apply_batch(batch)
+        finally:
+            self._busy = False
 
     def repair_store(self) -> bool:
         """Rewrite the stale store rows from what the kernel holds; whether that worked."""
