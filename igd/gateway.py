@@ -25,6 +25,7 @@ from igd.model import (
     Mechanism,
     Owner,
     Protocol,
+    address_text,
 )
 from igd.policy import Policy
 from igd.policy.engine import sources_changed
@@ -155,9 +156,9 @@ class Gateway:
             "%s %s %s: %s %s:%d -> external %d for %ds (rule %r%s)",
             "renewed" if renewal else "granted",
             request.mechanism,
-            request.client,
+            address_text(request.client),
             request.protocol,
-            request.internal_address,
+            address_text(request.internal_address),
             request.internal_port,
             port,
             decision.lifetime,

@@ -16,16 +16,15 @@ Rules:
 - The kernel goes first, then the store. A store failure undoes the kernel side; should the
   undo fail too, the kernel keeps the change, the table follows the kernel, and the store
   rows of those keys are rewritten from the table by the next commit or by `repair_store`.
-- A change made while nothing else is being committed is applied by its own task; changes
-  that arrive meanwhile wait for the committer, which brings up to MAX_BATCH of them in one
-  kernel transaction and one store transaction; if that fails, each is retried alone so
-  only the failing requests are refused.
-- "Meanwhile" includes the rest of the event loop's turn in which a change was applied: a
-  commit usually completes without suspending (the kernel answers a netlink batch inside
-  send(), SQLite writes synchronously), so under load every request would otherwise pay a
-  transaction of its own. The first change of a turn goes alone (a lone client waits for
-  nobody); other tasks' changes made in the same turn wait for the committer's one
-  transaction.
+- The first change made while nothing is being committed leads: its task lets the rest of
+  the event loop's turn run, then brings every change queued by then (up to MAX_BATCH) into
+  one kernel transaction and one store transaction. Changes made while a commit is under
+  way wait for the committer task, which takes them the same way. If a transaction fails,
+  each of its changes is retried alone so only the failing requests are refused.
+- A commit usually completes without suspending (the kernel answers a netlink batch inside
+  send(), SQLite writes synchronously): without the leader's one yield, every request
+  would pay a transaction of its own under load, or the first of each turn would go alone.
+  A lone client pays one loop turn (microseconds).
 """
 
 from __future__ import annotations
@@ -101,9 +100,8 @@ class Committer:
         self._waiting: deque[Pending] = deque()
         self._busy = False
         self._batches = 0
-        self._hot: asyncio.Task[object] | None = None
-        """The task that applied a change in this turn of the event loop, if any (see the
-        module's rules); its own next change may go alone (nothing else can join it)."""
+        self._leading = False
+        """A change's task is letting the rest of the loop turn queue behind it (`_lead`)."""
         self._wake = asyncio.Event()
 
     @property
@@ -131,20 +129,30 @@ class Committer:
         keys = self._enter(change)
         done = asyncio.get_running_loop().create_future()
         pending = Pending(change, keys, done, events, request)
-        hot = self._hot
-        if self.idle and (hot is None or hot is asyncio.current_task()):
-            self._busy = True
-            try:
-                await self._apply_batch([pending])
-            finally:
-                self._busy = False
-                self._heat()
-                if self._waiting:
-                    self._wake.set()
+        self._waiting.append(pending)
+        if self._busy or self._leading:
+            if not self._leading:
+                self._wake.set()  # the committer takes it once the commit under way is done
         else:
-            self._waiting.append(pending)
-            self._wake.set()
+            await self._lead()
         await pending.done
+
+    async def _lead(self) -> None:
+        """Let the rest of this loop turn queue its changes, then commit them all at once."""
+        self._leading = True
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._wake.set()  # the queued changes are the committer's now
+            raise
+        finally:
+            self._leading = False
+        try:
+            if not self._busy:
+                await self._commit_next()
+        finally:
+            if self._waiting:
+                self._wake.set()  # what queued meanwhile, or beyond MAX_BATCH
 
     async def run(self, store_retry: float) -> None:
         """Commit what queued up while another commit was under way, in order, up to
@@ -159,13 +167,17 @@ class Committer:
                 continue
             self._wake.clear()
             while self._waiting and not self._busy:
-                count = min(MAX_BATCH, len(self._waiting))
-                batch = [self._waiting.popleft() for _ in range(count)]
-                self._busy = True
-                try:
-                    await self._apply_batch(batch)
-                finally:
-                    self._busy = False
+                await self._commit_next()
+
+    async def _commit_next(self) -> None:
+        """Commit the next MAX_BATCH waiting changes (or fewer) in one transaction."""
+        count = min(MAX_BATCH, len(self._waiting))
+        batch = [self._waiting.popleft() for _ in range(count)]
+        self._busy = True
+        try:
+            await self._apply_batch(batch)
+        finally:
+            self._busy = False
 
     def repair_store(self) -> bool:
         """Rewrite the stale store rows from what the kernel holds; whether that worked."""
@@ -182,15 +194,6 @@ class Committer:
         return True
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _heat(self) -> None:
-        """Send other tasks' changes made in the rest of this loop turn to the committer."""
-        if self._hot is None:
-            self._hot = asyncio.current_task()
-            asyncio.get_running_loop().call_soon(self._cool)
-
-    def _cool(self) -> None:
-        self._hot = None
 
     def _enter(self, change: Change) -> tuple[MappingKey, ...]:
         before = {m.key: m for m in change.removed}

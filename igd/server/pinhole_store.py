@@ -7,13 +7,12 @@ untouched. Each change is committed before the client hears of it (kill -9 safe,
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from igd.model import Mechanism, Protocol
+from igd.model import Mechanism, Protocol, address_text
 from igd.pinhole import Pinhole, PinholeFilter, PinholeKey, PinholeOwner
 from igd.server.store import Clock, open_database
 
@@ -93,13 +92,6 @@ class PinholeStore:
 
     def close(self) -> None:
         self._db.close()
-
-
-@functools.lru_cache(maxsize=4096)
-def address_text(address: IPv6Address) -> str:
-    """`str(address)`, remembered: formatting an IPv6 address costs about as much as the rest
-    of a row, and a LAN's pinholes name few addresses (bounded: 4096 remembered)."""
-    return str(address)
 
 
 def _key_row(key: PinholeKey) -> tuple[str, str, int, str]:

@@ -34,6 +34,7 @@ from igd.events import (
     PinholeRenewed,
     RemovalCause,
 )
+from igd.model import address_text
 from igd.pinhole import (
     Pinhole,
     PinholeChange,
@@ -49,7 +50,7 @@ from igd.pinhole import (
 from igd.server.backends import BackendError
 from igd.server.backends.pinholes import PinholeEntry
 from igd.server.feed import EventFeed
-from igd.server.pinhole_store import PinholeStore, address_text
+from igd.server.pinhole_store import PinholeStore
 from igd.server.store import Clock
 
 log = logging.getLogger("igd.pinholes")

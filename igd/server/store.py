@@ -3,23 +3,35 @@
 A change is committed before the client hears of it, so a mapping whose success reply
 was sent survives `kill -9` of the daemon. WAL mode with synchronous=NORMAL makes each
 commit a write(2) into the WAL without fsync: durable against a crashed process, not
-against power loss (then the kernel table is gone too and clients re-request).
+against power loss (then the kernel table is gone too and clients re-request). The daemon's
+store copies the WAL into the database file (a checkpoint, with its two fsyncs) on a thread of
+its own, so that no request waits for a disk flush.
 Times are stored as wall-clock seconds, since monotonic time does not survive a reboot.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from igd.model import Mapping, MappingKey, Mechanism, Owner, Protocol, RemoteFilter
+from igd.model import (
+    Mapping,
+    MappingKey,
+    Mechanism,
+    Owner,
+    Protocol,
+    RemoteFilter,
+    address_text,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mappings (
@@ -41,6 +53,12 @@ CREATE TABLE IF NOT EXISTS mappings (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+
+log = logging.getLogger("igd.store")
+
+CHECKPOINT_DELAY = 1.0
+"""Seconds the checkpoint thread lets commits gather in the WAL before copying them: at
+most one checkpoint (two fsyncs) a second however fast mappings change."""
 
 POLICY_KEY = "policy_sha256"
 """Meta key: `file_digest` of the policy file the stored leases were granted under."""
@@ -145,10 +163,16 @@ def open_database(path: Path, schema: str) -> sqlite3.Connection:
 class LeaseStore:
     """Mappings and a little daemon state (the epoch's start) in one SQLite file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, checkpoint_thread: bool = False) -> None:
+        """With checkpoint_thread (the daemon's store), checkpoints run on a thread of their
+        own instead of inside whichever commit fills the WAL past SQLite's threshold."""
         self.path = path
         self._db = open_database(path, _SCHEMA)
         self._migrate()
+        self._checkpoints: _Checkpointer | None = None
+        if checkpoint_thread and str(path) != ":memory:":
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpoints = _Checkpointer(path)
 
     def _migrate(self) -> None:
         """Bring a store of an older igd to this schema (its leases kept)."""
@@ -201,23 +225,79 @@ class LeaseStore:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
+        # The last connection to close checkpoints what is left and removes the WAL.
         self._db.close()
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._checkpoints)
 
 
 class _Transaction:
     """BEGIN … COMMIT, or ROLLBACK on error (the connection runs in autocommit mode)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, checkpoints: _Checkpointer | None) -> None:
         self._db = db
+        self._checkpoints = checkpoints
 
     def __enter__(self) -> None:
         self._db.execute("BEGIN")
 
     def __exit__(self, kind: object, error: object, tb: object) -> None:
         self._db.execute("ROLLBACK" if kind is not None else "COMMIT")
+        if kind is None and self._checkpoints is not None:
+            self._checkpoints.wake()
+
+
+class _Checkpointer:
+    """A thread that copies committed WAL frames into the database file, a second after a
+    commit wakes it. A checkpoint fsyncs the WAL and the database (synchronous=NORMAL):
+    inside a commit that blocked the event loop for the flush, and cost every request
+    waiting behind it. PASSIVE never blocks the writer, and the thread's own connection
+    runs SQLite without the GIL, beside the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(path,), name="igd-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Something was committed: checkpoint it soon."""
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def stop(self) -> None:
+        """End the thread (the store's close checkpoints what is left)."""
+        self._stopping.set()
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def _run(self, path: Path) -> None:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        failing = False
+        try:
+            while True:
+                self._wakeup.wait()
+                if self._stopping.wait(CHECKPOINT_DELAY):
+                    return
+                self._wakeup.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as error:
+                    # The commits themselves still land in the WAL; say so once, not per try.
+                    if not failing:
+                        log.warning("lease store: checkpoint failed (the WAL grows): %s", error)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("lease store: checkpoints work again")
+                    failing = False
+        finally:
+            db.close()
 
 
 def _key_row(key: MappingKey) -> tuple[str, int, str, str]:
@@ -230,18 +310,18 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
     return (
         str(key.protocol),
         key.external_port,
-        str(key.remote_host or ""),
-        str(mapping.internal_address),
+        "" if key.remote_host is None else address_text(key.remote_host),
+        address_text(mapping.internal_address),
         mapping.internal_port,
         str(mapping.owner.mechanism),
-        str(mapping.owner.client),
+        address_text(mapping.owner.client),
         mapping.owner.nonce,
         mapping.description,
         clock.to_wall(mapping.created),
         clock.to_wall(mapping.expires),
-        " ".join(f"{f.network}:{f.port}" for f in mapping.filters),
+        " ".join(f"{f.network}:{f.port}" for f in mapping.filters) if mapping.filters else "",
         mapping.peer_port,
-        str(key.external_address or ""),
+        "" if key.external_address is None else address_text(key.external_address),
     )
 
 

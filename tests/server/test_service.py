@@ -72,12 +72,12 @@ async def test_requests_of_one_loop_turn_share_a_transaction(tmp_path: Path) -> 
     committer.cancel()
     assert all(isinstance(r, Granted) for r in results)
     assert len(await backend.entries()) == 50
-    assert backend.transactions == 2  # the turn's first alone, the other 49 together
-    assert service.committer.batches == 2
+    assert backend.transactions == 1  # the turn's first leads, the other 49 join it
+    assert service.committer.batches == 1
     # One task's requests one after another each go alone: nobody else can join them.
     for i in range(3):
         assert isinstance(await service.map(request(3000 + i)), Granted)
-    assert backend.transactions == 5
+    assert backend.transactions == 4
 
 
 class FailsMergedBatchesOnce(SlowBackend):
@@ -100,8 +100,7 @@ async def test_failed_batch_is_retried_change_by_change(tmp_path: Path) -> None:
     backend = FailsMergedBatchesOnce()
     service = Service(Gateway(Policy.parse(ALLOW)), backend, LeaseStore(tmp_path / "l"))
     committer = asyncio.create_task(service.run_committer())
-    # The first goes straight in; the next two wait, are merged, fail together, and are
-    # then retried one by one.
+    # The three are merged, fail together, and are then retried one by one.
     results = await asyncio.gather(*(service.map(request(3000 + i)) for i in range(3)))
     committer.cancel()
     assert [type(r) for r in results] == [Granted, Granted, Granted]

@@ -1,6 +1,8 @@
 """The lease store: what is committed comes back after a restart, expired leases do not."""
 
 import sqlite3
+import threading
+import time
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -121,3 +123,35 @@ CREATE TABLE mappings (
 ) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+
+
+def _rows_in_database_file(path: Path, copy: Path) -> int:
+    """Mappings in the database file alone, without its WAL (what a checkpoint copied)."""
+    copy.write_bytes(path.read_bytes())
+    db = sqlite3.connect(copy)
+    try:
+        return int(db.execute("SELECT count(*) FROM mappings").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # not even the schema has been copied
+    finally:
+        db.close()
+
+
+def test_checkpoint_thread_copies_commits_into_the_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite"
+    store = LeaseStore(path, checkpoint_thread=True)
+    try:
+        clock = Clock(wall=0.0, mono=0.0)
+        for port in range(1000, 1200):
+            store.apply([], [mapping(port, 900.0)], clock)  # one commit each, as under load
+        # No commit checkpointed on its own (SQLite's would at 1,000 WAL pages): the thread
+        # does, a second after the first commit woke it.
+        deadline = time.monotonic() + 10
+        while _rows_in_database_file(path, tmp_path / "copy") < 200:
+            assert time.monotonic() < deadline, "the checkpoint thread copied nothing"
+            time.sleep(0.1)
+    finally:
+        store.close()
+    threads = [t for t in threading.enumerate() if t.name == "igd-checkpoint"]
+    assert threads == []  # close() ended it
+    assert len(LeaseStore(path).load(Clock(wall=0.0, mono=0.0), now=0.0)) == 200
