@@ -450,17 +450,23 @@ class Gateway:
         for candidate in (port, request.internal_port):
             if candidate in allowed and self._free(request, candidate, address):
                 return candidate
+        size = len(allowed)
+        # Uniform probes keep ports unpredictable. The first few test one port each (two
+        # lookups); only when they miss are the table's bitmaps combined, whose every
+        # operation copies 8 KiB.
+        for _ in range(FEW_PROBES if size else 0):
+            candidate = allowed.nth(self.rng.randrange(size))
+            if self._unpaired(protocol, candidate, address):
+                return candidate
         free = self._free_ports(request, allowed, address)
         if free:
-            size = len(allowed)
-            for attempt in range(RANDOM_PROBES):
-                # Uniform probes keep ports unpredictable; when a few miss, count the free
-                # ports once and skip the probes if they would mostly miss.
-                if attempt == FEW_PROBES and free.bit_count() * SPARSE < size:
-                    break
-                candidate = allowed.nth(self.rng.randrange(size))
-                if free >> candidate & 1:
-                    return candidate
+            # When the few probes missed, count the free ports once and skip further probes
+            # if they would mostly miss.
+            if free.bit_count() * SPARSE >= size:
+                for _ in range(RANDOM_PROBES - FEW_PROBES):
+                    candidate = allowed.nth(self.rng.randrange(size))
+                    if free >> candidate & 1:
+                        return candidate
             # Sparse: the first free port at or after a random start, wrapping around.
             start = allowed.nth(self.rng.randrange(size))
             above = free >> start
@@ -477,6 +483,14 @@ class Gateway:
         if self.table.port_in_use(protocol, port, address):
             return False
         return self._companion_holder(request, port, address) is None
+
+    def _unpaired(self, protocol: Protocol, port: int, address: IPv4Address | None) -> bool:
+        """Whether a gateway choice may take this port with no one on its companion: a port
+        of the first choice `_free_ports` makes (its `strict` ports)."""
+        if port == 0 or (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
+            return False
+        used = self.table.port_in_use
+        return not used(protocol, port, address) and not used(_other(protocol), port, address)
 
     def _companion_holder(
         self, request: MapRequest, port: int, address: IPv4Address | None
