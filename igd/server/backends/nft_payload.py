@@ -453,37 +453,49 @@ def destination_commands(table: str, addresses: Iterable[IPv4Address]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def admit_rules(lengths: Iterable[int] | None = None, tail: str | None = None) -> list[str]:
+Shape = tuple[int, bool]
+"""How the `admit` chain tests a FILTER: (prefix length, whether it names a source port)."""
+
+
+def admit_rules(shapes: Iterable[Shape] | None = None, tail: str | None = None) -> list[str]:
     """The `admit` chain: return if a filter of the packet's mapping covers its source, else
     drop. A filter is held as (first address, last address, port) of its prefix; masking the
     source at each prefix length in turn makes every test one hash lookup. Longest first.
 
-    `lengths`: only the prefix lengths some wildcard entry's filter has (None: all 33). Each
-    length costs two lookups per new flow to a filtered mapping (docs/performance.md)."""
+    `shapes`: only the shapes some wildcard entry's filter has (None: all 33 lengths, with and
+    without a port). Each shape costs one lookup per new flow to a filtered mapping
+    (docs/performance.md)."""
     rules = []
     tail = tail or "meta l4proto . th dport @" + ALLOWED + " return"
-    wanted = range(33) if lengths is None else set(lengths)
-    for length in sorted(wanted, reverse=True):
-        if not 0 <= length <= 32:
-            raise ValueError(f"invalid prefix length {length!r}")
+    wanted = {(length, port) for length in range(33) for port in (True, False)}
+    if shapes is not None:
+        wanted = set(shapes)
+    for length, port in sorted(wanted, reverse=True):
+        if not (isinstance(length, int) and 0 <= length <= 32 and isinstance(port, bool)):
+            raise ValueError(f"invalid filter shape {(length, port)!r}")
         net = IPv4Network((0, length))
         if length == 32:
             span = "ip saddr . ip saddr"
         else:
             span = f"ip saddr & {net.netmask} . ip saddr | {net.hostmask}"
         # `th sport & 0` is 0 for every packet: the lookup of filters for any port.
-        rules += [f"{span} . th sport . {tail}", f"{span} . th sport & 0 . {tail}"]
+        rules.append(f"{span} . th sport . {tail}" if port else f"{span} . th sport & 0 . {tail}")
     return [*rules, "drop"]
 
 
-def filter_lengths(entries: Iterable[KernelEntry]) -> set[int]:
-    """Prefix lengths of the filters the `admit` chain must test for these entries."""
-    return {f.network.prefixlen for e in entries if e.remote_host is None for f in e.filters}
+def filter_shapes(entries: Iterable[KernelEntry]) -> set[Shape]:
+    """Shapes of the filters the `admit` chains must test for these entries."""
+    return {
+        (f.network.prefixlen, f.port != 0)
+        for e in entries
+        if e.remote_host is None
+        for f in e.filters
+    }
 
 
-def _admit_chains(lengths: Iterable[int] | None) -> dict[str, list[str]]:
+def _admit_chains(shapes: Iterable[Shape] | None) -> dict[str, list[str]]:
     """The `admit` chain and, for mappings on other external addresses, one per protocol."""
-    wanted = None if lengths is None else list(lengths)
+    wanted = None if shapes is None else list(shapes)
     chains = {ADMIT: admit_rules(wanted)}
     for protocol, chain in ADMIT_ADDR.items():
         tail = f"ip daddr . th dport @{ALLOWED_ADDR[protocol]} return"
@@ -491,11 +503,11 @@ def _admit_chains(lengths: Iterable[int] | None) -> dict[str, list[str]]:
     return chains
 
 
-def admit_commands(table: str, lengths: Iterable[int] | None) -> str:
-    """Rewrite the `admit` chains for these prefix lengths (part of a larger transaction)."""
+def admit_commands(table: str, shapes: Iterable[Shape] | None) -> str:
+    """Rewrite the `admit` chains for these filter shapes (part of a larger transaction)."""
     t = check_table_name(table)
     lines = []
-    for chain, rules in _admit_chains(lengths).items():
+    for chain, rules in _admit_chains(shapes).items():
         lines.append(f"flush chain ip {t} {chain}")
         lines += [f"add rule ip {t} {chain} {rule}" for rule in rules]
     return "".join(line + "\n" for line in lines)
@@ -515,7 +527,7 @@ def open_commands(
     *,
     hairpin: bool = True,
     counters: bool = True,
-    admit_lengths: Iterable[int] | None = None,
+    admit_shapes: Iterable[Shape] | None = None,
     addresses: Iterable[IPv4Address] = (),
 ) -> str:
     """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
@@ -523,7 +535,7 @@ def open_commands(
     `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
     input chain's rate limits; `hairpin` lets LAN hosts use mappings through the external
     address (NAT loopback); `counters` counts every packet of every mapped flow;
-    `admit_lengths` the FILTER prefix lengths to test (None: all); `addresses` the further
+    `admit_shapes` the FILTER shapes to test (None: all); `addresses` the further
     external addresses (network.external_addresses), each with mappings of its own."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
     # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
@@ -596,7 +608,7 @@ def open_commands(
             f"add rule ip {t} {PREROUTING} {addressed} {{ tcp, udp }}"
             f" dnat ip to {at} map @{ADDR_MAP}"
         )
-    for chain, rules in _admit_chains(admit_lengths).items():
+    for chain, rules in _admit_chains(admit_shapes).items():
         lines += [f"add rule ip {t} {chain} {rule}" for rule in rules]
     lines += [f"add rule ip {t} {ADMIT_REMOTE} {rule}" for rule in admit_remote_rules()]
     # masquerade, not snat: the kernel takes the interface's current address for each new

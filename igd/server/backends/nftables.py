@@ -11,7 +11,7 @@ Shape (docs/nftables.md shows the listing and explains the choices):
       map portmap_addr[_remote], ...   the same for network.external_addresses, keyed by
                                        destination address . proto . port (docs/nftables.md)
       chain prerouting (nat, dstnat)   judge FILTERs, then DNAT: remote-specific map first
-      chain admit, admit_remote        one hash lookup per prefix length; miss = drop
+      chain admit, admit_remote        one hash lookup per FILTER shape in use; miss = drop
       chain postrouting (nat, srcnat - 10)  masquerade PEER flows to their external port
     }
 
@@ -52,6 +52,7 @@ from igd.server.backends.nft_listing import Listing, parse_counters, parse_listi
 from igd.server.backends.nft_payload import (
     CONTAINERS,
     Guard,
+    Shape,
     admit_commands,
     apply_commands,
     check_entry,
@@ -60,7 +61,7 @@ from igd.server.backends.nft_payload import (
     close_commands,
     destination_commands,
     element_timeout,
-    filter_lengths,
+    filter_shapes,
     list_command,
     list_counters_commands,
     open_commands,
@@ -148,9 +149,10 @@ class NftablesBackend:
         self._sets: NetlinkSets | None = None
         self._sets_tried = False
         self._closed = False
-        # FILTER prefix lengths the `admit` chain tests: None = all 33 (not known yet). Grows
-        # with apply, is set exactly by reconcile; a superset only costs lookups.
-        self._lengths: frozenset[int] | None = None
+        # FILTER shapes (prefix length, port or any) the `admit` chains test: None = all 66
+        # (not known yet). Grows with apply, is set exactly by reconcile; a superset only
+        # costs lookups, a missing shape would drop the flows its filters admit.
+        self._shapes: frozenset[Shape] | None = None
         self._own_threads: set[int] = set()  # native ids of the threads that commit for us
         self.restores = 0
         """Times the table was restored after another program removed part of it."""
@@ -181,8 +183,8 @@ class NftablesBackend:
                     return
             commands = apply_commands(self.table, removed, added, now=now)
         if commands:
-            lengths = filter_lengths(KernelEntry.of(m) for m in added)
-            await self._call(functools.partial(self._run_with_lengths, commands, lengths))
+            shapes = filter_shapes(KernelEntry.of(m) for m in added)
+            await self._call(functools.partial(self._run_with_shapes, commands, shapes))
 
     async def set_destinations(self, addresses: Iterable[IPv4Address]) -> None:
         """Make DNAT apply to packets addressed to exactly these addresses."""
@@ -223,14 +225,14 @@ class NftablesBackend:
             if sets is None:
                 return False
             await self._worker_idle()
-            if self._lengths != frozenset():  # no FILTER among plain entries
-                await self._submit(functools.partial(self._set_lengths, frozenset()))
+            if self._shapes != frozenset():  # no FILTER among plain entries
+                await self._submit(functools.partial(self._set_shapes, frozenset()))
             await sets.transact_elements(self.table, elements, flush=CONTAINERS)
         return True
 
-    def _set_lengths(self, lengths: frozenset[int]) -> None:
-        self._context().run(admit_commands(self.table, lengths))
-        self._lengths = lengths
+    def _set_shapes(self, shapes: frozenset[Shape]) -> None:
+        self._context().run(admit_commands(self.table, shapes))
+        self._shapes = shapes
 
     async def restore(
         self,
@@ -316,7 +318,7 @@ class NftablesBackend:
             guard=self.guard,
             hairpin=self.hairpin,
             counters=self.count_traffic,
-            admit_lengths=self._lengths,
+            admit_shapes=self._shapes,
             addresses=self.addresses,
         )
 
@@ -403,15 +405,15 @@ class NftablesBackend:
     def _run(self, commands: str) -> None:
         self._context().run(commands)
 
-    def _run_with_lengths(self, commands: str, lengths: set[int]) -> None:
-        # On the worker, so transactions see (and extend) the lengths one after another.
-        known = self._lengths
-        if known is None or lengths <= known:
+    def _run_with_shapes(self, commands: str, shapes: set[Shape]) -> None:
+        # On the worker, so transactions see (and extend) the shapes one after another.
+        known = self._shapes
+        if known is None or shapes <= known:
             self._context().run(commands)
             return
-        grown = known | lengths
+        grown = known | shapes
         self._context().run(admit_commands(self.table, grown) + commands)
-        self._lengths = grown
+        self._shapes = grown
 
     def _intact(self) -> bool:
         try:
@@ -443,12 +445,12 @@ class NftablesBackend:
             # the listing.
             commands, _ = reconcile_plan(self.table, set(), wanted, now=now, held=1)
             report = ReconcileReport((), (), audited=False)
-        lengths = frozenset(filter_lengths(KernelEntry.of(m) for m in wanted))
-        if lengths != self._lengths:
-            commands = admit_commands(self.table, lengths) + commands
+        shapes = frozenset(filter_shapes(KernelEntry.of(m) for m in wanted))
+        if shapes != self._shapes:
+            commands = admit_commands(self.table, shapes) + commands
         if commands:
             self._context().run(commands)
-        self._lengths = lengths
+        self._shapes = shapes
         return report
 
     def _shutdown(self, flush: bool) -> None:

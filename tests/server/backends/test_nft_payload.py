@@ -22,7 +22,7 @@ from igd.server.backends.nft_payload import (
     destination_commands,
     element_timeout,
     elements,
-    filter_lengths,
+    filter_shapes,
     list_command,
     open_commands,
     reconcile_plan,
@@ -183,22 +183,32 @@ def test_admit_tests_every_prefix_length_longest_first_then_drops() -> None:
     assert rules[-2] == f"ip saddr & 0.0.0.0 . ip saddr | 255.255.255.255 . th sport & 0 . {tail}"
 
 
-def test_admit_can_test_only_the_prefix_lengths_in_use() -> None:
-    rules = admit_rules([24, 32, 24])
-    assert rules == [*admit_rules()[:2], *admit_rules()[16:18], "drop"]
+def test_admit_can_test_only_the_filter_shapes_in_use() -> None:
+    every = admit_rules()
+    # A /24 of any port and a /32 with a port: one lookup each, longest first.
+    rules = admit_rules([(24, False), (32, True), (24, False)])
+    assert rules == [every[0], every[17], "drop"]
+    # Both shapes of one length: the port's lookup first, as in the full chain.
+    assert admit_rules([(24, False), (24, True)]) == [*every[16:18], "drop"]
     assert admit_rules([]) == ["drop"]
-    with pytest.raises(ValueError, match="prefix length"):
-        admit_rules([33])
+    for bad in [(33, False), (-1, True), (24, 0)]:
+        with pytest.raises(ValueError, match="filter shape"):
+            admit_rules([bad])  # type: ignore[list-item]
     entries = [
         KernelEntry(Protocol.TCP, 1, None, LAN, 1, (RemoteFilter(NET24), RemoteFilter(HOST2))),
+        KernelEntry(Protocol.TCP, 3, None, LAN, 1, (RemoteFilter(NET24, 4000),)),
         KernelEntry(Protocol.TCP, 2, HOST2, LAN, 1, (RemoteFilter(IPv4Network("10.0.0.0/8")),)),
     ]
-    assert filter_lengths(entries) == {24, 32}  # remote-host entries use admit_remote
-    text = admit_commands("igd", [32])
+    # Remote-host entries use admit_remote: their filters add no shape.
+    assert filter_shapes(entries) == {(24, False), (24, True), (32, False)}
+    assert filter_shapes(entries[:1]) == {(24, False), (32, False)}
+    text = admit_commands("igd", [(32, False)])
     lines = text.splitlines()
     assert lines[0] == "flush chain ip igd admit"
-    # The same lengths in the further addresses' chains: 2 lookups each, then drop.
-    assert len(lines) == 4 * 3 and lines[4] == "flush chain ip igd admit_addr_tcp"
+    assert lines[1] == f"add rule ip igd admit {every[1]}"
+    # The same shapes in the further addresses' chains: one lookup each, then drop.
+    assert len(lines) == 3 * 3 and lines[3] == "flush chain ip igd admit_addr_tcp"
+    assert lines[4].startswith("add rule ip igd admit_addr_tcp ip saddr . ip saddr . th sport & 0 ")
 
 
 def test_apply_renewal_re_adds_before_deleting_then_adds_with_timeout() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -96,10 +97,18 @@ async def test_wan_host_reaches_lan_server_through_mapping(
     assert connect(WAN2, 18081) == "8080 203.0.113.2"
 
 
-def admit_lookups(the_lab: Lab) -> int:
-    """Rules of the `admit` chain that look up a prefix length (two per length)."""
-    out = the_lab.gw.run("nft", "list", "chain", "ip", "igd", "admit").stdout
-    return sum(1 for line in out.splitlines() if "@allowed" in line)
+def admit_lookups(the_lab: Lab, chain: str = "admit") -> list[str]:
+    """The lookups an `admit` chain makes, in order: each as "/length" plus " port" (the
+    packet's source port) or " any" (filters of any port)."""
+    out = the_lab.gw.run("nft", "list", "chain", "ip", "igd", chain).stdout
+    found = []
+    for line in out.split("\n"):
+        if "@allowed" not in line:
+            continue
+        mask = re.search(r"ip saddr & ([\d.]+) ", line)
+        length = IPv4Network(f"0.0.0.0/{mask[1]}").prefixlen if mask else 32
+        found.append(f"/{length} {'any' if re.search(r'th sport & 0', line) else 'port'}")
+    return found
 
 
 @pytest.mark.parametrize("reconciled", [False, True])
@@ -111,9 +120,9 @@ async def test_filter_admits_only_the_peers_it_names(
         # After a reconcile the `admit` chain tests only the prefix lengths in use (none yet),
         # and each change that brings a new length rewrites it in the same transaction.
         await backend.reconcile([], now=NOW)
-        assert admit_lookups(the_lab) == 0
+        assert admit_lookups(the_lab) == []
     else:
-        assert admit_lookups(the_lab) == 2 * 33
+        assert len(admit_lookups(the_lab)) == 2 * 33
 
     def connect(src: str, sport: int = 0) -> str:
         return the_lab.connect(src, 18080, sport=sport, wait=0.7)
@@ -133,12 +142,70 @@ async def test_filter_admits_only_the_peers_it_names(
     wider = replace(with_port, filters=(only("203.0.113.0/30"), only(f"{WAN2}/32", 40123)))
     await backend.apply([with_port], [wider], now=NOW)
     assert connect(WAN3, 40124) == "8080 203.0.113.3"
-    assert admit_lookups(the_lab) == (2 * 2 if reconciled else 2 * 33)  # /32 and /30
+    if reconciled:  # the shapes in use only: each came with the change that brought it
+        assert admit_lookups(the_lab) == ["/32 port", "/32 any", "/30 any"]
+    else:
+        assert len(admit_lookups(the_lab)) == 2 * 33
     # A renewal without filters admits everyone again.
     cleared = replace(wider, filters=())
     await backend.apply([wider], [cleared], now=NOW)
     assert connect(WAN3) == "8080 203.0.113.3"
     assert connect(WAN2, 40124) == "8080 203.0.113.2"
+
+
+async def test_the_admit_chains_test_only_the_filter_shapes_in_use() -> None:
+    wan4, extra = "203.0.113.4", "203.0.113.9"  # a third WAN host, a further address
+    with lab() as the_lab:
+        the_lab.wan.run("ip", "addr", "add", f"{wan4}/24", "dev", "wan0")
+        the_lab.gw.run("ip", "addr", "add", f"{extra}/24", "dev", "ext0")
+        backend = NftablesBackend(
+            "igd", "ext0", netns=the_lab.gw.name, addresses=[IPv4Address(extra)]
+        )
+        try:
+            await backend.open()
+            await backend.set_destinations([IPv4Address(GATEWAY_WAN)])
+            await backend.reconcile([], now=NOW)  # from now on exactly the shapes in use
+            chains = ("admit", "admit_addr_tcp", "admit_addr_udp")
+
+            def connect(src: str, sport: int = 0) -> dict[str, str]:
+                """What src gets from the mapping on each address."""
+                return {
+                    dst: the_lab.connect(src, 18080, dst=dst, sport=sport, wait=0.7)
+                    for dst in (GATEWAY_WAN, extra)
+                }
+
+            def both(answer: str) -> dict[str, str]:
+                return {GATEWAY_WAN: answer, extra: answer}
+
+            # FILTERs of any port, /30 (.0 to .3): one lookup per chain, with port 0.
+            anyport = (only("203.0.113.0/30"),)
+            default = mapping(18080, filters=anyport)
+            addressed = mapping(18080, address=extra, filters=anyport)
+            await backend.apply([], [default, addressed], now=NOW)
+            assert [admit_lookups(the_lab, c) for c in chains] == [["/30 any"]] * 3
+            assert connect(WAN2) == both("8080 203.0.113.2")
+            assert connect(WAN3, 40123) == both("8080 203.0.113.3")
+            assert connect(wan4) == both(DROPPED)
+            # A FILTER with a port, of the same prefix length as the one already tested:
+            # the change adds that shape's lookup in the same transaction, and it admits
+            # exactly that source port of its prefix (.4 to .7).
+            ported = (*anyport, only("203.0.113.4/30", 40123))
+            default2, addressed2 = (
+                replace(default, filters=ported),
+                replace(addressed, filters=ported),
+            )
+            await backend.apply([default, addressed], [default2, addressed2], now=NOW)
+            assert [admit_lookups(the_lab, c) for c in chains] == [["/30 port", "/30 any"]] * 3
+            assert connect(wan4, 40123) == both("8080 203.0.113.4")
+            assert connect(wan4, 40124) == both(DROPPED)
+            assert connect(WAN2, 40124) == both("8080 203.0.113.2")
+            # A reconcile back to any-port FILTERs drops the port's lookup, and its flows.
+            await backend.reconcile([default, addressed], now=NOW)
+            assert [admit_lookups(the_lab, c) for c in chains] == [["/30 any"]] * 3
+            assert connect(wan4, 40123) == both(DROPPED)
+            assert connect(WAN3) == both("8080 203.0.113.3")
+        finally:
+            await backend.close(flush=True)
 
 
 async def test_filters_and_remote_host_mappings_coexist(
