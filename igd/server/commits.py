@@ -148,7 +148,7 @@ class Committer:
         finally:
             self._leading = False
         try:
-            if not self._busy:
+            if not self._busy and self._waiting:  # the committer may have taken them
                 await self._commit_next()
         finally:
             if self._waiting:
