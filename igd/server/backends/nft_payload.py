@@ -528,6 +528,7 @@ def open_commands(
     hairpin: bool = True,
     counters: bool = True,
     admit_shapes: Iterable[Shape] | None = None,
+    count_remote: bool | None = None,
     addresses: Iterable[IPv4Address] = (),
 ) -> str:
     """Create table, sets and chains idempotently; rewrite every rule, keep the elements.
@@ -535,7 +536,8 @@ def open_commands(
     `destinations` (if given) replaces the DNAT destination addresses; `guard` adds the
     input chain's rate limits; `hairpin` lets LAN hosts use mappings through the external
     address (NAT loopback); `counters` counts every packet of every mapped flow;
-    `admit_shapes` the FILTER shapes to test (None: all); `addresses` the further
+    `admit_shapes` the FILTER shapes to test (None: all); `count_remote` whether the
+    counters look for remote-host-specific entries (None: yes); `addresses` the further
     external addresses (network.external_addresses), each with mappings of its own."""
     t, ifname = check_table_name(table), check_ifname(external_interface)
     # Only packets addressed to the gateway itself: traffic routed through it (to a LAN
@@ -629,29 +631,43 @@ def open_commands(
             if extra or name == DESTINATIONS
         ]
     if counters:
-        # Every packet of a flow a mapping admitted, both directions: the original tuple's
-        # destination is the mapping's key. A hit in the remote-host set ends the chain so
-        # a flow is counted once. One hash lookup per forwarded packet of a mapped flow.
-        # (nft types `ct original proto-dst` only after a transport protocol match.)
-        mapped = f"ct status dnat ct original ip daddr @{DESTINATIONS} meta l4proto {{ tcp, udp }}"
-        key = "meta l4proto . ct original proto-dst"
-        lines += [
-            f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key} @{COUNTED_REMOTE}"
-            " accept",
-            f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED}",
-        ]
-        mapped = f"ct status dnat ct original ip daddr @{ADDRESSED} meta l4proto {{ tcp, udp }}"
-        key = f"ct original ip daddr . {key}"
-        if extra:
-            lines += [
-                f"add rule ip {t} {FORWARD} {mapped} ct original ip saddr . {key}"
-                f" @{COUNTED_ADDR_REMOTE} accept",
-                f"add rule ip {t} {FORWARD} {mapped} {key} @{COUNTED_ADDR}",
-            ]
+        rules = count_rules(count_remote, bool(extra))
+        lines += [f"add rule ip {t} {FORWARD} {rule}" for rule in rules]
     if guard is not None:
         lines += [f"add rule ip {t} {INPUT} {rule}" for rule in guard_rules(guard)]
     text = "".join(line + "\n" for line in lines)
     return text if destinations is None else text + destination_commands(t, destinations)
+
+
+def count_rules(remote: bool | None, addressed: bool) -> list[str]:
+    """The forward chain's rules: count every packet of a flow a mapping admitted, both
+    directions (the original tuple's destination is the mapping's key). A hit in a
+    remote-host set ends the chain so a flow is counted once; that lookup is left out
+    while no remote-host-specific entry exists (`remote` False: most gateways, always).
+    One hash lookup per forwarded packet of a mapped flow then. `addressed`: also for the
+    further external addresses."""
+    # (nft types `ct original proto-dst` only after a transport protocol match.)
+    port = "meta l4proto . ct original proto-dst"
+    rules = []
+    for addresses, counted, counted_remote, key in (
+        (DESTINATIONS, COUNTED, COUNTED_REMOTE, port),
+        (ADDRESSED, COUNTED_ADDR, COUNTED_ADDR_REMOTE, f"ct original ip daddr . {port}"),
+    ):
+        if addresses == ADDRESSED and not addressed:
+            break
+        mapped = f"ct status dnat ct original ip daddr @{addresses} meta l4proto {{ tcp, udp }}"
+        if remote is not False:
+            rules.append(f"{mapped} ct original ip saddr . {key} @{counted_remote} accept")
+        rules.append(f"{mapped} {key} @{counted}")
+    return rules
+
+
+def count_commands(table: str, remote: bool, addresses: Iterable[IPv4Address]) -> str:
+    """Rewrite the forward chain's counting rules (part of a larger transaction)."""
+    t = check_table_name(table)
+    rules = count_rules(remote, bool(list(addresses)))
+    lines = [f"flush chain ip {t} {FORWARD}", *(f"add rule ip {t} {FORWARD} {r}" for r in rules)]
+    return "".join(line + "\n" for line in lines)
 
 
 def close_commands(table: str) -> str:

@@ -59,6 +59,7 @@ from igd.server.backends.nft_payload import (
     check_ifname,
     check_table_name,
     close_commands,
+    count_commands,
     destination_commands,
     element_timeout,
     filter_shapes,
@@ -153,6 +154,9 @@ class NftablesBackend:
         # (not known yet). Grows with apply, is set exactly by reconcile; a superset only
         # costs lookups, a missing shape would drop the flows its filters admit.
         self._shapes: frozenset[Shape] | None = None
+        # Whether the counting rules look for remote-host-specific entries: None = yes (not
+        # known yet). Turned on before such an entry is added, set exactly by reconcile.
+        self._count_remote: bool | None = None
         self._own_threads: set[int] = set()  # native ids of the threads that commit for us
         self.restores = 0
         """Times the table was restored after another program removed part of it."""
@@ -169,6 +173,9 @@ class NftablesBackend:
         self, removed: Sequence[Mapping], added: Sequence[Mapping], *, now: float
     ) -> None:
         """Remove then add as one kernel transaction; BackendError and no change on failure."""
+        if self._count_remote is False and any(m.key.remote_host for m in added):
+            # Before the entry: its flows are counted from their first packet.
+            await self._call(functools.partial(self._set_count_remote, True))
         try:
             ops = self._fast_ops(removed, added, now) if self.fast_path else None
             commands = "" if ops else apply_commands(self.table, removed, added, now=now)
@@ -206,7 +213,8 @@ class NftablesBackend:
                 plain = plain_elements(wanted, now)
             except ValueError as exc:
                 raise BackendError(f"invalid mapping: {exc}") from exc
-            if await self._refill(plain.maps | counter_elements(plain.plain)):
+            remote = any(m.key.remote_host for m in wanted)
+            if await self._refill(plain.maps | counter_elements(plain.plain), remote):
                 return ReconcileReport((), (), audited=False)
         for mapping in wanted:  # fail before touching the kernel
             try:
@@ -215,7 +223,7 @@ class NftablesBackend:
                 raise BackendError(f"invalid mapping: {exc}") from exc
         return await self._call(functools.partial(self._reconcile, list(wanted), now, audit))
 
-    async def _refill(self, elements: dict[str, list[bytes]]) -> bool:
+    async def _refill(self, elements: dict[str, list[bytes]], remote: bool) -> bool:
         """Flush and refill the table in one raw netlink transaction (what `_reconcile` does
         unaudited through libnftables, whose parsing of 100,000 elements took 2-4 s at
         start), the elements encoded straight from the mappings (`plain_elements`); False
@@ -227,12 +235,19 @@ class NftablesBackend:
             await self._worker_idle()
             if self._shapes != frozenset():  # no FILTER among plain entries
                 await self._submit(functools.partial(self._set_shapes, frozenset()))
+            if remote or self._count_remote is not False:
+                await self._submit(functools.partial(self._set_count_remote, remote))
             await sets.transact_elements(self.table, elements, flush=CONTAINERS)
         return True
 
     def _set_shapes(self, shapes: frozenset[Shape]) -> None:
         self._context().run(admit_commands(self.table, shapes))
         self._shapes = shapes
+
+    def _set_count_remote(self, remote: bool) -> None:
+        if self.count_traffic and remote != self._count_remote:
+            self._context().run(count_commands(self.table, remote, self.addresses))
+        self._count_remote = remote
 
     async def restore(
         self,
@@ -266,7 +281,8 @@ class NftablesBackend:
                 if forwarding is not None:
                     forwarding()
                 return
-            await self._submit(functools.partial(self._reconcile, plain.rest, now, False))
+            remote = any(m.key.remote_host for m in wanted)
+            await self._submit(functools.partial(self._reconcile, plain.rest, now, False, remote))
             await sets.transact_elements(self.table, plain.maps)
             if forwarding is not None:
                 forwarding()
@@ -319,6 +335,7 @@ class NftablesBackend:
             hairpin=self.hairpin,
             counters=self.count_traffic,
             admit_shapes=self._shapes,
+            count_remote=self._count_remote,
             addresses=self.addresses,
         )
 
@@ -434,7 +451,14 @@ class NftablesBackend:
     def _entries(self) -> set[KernelEntry]:
         return set(self._listing().entries)
 
-    def _reconcile(self, wanted: list[Mapping], now: float, audit: bool) -> ReconcileReport:
+    def _reconcile(
+        self, wanted: list[Mapping], now: float, audit: bool, remote: bool | None = None
+    ) -> ReconcileReport:
+        """Make the kernel hold exactly `wanted`; `remote`: whether the whole table (of which
+        `wanted` may be a part) holds remote-host-specific entries (None: whether `wanted`
+        does)."""
+        if remote is None:
+            remote = any(m.key.remote_host for m in wanted)
         if audit:
             listing = self._listing()
             commands, report = reconcile_plan(
@@ -448,9 +472,12 @@ class NftablesBackend:
         shapes = frozenset(filter_shapes(KernelEntry.of(m) for m in wanted))
         if shapes != self._shapes:
             commands = admit_commands(self.table, shapes) + commands
+        if self.count_traffic and remote != self._count_remote:
+            commands = count_commands(self.table, remote, self.addresses) + commands
         if commands:
             self._context().run(commands)
         self._shapes = shapes
+        self._count_remote = remote
         return report
 
     def _shutdown(self, flush: bool) -> None:

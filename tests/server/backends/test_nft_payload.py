@@ -19,6 +19,8 @@ from igd.server.backends.nft_payload import (
     check_ifname,
     check_table_name,
     close_commands,
+    count_commands,
+    count_rules,
     destination_commands,
     element_timeout,
     elements,
@@ -168,6 +170,15 @@ def test_counters_count_every_packet_of_mapped_flows_once() -> None:
         " . ct original proto-dst @counted_remote accept",
         f"add rule ip igd forward {mapped} meta l4proto . ct original proto-dst @counted",
     ]
+    # With no remote-host-specific entry in the table, one lookup per packet.
+    rules = [r for r in open_commands("igd", "wan0", count_remote=False).splitlines()
+             if " forward " in r]  # fmt: skip
+    assert rules[-1:] == [
+        f"add rule ip igd forward {mapped} meta l4proto . ct original proto-dst @counted"
+    ]
+    both = [f"add rule ip igd forward {r}" for r in count_rules(True, False)]
+    assert count_commands("igd", True, []).splitlines() == ["flush chain ip igd forward", *both]
+    assert len(count_rules(True, True)) == 4 and len(count_rules(False, True)) == 2
 
 
 def test_admit_tests_every_prefix_length_longest_first_then_drops() -> None:

@@ -267,3 +267,37 @@ async def test_peer_flow_leaves_with_its_external_port_and_its_peer_gets_in(
     the_lab.flush_conntrack()
     seen, _ = the_lab.udp(lan, (LAN_HOST, 4000), wan, (WAN2, 7000), to=(WAN2, 7000))
     assert seen == f"{GATEWAY_WAN} 4000 ping"
+
+
+async def test_remote_host_counting_is_on_exactly_while_such_mappings_exist(
+    net: tuple[Lab, NftablesBackend],
+) -> None:
+    the_lab, backend = net
+
+    def counting_rules() -> list[str]:
+        out = the_lab.gw.run("nft", "list", "chain", "ip", "igd", "forward").stdout
+        return [line.strip() for line in out.splitlines() if "@counted" in line]
+
+    def packets(key: object) -> int:
+        return counts[key][0] if key in counts else 0  # type: ignore[index]
+
+    wildcard = mapping(18082)
+    await backend.reconcile([wildcard], now=NOW)
+    # Only wildcard mappings: each packet of a mapped flow costs one lookup, not two.
+    assert [r.split(" @")[-1] for r in counting_rules()] == ["counted"]
+    assert the_lab.connect(WAN2, 18082) == "8080 203.0.113.2"
+    counts = await backend.counters()
+    assert packets(wildcard.key) > 0
+    # A remote-host mapping on the same port: the remote lookup comes back before it, so
+    # its flows count to it and not to the wildcard.
+    for_wan3 = mapping(18082, remote=WAN3, internal_port=8081)
+    await backend.apply([], [for_wan3], now=NOW)
+    assert [r.split(" @")[-1] for r in counting_rules()] == ["counted_remote accept", "counted"]
+    before = packets(wildcard.key)
+    assert the_lab.connect(WAN3, 18082) == "8081 203.0.113.3"
+    counts = await backend.counters()
+    assert packets(for_wan3.key) > 0 and packets(wildcard.key) == before
+    # Reconciled without it: one lookup again.
+    await backend.reconcile([wildcard], now=NOW)
+    assert [r.split(" @")[-1] for r in counting_rules()] == ["counted"]
+    assert the_lab.connect(WAN2, 18082) == "8080 203.0.113.2"
