@@ -154,9 +154,7 @@ class PcpClient(PcpChannelClient):
             return response.opcode is PcpOpcode.ANNOUNCE
 
         response = await self._exchange(request, match, transmissions, "ANNOUNCE", waits)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, "ANNOUNCE")
-        return response
+        return succeeded(response, "ANNOUNCE")
 
     async def map(
         self,
@@ -255,10 +253,7 @@ class PcpClient(PcpChannelClient):
             return same
 
         what = f"{opcode.name} {'delete' if not lifetime else 'request'}"
-        response = await self._exchange(request, match, transmissions, what)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, what)
-        return response
+        return succeeded(await self._exchange(request, match, transmissions, what), what)
 
     async def _exchange(
         self,
@@ -301,6 +296,13 @@ class PcpClient(PcpChannelClient):
         self.channel.close()
         self.gateway, self.channel = address, self._channel(address)
         await self.channel.open()
+
+
+def succeeded(response: PcpResponse, what: str) -> PcpResponse:
+    """`response` if it is a success, else the error its result code stands for."""
+    if response.result != PcpResult.SUCCESS:
+        raise pcp_error(response.result, response.lifetime, what)
+    return response
 
 
 def answer_matcher(

@@ -9,8 +9,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
-from igd.client.errors import PortUnavailable, ProtocolError, pcp_error
-from igd.client.pcp import MAX_TRANSMISSIONS, PcpChannelClient, answer_matcher, description_option
+from igd.client.errors import PortUnavailable, ProtocolError
+from igd.client.pcp import (
+    MAX_TRANSMISSIONS,
+    PcpChannelClient,
+    answer_matcher,
+    description_option,
+    succeeded,
+)
 from igd.client.timing import PCP_IRT
 from igd.client.udp import UdpChannel
 from igd.model import Mechanism, Protocol
@@ -22,7 +28,6 @@ from igd.proto.pcp import (
     PcpOption,
     PcpRequest,
     PcpResponse,
-    PcpResult,
 )
 
 ANY_V6 = IPv6Address(0)  # RFC 6887 §11.1: "::" suggests no external address
@@ -78,9 +83,7 @@ class Pcp6Client(PcpChannelClient):
         response = await self._exchange(
             request, lambda r: r.opcode is PcpOpcode.ANNOUNCE, "ANNOUNCE", waits
         )
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, "ANNOUNCE")
-        return response
+        return succeeded(response, "ANNOUNCE")
 
     async def map(
         self,
@@ -137,10 +140,7 @@ class Pcp6Client(PcpChannelClient):
             )
 
         what = f"MAP {'delete' if not lifetime else 'request'} over IPv6"
-        response = await self._exchange(request, match, what)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, what)
-        return response
+        return succeeded(await self._exchange(request, match, what), what)
 
     async def _exchange(
         self,
