@@ -369,11 +369,7 @@ class PcpHandler:
     def _error(
         self, data: bytes, result: PcpResult, lifetime: int | None, *, parsed: bool
     ) -> bytes:
-        if lifetime is None:
-            lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
-        return pcp.encode_error(
-            data, result, lifetime=lifetime, epoch=self.service.epoch(), parsed=parsed
-        )
+        return error_reply(data, result, lifetime, epoch=self.service.epoch(), parsed=parsed)
 
     def _remember(self, mapping: Mapping, source: tuple[str, int]) -> None:
         self.follow()
@@ -447,6 +443,16 @@ class PcpHandler:
             opcode, PcpResult.SUCCESS, lifetime, self.service.epoch(), data, tuple(options),
         )  # fmt: skip
         return pcp.encode_response(response)
+
+
+def error_reply(
+    data: bytes, result: PcpResult, lifetime: int | None, *, epoch: int, parsed: bool
+) -> bytes:
+    """The error answer to request `data`: its copy with `result` set (§8.2), for `lifetime`
+    or else the one §7.4 recommends for `result`."""
+    if lifetime is None:
+        lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
+    return pcp.encode_error(data, result, lifetime=lifetime, epoch=epoch, parsed=parsed)
 
 
 def _protocol(number: int, internal_port: int) -> Protocol:
