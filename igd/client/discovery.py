@@ -282,11 +282,7 @@ async def ssdp_search(
         if trace is not None:
             unicast_to = f"unicast to {gateway}, " if gateway is not None else ""
             trace(f"ssdp: searches sent ({unicast_to}multicast ssdp:all and IGD:1)")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(budget):
-                await _first_of(first, cutoff)
-                if first.is_set():
-                    await asyncio.sleep(settle)
+        await _collect(first, cutoff, budget, settle)
     finally:
         listener.async_stop()
     return sorted(replies.values(), key=lambda r: r.rank(gateway))
@@ -295,6 +291,18 @@ async def ssdp_search(
 def _source(headers: Any) -> tuple[str, int]:
     remote = headers.get_lower("_remote_addr") or ("", 0)
     return (str(remote[0]), int(remote[1]))
+
+
+async def _collect(
+    first: asyncio.Event, cutoff: asyncio.Event | None, budget: float, settle: float
+) -> None:
+    """Wait up to `budget` for the `first` reply (or the `cutoff`), then `settle` more for
+    the others a search brings."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(budget):
+            await _first_of(first, cutoff)
+            if first.is_set():
+                await asyncio.sleep(settle)
 
 
 async def _first_of(*events: asyncio.Event | None) -> None:

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from igd.client.announce import Announcement, AnnouncementListener
-from igd.client.calls import MapCall, bounded
+from igd.client.calls import Exposed, MapCall, bounded, expose
 from igd.client.discovery import default_gateway, default_routes, ssdp_search
 from igd.client.errors import (
     GatewayTimeout,
@@ -394,6 +394,23 @@ class PortMapper(EarlierRuns, PinholeCalls):
                 order.remove(Mechanism.NATPMP)  # the PCP driver falls back to it
             drivers = [await self.driver(m) for m in order]
         return await self._first_grant(drivers, spec)
+
+    async def expose(
+        self,
+        internal_port: int,
+        protocol: Protocol | str = Protocol.TCP,
+        *,
+        lifetime: int = 7200,
+        description: str = "",
+        timeout: float | None = None,
+    ) -> Exposed:
+        """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
+        A family that fails is left out, its error in `errors`; raises only if both fail."""
+        return await expose(
+            self.map(internal_port, protocol, lifetime=lifetime, description=description),
+            self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
+            timeout,
+        )
 
     async def _refresh_held(
         self,

@@ -286,11 +286,7 @@ class Mapping(Generic[A]):
         """Stop renewing and delete the mapping on the gateway (best effort, bounded)."""
         if self.released:
             return
-        self.released = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._stop()
         try:
             async with asyncio.timeout(timeout):
                 await self._driver.delete(self.spec, self.grant)
@@ -302,12 +298,16 @@ class Mapping(Generic[A]):
     async def detach(self) -> None:
         """Stop renewing and forget the mapping, leaving it on the gateway until its lease
         ends (what `igd map` without --keep does)."""
+        await self._stop()
+        self._mapper.forget(self)
+
+    async def _stop(self) -> None:
+        """Mark the mapping released and end its renewal task."""
         self.released = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._mapper.forget(self)
 
     async def _request(self, previous: Grant | None, timeout: float | None = None) -> Grant:
         try:

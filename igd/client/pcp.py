@@ -66,7 +66,33 @@ class PcpGrant:
     """The description the server stored and echoed (None if it ignored the option)."""
 
 
-class PcpClient(ChannelClient):
+class PcpChannelClient(ChannelClient):
+    """What PCP over IPv4 and over IPv6 share: the retransmission schedule (RFC 6887 §8.1.1)
+    and the unsolicited answers (ANNOUNCE, Mapping Update) handed to `on_unsolicited`."""
+
+    transmissions: int
+    first_wait: float
+    rand: Callable[[], float]
+    on_unsolicited: Callable[[PcpResponse], None] | None
+
+    def _unsolicited(self, data: bytes) -> None:
+        try:
+            response = pcp.decode_response(data)
+        except DecodeError:
+            return
+        if self.on_unsolicited is not None:
+            self.on_unsolicited(response)
+
+    def _waits(self, waits: Iterable[float] | None, transmissions: int | None) -> Iterable[float]:
+        """`waits` if given, else the RFC's schedule for `transmissions` (default: ours)."""
+        if waits is not None:
+            return waits
+        return itertools.islice(
+            pcp_waits(self.rand, irt=self.first_wait), transmissions or self.transmissions
+        )
+
+
+class PcpClient(PcpChannelClient):
     """Talks PCP to one server. Keep it open: the server sends Mapping Updates and ANNOUNCEs
     to the address and port the requests came from, and `on_unsolicited` receives them.
 
@@ -116,14 +142,6 @@ class PcpClient(ChannelClient):
     def local_address(self) -> IPv4Address:
         return self.channel.local_address
 
-    def _unsolicited(self, data: bytes) -> None:
-        try:
-            response = pcp.decode_response(data)
-        except DecodeError:
-            return
-        if self.on_unsolicited is not None:
-            self.on_unsolicited(response)
-
     async def announce(
         self, *, transmissions: int | None = None, waits: Sequence[float] | None = None
     ) -> PcpResponse:
@@ -136,9 +154,7 @@ class PcpClient(ChannelClient):
             return response.opcode is PcpOpcode.ANNOUNCE
 
         response = await self._exchange(request, match, transmissions, "ANNOUNCE", waits)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, "ANNOUNCE")
-        return response
+        return succeeded(response, "ANNOUNCE")
 
     async def map(
         self,
@@ -237,10 +253,7 @@ class PcpClient(ChannelClient):
             return same
 
         what = f"{opcode.name} {'delete' if not lifetime else 'request'}"
-        response = await self._exchange(request, match, transmissions, what)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, what)
-        return response
+        return succeeded(await self._exchange(request, match, transmissions, what), what)
 
     async def _exchange(
         self,
@@ -251,24 +264,20 @@ class PcpClient(ChannelClient):
         waits: Iterable[float] | None = None,
     ) -> PcpResponse:
         matcher = answer_matcher(match)
-
-        def schedule() -> Iterable[float]:
-            if waits is not None:
-                return waits
-            return itertools.islice(
-                pcp_waits(self.rand, irt=self.first_wait), transmissions or self.transmissions
-            )
-
         payload = pcp.encode_request(request)
         if len(self.addresses) == 1:
-            return await self.channel.exchange(payload, matcher, schedule(), f"PCP {what}")
+            return await self.channel.exchange(
+                payload, matcher, self._waits(waits, transmissions), f"PCP {what}"
+            )
         # RFC 7488 §3 step 6: the address that answered first, then the others in order.
         failures = []
         for address in (self.gateway, *(a for a in self.addresses if a != self.gateway)):
             if address != self.gateway:
                 await self._use(address)
             try:
-                return await self.channel.exchange(payload, matcher, schedule(), f"PCP {what}")
+                return await self.channel.exchange(
+                    payload, matcher, self._waits(waits, transmissions), f"PCP {what}"
+                )
             except NoGatewayError as exc:
                 # Step 4: no answer after MRC transmissions, or a hard ICMP error at once.
                 if self._closed:
@@ -287,6 +296,13 @@ class PcpClient(ChannelClient):
         self.channel.close()
         self.gateway, self.channel = address, self._channel(address)
         await self.channel.open()
+
+
+def succeeded(response: PcpResponse, what: str) -> PcpResponse:
+    """`response` if it is a success, else the error its result code stands for."""
+    if response.result != PcpResult.SUCCESS:
+        raise pcp_error(response.result, response.lifetime, what)
+    return response
 
 
 def answer_matcher(
@@ -346,9 +362,14 @@ def _options(
         # RFC 6887 §13.3: an IPv4 filter's prefix length counts the 96-bit mapped prefix.
         options.append(PcpFilter(96 + prefix, port, mapped(address)))
     if description is not None:
-        text = description.encode()[: pcp.DESCRIPTION_MAX].decode(errors="ignore")
-        options.append(PcpDescription(text))
+        options.append(description_option(description))
     return tuple(options)
+
+
+def description_option(description: str) -> PcpDescription:
+    """The DESCRIPTION option (RFC 7220), cut to what fits, on a character boundary."""
+    text = description.encode()[: pcp.DESCRIPTION_MAX].decode(errors="ignore")
+    return PcpDescription(text)
 
 
 def _grant(response: PcpResponse, protocol: Protocol, internal_port: int, nonce: bytes) -> PcpGrant:

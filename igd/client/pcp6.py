@@ -4,28 +4,30 @@ kernel would pick toward a link-local router (§8.1: the server is the default r
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
-from igd.client.errors import PortUnavailable, ProtocolError, pcp_error
-from igd.client.pcp import MAX_TRANSMISSIONS, answer_matcher
-from igd.client.timing import PCP_IRT, pcp_waits
-from igd.client.udp import ChannelClient, UdpChannel
+from igd.client.errors import PortUnavailable, ProtocolError
+from igd.client.pcp import (
+    MAX_TRANSMISSIONS,
+    PcpChannelClient,
+    answer_matcher,
+    description_option,
+    succeeded,
+)
+from igd.client.timing import PCP_IRT
+from igd.client.udp import UdpChannel
 from igd.model import Mechanism, Protocol
 from igd.proto import pcp
-from igd.proto.errors import DecodeError
 from igd.proto.pcp import (
-    PcpDescription,
     PcpFilter,
     PcpMapData,
     PcpOpcode,
     PcpOption,
     PcpRequest,
     PcpResponse,
-    PcpResult,
 )
 
 ANY_V6 = IPv6Address(0)  # RFC 6887 §11.1: "::" suggests no external address
@@ -45,7 +47,7 @@ class Pcp6Grant:
     nonce: bytes
 
 
-class Pcp6Client(ChannelClient):
+class Pcp6Client(PcpChannelClient):
     """Talks PCP to one server over IPv6, from `local` (the address pinholes open to).
     Keep it open: ANNOUNCEs and Mapping Updates come to the request socket too."""
 
@@ -74,14 +76,6 @@ class Pcp6Client(ChannelClient):
     def local_address(self) -> IPv6Address:
         return self.channel.local_address
 
-    def _unsolicited(self, data: bytes) -> None:
-        try:
-            response = pcp.decode_response(data)
-        except DecodeError:
-            return
-        if self.on_unsolicited is not None:
-            self.on_unsolicited(response)
-
     async def announce(self, *, waits: Sequence[float] | None = None) -> PcpResponse:
         """Solicited ANNOUNCE (RFC 6887 §14.1.1): is PCP there over IPv6, and its epoch."""
         await self.open()
@@ -89,9 +83,7 @@ class Pcp6Client(ChannelClient):
         response = await self._exchange(
             request, lambda r: r.opcode is PcpOpcode.ANNOUNCE, "ANNOUNCE", waits
         )
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, "ANNOUNCE")
-        return response
+        return succeeded(response, "ANNOUNCE")
 
     async def map(
         self,
@@ -109,8 +101,7 @@ class Pcp6Client(ChannelClient):
         data = PcpMapData(nonce, protocol.number, internal_port, internal_port, ANY_V6)
         options: list[PcpOption] = [PcpFilter(p, port, a) for a, p, port in filters]
         if description:
-            text = description.encode()[: pcp.DESCRIPTION_MAX].decode(errors="ignore")
-            options.append(PcpDescription(text))
+            options.append(description_option(description))
         response = await self._map(data, lifetime, tuple(options))
         got = response.data
         assert isinstance(got, PcpMapData)  # matched on it
@@ -149,10 +140,7 @@ class Pcp6Client(ChannelClient):
             )
 
         what = f"MAP {'delete' if not lifetime else 'request'} over IPv6"
-        response = await self._exchange(request, match, what)
-        if response.result != PcpResult.SUCCESS:
-            raise pcp_error(response.result, response.lifetime, what)
-        return response
+        return succeeded(await self._exchange(request, match, what), what)
 
     async def _exchange(
         self,
@@ -161,10 +149,6 @@ class Pcp6Client(ChannelClient):
         what: str,
         waits: Iterable[float] | None = None,
     ) -> PcpResponse:
-        schedule = waits
-        if schedule is None:
-            schedule = itertools.islice(
-                pcp_waits(self.rand, irt=self.first_wait), self.transmissions
-            )
         payload = pcp.encode_request(request)
+        schedule = self._waits(waits, None)
         return await self.channel.exchange(payload, answer_matcher(match), schedule, f"PCP {what}")

@@ -1,14 +1,14 @@
 """`PortMapper`'s IPv6 calls: `pinhole()` (PCP over IPv6, then UPnP
-WANIPv6FirewallControl), `expose()` for both families, `probe_ipv6()`, and re-opening
-pinholes when the IPv6 router lost its state. A mixin of `PortMapper`."""
+WANIPv6FirewallControl), `probe_ipv6()`, and re-opening pinholes when the IPv6 router lost
+its state. A mixin of `PortMapper`."""
 
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from ipaddress import IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
-from igd.client.calls import Exposed, MapCall, bounded, expose
+from igd.client.calls import MapCall, bounded
 from igd.client.mapping import Mapping
 from igd.client.mechanisms import Driver, MapSpec
 from igd.client.pinholes import PINHOLE_MECHANISMS, Ipv6Gateway, Ipv6Report, Pinhole, remote_peers
@@ -27,20 +27,6 @@ class PinholeCalls:
     recovery_delay: float
 
     if TYPE_CHECKING:  # supplied by PortMapper
-
-        def map(
-            self,
-            internal_port: int,
-            protocol: Protocol | str = Protocol.TCP,
-            *,
-            external_port: int | None = None,
-            lifetime: int = 7200,
-            description: str = "",
-            via: Mechanism | str | None = None,
-            exact: bool = False,
-            timeout: float | None = None,
-            nonce: bytes | None = None,
-        ) -> MapCall[Mapping[IPv4Address]]: ...
 
         async def _refresh_held(
             self,
@@ -113,23 +99,6 @@ class PinholeCalls:
             held = await self._first_grant(drivers, spec)
         assert isinstance(held, Pinhole)
         return held
-
-    async def expose(
-        self,
-        internal_port: int,
-        protocol: Protocol | str = Protocol.TCP,
-        *,
-        lifetime: int = 7200,
-        description: str = "",
-        timeout: float | None = None,
-    ) -> Exposed:
-        """Both families at once: a mapping (IPv4) and a pinhole (IPv6) to `internal_port`.
-        A family that fails is left out, its error in `errors`; raises only if both fail."""
-        return await expose(
-            self.map(internal_port, protocol, lifetime=lifetime, description=description),
-            self.pinhole(internal_port, protocol, lifetime=lifetime, description=description),
-            timeout,
-        )
 
     async def probe_ipv6(
         self, *, refresh: bool = False, timeout: float | None = None

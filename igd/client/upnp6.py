@@ -6,7 +6,6 @@ caller's own address, and secure gateways refuse anything else with 606)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from ipaddress import IPv6Address
@@ -18,7 +17,7 @@ from async_upnp_client.exceptions import UpnpError
 from async_upnp_client.search import SsdpSearchListener
 from async_upnp_client.ssdp import SsdpProtocol, build_ssdp_search_packet
 
-from igd.client.discovery import MAX_REPLIES, SETTLE, Router6, SsdpReply, _first_of, _source
+from igd.client.discovery import MAX_REPLIES, SETTLE, Router6, SsdpReply, _collect, _source
 from igd.client.errors import GatewayTimeout, NoGatewayError, Unsupported
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism, Protocol
@@ -169,11 +168,7 @@ async def ssdp_search6(
         protocol.send_ssdp_packet(build_ssdp_search_packet(unicast, mx, "ssdp:all"), unicast)
         for target in (FIREWALL, "urn:schemas-upnp-org:device:InternetGatewayDevice:2"):
             protocol.send_ssdp_packet(build_ssdp_search_packet(group, mx, target), group)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(budget):
-                await _first_of(first, cutoff)
-                if first.is_set():
-                    await asyncio.sleep(SETTLE)
+        await _collect(first, cutoff, budget, SETTLE)
     finally:
         listener.async_stop()
 

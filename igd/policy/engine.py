@@ -80,6 +80,8 @@ _Ports = tuple[PortSet, tuple[str, ...], str]
 MAX_REMEMBERED_REQUESTERS = 4096
 """(client, mechanism) pairs whose rule matches a Policy remembers (all cleared beyond it)."""
 _DEFAULT_ONLY: tuple[IPv4Address | None, ...] = (None,)
+# A pinhole over quota is refused as a mapping would be, in the pinholes' own terms.
+_QUOTA_REFUSALS = {Reason.CLIENT_QUOTA: Refusal.QUOTA, Reason.GATEWAY_QUOTA: Refusal.FULL}
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,25 +291,16 @@ class Policy:
             )
             return PinholeDeny(Refusal.THIRD_PARTY, name, detail)
         if not renewal:
-            limit, limit_by = self.defaults.max_mappings_per_client, DEFAULTS_NAME
-            if rule and rule.max_mappings_per_client is not None:
-                limit, limit_by = rule.max_mappings_per_client, name
-            if held >= limit:
-                detail = f"client {client} holds {held} pinholes (limit {limit})"
-                return PinholeDeny(Refusal.QUOTA, limit_by, detail)
-            if total >= self.defaults.max_mappings:
-                detail = f"the gateway holds {total} pinholes (limit {self.defaults.max_mappings})"
-                return PinholeDeny(Refusal.FULL, DEFAULTS_NAME, detail)
+            over = self._over_quota(rule, client, held, total, "pinholes")
+            if over is not None:
+                return PinholeDeny(_QUOTA_REFUSALS[over.reason], over.rule, over.detail)
         filters: tuple[PinholeFilter, ...] | None = None
         if rule is not None and rule.remote_hosts is not None:
             restricted = _restrict_pinhole(rule.remote_hosts, request)
             if isinstance(restricted, str):
                 return PinholeDeny(Refusal.NOT_ALLOWED, name, restricted)
             filters = restricted
-        lifetime, notes = self._lease(rule, request.lifetime)
-        if filters is not None and filters != request.filters:
-            sources = ", ".join(_filter_text(f) for f in filters)
-            notes.append(f"remote sources limited to {sources} by rule {name!r}")
+        lifetime, notes = self._lease(rule, request.lifetime, filters, request.filters)
         return PinholeAllow(name, lifetime, tuple(notes), filters)
 
     def may_manage(self, client: IPv4Address, mechanism: Mechanism) -> bool:
@@ -428,17 +421,10 @@ class Policy:
             )
 
         if not renewal:
-            limit, limit_by = defaults.max_mappings_per_client, DEFAULTS_NAME
-            if rule and rule.max_mappings_per_client is not None:
-                limit, limit_by = rule.max_mappings_per_client, name
             held = view.count_for_client(request.client)
-            if held >= limit:
-                detail = f"client {request.client} holds {held} mappings (limit {limit})"
-                return Deny(Reason.CLIENT_QUOTA, limit_by, detail)
-            total = len(view)
-            if total >= defaults.max_mappings:
-                detail = f"the gateway holds {total} mappings (limit {defaults.max_mappings})"
-                return Deny(Reason.GATEWAY_QUOTA, DEFAULTS_NAME, detail)
+            over = self._over_quota(rule, request.client, held, len(view), "mappings")
+            if over is not None:
+                return over
 
         filters: tuple[RemoteFilter, ...] | None = None
         if rule is not None and rule.remote_hosts is not None:
@@ -447,10 +433,7 @@ class Policy:
                 return Deny(Reason.POLICY_DENIED, name, restricted)
             filters = restricted
 
-        lifetime, notes = self._lease(rule, request.lifetime)
-        if filters is not None and filters != request.filters:
-            sources = ", ".join(_filter_text(f) for f in filters)
-            notes.append(f"remote sources limited to {sources} by rule {name!r}")
+        lifetime, notes = self._lease(rule, request.lifetime, filters, request.filters)
         if narrowed:
             notes.append(narrowed)
         if not fixed and request.external_port and request.external_port not in allowed:
@@ -460,9 +443,7 @@ class Policy:
             )
         return Allow(name, lifetime, allowed, tuple(notes), filters)
 
-    def _allowed_ports(
-        self, rule: Rule | None, carved: PortSet, carved_by: list[str]
-    ) -> _Ports:
+    def _allowed_ports(self, rule: Rule | None, carved: PortSet, carved_by: list[str]) -> _Ports:
         """The external ports an allowing rule grants once `carved` is taken out, the rules
         that narrowed them and the note saying so ("" if none did), remembered: the same few
         combinations recur."""
@@ -484,18 +465,46 @@ class Policy:
             found = self._ports[key] = (allowed, tuple(narrowed_by), narrowed)
         return found
 
-    def _lease(self, rule: Rule | None, requested: int) -> tuple[int, list[str]]:
-        """Clamp a requested lease to the rule's and the defaults' bounds."""
+    def _over_quota(
+        self, rule: Rule | None, client: object, held: int, total: int, what: str
+    ) -> Deny | None:
+        """The Deny of a new lease past the client's limit (the rule's, else the defaults')
+        or the gateway's, with `held` and `total` leases of its kind (`what`); None if under."""
+        limit, limit_by = self.defaults.max_mappings_per_client, DEFAULTS_NAME
+        if rule and rule.max_mappings_per_client is not None:
+            limit, limit_by = rule.max_mappings_per_client, rule.name
+        if held >= limit:
+            detail = f"client {client} holds {held} {what} (limit {limit})"
+            return Deny(Reason.CLIENT_QUOTA, limit_by, detail)
+        if total >= self.defaults.max_mappings:
+            detail = f"the gateway holds {total} {what} (limit {self.defaults.max_mappings})"
+            return Deny(Reason.GATEWAY_QUOTA, DEFAULTS_NAME, detail)
+        return None
+
+    def _lease(
+        self,
+        rule: Rule | None,
+        requested: int,
+        filters: tuple[RemoteFilter | PinholeFilter, ...] | None,
+        asked: tuple[RemoteFilter | PinholeFilter, ...],
+    ) -> tuple[int, list[str]]:
+        """Clamp a requested lease to the rule's and the defaults' bounds; the notes say so,
+        and name the remote sources when the rule's `filters` replace those `asked`."""
         cap, cap_by = self.defaults.max_lease, "defaults.max_lease"
         if rule and rule.max_lease is not None and rule.max_lease < cap:
             cap, cap_by = rule.max_lease, f"max_lease of rule {rule.name!r}"
         lifetime = min(max(min(requested, cap), self.defaults.min_lease), self.defaults.max_lease)
+        notes = []
         if lifetime < requested:
-            return lifetime, [f"lease shortened from {requested} s to {lifetime} s ({cap_by})"]
-        if lifetime > requested:
-            note = f"lease lengthened from {requested} s to {lifetime} s (defaults.min_lease)"
-            return lifetime, [note]
-        return lifetime, []
+            notes.append(f"lease shortened from {requested} s to {lifetime} s ({cap_by})")
+        elif lifetime > requested:
+            by = "defaults.min_lease"
+            notes.append(f"lease lengthened from {requested} s to {lifetime} s ({by})")
+        if filters is not None and filters != asked:
+            sources = ", ".join(_filter_text(f) for f in filters)
+            name = DEFAULTS_NAME if rule is None else rule.name
+            notes.append(f"remote sources limited to {sources} by rule {name!r}")
+        return lifetime, notes
 
 
 def sources_changed(decision: Allow, mapping: Mapping) -> Deny | None:

@@ -102,17 +102,26 @@ def run_command(
     return handle
 
 
+def control_socket(args: argparse.Namespace, command: str) -> Path | None:
+    """--socket, else the configuration's control socket; None (the error said on stderr)
+    if the configuration does not load."""
+    given: Path | None = args.socket
+    if given is not None:
+        return given
+    try:
+        return Config.load(args.config).control_socket
+    except ConfigError as error:
+        print(f"igd-server {command}: {error}", file=sys.stderr)
+        return None
+
+
 def send(
     args: argparse.Namespace, command: str, arguments: dict[str, Any], human: Callable[[Any], str]
 ) -> int:
     """Ask the daemon; print the result (as JSON with --json) or the refusal on stderr."""
-    path = args.socket
+    path = control_socket(args, command)
     if path is None:
-        try:
-            path = Config.load(args.config).control_socket
-        except ConfigError as error:
-            print(f"igd-server {command}: {error}", file=sys.stderr)
-            return BAD_CONFIG
+        return BAD_CONFIG
     timeout = LONG_TIMEOUT if command in ("flush", "reload") else 5.0
     try:
         result = ask(path, command, arguments, timeout=timeout)

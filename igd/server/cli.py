@@ -16,7 +16,7 @@ from typing import Any
 import igd
 from igd.policy import Policy, PolicyFileError
 from igd.server.admin.cli import add_console_commands
-from igd.server.admin_cli import add_admin_commands
+from igd.server.admin_cli import add_admin_commands, control_socket
 from igd.server.config import Config, ConfigError
 from igd.server.control import NotRunning, Refused, ask
 from igd.server.examples import detect, lan_hint, render_unit, write_examples
@@ -271,13 +271,9 @@ def run_unit(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    socket_path = args.socket
+    socket_path = control_socket(args, "list")
     if socket_path is None:
-        try:
-            socket_path = Config.load(args.config).control_socket
-        except ConfigError as error:
-            print(f"igd-server list: {error}", file=sys.stderr)
-            return 2
+        return 2
     try:
         mappings = ask(socket_path, "pinholes" if args.pinholes else "list")
     except NotRunning as error:

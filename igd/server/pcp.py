@@ -32,7 +32,7 @@ from igd.server.backends import BackendError
 from igd.server.interfaces import ExternalAddress
 from igd.server.pcp_options import DEFAULT_LIMITS, Limits, OptionRules, Options, PcpError
 from igd.server.service import Service
-from igd.server.upstream import UpstreamRefusal
+from igd.server.upstream import Public, UpstreamRefusal
 
 log = logging.getLogger("igd.pcp")
 
@@ -154,13 +154,7 @@ class PcpHandler:
             external_address=self._suggested(data.external_address),
         )
         existing = self._existing(ask)
-        if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
-            told = self.service.told(existing, 0)
-            if told is not None and told.port == ask.external_port:
-                # Double NAT: the client renews the port it was told, the upstream's; here
-                # the mapping holds its local port (RFC 6887 §13.2 asks only that the
-                # client keeps the port it knows).
-                ask = replace(ask, external_port=existing.external_port)
+        ask = self._told_port(ask, existing)
         ask = replace(
             ask,
             description=self.options.description(options, existing),
@@ -168,24 +162,10 @@ class PcpHandler:
         )
         mapping, granted = await self._grant(ask)
         port, address = mapping.external_port, self._external(mapping.external_address)
-        public = await self.service.public(mapping, granted)
-        if isinstance(public, UpstreamRefusal):
-            # A PCP proxy (RFC 7648) relays the server's refusal to its client.
-            raise PcpError(RESULT_FOR[public.reason], public.detail, None)
-        if (
-            public is not None
-            and options.prefer_failure
-            and existing is None
-            and public.address is not None
-            and public.port != data.external_port
-        ):
-            # §13.2: PREFER_FAILURE takes the port asked or nothing; the upstream gave another.
-            try:
-                await self.service.remove([mapping], why="upstream gave another port")
-            except BackendError as error:
-                log.error("could not remove %s: %s", mapping, error)
-            detail = f"the upstream gateway gave port {public.port}, not {data.external_port}"
-            raise PcpError(PcpResult.CANNOT_PROVIDE_EXTERNAL, detail, None)
+        # §13.2: PREFER_FAILURE takes the port asked or nothing.
+        public = await self._public(
+            mapping, granted, existing, data.external_port, options.prefer_failure
+        )
         if public is not None:
             # Double NAT (RFC 7648): the upstream's endpoint, for the lesser of both leases;
             # the nonce is ours to match with the client, the upstream sees the proxy's own.
@@ -234,11 +214,7 @@ class PcpHandler:
             exact_port=data.external_port != 0,
         )
         existing = self._existing(ask)
-        if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
-            told = self.service.told(existing, 0)
-            if told is not None and told.port == ask.external_port:
-                # Double NAT: the client renews with the port it was told, the upstream's.
-                ask = replace(ask, external_port=existing.external_port)
+        ask = self._told_port(ask, existing)
         if existing is not None:
             # PEER can extend a mapping but never shorten or delete it (§12.3, §15).
             ask = replace(
@@ -251,23 +227,10 @@ class PcpHandler:
         port, address = mapping.external_port, self._external()
         # Double NAT: the remote peer sees the upstream's endpoint, so that is the answer (a
         # PCP proxy, RFC 7648 §3); the mirror holds it with a MAP of our port (docs/upstream.md).
-        public = await self.service.public(mapping, granted)
-        if isinstance(public, UpstreamRefusal):
-            raise PcpError(RESULT_FOR[public.reason], public.detail, None)
-        if (
-            public is not None
-            and existing is None
-            and data.external_port != 0
-            and public.address is not None
-            and public.port != data.external_port
-        ):
-            # §12.3: a new PEER mapping whose suggested port cannot be honoured fails.
-            try:
-                await self.service.remove([mapping], why="upstream gave another port")
-            except BackendError as error:
-                log.error("could not remove %s: %s", mapping, error)
-            detail = f"the upstream gateway gave port {public.port}, not {data.external_port}"
-            raise PcpError(PcpResult.CANNOT_PROVIDE_EXTERNAL, detail, None)
+        # §12.3: a new PEER mapping whose suggested port cannot be honoured fails.
+        public = await self._public(
+            mapping, granted, existing, data.external_port, data.external_port != 0
+        )
         if public is not None:
             port, granted = public.port, public.lifetime
             if public.address is not None:
@@ -313,6 +276,41 @@ class PcpHandler:
         )
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _told_port(self, ask: MapRequest, existing: Mapping | None) -> MapRequest:
+        """`ask` for the port the mapping holds here when the client renews the port it was
+        told, the upstream's (double NAT): RFC 6887 §13.2 asks only that the client keeps
+        the port it knows."""
+        if existing is not None and ask.exact_port and ask.external_port != existing.external_port:
+            told = self.service.told(existing, 0)
+            if told is not None and told.port == ask.external_port:
+                return replace(ask, external_port=existing.external_port)
+        return ask
+
+    async def _public(
+        self, mapping: Mapping, granted: int, existing: Mapping | None, suggested: int, exact: bool
+    ) -> Public | None:
+        """The upstream's endpoint for a mapping just granted (double NAT), or None. A refusal
+        upstream fails the request; so does another port than `suggested` for a new `exact`
+        mapping, which is removed again."""
+        public = await self.service.public(mapping, granted)
+        if isinstance(public, UpstreamRefusal):
+            # A PCP proxy (RFC 7648) relays the server's refusal to its client.
+            raise PcpError(RESULT_FOR[public.reason], public.detail, None)
+        if (
+            public is not None
+            and exact
+            and existing is None
+            and public.address is not None
+            and public.port != suggested
+        ):
+            try:
+                await self.service.remove([mapping], why="upstream gave another port")
+            except BackendError as error:
+                log.error("could not remove %s: %s", mapping, error)
+            detail = f"the upstream gateway gave port {public.port}, not {suggested}"
+            raise PcpError(PcpResult.CANNOT_PROVIDE_EXTERNAL, detail, None)
+        return public
 
     async def _grant(self, ask: MapRequest) -> tuple[Mapping, int]:
         result = await self.service.map(ask)
@@ -371,11 +369,7 @@ class PcpHandler:
     def _error(
         self, data: bytes, result: PcpResult, lifetime: int | None, *, parsed: bool
     ) -> bytes:
-        if lifetime is None:
-            lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
-        return pcp.encode_error(
-            data, result, lifetime=lifetime, epoch=self.service.epoch(), parsed=parsed
-        )
+        return error_reply(data, result, lifetime, epoch=self.service.epoch(), parsed=parsed)
 
     def _remember(self, mapping: Mapping, source: tuple[str, int]) -> None:
         self.follow()
@@ -449,6 +443,16 @@ class PcpHandler:
             opcode, PcpResult.SUCCESS, lifetime, self.service.epoch(), data, tuple(options),
         )  # fmt: skip
         return pcp.encode_response(response)
+
+
+def error_reply(
+    data: bytes, result: PcpResult, lifetime: int | None, *, epoch: int, parsed: bool
+) -> bytes:
+    """The error answer to request `data`: its copy with `result` set (§8.2), for `lifetime`
+    or else the one §7.4 recommends for `result`."""
+    if lifetime is None:
+        lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
+    return pcp.encode_error(data, result, lifetime=lifetime, epoch=epoch, parsed=parsed)
 
 
 def _protocol(number: int, internal_port: int) -> Protocol:

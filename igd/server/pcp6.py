@@ -35,7 +35,7 @@ from igd.proto.pcp import (
     PcpUnknownOption,
 )
 from igd.server.interfaces import bind_to_device
-from igd.server.pcp import LONG_ERROR_LIFETIME, SHORT_ERROR_LIFETIME, SHORT_ERRORS
+from igd.server.pcp import error_reply
 from igd.server.pcp_options import PcpError
 from igd.server.pinholes import CommitError, PinholeService
 from igd.server.pxp import ANNOUNCE_COPIES, ANNOUNCE_FIRST_GAP, RateLimiter
@@ -193,10 +193,8 @@ class Pcp6Handler:
     def _error(
         self, data: bytes, result: PcpResult, lifetime: int | None, *, now: float, parsed: bool
     ) -> bytes:
-        if lifetime is None:
-            lifetime = SHORT_ERROR_LIFETIME if result in SHORT_ERRORS else LONG_ERROR_LIFETIME
         epoch = self.service.epoch(now=now)
-        return pcp.encode_error(data, result, lifetime=lifetime, epoch=epoch, parsed=parsed)
+        return error_reply(data, result, lifetime, epoch=epoch, parsed=parsed)
 
     def announcement(self) -> bytes:
         """The unsolicited ANNOUNCE after a (re)start (§14.1.3)."""

@@ -209,7 +209,7 @@ def pinhole_explanation(
             "lifetime": decision.lifetime,
             "requested_lifetime": request.lifetime,
             "restrictions": list(decision.notes),
-            "remote_sources": _pinhole_sources(decision),
+            "remote_sources": _sources(decision),
         }
     else:
         reason = decision.refusal.name.lower().replace("_", "-")
@@ -231,7 +231,7 @@ def render_pinhole(
     if isinstance(decision, PinholeAllow):
         lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
         lines.append(f"external port:  {key.internal_port} (a pinhole translates nothing)")
-        sources = _pinhole_sources(decision)
+        sources = _sources(decision)
         if sources is not None:
             lines.append(f"remote sources: {', '.join(sources)}")
         for index, note in enumerate(decision.notes or ("none",)):
@@ -250,14 +250,6 @@ def _rule_text(policy: Policy, name: str) -> str:
     if name == DEFAULTS_NAME:
         return f"{DEFAULTS_NAME} ({policy.source} [defaults])"
     return name
-
-
-def _pinhole_sources(decision: PinholeAllow) -> list[str] | None:
-    if decision.filters is None:
-        return None
-    return [str(f.network) + (f" port {f.port}" if f.port else "") for f in decision.filters] or [
-        "the remote host asked for"
-    ]
 
 
 def decide(policy: Policy, request: MapRequest, *, renewal: bool = False) -> Decision:
@@ -303,12 +295,8 @@ def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
         headline += f", external port {request.external_port} ({kind})"
     verdict = "ALLOW" if isinstance(decision, Allow) else "DENY"
     lines = [f"{verdict:<6} {headline}"]
-    rule = policy.rule(decision.rule)
-    if rule is not None:
-        where = f"{policy.source}:{rule.line}" if rule.line else policy.source
-        lines.append(f"rule:           {rule.name} ({where})")
-    elif decision.rule == DEFAULTS_NAME:
-        lines.append(f"rule:           {DEFAULTS_NAME} ({policy.source} [defaults])")
+    if policy.rule(decision.rule) is not None or decision.rule == DEFAULTS_NAME:
+        lines.append(f"rule:           {_rule_text(policy, decision.rule)}")
     if isinstance(decision, Allow):
         lines.append(f"lease:          {decision.lifetime} s (requested {request.lifetime} s)")
         lines.append(f"external ports: {decision.external_ports}")
@@ -327,7 +315,7 @@ def render(policy: Policy, request: MapRequest, decision: Decision) -> str:
     return "\n".join(lines)
 
 
-def _sources(decision: Allow) -> list[str] | None:
+def _sources(decision: Allow | PinholeAllow) -> list[str] | None:
     """The sources a rule's remote_hosts let the mapping admit; None: any the request asks."""
     if decision.filters is None:
         return None

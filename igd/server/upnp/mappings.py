@@ -107,12 +107,7 @@ class MappingActions:
 
     async def delete(self, args: Args, client: IPv4Address, version: int) -> None:
         """DeletePortMapping: only the client's own mapping unless it may manage others."""
-        key = MappingKey(
-            Protocol(str(args["NewProtocol"]).lower()),
-            int(args["NewExternalPort"]),
-            remote_host(str(args["NewRemoteHost"])),
-        )
-        mapping = self.service.holder(key)
+        mapping = self.service.holder(_key(args))
         if mapping is None:
             raise UpnpError(errors.NO_SUCH_ENTRY, "no such mapping")
         if mapping.is_static and self.manager(client):
@@ -158,12 +153,7 @@ class MappingActions:
 
     def specific_entry(self, args: Args, client: IPv4Address) -> Out:
         """GetSpecificPortMappingEntry; another client's mapping is not shown."""
-        key = MappingKey(
-            Protocol(str(args["NewProtocol"]).lower()),
-            int(args["NewExternalPort"]),
-            remote_host(str(args["NewRemoteHost"])),
-        )
-        mapping = self.service.holder(key)
+        mapping = self.service.holder(_key(args))
         if mapping is None or (mapping.owner.client != client and not self.manager(client)):
             raise UpnpError(errors.NO_SUCH_ENTRY, "no such mapping")
         return self._body(mapping)
@@ -276,6 +266,15 @@ def _address(text: str, name: str, default: IPv4Address | None = None) -> IPv4Ad
         raise UpnpError(
             errors.INVALID_ARGS, f"{name} {text[:40]!r} is not an IPv4 address"
         ) from None
+
+
+def _key(args: Args) -> MappingKey:
+    """The mapping DeletePortMapping and GetSpecificPortMappingEntry name."""
+    return MappingKey(
+        Protocol(str(args["NewProtocol"]).lower()),
+        int(args["NewExternalPort"]),
+        remote_host(str(args["NewRemoteHost"])),
+    )
 
 
 def _remote_text(mapping: Mapping) -> str:
