@@ -475,6 +475,8 @@ def _remote_hosts4(value: object) -> tuple[IPv4Network, ...]:
     if len(set(networks)) > MAX_REMOTE_HOSTS:
         raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
     return tuple(dict.fromkeys(networks))
+
+
 def _on(address: IPv4Address | None) -> str:
     return "" if address is None else f" of {address}"
 

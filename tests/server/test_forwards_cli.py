@@ -105,6 +105,7 @@ async def test_all_adds_the_running_daemons_dynamic_mappings(
             "remote_sources": [],
         },
     ]
+
     async def listed(args: object) -> object:
         return listing
 
