@@ -2,7 +2,7 @@
 # Developer entry point. As root on a fresh Debian 12 machine:
 #   ./dev.sh setup   install the system packages and .venv (idempotent, quick when done)
 #   ./dev.sh demo    setup, then map a LAN service through the daemon in the namespace lab
-#   ./dev.sh test    setup, then pytest (lab tests included), ruff and mypy
+#   ./dev.sh test    setup, then pytest (lab tests included), ruff (lint, format) and mypy
 #   ./dev.sh bench   setup, then the benchmark against miniupnpd (options: ./dev.sh bench --help)
 #   ./dev.sh lab     the namespace lab's command line: up, exec, down, demo (./dev.sh lab --help)
 #   ./dev.sh fuzz    setup, then the decoder and live-server fuzz tests with many more examples
@@ -101,6 +101,7 @@ run_tests() {
     # pytest first, so its results always show; then the linters. Fail if any failed.
     .venv/bin/pytest -q || status=$?
     .venv/bin/ruff check igd lab tests || status=$((status ? status : 1))
+    .venv/bin/ruff format --check igd lab tests || status=$((status ? status : 1))
     .venv/bin/mypy || status=$((status ? status : 1))
     if ((status != 0)); then
         echo "dev.sh: test FAILED (exit $status)" >&2
