@@ -108,3 +108,17 @@ async def test_an_unexpected_backend_error_refuses_its_batch_and_later_requests_
     assert all(isinstance(a, CommitError) for a in answers)
     assert service.pinholes() == [] and backend.held == {}
     assert isinstance(await service.open(ask(9002), now=2.0), Pinhole)
+
+
+async def test_a_request_whose_caller_left_before_its_batch_opens_nothing(
+    tmp_path: Path,
+) -> None:
+    service, backend, store = await make(tmp_path)
+    gone = asyncio.create_task(service.open(ask(6000), now=1.0))
+    await asyncio.sleep(0)  # queued, the drainer not run yet
+    gone.cancel()
+    kept = await service.open(ask(6001), now=1.0)
+    assert gone.cancelled() and isinstance(kept, Pinhole)
+    assert [h.key.internal_port for h in service.pinholes()] == [6001]
+    assert set(backend.held) == set(entries_of(kept))
+    assert [h.key.internal_port for h in store.load(service._clock, now=2.0)] == [6001]
