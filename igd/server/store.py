@@ -301,8 +301,17 @@ class _Checkpointer:
 
 
 def _key_row(key: MappingKey) -> tuple[str, int, str, str]:
-    address = str(key.external_address or "")
-    return (str(key.protocol), key.external_port, str(key.remote_host or ""), address)
+    return (
+        str(key.protocol),
+        key.external_port,
+        _text(key.remote_host),
+        _text(key.external_address),
+    )
+
+
+def _text(address: IPv4Address | None) -> str:
+    """A key's optional address as stored ('' for none)."""
+    return "" if address is None else address_text(address)
 
 
 def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
@@ -310,7 +319,7 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
     return (
         str(key.protocol),
         key.external_port,
-        "" if key.remote_host is None else address_text(key.remote_host),
+        _text(key.remote_host),
         address_text(mapping.internal_address),
         mapping.internal_port,
         str(mapping.owner.mechanism),
@@ -321,7 +330,7 @@ def _row_of(mapping: Mapping, clock: Clock) -> tuple[object, ...]:
         clock.to_wall(mapping.expires),
         " ".join(f"{f.network}:{f.port}" for f in mapping.filters) if mapping.filters else "",
         mapping.peer_port,
-        "" if key.external_address is None else address_text(key.external_address),
+        _text(key.external_address),
     )
 
 
