@@ -439,7 +439,7 @@ class Gateway:
     ) -> int | Refused:
         protocol, port = request.protocol, request.external_port
         if request.exact_port:
-            if (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
+            if self._reserved(protocol, port):
                 return Refused(Deny(Reason.RESERVED_PORT, "gateway", f"port {port} is reserved"))
             companion = self._companion_holder(request, port, address)
             if companion is not None:
@@ -478,7 +478,7 @@ class Gateway:
     def _free(self, request: MapRequest, port: int, address: IPv4Address | None) -> bool:
         """Whether a gateway-chosen port is usable for this request."""
         protocol = request.protocol
-        if port == 0 or (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
+        if port == 0 or self._reserved(protocol, port):
             return False
         if self.table.port_in_use(protocol, port, address):
             return False
@@ -487,10 +487,14 @@ class Gateway:
     def _unpaired(self, protocol: Protocol, port: int, address: IPv4Address | None) -> bool:
         """Whether a gateway choice may take this port with no one on its companion: a port
         of the first choice `_free_ports` makes (its `strict` ports)."""
-        if port == 0 or (protocol, port) in self.reserved or (protocol, port) in self.host_ports:
+        if port == 0 or self._reserved(protocol, port):
             return False
         used = self.table.port_in_use
         return not used(protocol, port, address) and not used(_other(protocol), port, address)
+
+    def _reserved(self, protocol: Protocol, port: int) -> bool:
+        """Whether the policy reserves this port or the gateway itself listens on it."""
+        return (protocol, port) in self.reserved or (protocol, port) in self.host_ports
 
     def _companion_holder(
         self, request: MapRequest, port: int, address: IPv4Address | None
