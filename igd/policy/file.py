@@ -464,14 +464,15 @@ def _network4(text: str) -> IPv4Network:
 
 
 def _remote_hosts(value: object) -> tuple[Network, ...]:
-    networks = _networks(value)
-    if len(set(networks)) > MAX_REMOTE_HOSTS:
-        raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
-    return tuple(dict.fromkeys(networks))
+    return _sources(_networks(value))
 
 
 def _remote_hosts4(value: object) -> tuple[IPv4Network, ...]:
-    networks = _networks4(value)
+    return _sources(_networks4(value))
+
+
+def _sources(networks: tuple[_T, ...]) -> tuple[_T, ...]:
+    """remote_hosts without repeats, refused beyond MAX_REMOTE_HOSTS."""
     if len(set(networks)) > MAX_REMOTE_HOSTS:
         raise Bad(f"{len(networks)} sources; at most {MAX_REMOTE_HOSTS} (one kernel FILTER each)")
     return tuple(dict.fromkeys(networks))

@@ -9,7 +9,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from igd.events import DatagramDropped, DropReason, ExternalAddressChanged
 from igd.gateway import Gateway
 from igd.model import MappingKey, MapRequest, Mechanism, Protocol
+from igd.pinhole import Pinhole, PinholeKey, PinholeOwner, PinholeRequest, PinholeRules
 from igd.policy import Policy
 from igd.server.admin.auth import LoginLimiter, PasswordHash, Sessions, hash_password
 from igd.server.admin.cli import run_hash_password
@@ -30,7 +31,10 @@ from igd.server.admin.server import (
     listener_device,
 )
 from igd.server.backends.memory import MemoryBackend
+from igd.server.backends.pinholes import MemoryPinholeBackend
 from igd.server.config import Config, ConfigError
+from igd.server.pinhole_store import PinholeStore
+from igd.server.pinholes import PinholeService
 from igd.server.policy_cli import main as policy_main
 from igd.server.service import Service
 from igd.server.store import LeaseStore
@@ -188,6 +192,38 @@ async def test_state_lists_mappings_with_their_rule_and_refusals(rig: Rig) -> No
     assert status["external_address"] == "203.0.113.1" and status["mappings"] == 1  # type: ignore[index]
     rules = state["policy"]["rules"]  # type: ignore[index]
     assert rules[0]["name"] == "dangerous services" and rules[0]["action"] == "deny"
+
+
+async def test_state_lists_pinholes_with_their_rule_and_pinhole_refusals(rig: Rig) -> None:
+    host, other = IPv6Address("2001:db8:0:77::a"), IPv6Address("2001:db8:0:77::b")
+    holes = PinholeService(
+        PinholeRules((IPv6Network("2001:db8:0:77::/64"),)),
+        MemoryPinholeBackend(),
+        PinholeStore(Path(":memory:")),
+        feed=rig.service.feed,
+    )
+    now = rig.admin.now()
+    await holes.restore(now=now)
+    rig.admin.log.pinholes = holes
+    state = await rig.state()
+    assert state["pinholes"] == [] and state["status"]["pinholes"] == 0  # type: ignore[index]
+    owner = PinholeOwner(Mechanism.UPNP, host)
+    key = PinholeKey(host, Protocol.TCP, 8080)
+    markup = "<img src=x onerror=alert(1)>"  # a LAN host's description: text, never markup
+    assert isinstance(await holes.open(PinholeRequest(key, owner, 600, markup), now=now), Pinhole)
+    third = PinholeRequest(PinholeKey(other, Protocol.TCP, 8081), owner, 600, "")
+    await holes.open(third, now=now)  # secure mode: refused
+    await settle()
+    state = await rig.state()
+    [row] = state["pinholes"]  # type: ignore[misc]
+    assert row["internal"] == f"[{host}]:8080" and row["client"] == str(host)
+    assert row["description"] == markup and row["mechanism"] == "upnp" and row["rule"]
+    assert 590 <= row["remaining"] <= 600
+    [refusal] = state["refusals"]  # type: ignore[misc]
+    assert refusal["reason"] == "third-party" and f"[{other}]:8081" in refusal["request"]
+    await holes.close(key, owner, now=now)
+    await settle()
+    assert (await rig.state())["pinholes"] == [] and rig.admin.log.pinhole_rules == {}
 
 
 async def test_refusals_are_a_bounded_ring(rig: Rig) -> None:

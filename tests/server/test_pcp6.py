@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
@@ -177,3 +178,30 @@ async def test_the_restart_announce_goes_out_ten_times_with_doubling_gaps() -> N
         for data, _ in recorder.sent:
             response = pcp.decode_response(data)
             assert response.opcode is PcpOpcode.ANNOUNCE and response.result is PcpResult.SUCCESS
+
+
+async def test_mutated_requests_get_an_answer_or_silence_never_an_exception() -> None:
+    handler, service, _ = make()
+    await service.restore(now=100.0)
+    corpus = [
+        wire(600, PcpPreferFailure(), PcpDescription("x"), PcpFilter(64, 0, B)),
+        wire(0),
+        wire(600, PcpThirdParty(B)),
+        pcp.encode_request(PcpRequest(PcpOpcode.ANNOUNCE, 0, A)),
+    ]
+    rng = random.Random(6887)  # fixed: a failure names the same input every run
+    for _ in range(3000):
+        data = bytearray(rng.choice(corpus))
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.8:
+                data[at] = rng.randrange(256)
+            else:
+                del data[at:]
+                data += rng.randbytes(rng.randint(0, 40))
+        reply = await handler.answer(bytes(data), A, now=100.0)
+        if reply is not None:
+            assert len(reply) >= 24 and reply[0] == 2 and reply[1] & 0x80, bytes(data)
+    # Whatever the mutations opened is A's own (secure mode), and A is still served.
+    assert all(hole.key.internal_address == A for hole in service.pinholes())
+    assert (await answer(handler, wire(600, port=9090))).result is PcpResult.SUCCESS

@@ -180,14 +180,16 @@ class SsdpResponder:
 
     def received(self, data: bytes, source: tuple[Any, ...], interface: Lan) -> None:
         """One datagram on an internal interface (`source` as the socket gave it)."""
+        if not data.startswith(b"M-SEARCH"):
+            # NOTIFYs and responses of other devices: normal multicast traffic, the bulk of
+            # what arrives, dropped before the source is parsed.
+            return
         try:
             client = ip_address(str(source[0]).split("%")[0])
         except ValueError:
             return
         if not interface.serves(client) or client in (interface.address, *_edges(interface)):
             return
-        if not data.startswith(b"M-SEARCH"):
-            return  # NOTIFYs and responses of other devices: normal multicast traffic
         loop = asyncio.get_running_loop()
         now = loop.time()
         try:

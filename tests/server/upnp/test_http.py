@@ -305,3 +305,45 @@ async def test_ipv6_listeners_follow_a_renumbering_and_retry_an_unbindable_addre
     with pytest.raises(ConnectionRefusedError):  # a new connection: nobody listens there
         await asyncio.open_connection("::1", rig.port)
     assert await http.rebind6([])
+
+
+async def raw6(port: int, request: bytes) -> bytes:
+    """One request over IPv6 loopback; what comes back until the server closes."""
+    reader, writer = await asyncio.open_connection("::1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_ipv6_hosts_methods_and_foreign_peers_get_answers_never_a_traceback(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    http = rig.upnp.http
+    lan = InternalInterface6("lo", IPv6Address("::1"), (IPv6Network("::1/128"),))
+    assert await http.rebind6([lan])
+    description, event = rig.upnp.urls[2].description, rig.url(2, "event").removeprefix(rig.base)
+
+    async def status(method: str, path: str, host: str, extra: str = "") -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n"
+        return (await raw6(rig.port, head.encode()))[:12]
+
+    assert await status("GET", description, f"[::1]:{rig.port}") == b"HTTP/1.1 200"
+    # A Host that is not our bracketed literal and port (UDA 1.1 §2.1; RFC 3986 §3.2.2).
+    for host in ("[::1]", f"[::2]:{rig.port}", f"[::1:{rig.port}", f"[zz]:{rig.port}",
+                 f"[::1]x{rig.port}", f"[]:{rig.port}", "[", f"localhost:{rig.port}"):  # fmt: skip
+        assert await status("GET", description, host) == b"HTTP/1.1 403", host
+    # GENA callbacks are IPv4 URLs: an IPv6 subscriber is told so, not served half-way.
+    callback = f"NT: upnp:event\r\nCALLBACK: <http://[::1]:{rig.port}/>\r\n"
+    assert await status("SUBSCRIBE", event, f"[::1]:{rig.port}", callback) == b"HTTP/1.1 412"
+    assert await status("NOTIFY", event, f"[::1]:{rig.port}") == b"HTTP/1.1 405"
+    # The LAN's prefix moved away from the peer: its connections are closed unanswered.
+    elsewhere = InternalInterface6("lo", IPv6Address("::1"), (IPv6Network("2001:db8::/64"),))
+    assert await http.rebind6([elsewhere])
+    assert await status("GET", description, f"[::1]:{rig.port}") == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert await http.rebind6([])

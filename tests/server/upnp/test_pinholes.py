@@ -216,3 +216,41 @@ async def test_a_store_from_before_unique_ids_is_read_and_numbered(tmp_path: Pat
     assert await gw.service.restore(now=100.0) == 1
     (hole,) = gw.service.pinholes()
     assert hole.uid > 0 and await gw.add() == hole.uid
+
+
+HOSTILE = ["", " ", "-1", "0", "65536", "4294967296", "99999999999999999999", "²", "٣", "1e3",
+           "0x50", "*", "::", "::ffff:192.168.77.10", "fe80::1%eth0", "fe80::1%", "ff02::1",
+           "2001:db8:0:77::a/64", "[2001:db8:0:77::a]", "192.168.77.10", "A" * 3000, "\x00",
+           "%00", "&lol;"]  # fmt: skip
+
+
+async def test_hostile_arguments_get_upnp_errors_never_an_exception_or_a_change(
+    gw: Gateway,
+) -> None:
+    uid = await gw.add()
+    valid: dict[str, dict[str, object]] = {
+        "GetOutboundPinholeTimeout": {"RemoteHost": "", "RemotePort": 0, "InternalClient": A,
+                                      "InternalPort": 5000, "Protocol": 17},
+        "AddPinhole": {"RemoteHost": "", "RemotePort": 0, "InternalClient": A,
+                       "InternalPort": 8081, "Protocol": 6, "LeaseTime": 600},
+        "UpdatePinhole": {"UniqueID": uid, "NewLeaseTime": 600},
+        "DeletePinhole": {"UniqueID": uid},
+        "GetPinholePackets": {"UniqueID": uid},
+        "CheckPinholeWorking": {"UniqueID": uid},
+    }  # fmt: skip
+    for action, args in valid.items():
+        for name in args:
+            for value in HOSTILE:
+                for client in (A, B, IPv4Address("192.168.77.11")):
+                    try:
+                        await gw.call(action, client, **(args | {name: value}))
+                    except UpnpError:
+                        pass
+        # A missing argument is 402 (the missing-argument CVEs in miniupnpd).
+        for name in args:
+            trimmed = {k: v for k, v in args.items() if k != name}
+            assert await refused(gw.call(action, A, **trimmed)) == 402
+    # Whatever was opened on the way, A's first pinhole is still there, still A's.
+    hole = gw.service.by_uid(uid)
+    assert hole is not None and hole.owner.client == A
+    assert all(h.key.internal_address == A for h in gw.service.pinholes())
