@@ -1,7 +1,6 @@
 """What the gateway core and the policy remember between requests is dropped when what it was
 worked out from changes: a reload, new own addresses, new internal networks."""
 
-import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
 
@@ -10,7 +9,6 @@ from igd.gateway import Gateway, Granted, Refused
 from igd.model import MapRequest, Mechanism, Protocol
 from igd.policy import Policy
 from igd.ports import PortSet
-from igd.server.systemd import OneLineFormatter
 
 A = IPv4Address("192.168.1.10")
 B = IPv4Address("192.168.1.11")
@@ -91,48 +89,3 @@ def test_port_membership_at_the_interval_edges() -> None:
     for port in (0, 20, 21, 22, 136, 137, 139, 140, 1023, 1024, 65535, 65536):
         assert (port in ports) is (port in inside)
     assert "21" not in ports
-
-
-def test_the_fast_log_line_is_the_one_logging_makes() -> None:
-    for timestamps in (True, False):
-        for priority in (True, False):
-            fast = OneLineFormatter(timestamps=timestamps, priority=priority)
-            plain = logging.Formatter(fast._fmt)
-            for message, args in (("granted %s %d", ("natpmp", 3)), ("100%% of %r", ("x",))):
-                record = logging.LogRecord("igd.gateway", logging.INFO, "f", 1, message, args, None)
-                expected = plain.format(record)
-                assert fast.format(record) == (f"<6>{expected}" if priority else expected)
-
-
-def test_the_quick_info_line_is_the_one_logging_makes() -> None:
-    import asyncio
-    import io
-
-    from igd.server import systemd
-
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    try:
-        systemd.setup_logging(logging.INFO, stream)
-        log = logging.getLogger("igd.gateway")
-        assert isinstance(log, systemd.QuickLogger)
-        args = ("granted", "natpmp", A, 6000, "r1", "")
-
-        async def both() -> None:
-            log.info("%s %s %s -> %d (rule %r%s)", *args)  # the quick path
-            log.info("%s %s %s -> %d (rule %r%s)", *args, stacklevel=1)  # logging's own
-
-        asyncio.run(both())
-        quick, plain = stream.getvalue().splitlines()
-        # The timestamps may differ by a millisecond: compare what follows them.
-        assert quick.split(" ", 2)[2] == plain.split(" ", 2)[2]
-        assert quick.split(" ", 2)[2] == (
-            "INFO igd.gateway: granted natpmp 192.168.1.10 -> 6000 (rule 'r1')"
-        )
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
