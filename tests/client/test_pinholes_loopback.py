@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from igd.client import EventKind, Pinhole, PortMapper, StateFile
+from igd.client import EventKind, Pinhole, PortMapper, PortUnavailable, StateFile
 from igd.client.mechanisms import Grant
 from igd.model import Mechanism
 from igd.proto import pcp
@@ -187,3 +187,27 @@ async def test_a_remote_prefix_is_pcp_only_and_a_remote_must_be_ipv6(server: Pcp
         with pytest.raises(ValueError, match="remote_port"):
             await pm.pinhole(8080, "tcp", remote_port=70000)
         assert server.held == {}
+
+
+async def test_a_pinhole_answered_on_another_port_is_refused(server: Pcp6Server) -> None:
+    # A NAT66 (or a broken firewall) granting another port: a pinhole there reaches nothing.
+    plain = server.answer
+
+    def other_port(request: bytes) -> bytes:
+        answer = plain(request)
+        got = pcp.decode_response(answer)
+        if not isinstance(got.data, PcpMapData):
+            return answer  # ANNOUNCE as it is
+        body = PcpMapData(
+            got.data.nonce, got.data.protocol, got.data.internal_port, 18080,
+            got.data.external_address,
+        )  # fmt: skip
+        return pcp.encode_response(
+            PcpResponse(got.opcode, got.result, got.lifetime, got.epoch, body)
+        )
+
+    server.answer = other_port  # type: ignore[method-assign]
+    async with mapper(server) as pm:
+        with pytest.raises(PortUnavailable, match="18080"):
+            await pm.pinhole(8080, "tcp", lifetime=300)
+        assert pm.mappings == []
