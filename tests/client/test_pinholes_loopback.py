@@ -31,6 +31,7 @@ class Pcp6Server:
     epoch: int = 5000
     held: dict[tuple[int, int], bytes] = field(default_factory=dict)
     requests: list[tuple[int, PcpMapData]] = field(default_factory=list)
+    announces: int = 0
     client: tuple[str, int] | None = None
 
     @property
@@ -40,6 +41,7 @@ class Pcp6Server:
     def answer(self, request: bytes) -> bytes:
         decoded = pcp.decode_request(request)
         if decoded.opcode is PcpOpcode.ANNOUNCE:
+            self.announces += 1
             return pcp.encode_response(
                 PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, self.epoch)
             )
@@ -211,3 +213,23 @@ async def test_a_pinhole_answered_on_another_port_is_refused(server: Pcp6Server)
         with pytest.raises(PortUnavailable, match="18080"):
             await pm.pinhole(8080, "tcp", lifetime=300)
         assert pm.mappings == []
+
+
+async def test_a_forged_multicast_announcement_is_only_a_hint_asked_once(
+    server: Pcp6Server,
+) -> None:
+    # What [ff02::1]:5350 hears can come from anyone on the link: epoch 1 there must not
+    # re-open pinholes by itself, only make the client ask its server (at most once a
+    # second), whose own epoch has not gone back.
+    async with mapper(server) as pm:
+        pinhole = await pm.pinhole(8080, "tcp", lifetime=300)
+        asked = server.announces  # the probe's own ANNOUNCE
+        forged = PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, 1)
+        for _ in range(3):  # bursts within a second, the first one's question answered
+            for _ in range(20):
+                pm.six._heard(pcp.encode_response(forged))
+                pm.six._heard(b"\x02\x80garbage")  # undecodable: ignored
+            await asyncio.sleep(0.1)
+        assert server.announces == asked + 1
+        assert len(server.requests) == 1 and not pinhole.released
+        assert list(server.held) == [(6, 8080)]
