@@ -21,11 +21,10 @@ from igd.client.discovery import MAX_REPLIES, SETTLE, Router6, SsdpReply, _colle
 from igd.client.errors import GatewayTimeout, NoGatewayError, Unsupported
 from igd.client.upnp import UpnpIgdClient
 from igd.model import Mechanism, Protocol
+from igd.proto.description import MAX_PINHOLE_LEASE
+from igd.proto.ssdp import GROUP6, PORT
 
 FIREWALL = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
-SSDP_GROUP6 = "ff02::c"  # UDA 1.1 §1.3.2: the link-local SSDP group
-SSDP_PORT = 1900
-MAX_LEASE = 86400  # WANIPv6FirewallControl:1 §2.5.12: LeaseTime 1..86400
 _MARKERS = ("WANIPv6FirewallControl:", "InternetGatewayDevice:2", "WANConnectionDevice:2")
 
 
@@ -105,7 +104,7 @@ class UpnpFirewallClient(UpnpIgdClient):
 
 
 def _lease(lease: int) -> int:
-    return max(1, min(lease, MAX_LEASE))
+    return max(1, min(lease, MAX_PINHOLE_LEASE))
 
 
 def _flag(value: Any) -> bool:
@@ -151,7 +150,7 @@ async def ssdp_search6(
         )  # fmt: skip
         first.set()
 
-    group = (SSDP_GROUP6, SSDP_PORT, 0, index)
+    group = (GROUP6, PORT, 0, index)
     source = (str(local) if local is not None else "::", 0, 0, index)
     listener = SsdpSearchListener(
         callback=on_reply, loop=loop, source=source, target=group, timeout=mx,
@@ -164,7 +163,7 @@ async def ssdp_search6(
     try:
         transport: Any = listener._transport  # the listener keeps no public handle
         protocol: SsdpProtocol = transport.get_protocol()
-        unicast = (str(router.address), SSDP_PORT, 0, router.scope)
+        unicast = (str(router.address), PORT, 0, router.scope)
         protocol.send_ssdp_packet(build_ssdp_search_packet(unicast, mx, "ssdp:all"), unicast)
         for target in (FIREWALL, "urn:schemas-upnp-org:device:InternetGatewayDevice:2"):
             protocol.send_ssdp_packet(build_ssdp_search_packet(group, mx, target), group)

@@ -42,3 +42,21 @@ def test_usage_errors_exit_2_with_a_message() -> None:
     )
     assert result.returncode == 2
     assert "port 70000 is not in 1..65535" in result.stderr
+
+
+def test_a_pinhole_with_a_port_choice_or_over_natpmp_is_a_usage_error(tmp_path: Path) -> None:
+    # A pinhole opens the internal port itself, and NAT-PMP has no IPv6: refused before
+    # anything is sent (the gateway named is loopback, the state file a scratch one).
+    script = Path(sys.executable).parent / "igd"
+    base = [str(script), "--gateway", "127.0.0.1", "--state-file", str(tmp_path / "s.json"), "map"]
+    for extra, message in (
+        (["--ipv6", "--exact"], "no --external-port or --exact"),
+        (["--both", "--external-port", "9000"], "no --external-port or --exact"),
+        (["--ipv6", "--via", "natpmp"], "natpmp cannot open this pinhole"),
+    ):
+        result = subprocess.run(
+            [*base, "8080/tcp", *extra], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.json").exists()

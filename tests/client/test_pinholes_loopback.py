@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from igd.client import EventKind, Pinhole, PortMapper, StateFile
+from igd.client import EventKind, Pinhole, PortMapper, PortUnavailable, StateFile
 from igd.client.mechanisms import Grant
 from igd.model import Mechanism
 from igd.proto import pcp
@@ -31,6 +31,7 @@ class Pcp6Server:
     epoch: int = 5000
     held: dict[tuple[int, int], bytes] = field(default_factory=dict)
     requests: list[tuple[int, PcpMapData]] = field(default_factory=list)
+    announces: int = 0
     client: tuple[str, int] | None = None
 
     @property
@@ -40,6 +41,7 @@ class Pcp6Server:
     def answer(self, request: bytes) -> bytes:
         decoded = pcp.decode_request(request)
         if decoded.opcode is PcpOpcode.ANNOUNCE:
+            self.announces += 1
             return pcp.encode_response(
                 PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, self.epoch)
             )
@@ -187,3 +189,47 @@ async def test_a_remote_prefix_is_pcp_only_and_a_remote_must_be_ipv6(server: Pcp
         with pytest.raises(ValueError, match="remote_port"):
             await pm.pinhole(8080, "tcp", remote_port=70000)
         assert server.held == {}
+
+
+async def test_a_pinhole_answered_on_another_port_is_refused(server: Pcp6Server) -> None:
+    # A NAT66 (or a broken firewall) granting another port: a pinhole there reaches nothing.
+    plain = server.answer
+
+    def other_port(request: bytes) -> bytes:
+        answer = plain(request)
+        got = pcp.decode_response(answer)
+        if not isinstance(got.data, PcpMapData):
+            return answer  # ANNOUNCE as it is
+        body = PcpMapData(
+            got.data.nonce, got.data.protocol, got.data.internal_port, 18080,
+            got.data.external_address,
+        )  # fmt: skip
+        return pcp.encode_response(
+            PcpResponse(got.opcode, got.result, got.lifetime, got.epoch, body)
+        )
+
+    server.answer = other_port  # type: ignore[method-assign]
+    async with mapper(server) as pm:
+        with pytest.raises(PortUnavailable, match="18080"):
+            await pm.pinhole(8080, "tcp", lifetime=300)
+        assert pm.mappings == []
+
+
+async def test_a_forged_multicast_announcement_is_only_a_hint_asked_once(
+    server: Pcp6Server,
+) -> None:
+    # What [ff02::1]:5350 hears can come from anyone on the link: epoch 1 there must not
+    # re-open pinholes by itself, only make the client ask its server (at most once a
+    # second), whose own epoch has not gone back.
+    async with mapper(server) as pm:
+        pinhole = await pm.pinhole(8080, "tcp", lifetime=300)
+        asked = server.announces  # the probe's own ANNOUNCE
+        forged = PcpResponse(PcpOpcode.ANNOUNCE, PcpResult.SUCCESS, 0, 1)
+        for _ in range(3):  # bursts within a second, the first one's question answered
+            for _ in range(20):
+                pm.six._heard(pcp.encode_response(forged))
+                pm.six._heard(b"\x02\x80garbage")  # undecodable: ignored
+            await asyncio.sleep(0.1)
+        assert server.announces == asked + 1
+        assert len(server.requests) == 1 and not pinhole.released
+        assert list(server.held) == [(6, 8080)]
