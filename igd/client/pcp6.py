@@ -4,12 +4,13 @@ kernel would pick toward a link-local router (§8.1: the server is the default r
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
-from igd.client.errors import PortUnavailable, ProtocolError
+from igd.client.errors import PortMappingError, PortUnavailable, ProtocolError
 from igd.client.pcp import (
     MAX_TRANSMISSIONS,
     PcpChannelClient,
@@ -31,6 +32,8 @@ from igd.proto.pcp import (
 )
 
 ANY_V6 = IPv6Address(0)  # RFC 6887 §11.1: "::" suggests no external address
+CLOSE_WAIT = 1.0
+"""Seconds to wait for the answer to closing a pinhole granted on the wrong port (sent once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,12 @@ class Pcp6Client(PcpChannelClient):
         if lifetime and got.external_port == 0:
             raise ProtocolError(f"PCP success without a port: {got}", mechanism=Mechanism.PCP)
         if lifetime and got.external_port != internal_port:
-            # A pinhole on another port than the service listens on would reach nothing.
+            # A pinhole on another port than the service listens on would reach nothing: close
+            # what the router just opened (once, briefly: the lease ends it otherwise), or no
+            # one could, the nonce being ours alone.
+            closing = PcpMapData(nonce, protocol.number, internal_port, 0, ANY_V6)
+            with contextlib.suppress(PortMappingError, OSError):
+                await self._map(closing, 0, (), waits=(CLOSE_WAIT,))
             raise PortUnavailable(
                 f"PCP over IPv6 gave port {got.external_port}, not {internal_port}: a NAT66?",
                 mechanism=Mechanism.PCP,
@@ -125,7 +133,11 @@ class Pcp6Client(PcpChannelClient):
         return (await self._map(data, 0, ())).epoch
 
     async def _map(
-        self, data: PcpMapData, lifetime: int, options: tuple[PcpOption, ...]
+        self,
+        data: PcpMapData,
+        lifetime: int,
+        options: tuple[PcpOption, ...],
+        waits: Iterable[float] | None = None,
     ) -> PcpResponse:
         await self.open()
         request = PcpRequest(PcpOpcode.MAP, lifetime, self.local_address, data, options)
@@ -140,7 +152,7 @@ class Pcp6Client(PcpChannelClient):
             )
 
         what = f"MAP {'delete' if not lifetime else 'request'} over IPv6"
-        return succeeded(await self._exchange(request, match, what), what)
+        return succeeded(await self._exchange(request, match, what, waits), what)
 
     async def _exchange(
         self,

@@ -213,6 +213,7 @@ async def test_a_pinhole_answered_on_another_port_is_refused(server: Pcp6Server)
         with pytest.raises(PortUnavailable, match="18080"):
             await pm.pinhole(8080, "tcp", lifetime=300)
         assert pm.mappings == []
+    assert server.held == {}  # what the router opened on the wrong port is closed again
 
 
 async def test_a_forged_multicast_announcement_is_only_a_hint_asked_once(
