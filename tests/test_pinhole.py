@@ -135,6 +135,9 @@ def test_unique_ids_are_kept_by_renewals_and_handed_out_again_only_when_free() -
     assert holes.by_uid(uid) == renewed.added[0]
     holes.close(request().key, request().owner)
     assert holes.by_uid(uid) is None
+    # The freed id is not the next one handed out: the counter goes on.
+    third = holes.open(request(port=8082), now=20)
+    assert isinstance(third, PinholeChange) and third.added[0].uid not in (uid, 0)
 
 
 def test_restore_keeps_stored_unique_ids_and_numbers_the_rest() -> None:
