@@ -174,14 +174,17 @@ class PxpServer:
         # Parsing the address text costs more than the rest of admitting a request: the
         # same few clients ask again and again.
         client = self._clients.get(source[0])
+        known = client is not None
         if client is None:
             client = IPv4Address(source[0])
-            if len(self._clients) >= MAX_TRACKED_CLIENTS:
-                self._clients.clear()
-            self._clients[source[0]] = client
         if not interface.serves(client):
             log.debug("dropped datagram from %s: not on %s's networks", client, interface.name)
             return
+        if not known:
+            # Remembered once it is a LAN source: others cannot push the LAN's out.
+            if len(self._clients) >= MAX_TRACKED_CLIENTS:
+                self._clients.clear()
+            self._clients[source[0]] = client
         if not data:
             return
         if not self.limiter.allow(client, now=asyncio.get_running_loop().time()):
