@@ -123,6 +123,8 @@ class EarlierRuns:
     ) -> bool:
         """Delete the mapping of `internal_port` this mapper holds, or the one an earlier
         run left in the state file; False if neither knew one. `family=6`: the pinhole."""
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
         work = self._unmap(internal_port, Protocol(protocol), family)
         return await bounded(work, timeout, "unmap")
 

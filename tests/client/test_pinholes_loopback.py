@@ -171,6 +171,8 @@ async def test_a_later_run_refreshes_and_unmaps_the_pinhole_through_the_state_fi
         assert await pm.unmap(8080, "tcp", family=6)
         assert server.held == {} and pm.stored() == []
         assert not await pm.unmap(8080, "tcp", family=6)
+        with pytest.raises(ValueError, match="4 or 6"):
+            await pm.unmap(8080, "tcp", family=5)
 
 
 async def test_natpmp_cannot_open_a_pinhole(server: Pcp6Server) -> None:
