@@ -177,7 +177,12 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def python_for(lab: Lab, user: list[str]) -> tuple[list[str], dict[str, str]]:
+# Development tools the daemon never imports: left out of the copy python_for may make.
+_DEV_ONLY = ("mypy*", "mypyc", "ruff*", "hypothesis*", "_hypothesis*", "selenium*", "pip*",
+             "setuptools*", "pygments*", "*pytest*", "__editable__*", "__pycache__")  # fmt: skip
+
+
+def python_for(lab: Lab, user: list[str], shared: Path) -> tuple[list[str], dict[str, str]]:
     """An interpreter `user` can run with this checkout importable, and its environment."""
     probe = lab.run("gw", [*user, sys.executable, "-c", "import igd.server.cli"], check=False)
     if probe.returncode == 0:
@@ -185,8 +190,21 @@ def python_for(lab: Lab, user: list[str]) -> tuple[list[str], dict[str, str]]:
     # This Python lives where the user cannot go (pyenv under /root): Debian's python3.11 with
     # this checkout and the virtual environment's packages on its path.
     site = next(p for p in sys.path if p.endswith("site-packages"))
-    repo = str(Path(__file__).resolve().parents[2])
-    return ["/usr/bin/python3"], {"PYTHONPATH": f"{repo}:{site}"}
+    repo = Path(__file__).resolve().parents[2]
+    path = f"{repo}:{site}"
+    probe = lab.run(
+        "gw",
+        [*user, "env", f"PYTHONPATH={path}", "/usr/bin/python3", "-c", "import igd.server.cli"],
+        check=False,
+    )
+    if probe.returncode == 0:
+        return ["/usr/bin/python3"], {"PYTHONPATH": path}
+    # The checkout itself is private (a clone in a 0700 directory, as `mktemp -d` makes):
+    # a copy of the package and of what it imports, where the user can read them.
+    copy = shared / "python"
+    shutil.copytree(site, copy, ignore=shutil.ignore_patterns(*_DEV_ONLY))
+    shutil.copytree(repo / "igd", copy / "igd", ignore=shutil.ignore_patterns("__pycache__"))
+    return ["/usr/bin/python3"], {"PYTHONPATH": str(copy)}
 
 
 def test_daemon_started_as_the_unit_does_maps_a_port(lab: Lab, shared_dir: Path) -> None:
@@ -211,7 +229,7 @@ def test_daemon_started_as_the_unit_does_maps_a_port(lab: Lab, shared_dir: Path)
     config = lab.write_gateway_config(policy, state={"directory": str(state)})
     shutil.copy(config, shared_dir / "config.toml")
     notify_path = shared_dir / "notify"
-    python, env = python_for(lab, user)
+    python, env = python_for(lab, user, shared_dir)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(str(notify_path))
         os.chmod(notify_path, 0o666)
